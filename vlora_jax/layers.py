@@ -1,0 +1,131 @@
+"""Transformer building blocks, written once and used by every model (dense or VLoRA alike).
+
+Parameter names follow timm (``norm1``, ``attn/qkv``, ``attn/proj``, ``norm2``, ``mlp/fc1``,
+``mlp/fc2``) so that PyTorch checkpoints map one to one and VLoRA targets read the same in both
+codebases. Every parameter carries logical axis names (``embed``, ``mlp``, ``qkv``, ``vocab``...)
+that the training config maps onto mesh axes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+LN_EPS = 1e-6  # timm's ViT LayerNorm eps
+
+
+def dense(features: int, names: tuple[str, str], name: str, dtype: Dtype, use_bias: bool = True):
+  """A Linear with timm's init (trunc-normal 0.02, zero bias) and logical axis names."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), names),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]))
+
+
+def layer_norm(name: str, dtype: Dtype):
+  return nn.LayerNorm(
+      epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+
+
+def attend(q, k, v, mask=None, causal: bool = False):
+  """Scaled dot-product attention over [B, T, H, hd] (softmax in float32)."""
+  dtype = q.dtype
+  out = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32),
+                                     v.astype(jnp.float32), mask=mask, is_causal=causal)
+  return out.astype(dtype)
+
+
+class SelfAttention(nn.Module):
+  """timm's Attention: one fused qkv projection, heads split as (3, heads, head_dim)."""
+  dim: int
+  num_heads: int
+  causal: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    b, t, _ = x.shape
+    hd = self.dim // self.num_heads
+    qkv = dense(3 * self.dim, ("embed", "qkv"), "qkv", self.dtype)(x)
+    q, k, v = jnp.moveaxis(qkv.reshape(b, t, 3, self.num_heads, hd), 2, 0)
+    out = attend(q, k, v, mask, self.causal).reshape(b, t, self.dim)
+    return dense(self.dim, ("heads", "embed"), "proj", self.dtype)(out)
+
+
+class CrossAttention(nn.Module):
+  """Queries from x, keys and values (fused ``kv``) from the encoder memory."""
+  dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, memory, mask=None):
+    b, t, _ = x.shape
+    hd = self.dim // self.num_heads
+    q = dense(self.dim, ("embed", "heads"), "q", self.dtype)(x).reshape(b, t, self.num_heads, hd)
+    kv = dense(2 * self.dim, ("embed", "qkv"), "kv", self.dtype)(memory)
+    k, v = jnp.moveaxis(kv.reshape(b, memory.shape[1], 2, self.num_heads, hd), 2, 0)
+    out = attend(q, k, v, mask).reshape(b, t, self.dim)
+    return dense(self.dim, ("heads", "embed"), "proj", self.dtype)(out)
+
+
+class Mlp(nn.Module):
+  """fc1 -> exact (erf) GELU -> dropout -> fc2, as timm."""
+  dim: int
+  hidden: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    h = nn.gelu(dense(self.hidden, ("embed", "mlp"), "fc1", self.dtype)(x), approximate=False)
+    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    return dense(self.dim, ("mlp", "embed"), "fc2", self.dtype)(h)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)). ViT, and causal for LMs."""
+  dim: int
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  causal: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None, *, deterministic: bool = True):
+    drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = SelfAttention(self.dim, self.num_heads, self.causal, self.dtype, name="attn")(
+        layer_norm("norm1", self.dtype)(x), mask)
+    x = x + drop(h)
+    h = Mlp(self.dim, self.mlp_dim, self.dropout, self.dtype, name="mlp")(
+        layer_norm("norm2", self.dtype)(x), deterministic)
+    return x + drop(h)
+
+
+class DecoderBlock(nn.Module):
+  """Pre-norm decoder block: causal self-attention, cross-attention to memory, MLP."""
+  dim: int
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, memory, self_mask=None, cross_mask=None, *, deterministic: bool = True):
+    drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = SelfAttention(self.dim, self.num_heads, True, self.dtype, name="attn")(
+        layer_norm("norm1", self.dtype)(x), self_mask)
+    x = x + drop(h)
+    h = CrossAttention(self.dim, self.num_heads, self.dtype, name="cross")(
+        layer_norm("norm_cross", self.dtype)(x), memory, cross_mask)
+    x = x + drop(h)
+    h = Mlp(self.dim, self.mlp_dim, self.dropout, self.dtype, name="mlp")(
+        layer_norm("norm2", self.dtype)(x), deterministic)
+    return x + drop(h)

@@ -1,0 +1,91 @@
+"""Vision Transformer with timm's layout, dense or VLoRA from one field (``vlora``).
+
+Patch conv (kernel = stride = patch), class token, learned position embedding added after the class
+token is prepended, pre-norm blocks (`layers.EncoderBlock`), final LayerNorm, head on the class token
+(``global_pool='token'``) or on the mean of the patch tokens (``'avg'``).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vlora_jax import layers
+from vlora_jax.spec import VLoRASpec
+from vlora_jax.stack import vlorafy
+
+
+class ViT(nn.Module):
+  num_classes: int
+  patch_size: int = 4
+  dim: int = 192
+  depth: int = 12  # total layers L (the official code's ``depth`` counts compounds)
+  num_heads: int = 3
+  mlp_ratio: float = 4.0
+  class_token: bool = True
+  global_pool: str = "token"  # token | avg
+  dropout: float = 0.0
+  vlora: VLoRASpec | None = None
+  scan: bool = True
+  remat: str = "none"
+  dtype: jnp.dtype = jnp.float32
+
+  def block(self) -> layers.EncoderBlock:
+    return layers.EncoderBlock(self.dim, self.num_heads, int(self.dim * self.mlp_ratio),
+                               self.dropout, dtype=self.dtype, parent=None)
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    if self.global_pool not in ("token", "avg"):
+      raise ValueError(f"global_pool={self.global_pool!r}: allowed are ['token', 'avg']")
+    if self.global_pool == "token" and not self.class_token:
+      raise ValueError("global_pool='token' needs class_token=True")
+    p = self.patch_size
+    x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                param_dtype=jnp.float32, name="patch_embed",
+                kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.lecun_normal(), (None, None, None, "embed")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(
+                    images.astype(self.dtype))
+    b = x.shape[0]
+    x = x.reshape(b, -1, self.dim)
+    if self.class_token:
+      cls = self.param("cls_token", nn.with_logical_partitioning(
+          nn.initializers.normal(1e-6), (None, None, "embed")), (1, 1, self.dim))
+      x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.dim)).astype(x.dtype), x], axis=1)
+    pos = self.param("pos_embed", nn.with_logical_partitioning(
+        nn.initializers.truncated_normal(0.02), (None, None, "embed")), (1, x.shape[1], self.dim))
+    x = nn.Dropout(self.dropout)(x + pos.astype(x.dtype), deterministic=not train)
+    x = vlorafy(self.block(), self.depth, self.vlora, scan=self.scan, remat=self.remat,
+                name="blocks")(x, deterministic=not train)
+    x = layers.layer_norm("norm", self.dtype)(x)
+    x = x[:, 0] if self.global_pool == "token" else x[:, int(self.class_token):].mean(axis=1)
+    head = layers.dense(self.num_classes, ("embed", "vocab"), "head", jnp.float32)
+    return head(x.astype(jnp.float32))
+
+
+def vit_param_count(*, img_size: int, patch_size: int, in_chans: int, dim: int, depth: int,
+                    mlp_ratio: float, num_classes: int, compound_size: int = 1, rank: int = 0,
+                    class_token: bool = True) -> int:
+  """Closed-form parameter count of `ViT` with the four big matrices targeted (no list ranks).
+
+  With D = dim, H = mlp_ratio * D, N = (img/patch)^2 patches, T = N + class_token:
+    stem   = p^2 * in_chans * D + D  (patch conv)  + class_token * D + T * D  (pos)
+    block  = 4D (two LayerNorms) + (3D^2 + 3D) + (D^2 + D) + (DH + H) + (HD + D)
+    vector = 4D + 3D + D + H + D      (norms and biases: full in every layer)
+    inc    = r * [(D + 3D) + (D + D) + (D + H) + (H + D)]   (A and B of qkv, proj, fc1, fc2)
+    head   = 2D (final norm) + D * classes + classes
+  Dense (s = 1): stem + L * block + head.
+  VLoRA (s > 1): stem + (L / s) * block + (L - L / s) * (vector + inc) + head.
+  """
+  d, h = dim, int(dim * mlp_ratio)
+  tokens = (img_size // patch_size) ** 2 + int(class_token)
+  stem = patch_size ** 2 * in_chans * d + d + int(class_token) * d + tokens * d
+  block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * h + h) + (h * d + d)
+  vector = 4 * d + 3 * d + d + h + d
+  inc = rank * ((d + 3 * d) + (d + d) + (d + h) + (h + d))
+  head = 2 * d + d * num_classes + num_classes
+  if compound_size == 1:
+    return stem + depth * block + head
+  bases = depth // compound_size
+  return stem + bases * block + (depth - bases) * (vector + inc) + head
