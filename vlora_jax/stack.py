@@ -217,3 +217,32 @@ def vlorafy(block: nn.Module | BlockFactory, num_layers: int, vlora: VLoRASpec |
     template = block
     block = lambda parent=None: template.clone(parent=parent)
   return LayerStack(block=block, num_layers=num_layers, vlora=vlora, **stack_kwargs)
+
+
+def layout_from_params(stack_params, spec: VLoRASpec | None) -> Layout:
+  """Recovers the layout of a stack from its parameters and the spec that made them."""
+  per_layer = _flat(stack_params.get("per_layer", {}))
+  base = _flat(stack_params.get("base", {}))
+  shapes = {p: tuple(a.shape[1:]) for p, a in per_layer.items()}
+  if spec is None:
+    return dense_layout(shapes, next(iter(per_layer.values())).shape[0])
+  shapes.update({p: tuple(a.shape[1:]) for p, a in base.items()})
+  num_layers = next(iter(base.values())).shape[0] * spec.compound_size
+  return spec.layout(shapes, num_layers)
+
+
+def is_stack(tree) -> bool:
+  return isinstance(tree, dict) and bool(tree) and set(tree) <= set(GROUPS) and (
+      "per_layer" in tree or "base" in tree)
+
+
+def merge(params, spec: VLoRASpec | None):
+  """Every VLoRA stack in a params tree -> its dense ``per_layer`` form (merged inference/export).
+
+  The result loads into the model's dense twin (``model.clone(vlora=None)``).
+  """
+  if is_stack(params):
+    return {"per_layer": materialize(params, layout_from_params(params, spec))} if spec else params
+  if isinstance(params, dict):
+    return {k: merge(v, spec) for k, v in params.items()}
+  return params

@@ -89,3 +89,14 @@ def vit_param_count(*, img_size: int, patch_size: int, in_chans: int, dim: int, 
     return stem + depth * block + head
   bases = depth // compound_size
   return stem + bases * block + (depth - bases) * (vector + inc) + head
+
+
+def from_config(mcfg) -> ViT:
+  """``config.model`` (name='vit') -> `ViT`."""
+  from vlora_jax import models  # the registry module imports this one lazily
+  return ViT(num_classes=mcfg.num_classes, patch_size=mcfg.patch_size, dim=mcfg.dim,
+             depth=mcfg.depth, num_heads=mcfg.num_heads, mlp_ratio=mcfg.mlp_ratio,
+             class_token=mcfg.get("class_token", True), global_pool=mcfg.get("global_pool", "token"),
+             dropout=mcfg.get("dropout", 0.0), vlora=models.vlora_spec(mcfg.get("vlora")),
+             scan=mcfg.get("scan", True), remat=mcfg.get("remat", "none"),
+             dtype=models.dtype(mcfg.get("dtype", "float32")))

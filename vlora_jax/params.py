@@ -1,0 +1,71 @@
+"""Counting parameters by group, and the dense twin of a VLoRA model.
+
+Groups follow the stack's reserved names (see `stack.py`): ``base`` (layer 0 of every compound),
+``increments`` (``inc_a``, ``inc_b``, ``inc_vec``), ``per_layer`` (non-targeted params, full in every
+layer of a stack) and ``other`` (embeddings, heads, final norms: outside any stack).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import traverse_util
+
+GROUP_OF = {"base": "base", "inc_a": "increments", "inc_b": "increments",
+            "inc_vec": "increments", "per_layer": "per_layer"}
+GROUP_ORDER = ("base", "increments", "per_layer", "other")
+
+
+def group_of(path: str) -> str:
+  for part in path.split("/"):
+    if part in GROUP_OF:
+      return GROUP_OF[part]
+  return "other"
+
+
+def count(params, trainable: Callable[[str], bool] | None = None) -> dict[str, Any]:
+  """``{'total', 'trainable', 'bytes', 'groups': {group: n}}`` of a params tree (arrays or shapes)."""
+  flat = traverse_util.flatten_dict(nn.unbox(params), sep="/")
+  groups = {g: 0 for g in GROUP_ORDER}
+  total = train = nbytes = 0
+  for path, leaf in flat.items():
+    n = int(np.prod(leaf.shape))
+    total += n
+    nbytes += n * np.dtype(leaf.dtype).itemsize
+    groups[group_of(path)] += n
+    if trainable is None or trainable(path):
+      train += n
+  return {"total": total, "trainable": train, "bytes": nbytes, "groups": groups}
+
+
+def param_shapes(model: nn.Module, *sample_args, **kwargs):
+  """The model's params as ShapeDtypeStructs (no compute, no memory)."""
+  init = lambda k, *args: model.init(k, *args, **kwargs)
+  return nn.unbox(jax.eval_shape(init, jax.random.key(0), *sample_args))["params"]
+
+
+def dense_twin(model: nn.Module) -> nn.Module:
+  """The same architecture with every stack dense (models expose the spec as field ``vlora``)."""
+  return model.clone(vlora=None)
+
+
+def table(model: nn.Module, *sample_args, **kwargs) -> dict[str, Any]:
+  """Counts of ``model`` and of its dense twin, and their ratio."""
+  vl = count(param_shapes(model, *sample_args, **kwargs))
+  dense = count(param_shapes(dense_twin(model), *sample_args, **kwargs))
+  return {"model": vl, "dense": dense, "ratio": vl["total"] / dense["total"]}
+
+
+def format_table(t: dict[str, Any]) -> str:
+  """A small plain-text table of `table`'s result."""
+  m, d = t["model"], t["dense"]
+  rows = [("group", "model", "dense")]
+  rows += [(g, f"{m['groups'][g]:,}", f"{d['groups'][g]:,}") for g in GROUP_ORDER]
+  rows += [("total", f"{m['total']:,}", f"{d['total']:,}"),
+           ("bytes", f"{m['bytes']:,}", f"{d['bytes']:,}"),
+           ("ratio", f"{t['ratio']:.4f}", "1.0000")]
+  w = [max(len(r[i]) for r in rows) for i in range(3)]
+  return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}" for a, b, c in rows)
