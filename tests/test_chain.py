@@ -1,0 +1,133 @@
+"""The increment chain against a float64 numpy reference and an unrolled loop: values and gradients."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlora_jax import chain
+
+C, S, D_IN, D_OUT, R = 3, 4, 6, 5, 2
+SCALE = 0.75
+
+
+def _factors(seed=0):
+  rng = np.random.default_rng(seed)
+  base = rng.normal(size=(C, D_IN, D_OUT))
+  a = rng.normal(size=(C, S - 1, D_IN, R))
+  b = rng.normal(size=(C, S - 1, R, D_OUT))
+  g = rng.normal(size=(C, S, D_IN, D_OUT))  # cotangent: loss = sum(W * g)
+  return base, a, b, g
+
+
+def numpy_chain(base, a, b, mode):
+  """float64 reference, written from the definitions."""
+  out = np.zeros((C, S, D_IN, D_OUT))
+  for c in range(C):
+    out[c, 0] = base[c]
+    for k in range(1, S):
+      prev = out[c, k - 1] if mode == "cumulative" else base[c]
+      out[c, k] = prev + SCALE * a[c, k - 1] @ b[c, k - 1]
+  return out
+
+
+def numpy_grads(base, a, b, g, mode, stop_gradient_base):
+  """Analytic gradients of sum(W * g) wrt base, A, B in float64."""
+  # How much each layer's cotangent reaches increment j: cumulative -> all layers k >= j.
+  reach = np.zeros((C, S - 1, D_IN, D_OUT))
+  for j in range(1, S):
+    reach[:, j - 1] = g[:, j:].sum(1) if mode == "cumulative" else g[:, j]
+  d_base = g[:, 0] if stop_gradient_base else g.sum(1)
+  d_a = SCALE * np.einsum("ckio,ckro->ckir", reach, b)
+  d_b = SCALE * np.einsum("ckir,ckio->ckro", a, reach)
+  return d_base, d_a, d_b
+
+
+def jax_chain(base, a, b, mode, stop_gradient_base, unrolled=False):
+  deltas = chain.increments(a, b, SCALE)
+  fn = chain.chain_reference_unrolled if unrolled else chain.chain
+  return fn(base, deltas, mode=mode, stop_gradient_base=stop_gradient_base)
+
+
+@pytest.mark.parametrize("mode", ["cumulative", "anchored"])
+@pytest.mark.parametrize("stop_gradient_base", [False, True])
+def test_chain_matches_float64_reference_and_unrolled_loop(mode, stop_gradient_base):
+  base, a, b, g = _factors()
+  want = numpy_chain(base, a, b, mode)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  got = jax_chain(f32(base), f32(a), f32(b), mode, stop_gradient_base)
+  unrolled = jax_chain(f32(base), f32(a), f32(b), mode, stop_gradient_base, unrolled=True)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got, unrolled, rtol=1e-6, atol=1e-6)
+
+  def loss(fn_unrolled):
+    return lambda *p: jnp.sum(jax_chain(*p, mode, stop_gradient_base, fn_unrolled) * f32(g))
+
+  grads = jax.grad(loss(False), argnums=(0, 1, 2))(f32(base), f32(a), f32(b))
+  grads_unrolled = jax.grad(loss(True), argnums=(0, 1, 2))(f32(base), f32(a), f32(b))
+  for got_g, ref_g, unr_g in zip(grads, numpy_grads(base, a, b, g, mode, stop_gradient_base),
+                                 grads_unrolled):
+    np.testing.assert_allclose(got_g, ref_g, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got_g, unr_g, rtol=1e-5, atol=1e-5)
+
+
+def test_stop_gradient_base_means_base_grad_from_layer_zero_only():
+  base, a, b, _ = _factors(1)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  for mode in ("cumulative", "anchored"):
+    # A loss on layers k >= 1 only: with stop-gradient the base gets exactly nothing.
+    later = lambda w0, sg: jnp.sum(jax_chain(w0, f32(a), f32(b), mode, sg)[:, 1:] ** 2)
+    assert float(jnp.abs(jax.grad(later)(f32(base), True)).max()) == 0.0
+    assert float(jnp.abs(jax.grad(later)(f32(base), False)).max()) > 0.0
+
+
+def test_tied_every_layer_is_the_base_and_base_gets_grad_from_all():
+  base, _, _, g = _factors(2)
+  w = chain.expand(chain.chain(jnp.asarray(base, jnp.float32), None, mode="tied"), S)
+  assert w.shape == (C * S, D_IN, D_OUT)
+  for c in range(C):
+    for k in range(S):
+      np.testing.assert_array_equal(w[c * S + k], base[c].astype(np.float32))
+  grad = jax.grad(lambda w0: jnp.sum(chain.expand(chain.chain(w0, None, mode="tied"), S)
+                                     .reshape(C, S, D_IN, D_OUT) * g))(jnp.asarray(base, jnp.float32))
+  np.testing.assert_allclose(grad, g.sum(1), rtol=1e-5)
+
+
+def test_zero_b_init_keeps_every_layer_equal_to_its_base():
+  a, b = chain.init_factors(jax.random.key(0), compounds=C, steps=S - 1, d_in=D_IN, d_out=D_OUT,
+                            rank=R, init="zero_b")
+  assert float(jnp.abs(a).max()) > 0 and float(jnp.abs(b).max()) == 0.0
+  base = jax.random.normal(jax.random.key(1), (C, D_IN, D_OUT))
+  for mode in ("cumulative", "anchored"):
+    w = chain.chain(base, chain.increments(a, b, SCALE), mode=mode)
+    for k in range(S):
+      np.testing.assert_array_equal(w[:, k], base)
+
+
+def test_official_init_bounds_and_nonzero_increments():
+  d_in, d_out = 64, 256
+  a, b = chain.init_factors(jax.random.key(0), compounds=2, steps=3, d_in=d_in, d_out=d_out, rank=8)
+  # kaiming_uniform(a=sqrt 5) on torch A [r, in], B [r, out]: bounds 1/sqrt(in), 1/sqrt(out).
+  assert float(jnp.abs(a).max()) <= 1 / np.sqrt(d_in)
+  assert float(jnp.abs(a).max()) > 0.9 / np.sqrt(d_in)
+  assert float(jnp.abs(b).max()) <= 1 / np.sqrt(d_out)
+  assert float(jnp.abs(b).max()) > 0.9 / np.sqrt(d_out)
+  assert float(jnp.abs(chain.increments(a, b, 1.0)).max()) > 0
+
+
+def test_chain_accumulates_in_float32_for_bf16_params():
+  base, a, b, _ = _factors(3)
+  bf = lambda x: jnp.asarray(x, jnp.bfloat16)
+  w = chain.chain(bf(base), chain.increments(bf(a), bf(b), SCALE), mode="cumulative")
+  assert w.dtype == jnp.float32
+  want = numpy_chain(np.asarray(bf(base), np.float64), np.asarray(bf(a), np.float64),
+                     np.asarray(bf(b), np.float64), "cumulative")
+  np.testing.assert_allclose(w, want, rtol=1e-5, atol=1e-5)
+
+
+def test_scaling_rules():
+  assert chain.lora_scale(16.0, 4) == 4.0
+  assert chain.lora_scale(16.0, 4, "rslora") == 8.0
+  chex.assert_trees_all_close(chain.lora_scale(1.0, 8), 0.125)
