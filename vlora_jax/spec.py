@@ -124,7 +124,7 @@ class VLoRASpec:
     """Matches the targets against one block's ``{path: shape}`` and checks every rank."""
     self.check_depth(num_layers)
     entries, used = [], set()
-    for path, shape in shapes.items():
+    for path, shape in sorted(shapes.items()):  # canonical order: layouts compare equal
       hit = next((i for i, t in enumerate(self.targets) if re.fullmatch(t, path)), None)
       if hit is None:
         entries.append(Entry(path, tuple(shape), "full"))
@@ -198,4 +198,4 @@ class Layout:
 
 
 def dense_layout(shapes: Mapping[str, Sequence[int]], num_layers: int) -> Layout:
-  return Layout(None, num_layers, tuple(Entry(p, tuple(s), "full") for p, s in shapes.items()))
+  return Layout(None, num_layers, tuple(Entry(p, tuple(s), "full") for p, s in sorted(shapes.items())))
