@@ -188,8 +188,9 @@ def test_program_size_does_not_grow_with_depth(spec):
   """The lowered train step of a 48-layer stack is no larger than that of a 12-layer stack."""
   from vlora_jax.models.vit import ViT
 
-  def sizes(depth):
-    model = ViT(num_classes=4, patch_size=4, dim=32, depth=depth, num_heads=2, vlora=spec)
+  def sizes(depth, scan=True):
+    model = ViT(num_classes=4, patch_size=4, dim=32, depth=depth, num_heads=2, vlora=spec,
+                scan=scan)
     x = jnp.zeros((2, 8, 8, 3))
     params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), x)))["params"]
     grad = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x)))
@@ -200,3 +201,6 @@ def test_program_size_does_not_grow_with_depth(spec):
   (e12, h12), (e48, h48) = sizes(12), sizes(48)
   assert e48 <= e12, (e12, e48)
   assert h48 <= h12, (h12, h48)
+  # The measure can tell: the unrolled reference path does grow with depth.
+  (u4, _), (u8, _) = sizes(4, scan=False), sizes(8, scan=False)
+  assert u8 > 1.5 * u4, (u4, u8)
