@@ -80,7 +80,7 @@ class VLoRASpec:
       try:
         re.compile(t)
       except re.error as e:
-        raise ValueError(f"vlora.targets[{i}]={t!r} is not a valid regex ({e}): each target must be\n"
+        raise ValueError(f"vlora.targets[{i}]={t!r} is not a valid regex ({e}): each target must be "
                          "a Python regex full-matched against block parameter paths") from None
     if self.mode not in chain.MODES:
       raise ValueError(f"vlora.mode={self.mode!r}: allowed are {list(chain.MODES)}")
