@@ -2,7 +2,8 @@
 
 Groups follow the stack's reserved names (see `stack.py`): ``base`` (layer 0 of every compound),
 ``increments`` (``inc_a``, ``inc_b``, ``inc_vec``), ``per_layer`` (non-targeted params, full in every
-layer of a stack) and ``other`` (embeddings, heads, final norms: outside any stack).
+layer of a stack), ``lora`` (horizontal LoRA adapters ``lora_a``, ``lora_b``, see `lora.py`) and
+``other`` (embeddings, heads, final norms: outside any stack).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import numpy as np
 from flax import traverse_util
 
 GROUP_OF = {"base": "base", "inc_a": "increments", "inc_b": "increments",
-            "inc_vec": "increments", "per_layer": "per_layer"}
-GROUP_ORDER = ("base", "increments", "per_layer", "other")
+            "inc_vec": "increments", "per_layer": "per_layer", "lora_a": "lora", "lora_b": "lora"}
+GROUP_ORDER = ("base", "increments", "per_layer", "lora", "other")
 
 
 def group_of(path: str) -> str:
@@ -63,7 +64,8 @@ def format_table(t: dict[str, Any]) -> str:
   """A small plain-text table of `table`'s result."""
   m, d = t["model"], t["dense"]
   rows = [("group", "model", "dense")]
-  rows += [(g, f"{m['groups'][g]:,}", f"{d['groups'][g]:,}") for g in GROUP_ORDER]
+  rows += [(g, f"{m['groups'][g]:,}", f"{d['groups'][g]:,}") for g in GROUP_ORDER
+           if g != "lora" or m["groups"][g] or d["groups"][g]]  # no adapter row without adapters
   rows += [("total", f"{m['total']:,}", f"{d['total']:,}"),
            ("bytes", f"{m['bytes']:,}", f"{d['bytes']:,}"),
            ("ratio", f"{t['ratio']:.4f}", "1.0000")]

@@ -12,15 +12,17 @@ Parameters of a stack (leading axes named for sharding rules):
   inc_a/<path>      [C, s-1, d_in, r]      ('compound', 'step', ..., 'rank')
   inc_b/<path>      [C, s-1, r, d_out]     ('compound', 'step', 'rank', ...)
   inc_vec/<path>    [C, s-1, d]            full-vector increments of targeted 1-D params
+  lora_a/<path>     [L, d_in, r_h]         ('layers', ..., 'rank')  horizontal LoRA (`lora.py`),
+  lora_b/<path>     [L, r_h, d_out]        ('layers', 'rank', ...)  only with ``lora=LoRASpec``
 
-These five group names are reserved: `params.py` groups counts by them and optimizer rules
-(e.g. ``.*/inc_[ab]/.*``) select by them.
+These group names are reserved: `params.py` groups counts by them and optimizer rules
+(e.g. ``.*/inc_[ab]/.*``, ``.*/lora_[ab]/.*``) select by them.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -28,9 +30,10 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from vlora_jax import chain
+from vlora_jax import lora as lora_lib
 from vlora_jax.spec import Layout, VLoRASpec, dense_layout
 
-GROUPS = ("per_layer", "base", "inc_a", "inc_b", "inc_vec")
+GROUPS = ("per_layer", "base", "inc_a", "inc_b", "inc_vec") + lora_lib.ADAPTER_GROUPS
 
 # Named remat policies (jax.checkpoint_policies); "none" = no rematerialisation.
 REMAT_POLICIES = {
@@ -141,6 +144,8 @@ class LayerStack(nn.Module):
     scan: one ``jax.lax.scan`` over layers (default); False runs the unrolled reference path,
       numerically identical, for tests.
     remat: a name in `REMAT_POLICIES`.
+    lora: horizontal LoRA adapters on top of the weights of every layer (`lora.LoRASpec`); added
+      per layer inside the scan, so the adapted stack is never materialised as a whole.
   """
 
   block: BlockFactory
@@ -148,6 +153,7 @@ class LayerStack(nn.Module):
   vlora: VLoRASpec | None = None
   scan: bool = True
   remat: str = "none"
+  lora: lora_lib.LoRASpec | None = None
 
   def _block(self) -> nn.Module:
     return self.block(parent=None)
@@ -185,12 +191,32 @@ class LayerStack(nn.Module):
     params = {g: self.param(g, fresh(g)) for g in axis_names}
     weights = materialize(params, layout) if self.vlora is not None else params["per_layer"]
 
+    adapters, lora_entries = None, ()
+    if self.lora is not None:
+      lora_entries = self.lora.layout({e.path: e.shape for e in layout.entries})
+      names_a, names_b = lora_lib.axis_names(lora_entries, names)
+      dtypes = {e.path: _flat(weights)[e.path].dtype for e in lora_entries}
+
+      def fresh_lora(i, axes):
+        def init_fn(rng):
+          ab = lora_lib.init_adapters(rng, lora_entries, self.num_layers)
+          ab = {p: v.astype(dtypes[p]) for p, v in ab[i].items()}
+          return jax.tree.map(nn.LogicallyPartitioned, _nest(ab), _nest(axes),
+                              is_leaf=lambda n: isinstance(n, tuple))
+        return init_fn
+
+      adapters = tuple(_flat(self.param(g, fresh_lora(i, axes)))
+                       for i, (g, axes) in enumerate(zip(lora_lib.ADAPTER_GROUPS,
+                                                         (names_a, names_b))))
+
     rngs = None
     if not deterministic and self.has_rng("dropout"):
       rngs = jax.random.split(self.make_rng("dropout"), self.num_layers)
 
     def layer(h, xs):
-      w, rng = xs
+      w, rng, ab = xs
+      if ab is not None:  # this layer's adapters only: W_l + scale * A_l @ B_l
+        w = lora_lib.add_adapters(w, ab[0], ab[1], lora_entries)
       h = block.apply({"params": w}, h, *args, deterministic=deterministic,
                       rngs={"dropout": rng} if rng is not None else None, **kwargs)
       return h, None
@@ -199,10 +225,10 @@ class LayerStack(nn.Module):
     if self.remat != "none":
       layer = jax.checkpoint(layer, policy=policy, prevent_cse=not self.scan)
     if self.scan:
-      x, _ = jax.lax.scan(layer, x, (weights, rngs))
+      x, _ = jax.lax.scan(layer, x, (weights, rngs, adapters))
     else:
       for i in range(self.num_layers):
-        x, _ = layer(x, jax.tree.map(lambda a: a[i], (weights, rngs)))
+        x, _ = layer(x, jax.tree.map(lambda a: a[i], (weights, rngs, adapters)))
     return x
 
 
@@ -236,13 +262,47 @@ def is_stack(tree) -> bool:
       "per_layer" in tree or "base" in tree)
 
 
-def merge(params, spec: VLoRASpec | None):
+def merge(params, spec, lora=None):
   """Every VLoRA stack in a params tree -> its dense ``per_layer`` form (merged inference/export).
 
-  The result loads into the model's dense twin (``model.clone(vlora=None)``).
+  The result loads into the model's dense twin (``model.clone(vlora=None)``). Stacks with LoRA
+  adapters (``lora_a``/``lora_b``) need ``lora``; the adapters are folded into the weights and the
+  result loads into ``model.clone(vlora=None, lora=None)``. ``spec`` and ``lora`` are either one
+  spec for every stack or a ``{stack module name: spec}`` dict (models whose stacks differ, e.g.
+  an encoder and a decoder).
   """
-  if is_stack(params):
-    return {"per_layer": materialize(params, layout_from_params(params, spec))} if spec else params
-  if isinstance(params, dict):
-    return {k: merge(v, spec) for k, v in params.items()}
-  return params
+  def pick(s, name, what):
+    if not isinstance(s, Mapping):
+      return s
+    if name not in s:
+      raise ValueError(f"merge: {what} is given per stack {sorted(s)} but has no entry for the "
+                       f"stack {name!r}")
+    return s[name]
+
+  def go(tree, name):
+    if is_stack(tree):
+      return _merge_stack(tree, pick(spec, name, "spec"), pick(lora, name, "lora"))
+    if isinstance(tree, dict):
+      return {k: go(v, k) for k, v in tree.items()}
+    return tree
+
+  return go(params, None)
+
+
+def _merge_stack(params, spec, lora):
+  has_adapters = any(g in params for g in lora_lib.ADAPTER_GROUPS)
+  if spec is None and not has_adapters:
+    return params
+  per_layer = materialize(params, layout_from_params(params, spec)) if spec else params["per_layer"]
+  if has_adapters:
+    if lora is None:
+      raise ValueError("merge: this stack has LoRA adapters (lora_a/lora_b) but lora=None; pass "
+                       "the model's LoRASpec")
+    shapes = {p: tuple(a.shape[1:]) for p, a in _flat(per_layer).items()}
+    entries = lora.layout(shapes)
+    a, b = _flat(params["lora_a"]), _flat(params["lora_b"])
+    if set(a) != {e.path for e in entries} or any(a[e.path].shape[-1] != e.rank for e in entries):
+      raise ValueError(f"merge: adapters {sorted(a)} (ranks {[v.shape[-1] for v in a.values()]}) "
+                       f"do not match lora targets {list(lora.targets)} at rank {lora.rank}")
+    per_layer = lora_lib.add_adapters(per_layer, a, b, entries)
+  return {"per_layer": per_layer}

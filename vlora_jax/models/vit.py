@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vlora_jax import layers
+from vlora_jax import lora as lora_lib
 from vlora_jax.spec import VLoRASpec
 from vlora_jax.stack import vlorafy
 
@@ -29,6 +30,7 @@ class ViT(nn.Module):
   scan: bool = True
   remat: str = "none"
   dtype: jnp.dtype = jnp.float32
+  lora: lora_lib.LoRASpec | None = None  # horizontal LoRA adapters on every block
 
   def block(self) -> layers.EncoderBlock:
     return layers.EncoderBlock(self.dim, self.num_heads, int(self.dim * self.mlp_ratio),
@@ -57,7 +59,7 @@ class ViT(nn.Module):
         nn.initializers.truncated_normal(0.02), (None, None, "embed")), (1, x.shape[1], self.dim))
     x = nn.Dropout(self.dropout)(x + pos.astype(x.dtype), deterministic=not train)
     x = vlorafy(self.block(), self.depth, self.vlora, scan=self.scan, remat=self.remat,
-                name="blocks")(x, deterministic=not train)
+                lora=self.lora, name="blocks")(x, deterministic=not train)
     x = layers.layer_norm("norm", self.dtype)(x)
     x = x[:, 0] if self.global_pool == "token" else x[:, int(self.class_token):].mean(axis=1)
     head = layers.dense(self.num_classes, ("embed", "vocab"), "head", jnp.float32)
@@ -99,4 +101,5 @@ def from_config(mcfg) -> ViT:
              class_token=mcfg.get("class_token", True), global_pool=mcfg.get("global_pool", "token"),
              dropout=mcfg.get("dropout", 0.0), vlora=models.vlora_spec(mcfg.get("vlora")),
              scan=mcfg.get("scan", True), remat=mcfg.get("remat", "none"),
-             dtype=models.dtype(mcfg.get("dtype", "float32")))
+             dtype=models.dtype(mcfg.get("dtype", "float32")),
+             lora=lora_lib.spec_from_config(mcfg.get("lora")))
