@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 Dtype = Any
 LN_EPS = 1e-6  # timm's ViT LayerNorm eps
+ROPE_BASE = 10000.0  # RoFormer / GPT-NeoX frequency base
 
 
 def dense(features: int, names: tuple[str, str], name: str, dtype: Dtype, use_bias: bool = True):
@@ -41,12 +42,34 @@ def attend(q, k, v, mask=None, causal: bool = False):
   return out.astype(dtype)
 
 
+def rotary(x, positions, base: float = ROPE_BASE):
+  """Rotary position embedding (RoFormer, GPT-NeoX half-split form) of ``x [B, T, H, hd]``.
+
+  Channel pairs ``(i, i + hd/2)`` are rotated by ``positions * base^(-2i/hd)``, so the dot product of
+  a rotated query and key depends on their positions only through the difference. No parameters.
+  """
+  hd = x.shape[-1]
+  if hd % 2:
+    raise ValueError(f"rotary embeddings need an even head dimension; got head_dim={hd}")
+  freqs = base ** (-jnp.arange(0, hd // 2, dtype=jnp.float32) / (hd // 2))
+  angles = jnp.asarray(positions, jnp.float32)[:, None] * freqs  # [T, hd/2]
+  cos, sin = jnp.cos(angles)[:, None], jnp.sin(angles)[:, None]  # broadcast over heads
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
 class SelfAttention(nn.Module):
-  """timm's Attention: one fused qkv projection, heads split as (3, heads, head_dim)."""
+  """timm's Attention: one fused qkv projection, heads split as (3, heads, head_dim).
+
+  ``rope=True`` rotates queries and keys by their positions (`rotary`); it adds no parameters, so
+  parameter names and shapes are the same with or without it.
+  """
   dim: int
   num_heads: int
   causal: bool = False
   dtype: Dtype = jnp.float32
+  rope: bool = False
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -54,6 +77,8 @@ class SelfAttention(nn.Module):
     hd = self.dim // self.num_heads
     qkv = dense(3 * self.dim, ("embed", "qkv"), "qkv", self.dtype)(x)
     q, k, v = jnp.moveaxis(qkv.reshape(b, t, 3, self.num_heads, hd), 2, 0)
+    if self.rope:
+      q, k = rotary(q, jnp.arange(t)), rotary(k, jnp.arange(t))
     out = attend(q, k, v, mask, self.causal).reshape(b, t, self.dim)
     return dense(self.dim, ("heads", "embed"), "proj", self.dtype)(out)
 
@@ -97,11 +122,12 @@ class EncoderBlock(nn.Module):
   dropout: float = 0.0
   causal: bool = False
   dtype: Dtype = jnp.float32
+  rope: bool = False  # rotary positions in self-attention (LMs); no extra parameters
 
   @nn.compact
   def __call__(self, x, mask=None, *, deterministic: bool = True):
     drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=deterministic)
-    h = SelfAttention(self.dim, self.num_heads, self.causal, self.dtype, name="attn")(
+    h = SelfAttention(self.dim, self.num_heads, self.causal, self.dtype, self.rope, name="attn")(
         layer_norm("norm1", self.dtype)(x), mask)
     x = x + drop(h)
     h = Mlp(self.dim, self.mlp_dim, self.dropout, self.dtype, name="mlp")(
