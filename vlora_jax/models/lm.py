@@ -1,0 +1,119 @@
+"""Decoder-only language model (GPT-style), dense or VLoRA from one field (``vlora``).
+
+Token embedding, learned position embedding (``positions='learned'``) or rotary positions inside
+attention (``'rope'``), a stack of pre-norm causal `layers.EncoderBlock` run by `vlorafy` (the block
+is written once; the stack is dense or VLoRA), final LayerNorm, and a head that is either its own
+``head`` Dense or the transposed token embedding (``tie_embeddings``).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vlora_jax import layers
+from vlora_jax import lora as lora_lib
+from vlora_jax.spec import VLoRASpec
+from vlora_jax.stack import vlorafy
+
+POSITIONS = ("learned", "rope")
+
+
+def embed(vocab_size: int, dim: int, dtype, name: str = "embed") -> nn.Embed:
+  """Token embedding (normal 0.02, as GPT-2), logical names ('vocab', 'embed')."""
+  return nn.Embed(vocab_size, dim, dtype=dtype, param_dtype=jnp.float32, name=name,
+                  embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                              ("vocab", "embed")))
+
+
+def check_common(*, vocab_size: int, max_len: int, dim: int, num_heads: int, mlp_ratio: float,
+                 dropout: float) -> None:
+  """Shape checks shared by the LM and the encoder-decoder, naming the ``model.*`` key."""
+  for key, v in (("vocab_size", vocab_size), ("max_len", max_len), ("dim", dim),
+                 ("num_heads", num_heads)):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      raise ValueError(f"model.{key}={v!r}: must be an integer >= 1")
+  if dim % num_heads:
+    raise ValueError(f"model.num_heads={num_heads} does not divide model.dim={dim}")
+  if not mlp_ratio > 0:
+    raise ValueError(f"model.mlp_ratio={mlp_ratio!r}: must be > 0")
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"model.dropout={dropout!r}: must be in [0, 1)")
+
+
+class LM(nn.Module):
+  """Causal LM: ``apply(variables, tokens [B, T] int32, train=False) -> logits [B, T, V]``.
+
+  Attributes:
+    vocab_size: V.
+    max_len: longest sequence (size of the learned position table; ``T <= max_len``).
+    dim, depth, num_heads, mlp_ratio, dropout: the block stack (``depth`` = total layers L).
+    positions: ``learned`` (added to the embeddings) or ``rope`` (rotary, inside attention).
+    tie_embeddings: logits = h @ embedding.T (no separate head).
+    vlora: the stack's VLoRA parameterisation; None for dense.
+    lora: horizontal LoRA adapters on the stack (`lora.LoRASpec`); None for none.
+    scan, remat, dtype: as `ViT`.
+  """
+
+  vocab_size: int
+  max_len: int = 256
+  dim: int = 256
+  depth: int = 8
+  num_heads: int = 4
+  mlp_ratio: float = 4.0
+  dropout: float = 0.0
+  positions: str = "learned"
+  tie_embeddings: bool = False
+  vlora: VLoRASpec | None = None
+  scan: bool = True
+  remat: str = "none"
+  dtype: jnp.dtype = jnp.float32
+  lora: lora_lib.LoRASpec | None = None
+
+  def check(self) -> None:
+    check_common(vocab_size=self.vocab_size, max_len=self.max_len, dim=self.dim,
+                 num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout)
+    if self.positions not in POSITIONS:
+      raise ValueError(f"model.positions={self.positions!r}: allowed are {list(POSITIONS)}")
+    if self.positions == "rope" and (self.dim // self.num_heads) % 2:
+      raise ValueError(f"model.positions='rope' needs an even head dim; dim={self.dim} / "
+                       f"num_heads={self.num_heads} = {self.dim // self.num_heads}")
+
+  def block(self) -> layers.EncoderBlock:
+    return layers.EncoderBlock(self.dim, self.num_heads, int(self.dim * self.mlp_ratio),
+                               self.dropout, causal=True, dtype=self.dtype,
+                               rope=self.positions == "rope", parent=None)
+
+  @nn.compact
+  def __call__(self, tokens, *, train: bool = False):
+    self.check()
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, time] token ids; got shape {tokens.shape}")
+    t = tokens.shape[1]
+    if t > self.max_len:
+      raise ValueError(f"sequence length {t} exceeds model.max_len={self.max_len}")
+    emb = embed(self.vocab_size, self.dim, self.dtype)
+    x = emb(tokens)
+    if self.positions == "learned":
+      pos = self.param("pos_embed", nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), (None, None, "embed")), (1, self.max_len, self.dim))
+      x = x + pos[:, :t].astype(x.dtype)
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    x = vlorafy(self.block(), self.depth, self.vlora, scan=self.scan, remat=self.remat,
+                lora=self.lora, name="blocks")(x, deterministic=not train)
+    x = layers.layer_norm("norm", self.dtype)(x).astype(jnp.float32)
+    if self.tie_embeddings:
+      return x @ emb.embedding.astype(jnp.float32).T  # logits = h @ E^T, in float32
+    return layers.dense(self.vocab_size, ("embed", "vocab"), "head", jnp.float32)(x)
+
+
+def from_config(mcfg) -> LM:
+  """``config.model`` (name='lm') -> `LM`."""
+  from vlora_jax import models  # the registry module imports this one lazily
+  return LM(vocab_size=mcfg.vocab_size, max_len=mcfg.max_len, dim=mcfg.dim, depth=mcfg.depth,
+            num_heads=mcfg.num_heads, mlp_ratio=mcfg.get("mlp_ratio", 4.0),
+            dropout=mcfg.get("dropout", 0.0), positions=mcfg.get("positions", "learned"),
+            tie_embeddings=mcfg.get("tie_embeddings", False),
+            vlora=models.vlora_spec(mcfg.get("vlora")), scan=mcfg.get("scan", True),
+            remat=mcfg.get("remat", "none"), dtype=models.dtype(mcfg.get("dtype", "float32")),
+            lora=lora_lib.spec_from_config(mcfg.get("lora")))

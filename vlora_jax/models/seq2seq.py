@@ -1,0 +1,194 @@
+"""Encoder-decoder Transformer, dense or VLoRA in both stacks from one field (``vlora``).
+
+Shared token embedding (pad id 0), learned position embeddings (one table per side), an encoder stack
+of pre-norm `layers.EncoderBlock` and a decoder stack of `layers.DecoderBlock` (causal self-attention,
+cross-attention to the encoder memory, MLP), each its own `vlorafy` stack, final LayerNorms, and a
+head (or the tied embedding).
+
+Masks are built inside from ``tokens != 0``: encoder self-attention and cross-attention see only real
+source keys; decoder self-attention is causal and sees only real target keys. Outputs at pad
+positions are computed but meaningless; nothing at a real position depends on pad content.
+
+VLoRA targets: the encoder uses ``vlora.targets`` as given. The decoder block also has
+cross-attention weights (``cross/q``, ``cross/kv``, ``cross/proj``); with the default targets (the
+four big matrices) the decoder adds those three (`DEC_TARGETS`), with their ranks and alphas taken
+from the analogous self-attention targets. ``dec_targets`` overrides the decoder's set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlora_jax import layers
+from vlora_jax import lora as lora_lib
+from vlora_jax.models.lm import check_common, embed
+from vlora_jax.spec import VIT_TARGETS, VLoRASpec
+from vlora_jax.stack import block_param_shapes, vlorafy
+
+PAD_ID = 0
+CROSS_TARGETS = (r"cross/q/kernel", r"cross/kv/kernel", r"cross/proj/kernel")
+DEC_TARGETS = VIT_TARGETS + CROSS_TARGETS
+# Where a cross-attention target takes its rank/alpha from when they are given per target.
+_ANALOGUE = {r"cross/q/kernel": r"attn/qkv/kernel", r"cross/kv/kernel": r"attn/qkv/kernel",
+             r"cross/proj/kernel": r"attn/proj/kernel"}
+
+
+def decoder_spec(spec: VLoRASpec | None, dec_targets=None) -> VLoRASpec | None:
+  """The decoder stack's spec: ``spec`` with the decoder's targets (see the module docstring)."""
+  if spec is None:
+    return None
+  if dec_targets is None:
+    dec_targets = DEC_TARGETS if spec.targets == VIT_TARGETS else spec.targets
+  dec_targets = (dec_targets,) if isinstance(dec_targets, str) else tuple(dec_targets)
+  if dec_targets == spec.targets:
+    return spec
+  values = {}
+  for field, per in (("rank", spec.ranks), ("alpha", spec.alphas)):
+    if len(set(per)) == 1:  # one value for every target: keep it scalar
+      values[field] = per[0]
+      continue
+    by_target = dict(zip(spec.targets, per))
+    out = []
+    for t in dec_targets:
+      src = t if t in by_target else _ANALOGUE.get(t)
+      if src not in by_target:
+        raise ValueError(f"vlora.{field} is given per target {list(spec.targets)}, so decoder "
+                         f"target {t!r} has no value; use one {field} for all targets or targets "
+                         "the encoder also has")
+      out.append(by_target[src])
+    values[field] = tuple(out)
+  return dataclasses.replace(spec, targets=dec_targets, **values)
+
+
+def padding_mask(tokens):
+  """``[B, 1, 1, S]`` True at real (non-pad) keys: broadcasts over heads and queries."""
+  return (tokens != PAD_ID)[:, None, None, :]
+
+
+class Seq2Seq(nn.Module):
+  """``apply(variables, src [B, S], tgt_in [B, T], train=False) -> logits [B, T, V]``.
+
+  Attributes:
+    vocab_size: V (shared by source and target; id 0 is padding).
+    max_len: longest source or target sequence.
+    dim, num_heads, mlp_ratio, dropout: both stacks.
+    depth: encoder layers; dec_depth: decoder layers (None: same as ``depth``).
+    tie_embeddings: logits = h @ embedding.T.
+    vlora: VLoRA parameterisation of both stacks (decoder targets: see `decoder_spec`).
+    dec_targets: overrides the decoder's VLoRA targets.
+    lora: horizontal LoRA on both stacks; each stack takes the targets its block has, and every
+      target must exist in at least one of them.
+    scan, remat, dtype: as `ViT`.
+  """
+
+  vocab_size: int
+  max_len: int = 128
+  dim: int = 256
+  depth: int = 4
+  dec_depth: int | None = None
+  num_heads: int = 4
+  mlp_ratio: float = 4.0
+  dropout: float = 0.0
+  tie_embeddings: bool = False
+  vlora: VLoRASpec | None = None
+  dec_targets: tuple[str, ...] | None = None
+  scan: bool = True
+  remat: str = "none"
+  dtype: jnp.dtype = jnp.float32
+  lora: lora_lib.LoRASpec | None = None
+
+  @property
+  def decoder_depth(self) -> int:
+    return self.depth if self.dec_depth is None else self.dec_depth
+
+  def encoder_block(self) -> layers.EncoderBlock:
+    return layers.EncoderBlock(self.dim, self.num_heads, int(self.dim * self.mlp_ratio),
+                               self.dropout, dtype=self.dtype, parent=None)
+
+  def decoder_block(self) -> layers.DecoderBlock:
+    return layers.DecoderBlock(self.dim, self.num_heads, int(self.dim * self.mlp_ratio),
+                               self.dropout, dtype=self.dtype, parent=None)
+
+  def _block_paths(self):
+    """Parameter paths of one encoder and one decoder block (shapes only, tiny inputs)."""
+    x = jax.ShapeDtypeStruct((1, 1, self.dim), jnp.float32)
+    enc, _ = block_param_shapes(self.encoder_block(), x, deterministic=True)
+    dec, _ = block_param_shapes(self.decoder_block(), x, x, deterministic=True)
+    return set(enc), set(dec)
+
+  def lora_specs(self):
+    """``(encoder LoRASpec | None, decoder LoRASpec | None)`` from ``lora``."""
+    if self.lora is None:
+      return None, None
+    enc_paths, dec_paths = self._block_paths()
+    for i, t in enumerate(self.lora.targets):
+      if not any(lora_lib.LoRASpec((t,)).matches(p) for p in enc_paths | dec_paths):
+        raise ValueError(f"lora.targets[{i}]={t!r} matches no parameter of the encoder or decoder "
+                         f"block; their parameters are {sorted(enc_paths | dec_paths)}")
+    return self.lora.restrict(enc_paths), self.lora.restrict(dec_paths)
+
+  def stack_specs(self):
+    """``{stack name: (vlora, lora)}``, for `stack.merge` / `lora.merge`."""
+    enc_lora, dec_lora = self.lora_specs()
+    return {"encoder": (self.vlora, enc_lora),
+            "decoder": (decoder_spec(self.vlora, self.dec_targets), dec_lora)}
+
+  def check(self, src, tgt_in) -> None:
+    check_common(vocab_size=self.vocab_size, max_len=self.max_len, dim=self.dim,
+                 num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout)
+    for name, tok in (("src", src), ("tgt_in", tgt_in)):
+      if tok.ndim != 2:
+        raise ValueError(f"{name} must be [batch, time] token ids; got shape {tok.shape}")
+      if tok.shape[1] > self.max_len:
+        raise ValueError(f"{name} length {tok.shape[1]} exceeds model.max_len={self.max_len}")
+    if src.shape[0] != tgt_in.shape[0]:
+      raise ValueError(f"src batch {src.shape[0]} != tgt_in batch {tgt_in.shape[0]}")
+
+  def _positions(self, name: str, x):
+    pos = self.param(name, nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), (None, None, "embed")), (1, self.max_len, self.dim))
+    return x + pos[:, :x.shape[1]].astype(x.dtype)
+
+  @nn.compact
+  def __call__(self, src, tgt_in, *, train: bool = False):
+    self.check(src, tgt_in)
+    specs = self.stack_specs()
+    drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=not train)
+    emb = embed(self.vocab_size, self.dim, self.dtype)
+    src_keys = padding_mask(src)
+
+    x = drop(self._positions("enc_pos_embed", emb(src)))
+    x = vlorafy(self.encoder_block(), self.depth, specs["encoder"][0], scan=self.scan,
+                remat=self.remat, lora=specs["encoder"][1], name="encoder")(
+                    x, src_keys, deterministic=not train)
+    memory = layers.layer_norm("encoder_norm", self.dtype)(x)
+
+    y = drop(self._positions("dec_pos_embed", emb(tgt_in)))
+    # The decoder's self-attention is causal inside the block; the mask adds target padding.
+    y = vlorafy(self.decoder_block(), self.decoder_depth, specs["decoder"][0], scan=self.scan,
+                remat=self.remat, lora=specs["decoder"][1], name="decoder")(
+                    y, memory, padding_mask(tgt_in), src_keys, deterministic=not train)
+    y = layers.layer_norm("decoder_norm", self.dtype)(y).astype(jnp.float32)
+    if self.tie_embeddings:
+      return y @ emb.embedding.astype(jnp.float32).T
+    return layers.dense(self.vocab_size, ("embed", "vocab"), "head", jnp.float32)(y)
+
+
+def from_config(mcfg) -> Seq2Seq:
+  """``config.model`` (name='seq2seq') -> `Seq2Seq`."""
+  from vlora_jax import models  # the registry module imports this one lazily
+  vcfg = mcfg.get("vlora")
+  dec_targets = vcfg.get("dec_targets") if vcfg is not None else None
+  return Seq2Seq(vocab_size=mcfg.vocab_size, max_len=mcfg.max_len, dim=mcfg.dim, depth=mcfg.depth,
+                 dec_depth=mcfg.get("dec_depth"), num_heads=mcfg.num_heads,
+                 mlp_ratio=mcfg.get("mlp_ratio", 4.0), dropout=mcfg.get("dropout", 0.0),
+                 tie_embeddings=mcfg.get("tie_embeddings", False),
+                 vlora=models.vlora_spec(vcfg),
+                 dec_targets=tuple(dec_targets) if dec_targets is not None else None,
+                 scan=mcfg.get("scan", True), remat=mcfg.get("remat", "none"),
+                 dtype=models.dtype(mcfg.get("dtype", "float32")),
+                 lora=lora_lib.spec_from_config(mcfg.get("lora")))
