@@ -1,0 +1,1 @@
+"""Command-line tools (``python -m vlora_jax.tools.<name>``)."""
