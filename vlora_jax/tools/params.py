@@ -12,6 +12,8 @@ patch 4, D 192, 3 heads, 3 compounds x 4, rank 8, 10 classes) it prints VLoRA 1,
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -49,7 +51,10 @@ def main(argv):
   config = _CONFIG.value
   if "model" not in config:
     raise ValueError(f"{flags.FLAGS['config'].config_filename}: the config has no 'model' field")
-  print(describe(config.model))
+  try:
+    print(describe(config.model))
+  except ValueError as e:  # a bad config: the message names the key; no traceback needed
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
