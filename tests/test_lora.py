@@ -36,7 +36,7 @@ def _init_fn():
 
 
 def _boxed(seed=1):
-  return _init_fn()(jax.random.key(seed), TOK)
+  return _init_fn()(jax.random.key(seed, impl="rbg"), TOK)
 
 
 def _flat(tree):
@@ -125,7 +125,7 @@ def test_merged_inference_equals_adapter_inference_on_dense_vit():
   model = ViT(num_classes=5, patch_size=4, dim=16, depth=3, num_heads=2, mlp_ratio=2.0,
               lora=lora.LoRASpec(rank=3))
   images = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
-  v = nn.unbox(jax.jit(model.init)(jax.random.key(1), images))
+  v = nn.unbox(jax.jit(model.init)(jax.random.key(1, impl="rbg"), images))
   # Give B non-zero values, as training would.
   b = v["params"]["blocks"]["lora_b"]
   v["params"]["blocks"]["lora_b"] = jax.tree.map(
