@@ -1,0 +1,1 @@
+"""Experiment configs: one ``get_config(arg)`` per file (see ``default.py`` for every key)."""

@@ -1,0 +1,131 @@
+"""Every config key, with its default and what it does. Experiment files import this and change a few.
+
+Not an experiment on its own: see ``vit_digits.py`` (the embedded default), ``vit_mnist.py``,
+``vit_cifar10.py``, ``vit_local.py``, ``lm_shakespeare.py`` and ``seq2seq_reverse.py``.
+"""
+
+import ml_collections
+
+# Logical axis -> mesh axis. Parameters name their axes in the model code (vlora_jax/layers.py);
+# the layer stack adds 'layers', 'compound', 'step' and 'rank' (vlora_jax/stack.py). The stacked
+# axes and the LoRA rank stay replicated: they are small or scanned over.
+SHARDING_RULES = (
+    ("batch", ("data", "fsdp")),  # activations' batch axis (inputs are split the same way)
+    ("embed", "fsdp"),            # the model width: FSDP shards parameters along it
+    ("mlp", "tensor"),            # MLP hidden width: tensor parallelism
+    ("qkv", "tensor"),            # fused q/k/v outputs
+    ("heads", "tensor"),          # attention output projection's input (heads x head_dim)
+    ("vocab", "tensor"),          # classifier / LM head outputs, token embeddings
+    ("layers", None),             # per-layer stack axis [L, ...]
+    ("compound", None),           # VLoRA: one entry per compound [C, ...]
+    ("step", None),               # VLoRA: increments inside a compound [C, s-1, ...]
+    ("rank", None),               # VLoRA / LoRA rank: always replicated
+)
+
+# Weight decay off for norms, biases, position embeddings and the class token (timm's habit).
+NO_DECAY = ((r"(.*/)?(bias|scale|pos_embed|cls_token)", 0.0),)
+
+
+def vlora(enabled: bool = True, compound_size: int = 4, rank=8) -> ml_collections.ConfigDict:
+  """``config.model.vlora``: the VLoRA parameterisation of the model's layer stack(s)."""
+  v = ml_collections.ConfigDict()
+  v.enabled = enabled          # False: the dense model (same architecture, full weights per layer)
+  v.compound_size = compound_size  # layers per compound s; must divide model.depth
+  # Targeted weights (regexes over block param paths); the official four big matrices.
+  v.targets = ("attn/qkv/kernel", "attn/proj/kernel", "mlp/fc1/kernel", "mlp/fc2/kernel")
+  v.rank = rank                # LoRA rank r of each increment (one int, or one per target)
+  v.alpha = 1.0                # increment scale numerator: scale = alpha / r (official: 1)
+  v.mode = "anchored"          # anchored (official code: W_k = W_0 + dW_k) | cumulative (paper) | tied
+  v.stop_gradient_base = True  # detach W_0 in layers k >= 1 (official code)
+  v.scaling = "standard"       # standard (alpha / r) | rslora (alpha / sqrt r)
+  v.init = "official"          # official (kaiming-uniform A and B) | zero_b (B = 0: starts tied)
+  return v
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0                   # model init, data order and dropout all derive from it
+  # Generator of the per-step dropout keys: threefry2x32 (JAX's default; identical on any mesh) |
+  # rbg | unsafe_rbg (XLA's RngBitGenerator: far cheaper to compile on CPU, but its bits may
+  # depend on the sharding). Parameter init always uses threefry2x32.
+  c.rng_impl = "threefry2x32"
+
+  # Model: the schema of vlora_jax/models/__init__.py; experiment files fill the family's keys.
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "vit"         # vit | lm | seq2seq
+  c.model.dim = 64             # width D
+  c.model.depth = 4            # layers L (encoder layers for seq2seq)
+  c.model.num_heads = 4        # attention heads (must divide dim)
+  c.model.mlp_ratio = 4.0      # MLP hidden = mlp_ratio * dim
+  c.model.dropout = 0.0        # dropout after attention and MLP
+  c.model.dtype = "float32"    # compute dtype: float32 | bfloat16 (mixed precision; params and the
+                               # VLoRA chain stay float32)
+  c.model.scan = True          # one scan over layers (False: unrolled reference path)
+  c.model.remat = "none"       # none | full | dots | dots_no_batch (activation rematerialisation)
+  c.model.vlora = vlora()
+
+  # Data: see vlora_jax/data/__init__.py for the sources.
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "digits"     # digits | npz | tfds | text | reverse
+  c.data.path = ""             # npz / text: a local file
+  c.data.tfds_name = ""        # tfds: dataset name (cifar10, mnist, tiny_shakespeare)
+  c.data.data_dir = ""         # tfds: data directory ('' = TFDS default, ~/tensorflow_datasets)
+  c.data.download = False      # tfds: download and prepare when missing (needs network)
+  c.data.train_split = "train"  # tfds split names
+  c.data.eval_split = "test"
+  c.data.augment = "none"      # images: none | crop | crop_flip (random crop with zero padding)
+  c.data.crop_padding = 4      # images: padding of the random crop
+  c.data.mean = (0.5,)         # images: per-channel mean after scaling pixels to [0, 1]
+  c.data.std = (0.5,)          # images: per-channel std
+  c.data.eval_examples = 0     # cap on eval examples (0 = the whole eval split)
+  c.data.threads = 2           # grain read-ahead threads
+
+  c.batch_size = 128           # global batch (all processes); divisible by mesh.data * mesh.fsdp
+  c.eval_batch_size = 256      # global eval batch; the eval set is padded (and masked) to it
+  c.num_train_steps = 1000     # optimizer steps
+  c.label_smoothing = 0.0      # classification only
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-3            # peak learning rate (AdamW)
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.05  # decoupled (AdamW); times optim.wd_mults
+  c.optim.schedule = "cosine"  # cosine | constant (both after the linear warmup)
+  c.optim.warmup_steps = 100
+  c.optim.min_lr_ratio = 0.0   # cosine ends at lr * min_lr_ratio
+  c.optim.grad_clip_norm = 1.0  # clip by global norm of the trainable grads (0 = off)
+  c.optim.freeze = ""          # regex over param paths; matches are frozen (no optimizer state),
+                               # e.g. '(?!head/).*' trains the head only
+  c.optim.lr_mults = ()        # ((regex, mult), ...) e.g. ((r'.*/inc_[ab]/.*', 2.0),)
+  c.optim.wd_mults = NO_DECAY  # ((regex, mult), ...) multiplies weight_decay; first match wins
+
+  # Mesh axes (data, fsdp, tensor); -1 fills with the remaining devices.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.sharding_rules = SHARDING_RULES
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 500    # save interval (the last step is always saved)
+  c.checkpoint.keep = 2             # newest checkpoints kept in <workdir>/checkpoints
+  c.checkpoint.keep_best = 1        # best checkpoints kept in <workdir>/best (0 = off)
+  c.checkpoint.best_metric = "eval/accuracy"  # ranks the best checkpoints
+  c.checkpoint.best_mode = "max"    # max | min
+  c.checkpoint.async_save = True    # write in the background while training continues
+  c.checkpoint.restore_from = ""    # explicit checkpoint (precedence 2; the workdir's own wins)
+  c.init_from = ""                  # '<kind>:<arg>' params-only init (precedence 3), e.g.
+                                    # 'checkpoint:/path/to/workdir'
+
+  c.log_every_steps = 50       # metrics.jsonl / TensorBoard interval
+  c.eval_every_steps = 500     # periodic eval (0 = only at the end)
+  c.progress = True            # tqdm progress bar on process 0
+  c.tensorboard = True         # TensorBoard event files in <workdir>/tb
+
+  # Multi-host: True calls jax.distributed.initialize() with JAX's cluster auto-detection (TPU
+  # pods, SLURM, Open MPI). JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID in the
+  # environment also start it, whatever this says.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = False
+  return c

@@ -1,0 +1,46 @@
+"""Command line: ``python -m vlora_jax.main --config configs/FILE.py[:ARG] --workdir DIR``.
+
+Any config key can be overridden: ``--config.optim.lr=3e-4 --config.model.vlora.rank=4``; the
+config is locked, so a misspelt key is an error at parsing. A thin layer over
+`vlora_jax.train.train_and_evaluate`, which notebooks and tests call directly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Config files import their shared defaults as ``from configs import default``: make the
+# repository root (the parent of the configs directory) importable wherever we are launched from.
+for _a in sys.argv[1:]:
+  if _a.startswith("--config="):
+    _p = _a.split("=", 1)[1].split(":", 1)[0]
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(_p))))
+if "--config" in sys.argv[1:-1]:
+  _p = sys.argv[sys.argv.index("--config") + 1].split(":", 1)[0]
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(_p))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config: configs/FILE.py[:ARG].",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and summary.json go here (resumed).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  from vlora_jax.train import metrics, train_and_evaluate  # after flags: keeps --help fast
+  metrics.quiet_libraries()
+  summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  keys = ("step", "eval/accuracy", "eval/loss", "params_total", "params_trainable",
+          "wall_time_s", "examples_per_sec")
+  print(" ".join(f"{k}={summary.get(k)}" for k in keys if k in summary), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

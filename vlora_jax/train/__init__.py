@@ -1,0 +1,20 @@
+"""Training: ``train_and_evaluate(config, workdir)`` and its parts (one job per module).
+
+  trainer     the run, in phases          validate    config checks before compile
+  sharding    mesh, rules, multi-host     optim       AdamW, schedules, regex groups, freezing
+  state       train state and shardings   checkpoint  Orbax save / resume / restore / layout check
+  tasks       inputs, losses, metrics     metrics     metrics.jsonl, TensorBoard, progress bar
+"""
+
+from vlora_jax.train.trainer import NonFiniteLossError, train_and_evaluate
+
+__all__ = ["train_and_evaluate", "NonFiniteLossError", "load_config"]
+
+
+def load_config(spec: str, **overrides):
+  """``'configs/vit_digits.py:dense'`` -> the config, as ``--config`` would load it (for notebooks).
+
+  ``overrides`` are dotted keys, e.g. ``load_config('configs/vit_digits.py', **{'optim.lr': 1e-3})``.
+  """
+  from vlora_jax.train.config_util import load
+  return load(spec, **overrides)

@@ -1,0 +1,249 @@
+"""Checkpoints (Orbax): save, resume, restore onto another mesh, and the VLoRA layout check.
+
+Where the starting state comes from, first match wins:
+
+  1. the workdir's own checkpoints (``<workdir>/checkpoints``): resume, by default;
+  2. ``config.checkpoint.restore_from``: an explicit checkpoint (a run's ``checkpoints`` directory,
+     its workdir, or one step directory): the full state, training continues from its step;
+  3. ``config.init_from`` = ``'<kind>:<arg>'``: parameters only, from a hook registered with
+     `register_init_from` (``checkpoint:<path>`` is built in; import / compress / pretrained
+     converters register theirs), or the ``init_params`` callable given to ``train_and_evaluate``;
+     the optimizer starts fresh at step 0;
+  4. scratch: ``model.init``.
+
+Every checkpoint holds ``state`` = {step, params, opt_state, rng} (the data position is the step)
+and ``meta`` (JSON): the config and the layout of every layer stack (mode, compound size, ranks,
+targets, parameter roles). Restoring into a model whose layout differs is a `CheckpointError`
+naming what differs. Restores build an abstract target with the *current* shardings, so a
+checkpoint written on 8 devices restores on 1 and the reverse.
+
+Atomicity: Orbax writes each step into ``<step>.orbax-checkpoint-tmp-*`` and renames it when
+complete; unfinished directories are never listed as steps (and are cleaned up at start), so a
+crash mid-save costs at most that save, never the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from vlora_jax import stack as stack_lib
+
+InitFn = Callable[..., Any]  # (arg, *, abstract_params, config) -> params (host or device arrays)
+INIT_FROM: dict[str, InitFn] = {}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that does not fit the current model or config."""
+
+
+def register_init_from(kind: str):
+  """Decorator: ``config.init_from='<kind>:<arg>'`` calls ``fn(arg, abstract_params=, config=)``."""
+  def deco(fn: InitFn) -> InitFn:
+    INIT_FROM[kind] = fn
+    return fn
+  return deco
+
+
+def layouts(params, spec) -> dict[str, Any]:
+  """``{stack path: Layout.to_json()}`` for every layer stack in a params tree (arrays or shapes)."""
+  out = {}
+
+  def walk(tree, path):
+    if stack_lib.is_stack(tree):
+      out["/".join(path) or "."] = stack_lib.layout_from_params(tree, spec).to_json()
+    elif isinstance(tree, dict):
+      for k, v in tree.items():
+        walk(v, path + (k,))
+  walk(params, ())
+  return out
+
+
+def _diff(a, b, path="") -> list[str]:
+  """Human-readable differences between two JSON-like values."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    out = []
+    for k in sorted(set(a) | set(b), key=str):
+      p = f"{path}.{k}" if path else str(k)
+      if k not in a:
+        out.append(f"{p}: absent in checkpoint, {b[k]!r} now")
+      elif k not in b:
+        out.append(f"{p}: {a[k]!r} in checkpoint, absent now")
+      else:
+        out += _diff(a[k], b[k], p)
+    return out
+  if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+    a, b = list(a), list(b)
+  return [] if a == b else [f"{path}: {a!r} in checkpoint, {b!r} now"]
+
+
+def check_meta(saved: dict, current: dict, where: str) -> None:
+  """Refuses a checkpoint whose stack layouts or model config differ from the current ones."""
+  problems = _diff(saved.get("layout"), current.get("layout"), "layout")
+  problems += _diff(saved.get("config", {}).get("model"), current.get("config", {}).get("model"),
+                    "config.model")
+  if problems:
+    shown = "\n  ".join(problems[:12]) + ("\n  ..." if len(problems) > 12 else "")
+    raise CheckpointError(
+        f"checkpoint {where} does not match the current model:\n  {shown}\n"
+        "Use a fresh --workdir, or set the config back to the checkpoint's values.")
+  other = _diff({k: v for k, v in saved.get("config", {}).items() if k != "model"},
+                {k: v for k, v in current.get("config", {}).items() if k != "model"}, "config")
+  if other:
+    logging.warning("checkpoint %s was written with other non-model settings: %s", where,
+                    "; ".join(other[:8]))
+
+
+def abstract(tree, shardings):
+  """Arrays or shapes + shardings -> ShapeDtypeStructs on the current mesh (a restore target)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def _manager(directory: Path, *, keep: int, async_save: bool = True,
+             best_metric: str | None = None, best_mode: str = "max") -> ocp.CheckpointManager:
+  opts = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, enable_async_checkpointing=async_save,
+      best_fn=(lambda m: float(m[best_metric])) if best_metric else None, best_mode=best_mode,
+      keep_checkpoints_without_metrics=not best_metric, cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(directory.absolute(), options=opts)
+
+
+def _save_args(state, meta):
+  return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+
+
+class Checkpointer:
+  """The workdir's checkpoints: the latest few (resume) and, optionally, the best few by a metric.
+
+  Attributes:
+    latest: manager of ``<workdir>/checkpoints`` (keeps ``checkpoint.keep``; the trainer saves
+      every ``checkpoint.every_steps`` and at the last step).
+    best: manager of ``<workdir>/best`` (``checkpoint.keep_best`` by ``checkpoint.best_metric``),
+      or None.
+  """
+
+  def __init__(self, workdir: str | Path, ccfg, meta: dict):
+    self.dir = Path(workdir)
+    self.meta = meta
+    async_save = ccfg.get("async_save", True)
+    self.latest = _manager(self.dir / "checkpoints", keep=ccfg.get("keep", 2),
+                           async_save=async_save)
+    self.best = None
+    if ccfg.get("keep_best", 0) and ccfg.get("best_metric"):
+      self.best = _manager(self.dir / "best", keep=ccfg.keep_best, async_save=async_save,
+                           best_metric=ccfg.best_metric, best_mode=ccfg.get("best_mode", "max"))
+
+  def latest_step(self) -> int | None:
+    return self.latest.latest_step()
+
+  def last_good(self) -> str:
+    """For messages: the newest finished checkpoint, or 'none'."""
+    self.latest.wait_until_finished()
+    s = self.latest.latest_step()
+    return str(self.dir / "checkpoints" / str(s)) if s is not None else "none"
+
+  def save(self, step: int, state) -> bool:
+    """Saves ``state`` at ``step`` (the caller decides when: interval or last step)."""
+    meta = dict(self.meta, step=int(step))
+    return self.latest.save(step, args=_save_args(state, meta), force=True)
+
+  def save_best(self, step: int, state, metrics: dict[str, float]) -> bool:
+    if self.best is None:
+      return False
+    meta = dict(self.meta, step=int(step), metrics=metrics)
+    return self.best.save(step, args=_save_args(state, meta), metrics=metrics, force=True)
+
+  def restore(self, step: int, target) -> Any:
+    return restore_state(self.latest, step, target, self.meta, str(self.dir / "checkpoints"))
+
+  def wait(self):
+    self.latest.wait_until_finished()
+    if self.best is not None:
+      self.best.wait_until_finished()
+
+  def close(self):
+    self.latest.close()
+    if self.best is not None:
+      self.best.close()
+
+
+def restore_state(mngr: ocp.CheckpointManager, step: int, target, meta: dict, where: str):
+  """Checks ``meta`` against the checkpoint's, then restores ``state`` onto ``target``'s shardings."""
+  saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  check_meta(saved, meta, f"{where} step {step}")
+  return mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target)))["state"]
+
+
+def resolve(path: str) -> tuple[Path, int]:
+  """A workdir, a ``checkpoints`` directory or one step directory -> (manager dir, step)."""
+  p = Path(path).expanduser()
+  if not p.exists():
+    raise CheckpointError(f"checkpoint.restore_from={path!r}: no such directory")
+  if (p / "checkpoints").is_dir():
+    p = p / "checkpoints"
+  if p.name.isdigit() and (p / "state").exists():
+    return p.parent, int(p.name)
+  steps = sorted(int(c.name) for c in p.iterdir() if c.name.isdigit() and (c / "state").exists())
+  if not steps:
+    raise CheckpointError(f"checkpoint path {path!r} holds no finished checkpoint "
+                          "(expected step directories with a 'state' item)")
+  return p, steps[-1]
+
+
+def restore_path(path: str, target, meta: dict):
+  """The full state from an explicit checkpoint path (see `resolve`)."""
+  d, step = resolve(path)
+  with ocp.CheckpointManager(d.absolute(), options=ocp.CheckpointManagerOptions(
+      read_only=True)) as mngr:
+    return restore_state(mngr, step, target, meta, str(d))
+
+
+@register_init_from("checkpoint")
+def _params_from_checkpoint(arg: str, *, abstract_params, config, meta: dict | None = None):
+  """``init_from='checkpoint:<path>'``: the params of another run (layout checked), nothing else."""
+  d, step = resolve(arg)
+  with ocp.CheckpointManager(d.absolute(), options=ocp.CheckpointManagerOptions(
+      read_only=True)) as mngr:
+    saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if meta is not None:
+      problems = _diff(saved.get("layout"), meta.get("layout"), "layout")
+      if problems:
+        raise CheckpointError(f"init_from={arg!r}: layout differs:\n  " + "\n  ".join(problems[:12]))
+    # Only the params subtree: a partial restore keeps the optimizer state on disk.
+    target = {"params": abstract_params}
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+  return out["state"]["params"]
+
+
+def init_from(spec: str, *, abstract_params, config, meta: dict):
+  """Runs the ``config.init_from`` hook named by ``'<kind>:<arg>'``."""
+  kind, _, arg = spec.partition(":")
+  if kind not in INIT_FROM:
+    raise ValueError(f"init_from={spec!r}: unknown kind {kind!r}; registered are {sorted(INIT_FROM)} "
+                     "(format '<kind>:<arg>', e.g. 'checkpoint:/path/to/workdir')")
+  fn = INIT_FROM[kind]
+  kwargs = dict(abstract_params=abstract_params, config=config)
+  if fn is _params_from_checkpoint:
+    kwargs["meta"] = meta
+  return fn(arg, **kwargs)
+
+
+def is_finite(tree) -> bool:
+  return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree))
+
+
+def write_json(path: Path, obj) -> None:
+  """Atomic JSON write (tmp file + rename)."""
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+  tmp.replace(path)

@@ -1,0 +1,35 @@
+"""Loading ``configs/FILE.py[:ARG]`` without absl flags (notebooks, tests, benchmarks)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+
+def load(spec: str, lock: bool = True, **overrides):
+  """Calls ``get_config(arg)`` of a config file; applies dotted ``overrides``; locks the result.
+
+  The file's parent directory (the repository root for ``configs/x.py``) goes on ``sys.path`` so
+  that config files can ``from configs import default``, as they do under ``python -m``.
+  """
+  path, _, arg = spec.partition(":")
+  p = Path(path).resolve()
+  if not p.is_file():
+    raise FileNotFoundError(f"config file {path!r} not found (resolved to {p})")
+  root = str(p.parent.parent)
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  mod_spec = importlib.util.spec_from_file_location(f"_vlora_config_{p.stem}", p)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  config = mod.get_config(arg) if arg else mod.get_config()
+  if lock:
+    config.lock()
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for k in parents:
+      node = node[k]
+    node[leaf] = value
+  return config

@@ -1,0 +1,111 @@
+"""Where training reports go: ``metrics.jsonl``, TensorBoard event files and a progress bar.
+
+Only process 0 writes (the others get a no-op `Writer` and no bar). TensorBoard files come from
+tensorboardX (clu's writers import TensorFlow).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from absl import logging
+
+
+class Writer:
+  """Scalars to ``<workdir>/metrics.jsonl`` (one JSON object per line) and ``<workdir>/tb``."""
+
+  def __init__(self, workdir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    self.enabled = enabled
+    self._jsonl = self._tb = None
+    if not enabled:
+      return
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(str(workdir / "tb"))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    clean = {k: float(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in clean.items():
+        if math.isfinite(v):
+          self._tb.add_scalar(k, v, int(step))
+
+  def text(self, tag: str, text: str) -> None:
+    if self.enabled and self._tb is not None:
+      self._tb.add_text(tag, text, 0)
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Progress:
+  """A tqdm bar over the train steps (step, loss, accuracy, throughput); silent when disabled."""
+
+  def __init__(self, total: int, initial: int, enabled: bool):
+    self.bar = None
+    if enabled:
+      from tqdm.auto import tqdm
+      self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                      file=sys.stderr, mininterval=0.5)
+
+  def update(self, n: int, **postfix) -> None:
+    if self.bar is None:
+      return
+    self.bar.update(n)
+    if postfix:
+      self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
+                            for k, v in postfix.items()}, refresh=False)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+def overview(counts: dict, dense: dict | None) -> str:
+  """The parameter overview logged at start: total, trainable, groups, dense equivalent."""
+  lines = [f"params: total {counts['total']:,}  trainable {counts['trainable']:,}  "
+           f"({counts['bytes'] / 2**20:.2f} MiB)"]
+  lines.append("  by group: " + ", ".join(f"{g} {n:,}" for g, n in counts["groups"].items() if n))
+  if dense is not None:
+    lines.append(f"  dense-equivalent (same architecture, every stack dense): {dense['total']:,} "
+                 f"-> this model is {counts['total'] / dense['total']:.2%} of it")
+  return "\n".join(lines)
+
+
+def log(msg: str) -> None:
+  logging.info("%s", msg)
+
+
+class _DropLibraryInfo:
+  """absl-handler filter: hides INFO lines from Orbax and JAX internals (warnings still show)."""
+  NOISY = ("/orbax/", "/jax/_src/", "/absl/")
+
+  def filter(self, record) -> bool:
+    import logging as pylogging
+    if record.levelno >= pylogging.WARNING:
+      return True
+    return not any(s in record.pathname for s in self.NOISY)
+
+
+def quiet_libraries() -> None:
+  """Keeps the console readable: our INFO lines, the libraries' warnings.
+
+  absl logs every module through the Python logger ``absl``, so the filter goes on that logger.
+  """
+  import logging as pylogging
+  logger = pylogging.getLogger("absl")
+  if not any(isinstance(f, _DropLibraryInfo) for f in logger.filters):
+    logger.addFilter(_DropLibraryInfo())

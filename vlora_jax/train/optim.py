@@ -1,0 +1,103 @@
+"""The optimizer from ``config.optim``: AdamW, warmup + cosine, clipping, and per-path rules.
+
+Rules select parameters by regex, full-matched against ``/``-joined paths such as
+``blocks/inc_a/attn/qkv/kernel`` or ``head/bias`` (the stack's group names ``base``, ``inc_a``,
+``inc_b``, ``inc_vec``, ``per_layer`` make VLoRA parts easy to select):
+
+  optim.freeze    one regex; matching params are frozen: ``optax.set_to_zero`` inside
+                  ``optax.multi_transform``, so they get no optimizer state at all
+  optim.lr_mults  ((regex, multiplier), ...): first match wins, default 1
+  optim.wd_mults  ((regex, multiplier), ...): multiplies ``optim.weight_decay``; first match wins
+
+Every (lr multiplier, weight-decay multiplier) pair becomes one optax group. Clipping is by the
+global norm of the trainable gradients only (frozen ones are zeroed first).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+FROZEN = "frozen"
+SCHEDULES = ("cosine", "constant")
+
+
+def paths(tree) -> dict[str, Any]:
+  """``{'a/b/c': leaf}`` of a nested params dict."""
+  return traverse_util.flatten_dict(tree, sep="/")
+
+
+def _first(rules, path: str, default: float) -> float:
+  for pattern, value in rules or ():
+    if re.fullmatch(pattern, path):
+      return float(value)
+  return default
+
+
+def groups(params, ocfg) -> tuple[Any, dict[str, tuple[float, float]]]:
+  """A tree like ``params`` of group labels, and ``{label: (lr_mult, wd_mult)}``.
+
+  Labels are ``'frozen'`` or ``'lr<m>_wd<w>'`` (readable in logs).
+  """
+  freeze = ocfg.get("freeze", "") or ""
+  mults = {}
+
+  def label(path):
+    if freeze and re.fullmatch(freeze, path):
+      return FROZEN
+    m = (_first(ocfg.get("lr_mults"), path, 1.0), _first(ocfg.get("wd_mults"), path, 1.0))
+    name = f"lr{m[0]:g}_wd{m[1]:g}"
+    mults[name] = m
+    return name
+
+  flat = {tuple(k.split("/")): label(k) for k in paths(params)}
+  return traverse_util.unflatten_dict(flat), mults
+
+
+def trainable_fn(ocfg) -> Callable[[str], bool]:
+  """``path -> bool``: not frozen (for parameter counts)."""
+  freeze = ocfg.get("freeze", "") or ""
+  return lambda path: not (freeze and re.fullmatch(freeze, path))
+
+
+def schedule(ocfg, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to ``lr``, then cosine to ``lr * min_lr_ratio`` (or constant)."""
+  lr, warmup = float(ocfg.lr), int(ocfg.get("warmup_steps", 0))
+  if ocfg.get("schedule", "cosine") == "constant":
+    if not warmup:
+      return optax.constant_schedule(lr)
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
+                                 optax.constant_schedule(lr)], [warmup])
+  return optax.warmup_cosine_decay_schedule(
+      0.0, lr, warmup, max(total_steps, warmup + 1), lr * float(ocfg.get("min_lr_ratio", 0.0)))
+
+
+def _zero_frozen(label_tree) -> optax.GradientTransformation:
+  """Zeroes frozen gradients so that clipping sees the trainable ones only."""
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, l: jnp.zeros_like(u) if l == FROZEN else u,
+                        updates, label_tree), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def build(ocfg, params, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """``config.optim`` and the (abstract) params -> (transformation, schedule)."""
+  sched = schedule(ocfg, total_steps)
+  label_tree, mults = groups(params, ocfg)
+  inner = {FROZEN: optax.set_to_zero()}
+  wd = float(ocfg.get("weight_decay", 0.0))
+  for g, (lr_mult, wd_mult) in sorted(mults.items()):
+    lr = sched if lr_mult == 1.0 else (lambda c, m=lr_mult: sched(c) * m)
+    inner[g] = optax.adamw(lr, b1=ocfg.get("b1", 0.9), b2=ocfg.get("b2", 0.999),
+                           eps=ocfg.get("eps", 1e-8), weight_decay=wd * wd_mult)
+  parts = [_zero_frozen(label_tree)]
+  if ocfg.get("grad_clip_norm", 0.0):
+    parts.append(optax.clip_by_global_norm(float(ocfg.grad_clip_norm)))
+  parts.append(optax.multi_transform(inner, label_tree))
+  return optax.chain(*parts), sched
