@@ -26,6 +26,30 @@ SHARDING_RULES = (
 NO_DECAY = ((r"(.*/)?(bias|scale|pos_embed|cls_token)", 0.0),)
 
 
+def parse_arg(arg: str, defaults: dict) -> dict:
+  """``'dense,r=4,s=2,steps=300'`` -> ``defaults`` updated; bare words set ``defaults``' word keys.
+
+  Bare words (no ``=``) are matched against the allowed values of each word key: ``defaults``
+  maps a key to ``(default, allowed values)`` for words and to a plain default for ``k=v`` keys.
+  """
+  out = {k: (v[0] if isinstance(v, tuple) else v) for k, v in defaults.items()}
+  words = {k: v[1] for k, v in defaults.items() if isinstance(v, tuple)}
+  for part in [p.strip() for p in (arg or "").split(",") if p.strip()]:
+    if "=" in part:
+      k, v = part.split("=", 1)
+      if k not in out or k in words:
+        raise ValueError(f"config arg {arg!r}: unknown key {k!r}; allowed are "
+                         f"{sorted(k for k in out if k not in words)}")
+      out[k] = type(out[k])(v) if out[k] is not None else v
+      continue
+    hits = [k for k, allowed in words.items() if part in allowed]
+    if not hits:
+      raise ValueError(f"config arg {arg!r}: unknown word {part!r}; allowed are "
+                       f"{ {k: list(a) for k, a in words.items()} }")
+    out[hits[0]] = part
+  return out
+
+
 def vlora(enabled: bool = True, compound_size: int = 4, rank=8) -> ml_collections.ConfigDict:
   """``config.model.vlora``: the VLoRA parameterisation of the model's layer stack(s)."""
   v = ml_collections.ConfigDict()

@@ -52,12 +52,17 @@ def register_init_from(kind: str):
 
 
 def layouts(params, spec) -> dict[str, Any]:
-  """``{stack path: Layout.to_json()}`` for every layer stack in a params tree (arrays or shapes)."""
+  """``{stack path: Layout.to_json()}`` for every layer stack in a params tree (arrays or shapes).
+
+  ``spec`` is one `VLoRASpec` (or None) for every stack, or ``{stack name: spec}`` for models
+  whose stacks differ (an encoder and a decoder: ``lora.stack_specs(model)[0]``).
+  """
   out = {}
 
   def walk(tree, path):
     if stack_lib.is_stack(tree):
-      out["/".join(path) or "."] = stack_lib.layout_from_params(tree, spec).to_json()
+      sp = spec.get(path[-1] if path else None) if isinstance(spec, dict) else spec
+      out["/".join(path) or "."] = stack_lib.layout_from_params(tree, sp).to_json()
     elif isinstance(tree, dict):
       for k, v in tree.items():
         walk(v, path + (k,))
@@ -206,23 +211,39 @@ def restore_path(path: str, target, meta: dict):
     return restore_state(mngr, step, target, meta, str(d))
 
 
+def read_meta(path: str) -> dict:
+  """The JSON ``meta`` (config, layout, step) of a checkpoint (see `resolve` for ``path``)."""
+  d, step = resolve(path)
+  return json.loads((d / str(step) / "meta" / "metadata").read_text())
+
+
+def read_state(path: str, params_only: bool = True) -> dict:
+  """A checkpoint's state (or only ``{'params': ...}``) as host numpy arrays, on any device count.
+
+  For export, comparisons and params-only init: no target and no mesh are needed.
+  """
+  d, step = resolve(path)
+  step_dir = (d / str(step) / "state").absolute()
+  ckptr = ocp.PyTreeCheckpointer()
+  tree = ckptr.metadata(step_dir).item_metadata.tree
+  if params_only:
+    tree = {"params": tree["params"]}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ckptr.restore(step_dir, args=ocp.args.PyTreeRestore(
+      item=tree, restore_args=restore_args, partial_restore=params_only))
+
+
 @register_init_from("checkpoint")
 def _params_from_checkpoint(arg: str, *, abstract_params, config, meta: dict | None = None):
   """``init_from='checkpoint:<path>'``: the params of another run (layout checked), nothing else."""
-  d, step = resolve(arg)
-  with ocp.CheckpointManager(d.absolute(), options=ocp.CheckpointManagerOptions(
-      read_only=True)) as mngr:
-    saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    if meta is not None:
-      problems = _diff(saved.get("layout"), meta.get("layout"), "layout")
-      if problems:
-        raise CheckpointError(f"init_from={arg!r}: layout differs:\n  " + "\n  ".join(problems[:12]))
-    # Only the params subtree: a partial restore keeps the optimizer state on disk.
-    target = {"params": abstract_params}
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))
-  return out["state"]["params"]
+  del abstract_params, config
+  if meta is not None:
+    saved = read_meta(arg)
+    problems = _diff(saved.get("layout"), meta.get("layout"), "layout")
+    if problems:
+      raise CheckpointError(f"init_from='checkpoint:{arg}': the stack layout differs:\n  "
+                            + "\n  ".join(problems[:12]))
+  return read_state(arg)["params"]
 
 
 def init_from(spec: str, *, abstract_params, config, meta: dict):

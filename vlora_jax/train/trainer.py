@@ -28,6 +28,7 @@ import optax
 from absl import logging
 
 from vlora_jax import data as data_lib
+from vlora_jax import lora as lora_lib
 from vlora_jax import models
 from vlora_jax import params as params_lib
 from vlora_jax.train import checkpoint as ckpt_lib
@@ -158,7 +159,7 @@ def train_and_evaluate(config, workdir: str | Path, *,
                                   rng_data)
   s_shard = state_lib.shardings(abstract_state, p_shard, mesh)
 
-  spec = models.vlora_spec(config.model.get("vlora"))
+  spec, _ = lora_lib.stack_specs(model)  # one VLoRASpec, or one per stack (encoder/decoder)
   counts = params_lib.count(abstract_params, trainable=optim.trainable_fn(config.optim))
   dense = _dense_count(model, sample, config.model)
   meta = {"config": _config_json(config), "layout": ckpt_lib.layouts(abstract_params, spec),

@@ -1,0 +1,63 @@
+"""Character-level language model on Tiny Shakespeare (1.1M characters, 65 distinct).
+
+Decoder-only, D 128, 4 heads, 4 layers, context 64, learned positions; VLoRA: one compound of 4
+layers with rank-8 increments (``vlora``, default) or ``dense``. Batch 32 windows of 65
+characters, AdamW lr 2e-3, cosine. The first 90% of the text trains, the last 10% evaluates.
+
+Sources: ``text`` (default): a local file, ``data.path`` (default ../shared/data/tiny_shakespeare.txt,
+or ``file=<path>`` in the arg); ``tfds``: TFDS ``tiny_shakespeare`` (train / validation splits).
+
+Launch (from the repository root):
+
+  python -m vlora_jax.main --config configs/lm_shakespeare.py --workdir /tmp/lm_shakespeare
+  python -m vlora_jax.main --config configs/lm_shakespeare.py:tfds,dense --workdir /tmp/lm_tfds
+
+Expected: eval loss falls from ln(65) = 4.17 to about 1.6-1.7 nats/char (accuracy ~50%) in
+2,000 steps; tokens/s is in summary.json.
+
+``arg``: ``text`` | ``tfds``; ``vlora`` | ``dense``; ``r=``, ``s=``, ``steps=``, ``file=``.
+"""
+
+import os
+
+from configs import default
+
+
+def get_config(arg: str = "text"):
+  a = default.parse_arg(arg, {"source": ("text", ("text", "tfds")),
+                              "variant": ("vlora", ("vlora", "dense")), "r": 8, "s": 4,
+                              "steps": 2000,
+                              "file": os.path.join("..", "shared", "data", "tiny_shakespeare.txt")})
+  c = default.get_config()
+  m = c.model
+  m.name = "lm"
+  m.vocab_size = 65            # the characters of Tiny Shakespeare (checked against the data)
+  m.max_len = 64               # context length T; windows are T + 1 characters
+  m.positions = "learned"      # learned | rope
+  m.tie_embeddings = False
+  m.dim, m.depth, m.num_heads = 128, 4, 4
+  m.dropout = 0.1
+  m.vlora = default.vlora(enabled=a["variant"] == "vlora", compound_size=a["s"], rank=a["r"])
+
+  c.data.source = a["source"]
+  if a["source"] == "text":
+    c.data.path = a["file"]
+    c.data.eval_fraction = 0.1  # the last 10% of the file evaluates
+  else:
+    c.data.tfds_name = "tiny_shakespeare"
+    c.data.eval_split = "validation"
+  c.data.eval_examples = 512   # non-overlapping eval windows (512 x 64 characters)
+
+  c.batch_size = 32
+  c.eval_batch_size = 128
+  c.num_train_steps = a["steps"]
+  c.optim.lr = 2e-3
+  c.optim.warmup_steps = 100
+  c.optim.weight_decay = 0.1
+  c.optim.wd_mults = ((r"(.*/)?(bias|scale|pos_embed)", 0.0),)
+  c.log_every_steps = 50
+  c.eval_every_steps = 500
+  c.checkpoint.every_steps = 500
+  c.checkpoint.best_metric = "eval/loss"
+  c.checkpoint.best_mode = "min"
+  return c
