@@ -102,3 +102,18 @@ def test_optimizer_groups_and_schedule():
   sched = optim.schedule(o, 110)
   assert float(sched(0)) == 0.0 and float(sched(10)) == pytest.approx(1.0)
   assert float(sched(110)) == pytest.approx(0.1)
+
+
+def test_one_step_on_mocked_tfds_cifar10(tmp_path):
+  import tensorflow_datasets as tfds
+  from vlora_jax.train import load_config
+  c = load_config("configs/vit_cifar10.py:small", lock=False)
+  small = tiny("vit")
+  c.model.update({k: small.model[k] for k in ("dim", "depth", "num_heads")})
+  c.model.patch_size = 8
+  c.model.vlora.update(compound_size=2, rank=2)
+  c.update(batch_size=8, eval_batch_size=8, num_train_steps=1, progress=False, tensorboard=False)
+  c.checkpoint.keep_best = 0
+  with tfds.testing.mock_data(num_examples=16):
+    s = train_and_evaluate(c, tmp_path)
+  assert s["step"] == 1 and math.isfinite(s["eval/loss"])

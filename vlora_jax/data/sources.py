@@ -120,16 +120,16 @@ def _tfds_source(name: str, split: str, data_dir: str | None, download: bool):
          "offline, use a local-files config (configs/vit_local.py, configs/lm_shakespeare.py:text).")
   try:
     builder = tfds.builder(name, data_dir=data_dir)
-  except Exception as e:  # unknown name: tfds lists close matches in its message
-    raise DataError(f"data.tfds_name={name!r} is not a TFDS dataset: {e}") from None
-  if not download and not builder.is_prepared():
-    raise DataError(f"TFDS dataset {name!r} is not prepared in data.data_dir={builder.data_dir!r}. "
-                    + how)
+  except Exception as e:  # unknown name: tfds lists every dataset; keep the first line
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise DataError(f"data.tfds_name={name!r} is not a TFDS dataset ({first})") from None
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=download,
                             builder_kwargs={"file_format": "array_record"})
   except Exception as e:
-    raise DataError(f"TFDS dataset {name!r} (split {split!r}) could not be read: {e}. " + how) from e
+    state = "is not prepared" if not builder.is_prepared() else "could not be read"
+    raise DataError(f"TFDS dataset {name!r} (split {split!r}) {state} in data.data_dir="
+                    f"{str(builder.data_dir)!r}: {type(e).__name__}: {str(e)[:200]}. " + how) from e
 
 
 class _TfdsImages:
