@@ -143,20 +143,17 @@ def train_and_evaluate(config, workdir: str | Path, *,
   sample = models.sample_inputs(config.model, batch=2)
   init_fn = lambda rng: model.init({"params": rng, "dropout": rng}, *_zeros(sample),
                                    train=False)["params"]
-  key = jax.random.key(config.seed)
-  init_key, train_key = jax.random.split(key)
   rng_impl = config.get("rng_impl", "threefry2x32")
-  # Dropout keys may use a cheaper generator (rbg: no threefry to compile; see configs/default.py).
-  train_key = jax.random.key(int(jax.random.randint(train_key, (), 0, 2**31 - 1)), impl=rng_impl)
-  boxed = jax.eval_shape(init_fn, init_key)
+  # Keys are made inside eval_shape too: nothing runs (or compiles) until every check has passed.
+  boxed = jax.eval_shape(lambda: init_fn(jax.random.key(config.seed)))
   p_shard = sharding.param_shardings(boxed, config.sharding_rules, mesh)
   abstract_params = nn.unbox(boxed)
   total_steps = int(config.num_train_steps)
   tx, sched = optim.build(config.optim, abstract_params, total_steps)
   label_tree, _ = optim.groups(abstract_params, config.optim)
-  rng_data = jax.random.key_data(train_key)
+  abstract_rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=rng_impl)))
   abstract_state = jax.eval_shape(lambda p, r: state_lib.create(p, tx, r), abstract_params,
-                                  rng_data)
+                                  abstract_rng)
   s_shard = state_lib.shardings(abstract_state, p_shard, mesh)
 
   spec, _ = lora_lib.stack_specs(model)  # one VLoRASpec, or one per stack (encoder/decoder)
@@ -168,7 +165,11 @@ def train_and_evaluate(config, workdir: str | Path, *,
                pcount)
   metrics_lib.log(metrics_lib.overview(counts, dense))
 
-  # 3. the starting state, born sharded.
+  # 3. the starting state, born sharded. Dropout keys may use a cheaper generator (rbg: no
+  # threefry to compile; see configs/default.py); parameter init always uses threefry.
+  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  train_key = jax.random.key(int(jax.random.randint(train_key, (), 0, 2**31 - 1)), impl=rng_impl)
+  rng_data = jax.random.key_data(train_key)
   ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint, meta)
   target = ckpt_lib.abstract(abstract_state, s_shard)
   from_params = jax.jit(lambda p: state_lib.create(p, tx, rng_data), in_shardings=(p_shard,),

@@ -12,7 +12,7 @@ import re
 
 from vlora_jax import data as data_lib
 from vlora_jax import models
-from vlora_jax.train import optim, sharding
+from vlora_jax.train import checkpoint, optim, sharding
 
 
 RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
@@ -127,6 +127,9 @@ def check(config, num_devices: int, process_count: int = 1) -> tuple[int, ...]:
   init = config.get("init_from", "") or ""
   if init and ":" not in init:
     raise _bad("init_from", init, "format '<kind>:<arg>', e.g. 'checkpoint:/path/to/workdir'")
+  if init and init.partition(":")[0] not in checkpoint.INIT_FROM:
+    raise _bad("init_from", init, f"unknown kind {init.partition(':')[0]!r}; registered are "
+               f"{sorted(checkpoint.INIT_FROM)} (vlora_jax.train.checkpoint.register_init_from)")
   return shape
 
 
