@@ -1,0 +1,221 @@
+"""Train-step throughput, dense vs VLoRA at equal architecture, against this machine's matmul ceiling.
+
+  PYTHONPATH=. python experiments/bench_train.py --out /tmp/bench_train.json [--size small|paper]
+
+Measures, side by side in one process (rounds interleaved; the median round counts):
+  * ViT (CIFAR-shaped images) examples/s and LM tokens/s, dense and VLoRA, the real train step of
+    `vlora_jax.train` (AdamW, clipping, metrics, buffer donation) on synthetic batches;
+  * the FLOPs of one step, from XLA's cost analysis of the same step lowered with the layer stack
+    unrolled (``model.scan=False``: the analysis counts a scan's body once), and analytically
+    (6 x matmul parameters x tokens + attention) as a cross-check;
+  * the ceiling: a large float32 matmul (2048^3 and a ViT-shaped one), best of several;
+  * the fraction of the ceiling each step reaches: (step FLOPs / step time) / ceiling.
+
+Prints a table and writes everything (with versions and the machine) as JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vlora_jax import models  # noqa: E402
+from vlora_jax.train import load_config, optim, state as state_lib  # noqa: E402
+from vlora_jax.train.trainer import make_train_step  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SIZES = {  # equal architecture for dense and VLoRA; only model.vlora.enabled differs
+    "small": {
+        "vit": {"model.dim": 96, "model.depth": 6, "model.num_heads": 3,
+                "model.vlora.compound_size": 3, "model.vlora.rank": 8, "batch_size": 64},
+        "lm": {"model.dim": 128, "model.depth": 4, "model.num_heads": 4, "model.max_len": 64,
+               "model.vlora.compound_size": 4, "model.vlora.rank": 8, "batch_size": 16},
+    },
+    "paper": {  # the official CIFAR config; an LM of similar width
+        "vit": {"model.dim": 192, "model.depth": 12, "model.num_heads": 3,
+                "model.vlora.compound_size": 4, "model.vlora.rank": 8, "batch_size": 128},
+        "lm": {"model.dim": 256, "model.depth": 8, "model.num_heads": 4, "model.max_len": 128,
+               "model.vlora.compound_size": 4, "model.vlora.rank": 8, "batch_size": 16},
+    },
+}
+CONFIGS = {"vit": "configs/vit_cifar10.py", "lm": "configs/lm_shakespeare.py"}
+
+
+def _config(family: str, size: str, vlora: bool, scan: bool = True):
+  over = dict(SIZES[size][family])
+  over.update({"model.vlora.enabled": vlora, "model.dropout": 0.0, "model.scan": scan})
+  return load_config(str(ROOT / CONFIGS[family]), **over)
+
+
+def _batch(family: str, c, rng: np.random.Generator) -> dict:
+  b = c.batch_size
+  if family == "vit":
+    m = c.model
+    return {"image": jnp.asarray(rng.normal(size=(b, m.img_size, m.img_size, m.in_chans)),
+                                 jnp.float32),
+            "label": jnp.asarray(rng.integers(0, m.num_classes, b), jnp.int32)}
+  return {"tokens": jnp.asarray(rng.integers(0, c.model.vocab_size, (b, c.model.max_len + 1)),
+                                jnp.int32)}
+
+
+def analytic_flops(family: str, c, matmul_params: int) -> float:
+  """6 x (matmul weights) x tokens + attention scores and values (fwd 4*T^2*D per layer, x3)."""
+  m = c.model
+  if family == "vit":
+    t = (m.img_size // m.patch_size) ** 2 + 1
+  else:
+    t = m.max_len
+  tokens = c.batch_size * t
+  attn = 3 * 4 * c.batch_size * t * t * m.dim * m.depth
+  return 6.0 * matmul_params * tokens + attn
+
+
+def _matmul_params(dense_params) -> int:
+  """Weights that multiply activations per token (kernels of Dense layers and the patch conv)."""
+  flat = optim.paths(dense_params)
+  n = 0
+  for k, v in flat.items():
+    if k.endswith("kernel"):
+      n += int(np.prod(v.shape))
+  return n
+
+
+class Variant:
+  """One compiled train step with its state, batch and FLOP counts."""
+
+  def __init__(self, family: str, size: str, vlora: bool, rng: np.random.Generator):
+    self.family, self.vlora = family, vlora
+    self.name = f"{family}/{'vlora' if vlora else 'dense'}"
+    c = _config(family, size, vlora)
+    self.config = c
+    model = models.build(c.model)
+    sample = [jnp.zeros(s.shape, s.dtype) for s in models.sample_inputs(c.model)]
+    params = jax.jit(lambda k: nn.unbox(model.init(k, *sample, train=False))["params"])(
+        jax.random.key(0))
+    self.params_total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    tx, sched = optim.build(c.optim, params, 1000)
+    labels, _ = optim.groups(params, c.optim)
+    rng_data = jax.random.key_data(jax.random.key(1))
+    self.state = state_lib.create(params, tx, rng_data)
+    self.batch = _batch(family, c, rng)
+    name = c.model.name
+    step = make_train_step(model, name, tx, sched, labels, 0.0)
+    t0 = time.perf_counter()
+    self.step = jax.jit(step, donate_argnums=(0,)).lower(self.state, self.batch).compile()
+    self.compile_s = time.perf_counter() - t0
+    # FLOPs: the same step with the stack unrolled (cost analysis counts a scan body once).
+    unrolled = models.build(_config(family, size, vlora, scan=False).model)
+    ustep = make_train_step(unrolled, name, tx, sched, labels, 0.0)
+    self.xla_flops = float(jax.jit(ustep).lower(self.state, self.batch).cost_analysis()["flops"])
+    dense = models.build(_config(family, size, False).model)
+    dense_params = jax.eval_shape(lambda k: nn.unbox(dense.init(k, *sample, train=False))["params"],
+                                  jax.random.key(0))
+    self.analytic_flops = analytic_flops(family, c, _matmul_params(dense_params))
+    self.examples = c.batch_size
+    self.tokens = c.batch_size * (c.model.max_len if family == "lm" else 1)
+    self.times: list[float] = []
+
+  def run(self, steps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      self.state, m = self.step(self.state, self.batch)
+    jax.block_until_ready((self.state, m))
+    return (time.perf_counter() - t0) / steps
+
+
+def matmul_ceiling(repeats: int = 5) -> dict:
+  """Best float32 matmul rate (GFLOP/s) on a square 2048^3 and a ViT-shaped product."""
+  out = {}
+  for name, (m, k, n) in {"2048^3": (2048, 2048, 2048),
+                          "vit_qkv_8320x192x576": (8320, 192, 576)}.items():
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(m, k)), jnp.float32)
+    b = jnp.asarray(np.random.default_rng(1).normal(size=(k, n)), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    reps = max(1, int(2e10 // (2 * m * k * n)))  # ~20 GFLOP per timing
+    best = 0.0
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      for _ in range(reps):
+        r = f(a, b)
+      r.block_until_ready()
+      best = max(best, 2.0 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
+    out[name] = best
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", required=True, help="JSON file to write")
+  ap.add_argument("--size", default="small", choices=sorted(SIZES))
+  ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
+  ap.add_argument("--steps", type=int, default=3, help="steps per variant per round")
+  args = ap.parse_args()
+
+  rng = np.random.default_rng(0)
+  t0 = time.time()
+  variants = [Variant(f, args.size, v, rng) for f in ("vit", "lm") for v in (False, True)]
+  for v in variants:  # warm-up (first calls, allocator)
+    v.run(1)
+  ceiling_before = matmul_ceiling()
+  for _ in range(args.rounds):  # interleaved: load changes hit every variant alike
+    for v in variants:
+      v.times.append(v.run(args.steps))
+  ceiling_after = matmul_ceiling()
+  ceiling = max(max(ceiling_before.values()), max(ceiling_after.values()))
+
+  rows = []
+  for v in variants:
+    t = statistics.median(v.times)
+    achieved = v.xla_flops / t / 1e9
+    rows.append({
+        "variant": v.name, "params": v.params_total, "batch": v.examples,
+        "step_s_median": t, "step_s_all": v.times,
+        "examples_per_s": v.examples / t,
+        "tokens_per_s": v.tokens / t if v.family == "lm" else None,
+        "xla_gflop_per_step": v.xla_flops / 1e9, "analytic_gflop_per_step": v.analytic_flops / 1e9,
+        "achieved_gflop_per_s": achieved, "fraction_of_ceiling": achieved / ceiling,
+        "compile_s": v.compile_s, "model": v.config.model.to_dict(),
+    })
+  report = {
+      "size": args.size, "rounds": args.rounds, "steps_per_round": args.steps,
+      "matmul_ceiling_gflop_per_s": ceiling,
+      "matmul_ceiling_detail": {"before": ceiling_before, "after": ceiling_after},
+      "results": rows,
+      "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                  "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+                  "load_avg": os.getloadavg()},
+      "versions": {"jax": jax.__version__, "python": platform.python_version()},
+      "wall_s": time.time() - t0,
+      "notes": "synthetic batches; dropout 0; float32; the real train step (AdamW, clipping, "
+               "metrics, donation). FLOPs from XLA cost analysis of the unrolled twin.",
+  }
+  Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+  print(f"matmul ceiling: {ceiling:.1f} GFLOP/s  (before {ceiling_before}, after {ceiling_after})")
+  print(f"{'variant':<12} {'params':>10} {'step ms':>9} {'ex/s':>9} {'tok/s':>9} "
+        f"{'GFLOP/step':>11} {'(analytic)':>10} {'GFLOP/s':>8} {'of ceiling':>10}")
+  for r in rows:
+    tok = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
+    print(f"{r['variant']:<12} {r['params']:>10,} {r['step_s_median'] * 1e3:>9.1f} "
+          f"{r['examples_per_s']:>9.1f} {tok:>9} {r['xla_gflop_per_step']:>11.2f} "
+          f"{r['analytic_gflop_per_step']:>10.2f} {r['achieved_gflop_per_s']:>8.1f} "
+          f"{r['fraction_of_ceiling']:>10.1%}")
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
