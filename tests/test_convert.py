@@ -128,7 +128,8 @@ def test_bad_keys_listed_in_one_error():
   with pytest.raises(ValueError) as e:
     torch_vit(sd, **kwargs)
   msg = str(e.value)
-  for key in ("blocks.1.blocks.1.mlp.fc1.bias", "blocks.0.blocks.1.attn.qkv.parametrizations.weight.0.B",
+  for key in ("blocks.1.blocks.1.mlp.fc1.bias",
+              "blocks.0.blocks.1.attn.qkv.parametrizations.weight.0.B",
               "blocks.0.blocks.0.attn.extra.weight", "head.weight: got (7, 32), expected (5, 32)",
               "blocks.1.blocks.0.norm2.bias: got (31,), expected (32,)"):
     assert key in msg, (key, msg)
@@ -141,7 +142,8 @@ def test_w0_copy_that_differs_fails():
   sd = dict(sd)
   key = "blocks.1.blocks.1.mlp.fc2.parametrizations.weight.original"
   sd[key] = sd[key] + 1e-3
-  with pytest.raises(ValueError, match=re.escape(key) + ".*differs.*blocks.1.blocks.0.mlp.fc2.weight"):
+  base = "blocks.1.blocks.0.mlp.fc2.weight"
+  with pytest.raises(ValueError, match=re.escape(key) + ".*differs.*" + re.escape(base)):
     torch_vit(sd, **kwargs)
 
 
@@ -158,3 +160,14 @@ def test_wrong_kwargs_fail_clearly():
   sd, kwargs, _, _ = load("official")
   with pytest.raises(ValueError, match=r"vl_rank=\[1, 2\] has 2 entries.*vl_param_name has 4"):
     torch_vit(sd, **dict(kwargs, vl_rank=[1, 2]))
+
+
+def test_qkv_bias_false_is_a_zero_bias():
+  sd, kwargs, images, _ = load("timm_token")
+  no_bias = {k: v for k, v in sd.items() if not k.endswith("attn.qkv.bias")}
+  zero_bias = {k: (np.zeros_like(v) if k.endswith("attn.qkv.bias") else v) for k, v in sd.items()}
+  module, variables = torch_vit(no_bias, qkv_bias=False, **kwargs)
+  np.testing.assert_array_equal(logits(module, variables, images),
+                                logits(*torch_vit(zero_bias, **kwargs), images))
+  with pytest.raises(ValueError, match="(?s)unexpected keys.*blocks.0.attn.qkv.bias"):
+    torch_vit(sd, qkv_bias=False, **kwargs)

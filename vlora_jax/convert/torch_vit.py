@@ -224,25 +224,22 @@ def _validate(sd: dict[str, np.ndarray], kind: str, cfg: dict) -> None:
 def _spec(cfg: dict, block: dict) -> VLoRASpec | None:
   if cfg["vl_size"] == 1:  # a compound of one layer is the dense model
     return None
-  targets = tuple(re.escape(block[n][0]) for n in cfg["vl_param_name"])
+  kw = dict(compound_size=cfg["vl_size"],
+            targets=tuple(re.escape(block[n][0]) for n in cfg["vl_param_name"]),
+            rank=tuple(cfg["vl_rank"]), alpha=tuple(float(a) for a in cfg["vl_alpha"]))
   if not cfg["vl_enabled"]:  # official: every layer uses W_0 itself, not detached
-    return VLoRASpec(compound_size=cfg["vl_size"], targets=targets, mode="tied",
-                     stop_gradient_base=False, rank=tuple(cfg["vl_rank"]),
-                     alpha=tuple(float(a) for a in cfg["vl_alpha"]))
-  return VLoRASpec.official(compound_size=cfg["vl_size"], targets=targets,
-                            rank=tuple(cfg["vl_rank"]), alpha=tuple(float(a) for a in cfg["vl_alpha"]))
+    return VLoRASpec(mode="tied", stop_gradient_base=False, **kw)
+  return VLoRASpec.official(**kw)
 
 
 def _stack(sd, kind: str, cfg: dict, spec: VLoRASpec | None, block: dict) -> dict:
   """The ``blocks`` LayerStack params: ``per_layer`` (and ``base``, ``inc_*`` for VLoRA)."""
-  get = lambda k: _to_ours(sd[k])
-  if not cfg["qkv_bias"]:  # timm's qkv_bias=False: our block always has one; zero is the same map
-    sd = dict(sd)
-    qkv = 3 * cfg["embed_dim"]
-    for k in [k for k in sd if k.endswith("attn.qkv.weight")] + \
-             [k for k in sd if k.endswith("attn.qkv.parametrizations.weight.original")]:
-      pre = k[:k.index("attn.qkv.")]
-      sd.setdefault(pre + "attn.qkv.bias", np.zeros((qkv,), np.float32))
+  def get(key):
+    if key not in sd and key.endswith("attn.qkv.bias") and not cfg["qkv_bias"]:
+      # timm's qkv_bias=False: our block always has a bias, and zero computes the same map.
+      return np.zeros((3 * cfg["embed_dim"],), np.float32)
+    return _to_ours(sd[key])
+
   flat = {}
   if kind == "timm" or spec is None:
     if kind == "timm":
