@@ -8,8 +8,9 @@ Launch (from the repository root):
 
   python -m vlora_jax.main --config configs/seq2seq_reverse.py --workdir /tmp/seq2seq_reverse
 
-Expected: token accuracy near 100% and most sequences exactly right (``eval/seq_accuracy``)
-within 1,500 steps (see the README for measured numbers).
+Expected (measured, 2 CPU cores, ~200 s): 261,904 parameters (56% of the dense 471,312); eval
+token accuracy 99.7% / 100% / 100% and exact sequences (``eval/seq_accuracy``, teacher forced)
+97.7% / 99.6% / 100% at steps 500 / 1,000 / 1,500.
 
 ``arg``: ``vlora`` | ``dense``; ``r=``, ``s=``, ``steps=``.
 """

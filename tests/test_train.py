@@ -70,17 +70,21 @@ def test_stops_on_nan_naming_step_and_last_good_checkpoint(tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
-def test_freeze_gets_no_optimizer_state_and_does_not_move(tmp_path):
+def test_freeze_gets_no_optimizer_state_and_does_not_move_in_bf16(tmp_path):
   # train only the increments and the head: base, per-layer and stem weights frozen
+  # ... in mixed precision: bfloat16 compute, float32 parameters and optimizer state
   c = tiny("vit", num_train_steps=2,
            **{"optim.freeze": r"(?!(blocks/inc_[ab]/|head/)).*", "optim.lr_mults":
-              ((r".*/inc_[ab]/.*", 2.0),), "checkpoint.every_steps": 1})
+              ((r".*/inc_[ab]/.*", 2.0),), "checkpoint.every_steps": 1,
+              "model.dtype": "bfloat16"})
   s = train_and_evaluate(c, tmp_path / "run")
   assert 0 < s["params_trainable"] < s["params_total"]
   first = checkpoint.read_state(str(tmp_path / "run" / "checkpoints" / "1"), params_only=False)
   last = checkpoint.read_state(str(tmp_path / "run"), params_only=False)
   flat0 = optim.paths(first["params"])
   flat1 = optim.paths(last["params"])
+  assert all(v.dtype == np.float32 for v in flat1.values())
+  assert math.isfinite(s["train/loss"])
   moved = {k for k in flat1 if not np.array_equal(flat0[k], flat1[k])}
   assert moved and all(k.startswith(("blocks/inc_a", "blocks/inc_b", "head/")) for k in moved)
   # Adam moments exist for the trainable leaves only (frozen leaves hold no state)

@@ -56,6 +56,7 @@ class Progress:
 
   def __init__(self, total: int, initial: int, enabled: bool):
     self.bar = None
+    self.postfix: dict[str, str] = {}
     if enabled:
       from tqdm.auto import tqdm
       self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
@@ -64,10 +65,11 @@ class Progress:
   def update(self, n: int, **postfix) -> None:
     if self.bar is None:
       return
+    if postfix:  # merged: throughput and eval accuracy stay shown between their updates
+      self.postfix.update({k: (f"{v:.4g}" if isinstance(v, float) else str(v))
+                           for k, v in postfix.items()})
+      self.bar.set_postfix(self.postfix, refresh=False)
     self.bar.update(n)
-    if postfix:
-      self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
-                            for k, v in postfix.items()}, refresh=False)
 
   def close(self) -> None:
     if self.bar is not None:

@@ -213,12 +213,15 @@ def train_and_evaluate(config, workdir: str | Path, *,
                       out_shardings=rep)
   # Ahead-of-time compile: the step's cost is known (and logged) before the first batch.
   t0 = time.time()
-  batch_struct = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct((config.batch_size,) + a.shape[1:], a.dtype, sharding=b_shard),
-      pipe.train_batch(start))
-  train_step = train_step.lower(target, batch_struct).compile()
-  t_compile = time.time() - t0
-  logging.info("train step compiled in %.1f s", t_compile)
+  t_compile = None
+  if start < total_steps:  # a finished run only evaluates
+    batch_struct = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct((config.batch_size,) + a.shape[1:], a.dtype,
+                                       sharding=b_shard),
+        pipe.train_batch(start))
+    train_step = train_step.lower(target, batch_struct).compile()
+    t_compile = time.time() - t0
+    logging.info("train step compiled in %.1f s", t_compile)
 
   def evaluate(params) -> dict[str, float]:
     acc = None
@@ -321,7 +324,7 @@ def train_and_evaluate(config, workdir: str | Path, *,
   t_end = time.time()
   steps_run = step - start
   timed_steps = max(steps_run - 1, 0)  # the first step includes compilation
-  train_time = (t_end - (t_first or t_end)) - t_eval - t_ckpt
+  train_time = max((t_end - (t_first or t_end)) - t_eval - t_ckpt, 0.0)
   ex_s = timed_steps * config.batch_size / train_time if timed_steps and train_time > 0 else None
   summary = {
       "step": int(step), "start_step": start, "origin": origin,
@@ -339,6 +342,15 @@ def train_and_evaluate(config, workdir: str | Path, *,
       "devices": jax.device_count(), "processes": pcount, "mesh": dict(mesh.shape),
       "batch_size": config.batch_size,
   }
+  previous = workdir / "summary.json"
+  if steps_run == 0 and main and previous.exists():
+    # Nothing trained now (a finished run, resumed): keep the training figures of the run that
+    # did the training; the eval metrics are fresh.
+    old = json.loads(previous.read_text())
+    carried = ("wall_time_s", "train_time_s", "compile_and_first_step_s", "compile_train_step_s",
+               "examples_per_sec", "tokens_per_sec", "train/loss", "train/accuracy")
+    summary.update({k: old[k] for k in carried if k in old})
+    summary["last_invocation_wall_s"] = t_end - t_start
   if main:
     ckpt_lib.write_json(workdir / "summary.json", summary)
   writer.close()
