@@ -13,9 +13,13 @@ markdown summary beside it:
 2. ``compile``: for depth 12/24/48, scan vs unrolled (``ViT(scan=...)``), VLoRA vs dense, forward vs
    a train step (``value_and_grad`` + an optax adamw update), at a small width: the seconds of
    ``jax.jit(f).lower(...)`` (trace + lower) and ``.compile()`` with caches cleared before each
-   (``jax.clear_caches()``), the number of jaxpr equations (sub-jaxprs of scan/remat counted once, as
-   in ``tests/test_stack.py``) and the number of ops in the lowered StableHLO text (lines with
+   (``jax.clear_caches()``), the number of jaxpr equations (sub-jaxprs of scan/remat counted once,
+   as in ``tests/test_stack.py``) and the number of ops in the lowered StableHLO text (lines with
    `` = ``). The 48/12 ratios are the point: a scanned stack should stay flat (target <= 1.2).
+
+``--quick`` is a smoke run of every code path (it overrides sizes and repetitions); ``--render
+JSON`` rewrites the markdown of an existing result. The default run took 10.5 minutes here with
+other jobs on the 2 cores (load ~3.5).
 
 Run from the repository root:
 
@@ -308,6 +312,29 @@ def compile_tables(res: dict[str, Any]) -> str:
   return t1 + "\n\n" + t2
 
 
+def summary(result: dict[str, Any]) -> list[str]:
+  """The headline ratios as markdown bullets."""
+  out = []
+  for b in result.get("materialize", {}).get("batches", []):
+    for mode in MODES:
+      r = b["ratios"][mode]
+      out.append(f"- batch {b['batch']}, {mode}: materialise / forward = "
+                 f"{r['materialize/forward']:.3f}; VLoRA forward / merged twin = "
+                 f"{r['forward/twin_forward']:.3f} (noise floor: twin / dense = "
+                 f"{r['twin_forward/dense_forward']:.3f})")
+  if "compile" in result:
+    c = result["compile"]
+    lo, hi = c["ratio_depths"]
+    out.append(f"- scanned stacks, compile {hi} vs {lo} layers (target <= 1.2):")
+    out += [f"  - {r['stack']} {r['phase']}: total {hi}/{lo} = {r['total_s']:.2f} (min-based "
+            f"{r['total_s_min']:.2f}), jaxpr eqns {r['jaxpr_eqns']:.2f}, HLO ops "
+            f"{r['hlo_ops']:.2f}{'' if r['total_s'] <= 1.2 else '  ** over the target **'}"
+            for r in c["ratios"] if r["scan"]]
+    out.append(f"- unrolled stacks, {hi} vs {lo} layers: total " + ", ".join(
+        f"{r['stack']} {r['phase']} {r['total_s']:.2f}" for r in c["ratios"] if not r["scan"]))
+  return out
+
+
 def markdown(result: dict[str, Any], command: str) -> str:
   env, cfg = result["environment"], result["config"]
   parts = [
@@ -325,7 +352,10 @@ def markdown(result: dict[str, Any], command: str) -> str:
       "```",
       "",
       f"Settings: `{json.dumps(cfg)}`",
-  ]
+      "",
+      "## Summary",
+      "",
+  ] + summary(result)
   if "materialize" in result:
     m = result["materialize"]
     parts += [
@@ -370,6 +400,8 @@ def parse_args(argv=None):
                   help="JSON path; a markdown summary is written beside it (same stem, .md). "
                   "Default experiments/results/bench_core.json, or /tmp/bench_core_quick.json "
                   "with --quick (a smoke run never overwrites the committed results)")
+  ap.add_argument("--render", metavar="JSON", default=None,
+                  help="only re-render the markdown beside an existing result JSON, run nothing")
   ap.add_argument("--quick", action="store_true",
                   help="a smoke run of every code path (tiny sizes, few reps; 1-3 minutes here)")
   ap.add_argument("--parts", nargs="+", default=["materialize", "compile"],
@@ -414,10 +446,20 @@ def parse_args(argv=None):
   return args
 
 
+def command_line(argv: list[str]) -> str:
+  return " ".join(["PYTHONPATH=. .venv/bin/python experiments/bench_core.py"] + argv)
+
+
 def main(argv=None):
   args = parse_args(argv)
-  command = "PYTHONPATH=. .venv/bin/python experiments/bench_core.py " + " ".join(
-      sys.argv[1:] if argv is None else argv)
+  if args.render:
+    path = Path(args.render)
+    result = json.loads(path.read_text())
+    command = command_line(result["environment"]["argv"][1:])
+    path.with_suffix(".md").write_text(markdown(result, command))
+    print(f"wrote {path.with_suffix('.md')}")
+    return
+  command = command_line(sys.argv[1:] if argv is None else argv)
   result: dict[str, Any] = {"environment": environment(), "config": vars(args).copy()}
   print(json.dumps(result["environment"], indent=1))
   t_start = time.perf_counter()
