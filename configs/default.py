@@ -140,7 +140,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint.async_save = True    # write in the background while training continues
   c.checkpoint.restore_from = ""    # explicit checkpoint (precedence 2; the workdir's own wins)
   c.init_from = ""                  # '<kind>:<arg>' params-only init (precedence 3), e.g.
-                                    # 'checkpoint:/path/to/workdir'
+                                    # 'checkpoint:/path/to/workdir' or
+                                    # 'py:<module>.<function>:<arg>' (any converter)
 
   c.log_every_steps = 50       # metrics.jsonl / TensorBoard interval
   c.eval_every_steps = 500     # periodic eval (0 = only at the end)

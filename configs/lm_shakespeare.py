@@ -12,8 +12,9 @@ Launch (from the repository root):
   python -m vlora_jax.main --config configs/lm_shakespeare.py --workdir /tmp/lm_shakespeare
   python -m vlora_jax.main --config configs/lm_shakespeare.py:tfds,dense --workdir /tmp/lm_tfds
 
-Expected: eval loss falls from ln(65) = 4.17 to about 1.6-1.7 nats/char (accuracy ~50%) in
-2,000 steps; tokens/s is in summary.json.
+Expected (measured, text source, 2 shared CPU cores, ~15 min at ~4,800 tokens/s): 277,569
+parameters (the dense model: 818,241); eval loss (nats/char) from ln(65) = 4.17 to 2.07 / 1.91 /
+1.80 / 1.79 at steps 500 / 1,000 / 1,500 / 2,000 (eval accuracy 46%): a small, short run.
 
 ``arg``: ``text`` | ``tfds``; ``vlora`` | ``dense``; ``r=``, ``s=``, ``steps=``, ``file=``.
 """

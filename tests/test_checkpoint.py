@@ -127,3 +127,23 @@ def test_read_state_and_resolve(straight):
   (layout,) = meta["layout"].values()
   assert layout["vlora"]["rank"] == 2 and layout["vlora"]["mode"] == "anchored"
   assert layout["params"]["attn/qkv/kernel"]["role"] == "lowrank"
+
+
+def test_init_from_python_hook(straight, tmp_path, monkeypatch):
+  """``py:<module>.<function>:<arg>``: any importable converter (here: params read from a run)."""
+  import types
+  import sys
+  calls = []
+
+  def hook(arg, *, abstract_params, config):
+    calls.append((arg, config.model.dim))
+    params = checkpoint.read_state(arg)["params"]
+    assert jax.tree.structure(params) == jax.tree.structure(abstract_params)
+    return params
+
+  monkeypatch.setitem(sys.modules, "my_converter", types.SimpleNamespace(convert=hook))
+  ref, ref_summary = straight
+  s = train_and_evaluate(tiny("vit", num_train_steps=0, init_from=f"py:my_converter.convert:{ref}"),
+                         tmp_path)
+  assert calls == [(str(ref), 16)]
+  assert s["eval/loss"] == pytest.approx(ref_summary["eval/loss"], abs=1e-6)

@@ -6,9 +6,10 @@ Where the starting state comes from, first match wins:
   2. ``config.checkpoint.restore_from``: an explicit checkpoint (a run's ``checkpoints`` directory,
      its workdir, or one step directory): the full state, training continues from its step;
   3. ``config.init_from`` = ``'<kind>:<arg>'``: parameters only, from a hook registered with
-     `register_init_from` (``checkpoint:<path>`` is built in; import / compress / pretrained
-     converters register theirs), or the ``init_params`` callable given to ``train_and_evaluate``;
-     the optimizer starts fresh at step 0;
+     `register_init_from`. Built in: ``checkpoint:<path>`` (another run's params, layout checked)
+     and ``py:<module>.<function>[:<arg>]`` (any importable converter: import / compress /
+     pretrained). Or the ``init_params`` callable given to ``train_and_evaluate``. The optimizer
+     starts fresh at step 0;
   4. scratch: ``model.init``.
 
 Every checkpoint holds ``state`` = {step, params, opt_state, rng} (the data position is the step)
@@ -244,6 +245,22 @@ def _params_from_checkpoint(arg: str, *, abstract_params, config, meta: dict | N
       raise CheckpointError(f"init_from='checkpoint:{arg}': the stack layout differs:\n  "
                             + "\n  ".join(problems[:12]))
   return read_state(arg)["params"]
+
+
+@register_init_from("py")
+def _params_from_python(arg: str, *, abstract_params, config):
+  """``init_from='py:<module>.<function>[:<arg>]'``: any importable hook, no registration needed.
+
+  Called as ``function(arg, abstract_params=..., config=...)``; e.g. a converter that imports
+  PyTorch weights or compresses a dense checkpoint into VLoRA.
+  """
+  import importlib
+  target, _, rest = arg.partition(":")
+  module, _, fn = target.rpartition(".")
+  if not module:
+    raise ValueError(f"init_from='py:{arg}': expected 'py:<module>.<function>[:<arg>]'")
+  hook = getattr(importlib.import_module(module), fn)
+  return hook(rest, abstract_params=abstract_params, config=config)
 
 
 def init_from(spec: str, *, abstract_params, config, meta: dict):

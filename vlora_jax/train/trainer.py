@@ -307,6 +307,7 @@ def train_and_evaluate(config, workdir: str | Path, *,
       if do_eval:
         ckpt.save_best(step, st, eval_metrics)
       t_ckpt += time.time() - t1
+      t_window += time.time() - t0  # throughput windows count training time only
   if pending is not None:
     absorb(*pending)
   # 5. final eval when the loop did none at the last step (eval off, or nothing left to train).
