@@ -13,7 +13,6 @@ coordinates them) and returns the same summary dict.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import time
@@ -23,7 +22,6 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 
