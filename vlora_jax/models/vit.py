@@ -25,6 +25,7 @@ class ViT(nn.Module):
   mlp_ratio: float = 4.0
   class_token: bool = True
   global_pool: str = "token"  # token | avg
+  fc_norm: bool = False  # timm's avg-pool default: LayerNorm after pooling instead of before
   dropout: float = 0.0
   vlora: VLoRASpec | None = None
   scan: bool = True
@@ -60,8 +61,11 @@ class ViT(nn.Module):
     x = nn.Dropout(self.dropout)(x + pos.astype(x.dtype), deterministic=not train)
     x = vlorafy(self.block(), self.depth, self.vlora, scan=self.scan, remat=self.remat,
                 lora=self.lora, name="blocks")(x, deterministic=not train)
-    x = layers.layer_norm("norm", self.dtype)(x)
+    if not self.fc_norm:
+      x = layers.layer_norm("norm", self.dtype)(x)
     x = x[:, 0] if self.global_pool == "token" else x[:, int(self.class_token):].mean(axis=1)
+    if self.fc_norm:
+      x = layers.layer_norm("fc_norm", self.dtype)(x)
     head = layers.dense(self.num_classes, ("embed", "vocab"), "head", jnp.float32)
     return head(x.astype(jnp.float32))
 
