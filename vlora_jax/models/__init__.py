@@ -6,8 +6,10 @@ The ``config.model`` schema (every experiment config fills it; see ``configs/``)
   dim, depth, num_heads, mlp_ratio, dropout, dtype ('float32' | 'bfloat16'), scan, remat
   vit:        num_classes, img_size, in_chans, patch_size, class_token, global_pool
   lm:         vocab_size, max_len, positions ('learned' | 'rope'), tie_embeddings
-  seq2seq:    vocab_size, max_len, dec_depth (``depth`` is the encoder's)
-  vlora       enabled, compound_size, targets, rank, alpha, mode, stop_gradient_base, scaling, init
+  seq2seq:    vocab_size, max_len, dec_depth (``depth`` is the encoder's), tie_embeddings (optional)
+  vlora       enabled, compound_size, targets, rank, alpha, mode, stop_gradient_base, scaling, init;
+              seq2seq also dec_targets (the decoder's targets; default adds its cross-attention)
+  lora        (optional) enabled, targets, rank, alpha: horizontal LoRA on every stack (`lora.py`)
 """
 
 from __future__ import annotations
