@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import socket
 import subprocess
 import sys
@@ -44,6 +45,11 @@ def tiny(family: str = "vit", **overrides):
     sizes["data.eval_examples"] = 64
   if family == "lm":
     sizes.update({"model.max_len": 16, "data.eval_examples": 32})
+    text = DATA / "tiny_shakespeare.txt"
+    if not text.is_file():  # a user's clone has no shared/: any text file exercises the same path
+      text = Path(tempfile.mkdtemp()) / "tiny.txt"
+      text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 200)
+    sizes["data.path"] = str(text)
   if family == "seq2seq":
     sizes.update({"model.dec_depth": 2, "model.max_len": 8, "data.eval_examples": 32})
   sizes.update(overrides)
