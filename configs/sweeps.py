@@ -1,0 +1,124 @@
+"""Sweeps: named lists of runs, declared next to the configs they sweep.
+
+A point is one run: a config file with its arg, dotted ``overrides`` (as ``--config.<key>=``), and
+``tags`` that name it in tables and plots (dataset, variant, rank, compound size, depth, seed).
+``experiments/sweep.py --sweep NAME`` runs a sweep locally (resumable: finished points are skipped)
+and collects the results; ``experiments/paper_table.py`` and ``experiments/plots.py`` read them.
+
+  paper_<dataset>  dense vs VLoRA (anchored = the official code, cumulative = the paper's reading)
+                   at ranks 2/4/8/16, compound size 4, 3 seeds: the paper table (README)
+  ablate_digits    rank x compound size x depth, and the variants (stop-gradient off, zero-B
+                   init, tied) on digits, 1 seed: the ablation plots
+
+CPU budget (2 cores, one run at a time): the paper sweeps use small ViTs (D 64, 4 layers, one
+compound of 4) and short schedules so that all of them finish in about 1.5 hours; each dataset
+line below says what it trains. Users with an accelerator scale them with ``--override``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+# The data directory (../shared/data beside the repository, or $VLORA_DATA), made absolute so that a
+# sweep runs from any working directory.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.abspath(os.environ.get("VLORA_DATA", os.path.join(_REPO, "..", "shared", "data")))
+SEEDS = (0, 1, 2)
+RANKS = (2, 4, 8, 16)
+
+# Fast settings for every sweep run: no TensorBoard, no progress bar, no best-checkpoint copy,
+# one checkpoint at the end (it marks the point finished and lets a killed sweep resume).
+QUIET = {"tensorboard": False, "progress": False, "checkpoint.keep_best": 0,
+         "checkpoint.every_steps": 100_000, "checkpoint.keep": 1}
+
+# dataset -> (config spec, overrides, metric, what it trains)
+DATASETS = {
+    "digits": ("configs/vit_digits.py", {},
+               "eval/accuracy", "the embedded default: 8x8 digits, D 64, 1,000 steps of 64"),
+    "mnist": (f"configs/vit_local.py:mnist,dir={DATA}",
+              {"model.patch_size": 7, "num_train_steps": 600, "optim.warmup_steps": 60,
+               "eval_every_steps": 0},
+              "eval/accuracy", "MNIST 60k/10k, 7x7 patches (16 + cls), D 64, 600 steps of 128"),
+    "cifar10_subset": (f"configs/vit_local.py:cifar10,dir={DATA}",
+                       {"model.patch_size": 8, "model.dim": 64, "model.depth": 4,
+                        "model.num_heads": 4, "num_train_steps": 800, "optim.warmup_steps": 80,
+                        "eval_every_steps": 0},
+                       "eval/accuracy",
+                       "exact CIFAR-10 4k/1k, 8x8 patches (16 + cls), D 64, crop+flip, "
+                       "800 steps of 128 (25 epochs)"),
+    "cifar10_jpeg": (f"configs/vit_local.py:cifar10_jpeg,dir={DATA}",
+                     {"model.patch_size": 8, "model.dim": 64, "model.depth": 4,
+                      "model.num_heads": 4, "num_train_steps": 1000, "optim.warmup_steps": 100,
+                      "eval_every_steps": 0},
+                     "eval/accuracy",
+                     "full CIFAR-10 50k/10k (JPEG q75), 8x8 patches, D 64, crop+flip, "
+                     "1,000 steps of 128 (2.6 epochs)"),
+    "shakespeare": (f"configs/lm_shakespeare.py:text,file={os.path.join(DATA, 'tiny_shakespeare.txt')}",
+                    {"model.dim": 64, "num_train_steps": 600, "optim.warmup_steps": 60,
+                     "eval_every_steps": 0},
+                    "eval/loss", "char LM, D 64, 4 layers, context 64, 600 steps of 32"),
+}
+
+
+def _vlora(mode: str, rank: int, s: int = 4, **extra) -> dict:
+  return {"model.vlora.enabled": True, "model.vlora.mode": mode, "model.vlora.rank": rank,
+          "model.vlora.compound_size": s, **{f"model.vlora.{k}": v for k, v in extra.items()}}
+
+
+def point(dataset: str, variant: str, seed: int, rank: int | None = None, s: int = 4,
+          depth: int | None = None, **vlora_extra) -> dict:
+  """One run: ``variant`` is dense | anchored | cumulative | tied (VLoRA modes)."""
+  spec, base, metric, _ = DATASETS[dataset]
+  ov = dict(QUIET, **base, seed=seed)
+  if depth is not None:
+    ov["model.depth"] = depth
+  if variant == "dense":
+    ov["model.vlora.enabled"] = False
+  else:
+    ov.update(_vlora(variant, rank, s, **vlora_extra))
+  tags = {"dataset": dataset, "variant": variant, "rank": rank if variant != "dense" else None,
+          "s": s if variant != "dense" else None, "depth": depth or base.get("model.depth", 4),
+          "seed": seed, "metric": metric, **{k: v for k, v in vlora_extra.items()}}
+  name = "dense" if variant == "dense" else f"{variant}_r{rank}_s{s}"
+  if depth is not None:
+    name += f"_L{depth}"
+  name += "".join(f"_{k}={v}" for k, v in sorted(vlora_extra.items()))
+  return {"id": f"{dataset}/{name}/seed{seed}", "config": spec, "overrides": ov, "tags": tags}
+
+
+def paper(dataset: str, ranks=RANKS, modes=("anchored", "cumulative"), seeds=SEEDS) -> list[dict]:
+  pts = [point(dataset, "dense", seed) for seed in seeds]
+  pts += [point(dataset, m, seed, rank=r) for m in modes for r in ranks for seed in seeds]
+  return pts
+
+
+def ablate_digits(seeds=(0,)) -> list[dict]:
+  pts = [point("digits", "dense", seed, depth=d) for d in (4, 8) for seed in seeds]
+  for r, s, d, seed in itertools.product(RANKS, (2, 4), (4, 8), seeds):
+    pts.append(point("digits", "cumulative", seed, rank=r, s=s, depth=d))
+  for seed in seeds:  # the variants, at r 8, s 4, depth 4
+    pts.append(point("digits", "anchored", seed, rank=8, stop_gradient_base=False))
+    pts.append(point("digits", "cumulative", seed, rank=8, stop_gradient_base=False))
+    pts.append(point("digits", "cumulative", seed, rank=8, init="zero_b"))
+    pts.append(point("digits", "anchored", seed, rank=8, init="zero_b"))
+    pts.append(point("digits", "tied", seed, rank=8))
+  return pts
+
+
+# The two CPU-expensive data sets run the end ranks only (2 and 8, both modes): 15 runs each.
+SWEEPS = {
+    "paper_digits": lambda: paper("digits"),
+    "paper_cifar10_subset": lambda: paper("cifar10_subset"),
+    "paper_mnist": lambda: paper("mnist", ranks=(2, 8)),
+    "paper_shakespeare": lambda: paper("shakespeare", ranks=(2, 8)),
+    "paper_cifar10_jpeg": lambda: paper("cifar10_jpeg", ranks=(2, 8)),
+    "ablate_digits": ablate_digits,
+}
+PAPER = [k for k in SWEEPS if k.startswith("paper_")]
+
+
+def get(name: str) -> list[dict]:
+  if name not in SWEEPS:
+    raise ValueError(f"--sweep={name!r}: unknown sweep; declared are {sorted(SWEEPS)}")
+  return SWEEPS[name]()
