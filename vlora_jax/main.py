@@ -34,9 +34,18 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
-  from vlora_jax.train import metrics, train_and_evaluate  # after flags: keeps --help fast
+  from vlora_jax import errors  # after flags: keeps --help fast
+  from vlora_jax.train import metrics, train_and_evaluate
   metrics.quiet_libraries()
-  summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except errors.UserError as e:
+    # A mistake in the input, named by the message; its traceback would only show JAX/Orbax
+    # internals. Bugs (any other exception) keep their traceback.
+    logging.debug("traceback of the error below", exc_info=True)
+    print(f"error: {e}\n(vlora_jax: {type(e).__name__}; --verbosity=1 shows the traceback)",
+          file=sys.stderr, flush=True)
+    sys.exit(2)
   keys = ("step", "eval/accuracy", "eval/loss", "params_total", "params_trainable",
           "wall_time_s", "examples_per_sec")
   print(" ".join(f"{k}={summary.get(k)}" for k in keys if k in summary), flush=True)

@@ -18,8 +18,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from vlora_jax.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
   """A data set that is missing or malformed (raised before anything compiles)."""
 
 

@@ -18,29 +18,44 @@ targets, parameter roles). Restoring into a model whose layout differs is a `Che
 naming what differs. Restores build an abstract target with the *current* shardings, so a
 checkpoint written on 8 devices restores on 1 and the reverse.
 
-Atomicity: Orbax writes each step into ``<step>.orbax-checkpoint-tmp-*`` and renames it when
-complete; unfinished directories are never listed as steps (and are cleaned up at start), so a
-crash mid-save costs at most that save, never the last good checkpoint.
+Nothing is lost:
+
+* Atomic saves: Orbax writes each step into ``<step>.orbax-checkpoint-tmp-*`` and renames it when
+  complete; unfinished directories are never listed as steps (and are cleaned up at start), and
+  old steps are deleted only after the new one is complete, so a crash mid-save costs at most
+  that save, never the last good checkpoint.
+* Verified restores: every save records a fingerprint of each array of the state (two integer
+  sums of its bits, the second position-weighted: independent of the sharding, so it verifies a
+  restore onto another mesh) in ``meta``. A newest checkpoint that fails to read or to match its
+  fingerprint (a truncated or deleted file, a bit flip) is moved to ``<workdir>/checkpoints.bad``
+  with a warning that says why, and the run resumes from the newest good one.
+* Only finite states are saved (`NonFiniteLossError` otherwise), and a save that fails (disk full,
+  permissions) is a `WorkdirError` naming the last good checkpoint, which is kept.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from vlora_jax import stack as stack_lib
+from vlora_jax.errors import NonFiniteLossError, UserError, WorkdirError
 
 InitFn = Callable[..., Any]  # (arg, *, abstract_params, config) -> params (host or device arrays)
 INIT_FROM: dict[str, InitFn] = {}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
   """A checkpoint that does not fit the current model or config."""
 
 
@@ -141,6 +156,7 @@ class Checkpointer:
     async_save = ccfg.get("async_save", True)
     self.latest = _manager(self.dir / "checkpoints", keep=ccfg.get("keep", 2),
                            async_save=async_save)
+    self._writing = None  # the step of the newest save (async: it may still be writing)
     self.best = None
     if ccfg.get("keep_best", 0) and ccfg.get("best_metric"):
       self.best = _manager(self.dir / "best", keep=ccfg.keep_best, async_save=async_save,
@@ -155,29 +171,161 @@ class Checkpointer:
     s = self.latest.latest_step()
     return str(self.dir / "checkpoints" / str(s)) if s is not None else "none"
 
+  def _checked_meta(self, step: int, state, **extra) -> dict:
+    prints, finite = fingerprint(state)
+    if not finite:
+      raise NonFiniteLossError(f"the state at step {step} has non-finite values: not saved. "
+                               f"Last good checkpoint: {self.last_good()}")
+    return dict(self.meta, step=int(step), fingerprint=prints, **extra)
+
+  def _guarded(self, what: str, fn, *args, **kwargs):
+    """Runs a save (or waits for one); a failure becomes a `WorkdirError` naming what is kept."""
+    try:
+      return fn(*args, **kwargs)
+    except UserError:
+      raise
+    except Exception as e:  # noqa: BLE001 -- Orbax/tensorstore raise many types for I/O failures
+      try:
+        kept = self.last_good()
+      except Exception:  # noqa: BLE001 -- the manager may be in the failed state too
+        kept = "the newest step directory in " + str(self.dir / "checkpoints")
+      raise WorkdirError(f"{what} in {self.dir} failed ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}). The last good checkpoint "
+                         f"is kept: {kept}. Free space or fix permissions, then rerun the same "
+                         "command to resume.") from e
+
   def save(self, step: int, state) -> bool:
     """Saves ``state`` at ``step`` (the caller decides when: interval or last step)."""
-    meta = dict(self.meta, step=int(step))
-    return self.latest.save(step, args=_save_args(state, meta), force=True)
+    meta = self._checked_meta(step, state)
+    # The previous save finishes in the background: wait for it here (Orbax would anyway), so
+    # that its failure is reported as its own.
+    self._guarded(f"saving checkpoint step {self._writing} (in the background)",
+                  self.latest.wait_until_finished)
+    self._writing = step
+    return self._guarded(f"saving checkpoint step {step}", self.latest.save, step,
+                         args=_save_args(state, meta), force=True)
 
   def save_best(self, step: int, state, metrics: dict[str, float]) -> bool:
     if self.best is None:
       return False
-    meta = dict(self.meta, step=int(step), metrics=metrics)
-    return self.best.save(step, args=_save_args(state, meta), metrics=metrics, force=True)
+    meta = self._checked_meta(step, state, metrics=metrics)
+    return self._guarded(f"saving best checkpoint step {step}", self.best.save, step,
+                         args=_save_args(state, meta), metrics=metrics, force=True)
 
   def restore(self, step: int, target) -> Any:
     return restore_state(self.latest, step, target, self.meta, str(self.dir / "checkpoints"))
 
+  def restore_latest(self, target) -> tuple[int, Any] | None:
+    """``(step, state)`` of the newest checkpoint that reads back and verifies; None if none exist.
+
+    Newer checkpoints that fail (unreadable, or arrays that differ from their fingerprint) are
+    moved to ``<workdir>/checkpoints.bad`` with a warning. A layout that differs from the model's
+    is not corruption: that `CheckpointError` propagates. If no checkpoint is good, nothing is
+    moved and a `CheckpointError` lists each step and why.
+    """
+    skipped: list[tuple[int, str]] = []
+    for step in sorted(self.latest.all_steps(), reverse=True):
+      state, reason = None, None
+      try:
+        state = self.restore(step, target)
+        reason = verify(state, self.latest, step)
+      except CheckpointError:
+        raise
+      except Exception as e:  # noqa: BLE001 -- any read failure means: not this one
+        reason = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+      if _all_agree(reason is None):
+        if skipped:
+          moved = self._quarantine([s for s, _ in skipped])
+          logging.warning("skipped %d newer checkpoint(s) that failed to restore, moved to %s: %s; "
+                          "resuming from step %d", len(skipped), moved,
+                          "; ".join(f"step {s}: {r}" for s, r in skipped), step)
+        return step, state
+      skipped.append((step, reason or "failed on another process"))
+    if skipped:
+      raise CheckpointError(
+          f"no checkpoint in {self.dir / 'checkpoints'} restores:\n  "
+          + "\n  ".join(f"step {s}: {r}" for s, r in skipped)
+          + "\nNothing was moved. Move the directory aside (or use a fresh --workdir) to start over.")
+    return None
+
+  def _quarantine(self, steps: list[int]) -> Path:
+    """Moves bad step directories out of Orbax's sight (kept for inspection, never deleted)."""
+    bad = self.dir / "checkpoints.bad"
+    if jax.process_index() == 0:
+      bad.mkdir(exist_ok=True)
+      for s in steps:
+        shutil.move(str(self.dir / "checkpoints" / str(s)), str(bad / f"{s}-{int(time.time())}"))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("vlora_jax.checkpoint.quarantine")
+    self.latest.reload()
+    return bad
+
   def wait(self):
-    self.latest.wait_until_finished()
+    self._guarded(f"saving checkpoint step {self._writing} (in the background)",
+                  self.latest.wait_until_finished)
     if self.best is not None:
-      self.best.wait_until_finished()
+      self._guarded("finishing a best-checkpoint save", self.best.wait_until_finished)
 
   def close(self):
     self.latest.close()
     if self.best is not None:
       self.best.close()
+
+
+def _bits(x):
+  """An array's bits as uint32 (same shape; 8-byte types gain a trailing axis of 2)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = jnp.dtype(x.dtype).itemsize
+  if size == 8:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  small = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]
+  return jax.lax.bitcast_convert_type(x, small).astype(jnp.uint32)
+
+
+@jax.jit
+def _fingerprint(tree):
+  """Per leaf: (sum of bits, position-weighted sum of bits) mod 2**32; and whether all is finite.
+
+  Integer sums are exact and order-free, so the result does not depend on the sharding, the
+  device count or the reduction order: a checkpoint written on 8 devices verifies on 1. The
+  weights come from iotas (no reshape, which would regather a sharded array).
+  """
+  def leaf(x):
+    u = _bits(x)
+    index = jnp.zeros(u.shape, jnp.uint32)
+    for d in range(u.ndim):  # the row-major linear index, built without reshaping
+      index = index * jnp.uint32(u.shape[d]) + jax.lax.broadcasted_iota(jnp.uint32, u.shape, d)
+    return jnp.stack([jnp.sum(u, dtype=jnp.uint32),
+                      jnp.sum(u * (index * jnp.uint32(2654435761) + 1), dtype=jnp.uint32)])
+  finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jax.tree.map(leaf, tree), jnp.all(jnp.stack(finite)) if finite else jnp.bool_(True)
+
+
+def fingerprint(tree) -> tuple[dict[str, list[int]], bool]:
+  """``({leaf path: [sum, weighted sum]}, all finite)`` of a state (device arrays, any mesh)."""
+  prints, finite = jax.device_get(_fingerprint(tree))
+  flat = jax.tree_util.tree_flatten_with_path(prints)[0]
+  return {jax.tree_util.keystr(p): [int(v) for v in x] for p, x in flat}, bool(finite)
+
+
+def verify(state, mngr: ocp.CheckpointManager, step: int) -> str | None:
+  """None if ``state`` matches the fingerprint saved with ``step`` (or none was saved), else why."""
+  saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  want = saved.get("fingerprint")
+  if want is None:  # written before fingerprints existed: nothing to compare against
+    return None
+  got, _ = fingerprint(state)
+  bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+  return f"arrays differ from their saved fingerprint: {bad[:4]}" if bad else None
+
+
+def _all_agree(ok: bool) -> bool:
+  """True only if every process says ``ok`` (they may read different shards of a checkpoint)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 def restore_state(mngr: ocp.CheckpointManager, step: int, target, meta: dict, where: str):

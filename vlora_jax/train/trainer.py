@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +28,7 @@ import optax
 from absl import logging
 
 from vlora_jax import data as data_lib
+from vlora_jax import errors
 from vlora_jax import lora as lora_lib
 from vlora_jax import models
 from vlora_jax import params as params_lib
@@ -34,8 +37,7 @@ from vlora_jax.train import metrics as metrics_lib
 from vlora_jax.train import optim, sharding, state as state_lib, tasks, validate
 
 
-class NonFiniteLossError(FloatingPointError):
-  """Training stopped on a NaN/Inf loss or gradient (no checkpoint was written for it)."""
+NonFiniteLossError = errors.NonFiniteLossError  # re-exported: part of the trainer's interface
 
 
 def _config_json(config) -> dict:
@@ -100,6 +102,29 @@ def _once_options() -> dict:
   return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
 
 
+def _check_workdir(workdir: Path, abstract_state, ccfg, main: bool) -> None:
+  """Fails at start, not at the first save, when the workdir cannot take the checkpoints."""
+  if not main:
+    return
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / f".write_test_{os.getpid()}"
+    probe.write_bytes(b"\0" * 4096)
+    probe.unlink()
+  except OSError as e:
+    raise errors.WorkdirError(f"workdir={str(workdir)!r}: cannot write there ({e.strerror or e}); "
+                              "choose a writable --workdir") from e
+  # Room for the kept checkpoints plus the one being written (params + optimizer state).
+  need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+  need *= ccfg.get("keep", 2) + 1 + (ccfg.get("keep_best", 0) or 0)
+  free = shutil.disk_usage(workdir).free
+  if free < need:
+    raise errors.WorkdirError(
+        f"workdir={str(workdir)!r}: {free / 2**20:.1f} MiB free, but the checkpoints need about "
+        f"{need / 2**20:.1f} MiB (checkpoint.keep + 1 copies of the train state); free space, "
+        "lower checkpoint.keep, or choose another --workdir")
+
+
 def _finite(m: dict) -> bool:
   return all(math.isfinite(float(m[k])) for k in ("train/loss", "train/grad_norm",
                                                    "train/param_norm"))
@@ -126,42 +151,43 @@ def train_and_evaluate(config, workdir: str | Path, *,
   workdir = Path(workdir)
   pid, pcount = jax.process_index(), jax.process_count()
   main = pid == 0
-  if main:
-    workdir.mkdir(parents=True, exist_ok=True)
 
-  # 1. config, mesh, data.
-  validate.check(config, jax.device_count(), pcount)
-  mesh = sharding.make_mesh(config.mesh)
-  pipe = data_lib.build(config, process_index=pid, process_count=pcount)
-  validate.check_data(config, pipe.info)
-  name = config.model.name
+  # 1-2 run under config_errors: a ValueError raised while setting up is about the input.
+  with errors.config_errors():
+    # 1. config, mesh, data.
+    validate.check(config, jax.device_count(), pcount)
+    mesh = sharding.make_mesh(config.mesh)
+    pipe = data_lib.build(config, process_index=pid, process_count=pcount)
+    validate.check_data(config, pipe.info)
+    name = config.model.name
 
-  # 2. shapes first: model errors surface here, before any compile.
-  model = models.build(config.model)
-  sample = models.sample_inputs(config.model, batch=2)
-  init_fn = lambda rng: model.init({"params": rng, "dropout": rng}, *_zeros(sample),
-                                   train=False)["params"]
-  rng_impl = config.get("rng_impl", "threefry2x32")
-  # Keys are made inside eval_shape too: nothing runs (or compiles) until every check has passed.
-  boxed = jax.eval_shape(lambda: init_fn(jax.random.key(config.seed)))
-  p_shard = sharding.param_shardings(boxed, config.sharding_rules, mesh)
-  abstract_params = nn.unbox(boxed)
-  total_steps = int(config.num_train_steps)
-  tx, sched = optim.build(config.optim, abstract_params, total_steps)
-  label_tree, _ = optim.groups(abstract_params, config.optim)
-  abstract_rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=rng_impl)))
-  abstract_state = jax.eval_shape(lambda p, r: state_lib.create(p, tx, r), abstract_params,
-                                  abstract_rng)
-  s_shard = state_lib.shardings(abstract_state, p_shard, mesh)
+    # 2. shapes first: model errors surface here, before any compile.
+    model = models.build(config.model)
+    sample = models.sample_inputs(config.model, batch=2)
+    init_fn = lambda rng: model.init({"params": rng, "dropout": rng}, *_zeros(sample),
+                                     train=False)["params"]
+    rng_impl = config.get("rng_impl", "threefry2x32")
+    # Keys are made inside eval_shape too: nothing runs (or compiles) until every check has passed.
+    boxed = jax.eval_shape(lambda: init_fn(jax.random.key(config.seed)))
+    p_shard = sharding.param_shardings(boxed, config.sharding_rules, mesh)
+    abstract_params = nn.unbox(boxed)
+    total_steps = int(config.num_train_steps)
+    tx, sched = optim.build(config.optim, abstract_params, total_steps)
+    label_tree, _ = optim.groups(abstract_params, config.optim)
+    abstract_rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=rng_impl)))
+    abstract_state = jax.eval_shape(lambda p, r: state_lib.create(p, tx, r), abstract_params,
+                                    abstract_rng)
+    s_shard = state_lib.shardings(abstract_state, p_shard, mesh)
 
-  spec, _ = lora_lib.stack_specs(model)  # one VLoRASpec, or one per stack (encoder/decoder)
-  counts = params_lib.count(abstract_params, trainable=optim.trainable_fn(config.optim))
-  dense = _dense_count(model, sample, config.model)
-  meta = {"config": _config_json(config), "layout": ckpt_lib.layouts(abstract_params, spec),
-          "params_total": counts["total"]}
-  logging.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), jax.device_count(),
-               pcount)
-  metrics_lib.log(metrics_lib.overview(counts, dense))
+    spec, _ = lora_lib.stack_specs(model)  # one VLoRASpec, or one per stack (encoder/decoder)
+    counts = params_lib.count(abstract_params, trainable=optim.trainable_fn(config.optim))
+    dense = _dense_count(model, sample, config.model)
+    meta = {"config": _config_json(config), "layout": ckpt_lib.layouts(abstract_params, spec),
+            "params_total": counts["total"]}
+    logging.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), jax.device_count(),
+                 pcount)
+    metrics_lib.log(metrics_lib.overview(counts, dense))
+  _check_workdir(workdir, abstract_state, config.checkpoint, main)
 
   # 3. the starting state, born sharded. Dropout keys may use a cheaper generator (rbg: no
   # threefry to compile; see configs/default.py); parameter init always uses threefry.
@@ -173,9 +199,9 @@ def train_and_evaluate(config, workdir: str | Path, *,
   from_params = jax.jit(lambda p: state_lib.create(p, tx, rng_data), in_shardings=(p_shard,),
                         out_shardings=s_shard)
   origin = "scratch"
-  latest = ckpt.latest_step()
-  if latest is not None:
-    st = ckpt.restore(latest, target)
+  resumed = ckpt.restore_latest(target)  # the newest checkpoint that verifies (see checkpoint.py)
+  if resumed is not None:
+    latest, st = resumed
     origin = f"resumed {workdir / 'checkpoints' / str(latest)}"
   elif config.checkpoint.get("restore_from"):
     st = ckpt_lib.restore_path(config.checkpoint.restore_from, target, meta)

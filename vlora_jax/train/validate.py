@@ -12,14 +12,15 @@ import re
 
 from vlora_jax import data as data_lib
 from vlora_jax import models
+from vlora_jax.errors import ConfigError
 from vlora_jax.train import checkpoint, optim, sharding
 
 
 RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
 
-def _bad(key: str, value, allowed: str) -> ValueError:
-  return ValueError(f"{key}={value!r}: {allowed}")
+def _bad(key: str, value, allowed: str) -> ConfigError:
+  return ConfigError(f"{key}={value!r}: {allowed}")
 
 
 def _positive_int(config, key: str, minimum: int = 1) -> int:

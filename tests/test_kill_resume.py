@@ -1,0 +1,30 @@
+"""SIGKILL ``python -m vlora_jax.main`` at random moments (also mid-save, also on 8 devices), rerun
+the same command, and get exactly the uninterrupted run's result (experiments/kill_trials.py).
+
+Bitwise on one CPU device: the same compiled step applied to the same restored bits, with the
+data position and the RNG in the checkpoint. The 8-device trial is compared within 1e-5 (its
+reductions sum in another order). More trials: ``python experiments/kill_trials.py --trials 20``.
+"""
+
+import sys
+
+import pytest
+from helpers_train import ROOT
+
+sys.path.insert(0, str(ROOT / "experiments"))
+import kill_trials  # noqa: E402
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
+  lines = []
+  results = kill_trials.run_trials(tmp_path, ["random", "save", "mesh"], seed=1, kills=1,
+                                   log=lines.append)
+  report = "\n".join(lines)
+  assert all(r["passed"] for r in results), report
+  killed = [e for r in results for e in r["kills"] if e["killed"]]
+  assert len(killed) >= 2, report  # at most one launch may finish before its kill
+  save = results[1]["kills"][0]
+  assert not save["killed"] or save["mid_save"], report  # the save trial did kill mid-save
+  assert all("resumed" in (r["final_origin"] or "") for r in results
+             if r["kills"][0].get("on_disk")), report
