@@ -52,7 +52,8 @@ def parse_arg(arg: str, defaults: dict) -> dict:
 
 def vlora(enabled: bool = True, compound_size: int = 4, rank=8) -> ml_collections.ConfigDict:
   """``config.model.vlora``: the VLoRA parameterisation of the model's layer stack(s)."""
-  v = ml_collections.ConfigDict()
+  # Not type-safe: rank and alpha take one number or one per target, e.g. rank=(8, 8, 4, 4).
+  v = ml_collections.ConfigDict(type_safe=False)
   v.enabled = enabled          # False: the dense model (same architecture, full weights per layer)
   v.compound_size = compound_size  # layers per compound s; must divide model.depth
   # Targeted weights (regexes over block param paths); the official four big matrices.

@@ -27,4 +27,4 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
   save = results[1]["kills"][0]
   assert not save["killed"] or save["mid_save"], report  # the save trial did kill mid-save
   assert all("resumed" in (r["final_origin"] or "") for r in results
-             if r["kills"][0].get("on_disk")), report
+             if any(n.isdigit() for n in r["kills"][-1].get("on_disk", []))), report

@@ -57,6 +57,15 @@ def check(config, num_devices: int, process_count: int = 1) -> tuple[int, ...]:
     raise _bad("model.name", m.name, f"allowed are {sorted(models.REGISTRY)}")
   if m.get("dtype", "float32") not in models.DTYPES:
     raise _bad("model.dtype", m.dtype, f"allowed are {list(models.DTYPES)}")
+  for key in ("model.dim", "model.depth", "model.num_heads") + \
+      (("model.dec_depth",) if m.name == "seq2seq" else ()):
+    _positive_int(config, key)
+  if m.dim % m.num_heads:
+    raise _bad("model.num_heads", m.num_heads, f"must divide model.dim={m.dim}")
+  if not isinstance(m.get("mlp_ratio", 4.0), (int, float)) or not m.get("mlp_ratio", 4.0) > 0:
+    raise _bad("model.mlp_ratio", m.mlp_ratio, "must be a number > 0")
+  if not 0 <= m.get("dropout", 0.0) < 1:
+    raise _bad("model.dropout", m.dropout, "must be in [0, 1)")
   models.vlora_spec(m.get("vlora"))  # VLoRASpec validates itself: names the vlora.* key
 
   if config.get("rng_impl", "threefry2x32") not in RNG_IMPLS:
