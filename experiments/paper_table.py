@@ -1,0 +1,132 @@
+"""The paper table: dense vs VLoRA on real data, mean ± std over seeds, from the paper_* sweeps.
+
+  python experiments/sweep.py --sweep paper                  # trains (resumable; ~1.5 h on 2 cores)
+  python experiments/paper_table.py --out experiments/results/paper_table
+
+Reads ``<root>/paper_*/results.json`` (written by experiments/sweep.py) and writes
+``<out>.json`` (every run, and the aggregated rows) and ``<out>.md`` (the table in the README).
+Columns: parameters, ratio to the dense model, test metric mean ± std over seeds (accuracy in %,
+or for the char LM the validation loss in bits per character), the difference to dense, and the
+training time per run (compile and eval excluded). The targets of the claim are checked per data
+set: the best VLoRA row at <= 30% of the dense parameters within 1.0 point of dense accuracy;
+for the LM a validation loss within 2% of dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from configs import sweeps  # noqa: E402
+
+ORDER = {"dense": 0, "anchored": 1, "cumulative": 2, "tied": 3}
+
+
+def _value(row: dict) -> float:
+  """The reported metric: accuracy in %, or validation bits per character."""
+  if row["metric"] == "eval/loss":
+    return row["eval/loss"] / math.log(2)
+  return 100 * row["eval/accuracy"]
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+  """One line per (dataset, variant, rank): mean/std over seeds, ratio and delta to dense."""
+  groups = defaultdict(list)
+  for r in rows:
+    groups[(r["dataset"], r["variant"], r["rank"])].append(r)
+  out = []
+  for (ds, variant, rank), rs in groups.items():
+    vals = [_value(r) for r in rs]
+    out.append({"dataset": ds, "variant": variant, "rank": rank, "seeds": len(rs),
+                "metric": rs[0]["metric"], "params": rs[0]["params_total"],
+                "dense_params": rs[0]["params_dense_equivalent"],
+                "mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                "train_time_s": statistics.mean(r["train_time_s"] for r in rs)})
+  dense = {a["dataset"]: a for a in out if a["variant"] == "dense"}
+  for a in out:
+    a["ratio"] = a["params"] / a["dense_params"]
+    d = dense.get(a["dataset"])
+    a["delta"] = a["mean"] - d["mean"] if d else None
+  out.sort(key=lambda a: (list(sweeps.DATASETS).index(a["dataset"]), ORDER.get(a["variant"], 9),
+                          a["rank"] or 0))
+  return out
+
+
+def targets(agg: list[dict]) -> list[dict]:
+  """The claim, per data set: the best VLoRA line within budget, against dense."""
+  res = []
+  for ds in dict.fromkeys(a["dataset"] for a in agg):
+    lines = [a for a in agg if a["dataset"] == ds]
+    dense = next((a for a in lines if a["variant"] == "dense"), None)
+    vl = [a for a in lines if a["variant"] != "dense"]
+    if not dense or not vl:
+      continue
+    if dense["metric"] == "eval/loss":  # lower is better; within 2% of dense
+      best = min(vl, key=lambda a: a["mean"])
+      ok = best["mean"] <= dense["mean"] * 1.02
+      rule = "validation loss within 2% of dense"
+      gap = f"{100 * (best['mean'] / dense['mean'] - 1):+.1f}%"
+    else:
+      cands = [a for a in vl if a["ratio"] <= 0.30]
+      best = max(cands or vl, key=lambda a: a["mean"])
+      ok = bool(cands) and best["delta"] >= -1.0
+      rule = "accuracy within 1.0 point of dense at <= 30% of its parameters"
+      gap = f"{best['delta']:+.2f} points"
+    res.append({"dataset": ds, "rule": rule, "best": f"{best['variant']} r{best['rank']}",
+                "ratio": best["ratio"], "gap": gap, "met": ok})
+  return res
+
+
+def markdown(agg: list[dict], tgt: list[dict]) -> str:
+  lines = ["| data set | model | params | ratio | test metric (mean ± std) | vs dense | seeds | "
+           "train s/run |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+  for a in agg:
+    unit = "bits/char" if a["metric"] == "eval/loss" else "%"
+    model = "dense" if a["variant"] == "dense" else f"VLoRA {a['variant']} r{a['rank']}"
+    delta = "" if a["delta"] is None or a["variant"] == "dense" else f"{a['delta']:+.2f}"
+    lines.append(f"| {a['dataset']} | {model} | {a['params']:,} | {a['ratio']:.1%} | "
+                 f"{a['mean']:.2f} ± {a['std']:.2f} {unit} | {delta} | {a['seeds']} | "
+                 f"{a['train_time_s']:.0f} |")
+  lines += ["", "| data set | target | best VLoRA | ratio | vs dense | met |", "|---|---|---|---:|---:|---|"]
+  for t in tgt:
+    lines.append(f"| {t['dataset']} | {t['rule']} | {t['best']} | {t['ratio']:.1%} | {t['gap']} | "
+                 f"{'yes' if t['met'] else 'no'} |")
+  lines += ["", "What each data set trains (configs/sweeps.py):", ""]
+  for ds in dict.fromkeys(a["dataset"] for a in agg):
+    lines.append(f"- {ds}: {sweeps.DATASETS[ds][3]}")
+  return "\n".join(lines) + "\n"
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--root", default=str(ROOT / "runs" / "sweeps"))
+  ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "paper_table"))
+  args = ap.parse_args()
+  rows = []
+  for name in sweeps.PAPER:
+    f = Path(args.root) / name / "results.json"
+    if f.exists():
+      rows += json.loads(f.read_text())
+  if not rows:
+    sys.exit(f"no results under {args.root}: run experiments/sweep.py --sweep paper first")
+  agg = aggregate(rows)
+  tgt = targets(agg)
+  md = markdown(agg, tgt)
+  out = Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.with_suffix(".md").write_text(md)
+  out.with_suffix(".json").write_text(json.dumps({"rows": agg, "targets": tgt, "runs": rows},
+                                                 indent=1))
+  print(md)
+
+
+if __name__ == "__main__":
+  main()
