@@ -60,22 +60,28 @@ def _logged_steps(workdir: Path) -> int:
       if f.exists() else 0
 
 
-def _saving(workdir: Path) -> bool:
+def _tmp_dirs(workdir: Path) -> set[str]:
   d = workdir / "checkpoints"
-  return d.is_dir() and any(".orbax-checkpoint-tmp" in p.name for p in d.iterdir())
+  return {p.name for p in d.iterdir() if ".orbax-checkpoint-tmp" in p.name} if d.is_dir() else set()
+
+
+def _saving(workdir: Path, before: frozenset = frozenset()) -> bool:
+  """A save of this launch is in flight (leftovers of a killed launch do not count)."""
+  return bool(_tmp_dirs(workdir) - before)
 
 
 def _kill_when(proc: subprocess.Popen, workdir: Path, kind: str, rng) -> dict:
   """Waits for the trial's moment, SIGKILLs, and says what the moment was."""
   t0 = time.time()
+  before = frozenset(_tmp_dirs(workdir))
   if kind == "save":
     seen = 0
     while proc.poll() is None:
-      if _saving(workdir):
+      if _saving(workdir, before):
         seen += 1
         if seen >= rng.integers(1, 3):  # not always the first save of this launch
           break
-        while _saving(workdir) and proc.poll() is None:
+        while _saving(workdir, before) and proc.poll() is None:
           time.sleep(0.0005)
       time.sleep(0.0005)
     what = "mid-save"
@@ -91,7 +97,7 @@ def _kill_when(proc: subprocess.Popen, workdir: Path, kind: str, rng) -> dict:
     what = f"after ~{target} logged steps"
   if proc.poll() is not None:
     return {"moment": what, "killed": False, "note": "finished before the kill"}
-  mid_save = _saving(workdir)
+  mid_save = _saving(workdir, before)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   on_disk = sorted(p.name for p in (workdir / "checkpoints").iterdir()) \
