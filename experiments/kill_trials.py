@@ -121,10 +121,14 @@ def compare(run: Path, ref: Path, atol: float = 0.0) -> list[str]:
   sys.path.insert(0, str(ROOT))
   from absl import logging as absl_logging
   from vlora_jax.train import checkpoint
-  absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's notes on reading a bare step dir
   problems = []
-  a = checkpoint.read_state(str(run), params_only=False)
-  b = checkpoint.read_state(str(ref), params_only=False)
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's notes on reading a bare step dir
+  try:
+    a = checkpoint.read_state(str(run), params_only=False)
+    b = checkpoint.read_state(str(ref), params_only=False)
+  finally:
+    absl_logging.set_verbosity(verbosity)  # callers (tests) may watch warnings afterwards
   import jax
   for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
     x, y = np.asarray(x), np.asarray(y)
