@@ -336,7 +336,9 @@ class TorchWorker:
 
   def __init__(self, python: str, cfg: dict):
     self.log = tempfile.TemporaryFile(mode="w+")  # stderr: a file, so a chatty worker cannot block
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+    # torch runs as shipped: without our glibc allocator tuning (vlora_jax/cpu_malloc.py)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "XLA_FLAGS", "GLIBC_TUNABLES", "VLORA_MALLOC_TUNED")}
     self.proc = subprocess.Popen([python, __file__, "--torch-worker", json.dumps(cfg)],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                  text=True, env=env)
@@ -572,6 +574,7 @@ def main(argv=None):
   t_start = time.perf_counter()
   env = bench_core.environment()
   env["orbax"] = ocp.__version__
+  env["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")  # ours only; torch runs untuned
   print(json.dumps(env, indent=1), flush=True)
   phases: dict[str, float] = {}
 
@@ -638,4 +641,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  from vlora_jax import cpu_malloc  # as vlora_jax.main: the allocator tuning on CPU, once
+  cpu_malloc.reexec_with_tunables([sys.executable] + sys.orig_argv[1:])
   main()
