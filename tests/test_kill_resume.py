@@ -18,13 +18,15 @@ import kill_trials  # noqa: E402
 @pytest.mark.slow
 def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
   lines = []
-  results = kill_trials.run_trials(tmp_path, ["random", "save", "mesh"], seed=1, kills=1,
+  # two trials keep CI short: a kill mid-save, and one at a random step on 8 devices (FSDP)
+  # finished on 1; experiments/kill_trials.py runs start-up and repeated kills as well.
+  results = kill_trials.run_trials(tmp_path, ["save", "mesh"], seed=1, kills=1,
                                    log=lines.append)
   report = "\n".join(lines)
   assert all(r["passed"] for r in results), report
   killed = [e for r in results for e in r["kills"] if e["killed"]]
-  assert len(killed) >= 2, report  # at most one launch may finish before its kill
-  save = results[1]["kills"][0]
+  assert len(killed) >= 1, report  # at most one launch may finish before its kill
+  save = results[0]["kills"][0]
   assert not save["killed"] or save["mid_save"], report  # the save trial did kill mid-save
   assert all("resumed" in (r["final_origin"] or "") for r in results
              if any(n.isdigit() for n in r["kills"][-1].get("on_disk", []))), report
