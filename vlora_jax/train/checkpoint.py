@@ -227,9 +227,10 @@ class Checkpointer:
       state, reason = None, None
       try:
         state = self.restore(step, target)
-        reason = verify(state, self.latest, step)
       except CheckpointError:
         raise
+      except CorruptCheckpoint as e:
+        reason = str(e)
       except Exception as e:  # noqa: BLE001 -- any read failure means: not this one
         reason = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
       if _all_agree(reason is None):
@@ -329,9 +330,12 @@ def fingerprint(tree) -> tuple[dict[str, list[int]], bool]:
       finite
 
 
-def verify(state, mngr: ocp.CheckpointManager, step: int) -> str | None:
-  """None if ``state`` matches the fingerprint saved with ``step`` (or none was saved), else why."""
-  saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+class CorruptCheckpoint(Exception):
+  """A checkpoint whose arrays read back but differ from the fingerprint saved with them."""
+
+
+def verify(state, saved: dict) -> str | None:
+  """None if ``state`` matches the fingerprint in its ``meta`` (or none was saved), else why."""
   want = saved.get("fingerprint")
   if want is None:  # written before fingerprints existed: nothing to compare against
     return None
@@ -348,11 +352,16 @@ def _all_agree(ok: bool) -> bool:
 
 
 def restore_state(mngr: ocp.CheckpointManager, step: int, target, meta: dict, where: str):
-  """Checks ``meta`` against the checkpoint's, then restores ``state`` onto ``target``'s shardings."""
+  """Checks ``meta`` against the checkpoint's, restores ``state`` onto ``target``'s shardings and
+  verifies it against its fingerprint (`CorruptCheckpoint` if it differs)."""
   saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   check_meta(saved, meta, f"{where} step {step}")
-  return mngr.restore(step, args=ocp.args.Composite(
+  state = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(target)))["state"]
+  reason = verify(state, saved)  # every restore is verified: resume and restore_from alike
+  if reason:
+    raise CorruptCheckpoint(f"{where} step {step}: {reason}")
+  return state
 
 
 def resolve(path: str) -> tuple[Path, int]:
