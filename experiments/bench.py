@@ -180,15 +180,22 @@ TARGETS = {
     "ceiling/dense_fraction": (None, "dense step FLOP rate / measured matmul ceiling"),
     "mfu/vlora": (None, "VLoRA step FLOP rate / --peak-tflops"),
     "mfu/dense": (None, "dense step FLOP rate / --peak-tflops"),
-    "torch/ours_vlora_over_official": (None, "our VLoRA train step / the official PyTorch VLoRA "
+    "torch/ours_vlora_over_official": (1.0, "our VLoRA train step / the official PyTorch VLoRA "
                                        "train step"),
+    "torch/ours_vlora_unrolled_over_official": (1.0, "the same with our layer stack unrolled "
+                                                "(model.scan=False)"),
+    "train_step/vlora_unrolled_over_scan": (None, "VLoRA train step, layer stack unrolled / "
+                                            "scanned (the default)"),
 }
 # Targets set for one config only: the byte ratio follows the parameter ratio of the config.
 TARGET_SIZES = {"checkpoint/state_vlora_over_dense": "cifar",
-                "checkpoint/params_vlora_over_dense": "cifar"}
+                "checkpoint/params_vlora_over_dense": "cifar",
+                "torch/ours_vlora_over_official": "cifar",
+                "torch/ours_vlora_unrolled_over_official": "cifar"}
 # Ratios that need the official PyTorch worker.
 TORCH_RATIOS = ("checkpoint/official_state_dict_over_timm_dense",
-                "checkpoint/ours_params_over_official_state_dict", "torch/ours_vlora_over_official")
+                "checkpoint/ours_params_over_official_state_dict", "torch/ours_vlora_over_official",
+                "torch/ours_vlora_unrolled_over_official")
 
 
 # ----------------------------------------------------------------------------------- timing
@@ -425,6 +432,8 @@ def ratios(res: dict[str, Any], args) -> dict[str, dict[str, Any]]:
       "memory/vlora_over_dense": mem["vlora"]["total"] / mem["dense"]["total"],
       "checkpoint/state_vlora_over_dense": ck["vlora"]["state"] / ck["dense"]["state"],
       "checkpoint/params_vlora_over_dense": ck["vlora"]["params"] / ck["dense"]["params"],
+      "train_step/vlora_unrolled_over_scan": paired_ratio(t["train/vlora_unrolled"],
+                                                          t["train/vlora"]),
   }
   med = res["compile"]["median_total_s"]
   lo, hi = min(res["compile"]["depths"]), max(res["compile"]["depths"])
@@ -440,6 +449,8 @@ def ratios(res: dict[str, Any], args) -> dict[str, dict[str, Any]]:
         sd / torch_info["state_dict_bytes_timm_dense"])
     out["checkpoint/ours_params_over_official_state_dict"] = ck["vlora"]["params"] / sd
     out["torch/ours_vlora_over_official"] = paired_ratio(t["train/vlora"], t["train/official"])
+    out["torch/ours_vlora_unrolled_over_official"] = paired_ratio(t["train/vlora_unrolled"],
+                                                                  t["train/official"])
 
   def why(name: str) -> str | None:
     if name.startswith("mfu/"):
@@ -583,11 +594,13 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     variants = {s: bench_train.Variant("vit", f"bench_{args.size}", s == "vlora", rng)
                 for s in ("dense", "vlora")}
+    # The layer stack unrolled (model.scan=False): train step only, against scan and torch.
+    unrolled = bench_train.Variant("vit", f"bench_{args.size}", True, rng, scan=False)
     cfg = variants["vlora"].config
     worker, torch_skipped = start_torch(args, cfg)
     inference = build_inference(variants["dense"], variants["vlora"])
-    timers = make_timers(args, variants, inference, worker)
-    for v in variants.values():  # warm-up: first calls, allocator
+    timers = make_timers(args, {**variants, "vlora_unrolled": unrolled}, inference, worker)
+    for v in (*variants.values(), unrolled):  # warm-up: first calls, allocator
       v.run(1)
 
   with phase(f"timing: {args.rounds} interleaved rounds, matmul ceiling before and after",
@@ -618,7 +631,8 @@ def main(argv=None):
                  "compile_reps": args.compile_reps, "peak_tflops": args.peak_tflops,
                  "model": cfg.model.to_dict()},
       "times_s": times,
-      "compile_s": {s: v.compile_s for s, v in variants.items()},
+      "compile_s": {**{s: v.compile_s for s, v in variants.items()},
+                    "vlora_unrolled": unrolled.compile_s},
       "params": {s: v.params_total for s, v in variants.items()},
       "flops": {s: {"xla": v.xla_flops, "analytic": v.analytic_flops}
                 for s, v in variants.items()},

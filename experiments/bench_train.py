@@ -97,10 +97,11 @@ def _matmul_params(dense_params) -> int:
 class Variant:
   """One compiled train step with its state, batch and FLOP counts."""
 
-  def __init__(self, family: str, size: str, vlora: bool, rng: np.random.Generator):
+  def __init__(self, family: str, size: str, vlora: bool, rng: np.random.Generator,
+               scan: bool = True):
     self.family, self.vlora = family, vlora
-    self.name = f"{family}/{'vlora' if vlora else 'dense'}"
-    c = _config(family, size, vlora)
+    self.name = f"{family}/{'vlora' if vlora else 'dense'}{'' if scan else '_unrolled'}"
+    c = _config(family, size, vlora, scan)
     self.config = c
     model = models.build(c.model)
     sample = [jnp.zeros(s.shape, s.dtype) for s in models.sample_inputs(c.model)]

@@ -26,9 +26,12 @@ RATIOS = (
     "mfu/vlora",
     "mfu/dense",
     "torch/ours_vlora_over_official",
+    "torch/ours_vlora_unrolled_over_official",
+    "train_step/vlora_unrolled_over_scan",
 )
 NEEDS_TORCH = ("checkpoint/official_state_dict_over_timm_dense",
-               "checkpoint/ours_params_over_official_state_dict", "torch/ours_vlora_over_official")
+               "checkpoint/ours_params_over_official_state_dict", "torch/ours_vlora_over_official",
+               "torch/ours_vlora_unrolled_over_official")
 
 
 @pytest.mark.slow
@@ -53,8 +56,8 @@ def test_small_quick_run_reports_every_ratio(tmp_path):
     assert math.isfinite(r["value"]) and r["value"] > 0, (name, r)
     assert r["pass"] is (None if r["target"] is None else r["value"] <= r["target"]), (name, r)
   assert result["torch"] == {"skipped": "--no-torch"}
-  assert set(result["times_s"]) == {"train/dense", "train/vlora", "eval/dense",
-                                    "eval/on_the_fly", "eval/merged"}
+  assert set(result["times_s"]) == {"train/dense", "train/vlora", "train/vlora_unrolled",
+                                    "eval/dense", "eval/on_the_fly", "eval/merged"}
   assert all(len(v) == result["config"]["rounds"] for v in result["times_s"].values())
   assert result["inference"]["merged_same_hlo_as_dense"] in (True, False)
   assert "| train_step/vlora_over_dense" in out.with_suffix(".md").read_text()
