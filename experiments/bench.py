@@ -5,7 +5,8 @@ neighbour (the 2-core machine is shared and noisy: never compare numbers from di
 
   1. train step, VLoRA / dense at equal architecture: the real step of
      `vlora_jax.train.trainer.make_train_step` (AdamW, clipping, metrics, donation), as in
-     ``bench_train.py`` (whose `Variant` builds it);
+     ``bench_train.py`` (whose `Variant` builds it); and the VLoRA step with the layer stack
+     unrolled (``model.scan=False``) / scanned (timed only: no memory, FLOP or checkpoint entries);
   2. inference (the eval step: forward + loss sums), VLoRA / dense, with the VLoRA weights
      materialised on the fly and with merged weights (`stack.merge` into `params.dense_twin`);
   3. compile time against depth of a scanned train step (``bench_core.compile_case``: value_and_grad
@@ -17,7 +18,8 @@ neighbour (the 2-core machine is shared and noisy: never compare numbers from di
   6. the fraction of the measured matmul ceiling (``bench_train.matmul_ceiling``) each step reaches,
      and MFU against ``--peak-tflops`` when given;
   7. the official VLoRA ViT train step (PyTorch, float32, 2 threads), run by a worker process in the
-     torch venv (this same file, ``--torch-worker``), as the ratio ours / official.
+     torch venv (this same file, ``--torch-worker``), as the ratio ours / official, for our scanned
+     and unrolled steps.
 
 Timed things run in interleaved rounds (the order reversed every other round); a ratio is the
 median over rounds of the per-round ratio (neighbours in time share the machine's load). Writes
@@ -589,7 +591,8 @@ def main(argv=None):
   print(json.dumps(env, indent=1), flush=True)
   phases: dict[str, float] = {}
 
-  with phase("build: train steps (dense, VLoRA), eval steps, torch worker", phases):
+  with phase("build: train steps (dense, VLoRA, VLoRA unrolled), eval steps, torch worker",
+             phases):
     overrides = register_size(args)
     rng = np.random.default_rng(0)
     variants = {s: bench_train.Variant("vit", f"bench_{args.size}", s == "vlora", rng)

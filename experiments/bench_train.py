@@ -55,8 +55,8 @@ SIZES = {  # equal architecture for dense and VLoRA; only model.vlora.enabled di
 CONFIGS = {"vit": "configs/vit_cifar10.py", "lm": "configs/lm_shakespeare.py"}
 
 
-def _config(family: str, size: str, vlora: bool, scan: bool = True):
-  over = dict(SIZES[size][family])
+def _config(family: str, size: str, vlora: bool, scan: bool = True, overrides=None):
+  over = dict(SIZES[size][family], **(overrides or {}))
   over.update({"model.vlora.enabled": vlora, "model.dropout": 0.0, "model.scan": scan})
   return load_config(str(ROOT / CONFIGS[family]), **over)
 
@@ -98,10 +98,11 @@ class Variant:
   """One compiled train step with its state, batch and FLOP counts."""
 
   def __init__(self, family: str, size: str, vlora: bool, rng: np.random.Generator,
-               scan: bool = True):
+               scan: bool = True, overrides: dict | None = None):
+    """``overrides``: more dotted config keys on top of the size's (e.g. ``model.remat``)."""
     self.family, self.vlora = family, vlora
     self.name = f"{family}/{'vlora' if vlora else 'dense'}{'' if scan else '_unrolled'}"
-    c = _config(family, size, vlora, scan)
+    c = _config(family, size, vlora, scan, overrides)
     self.config = c
     model = models.build(c.model)
     sample = [jnp.zeros(s.shape, s.dtype) for s in models.sample_inputs(c.model)]

@@ -1,14 +1,15 @@
 """The VLoRA train step under layer-stack modes, remat policies and XLA flags, side by side.
 
-  PYTHONPATH=. .venv/bin/python experiments/step_variants.py --out experiments/results/step_variants.json
+  PYTHONPATH=. .venv/bin/python experiments/step_variants.py --out FILE.json [--variants a,b]
 
 Each variant is a resident worker process (XLA flags are per process) that compiles the real train
 step of `bench_train` (CIFAR config: D 192, 12 layers = 3 x 4, r 8, batch 128, float32) once; the
 driver then times one step per variant per round, rounds interleaved, so that load on this shared
 machine hits every variant alike. Reported: median and min seconds per step and the median of the
 per-round ratios to the first variant. Workers run with the allocator tuning of
-`vlora_jax.cpu_malloc` (as `python -m vlora_jax.main` does), which keeps each step's ~3 GB of
-temporaries resident: more than 4 workers at once ran out of memory on this 24 GiB machine.
+`vlora_jax.cpu_malloc` where `python -m vlora_jax.main` would apply it (``VLORA_MALLOC_TUNING=0``
+turns it off), which keeps each step's ~3 GB of temporaries resident: more than 4 workers at once
+ran out of memory on this 24 GiB machine. A variant's XLA flags are appended to ``$XLA_FLAGS``.
 
 ``--variants`` picks from `VARIANTS` (name: config overrides, XLA_FLAGS). The committed results:
 
@@ -30,6 +31,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import bench  # noqa: E402  (its `interleaved` rounds)
 
 # name -> (config overrides, XLA_FLAGS)
 VARIANTS = {
@@ -48,19 +53,48 @@ FLAGS = ("unrolled", "unrolled_onednn", "unrolled_no_ynnpack", "unrolled_concurr
 
 def worker(name: str) -> None:
   """Compiles the variant's step, then times one step per line read from stdin."""
-  sys.path.insert(0, str(ROOT))
-  sys.path.insert(0, str(ROOT / "experiments"))
   import numpy as np  # pylint: disable=import-outside-toplevel
   import bench_train  # pylint: disable=import-outside-toplevel
-  over = dict(bench_train.SIZES["paper"]["vit"], **VARIANTS[name][0])
-  bench_train.SIZES["variant"] = {"vit": over}
+  over = dict(VARIANTS[name][0])
   scan = over.pop("model.scan", True)
-  v = bench_train.Variant("vit", "variant", True, np.random.default_rng(0), scan=scan)
+  v = bench_train.Variant("vit", "paper", True, np.random.default_rng(0), scan=scan, overrides=over)
   v.run(1)
   v.run(1)
   print(json.dumps({"ready": name, "compile_s": v.compile_s}), flush=True)
   for _ in sys.stdin:
     print(v.run(1), flush=True)
+
+
+class Worker:
+  """A resident worker process for one variant; `step` times one train step in it."""
+
+  def __init__(self, name: str, out: str, log):
+    from vlora_jax import cpu_malloc  # pylint: disable=import-outside-toplevel
+    self.name, self.log = name, log
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    flags = (os.environ.get("XLA_FLAGS", ""), VARIANTS[name][1])
+    env["XLA_FLAGS"] = " ".join(f for f in flags if f)
+    if cpu_malloc.wanted() and not os.environ.get("GLIBC_TUNABLES"):
+      env["GLIBC_TUNABLES"] = cpu_malloc.TUNABLES
+    self.proc = subprocess.Popen([sys.executable, __file__, "--out", out, "--worker", name],
+                                 env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=log, text=True)
+    self.compile_s = json.loads(self._line("compiling"))["compile_s"]
+
+  def _line(self, doing: str) -> str:
+    line = self.proc.stdout.readline()
+    if not line:
+      raise SystemExit(f"worker {self.name} died while {doing}: see {self.log.name}")
+    return line
+
+  def step(self) -> float:
+    self.proc.stdin.write("step\n")
+    self.proc.stdin.flush()
+    return float(self._line("timing a step"))
+
+  def close(self) -> None:
+    self.proc.stdin.close()
+    self.proc.wait()
 
 
 def main():
@@ -77,50 +111,39 @@ def main():
   names = list(FLAGS) if args.variants == "flags" else args.variants.split(",")
   for n in names:
     if n not in VARIANTS:
-      raise SystemExit(f"--variants: {n!r} is not one of {sorted(VARIANTS)}")
-  from vlora_jax import cpu_malloc  # pylint: disable=import-outside-toplevel
-  procs, compile_s = {}, {}
-  log = open(Path(args.out).with_suffix(".log"), "w")  # the workers' stderr
-  for n in names:  # started one at a time: compiles do not compete
-    env = dict(os.environ, XLA_FLAGS=VARIANTS[n][1], GLIBC_TUNABLES=cpu_malloc.TUNABLES,
-               VLORA_MALLOC_TUNED="1", PYTHONPATH=str(ROOT))
-    p = subprocess.Popen([sys.executable, __file__, "--out", args.out, "--worker", n], env=env,
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                         text=True)
-    line = p.stdout.readline()
-    if not line:
-      raise SystemExit(f"worker {n} died while compiling; see {log.name}")
-    compile_s[n] = json.loads(line)["compile_s"]
-    procs[n] = p
-    print(f"  {n}: compiled in {compile_s[n]:.1f}s", flush=True)
-  times = {n: [] for n in names}
-  for r in range(args.rounds):
-    for n, p in procs.items():
-      p.stdin.write("step\n")
-      p.stdin.flush()
-      times[n].append(float(p.stdout.readline()))
-    print(f"  round {r + 1}/{args.rounds}: " +
-          "  ".join(f"{n} {times[n][-1]:.2f}s" for n in names), flush=True)
-  for p in procs.values():
-    p.stdin.close()
-    p.wait()
+      raise SystemExit(f"--variants: {n!r} is not one of {sorted(VARIANTS)} (or 'flags')")
+  out = Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with open(out.with_suffix(".log"), "w") as log:  # the workers' stderr
+    workers = {}
+    try:
+      for n in names:  # started one at a time: compiles do not compete
+        workers[n] = Worker(n, args.out, log)
+        print(f"  {n}: compiled in {workers[n].compile_s:.1f}s", flush=True)
+      times = bench.interleaved({n: w.step for n, w in workers.items()}, args.rounds)
+    finally:
+      for w in workers.values():
+        w.close()
   base = names[0]
   rows = [{"variant": n, "overrides": VARIANTS[n][0], "xla_flags": VARIANTS[n][1],
            "median_s": statistics.median(times[n]), "min_s": min(times[n]),
            "ratio_to_baseline": statistics.median(a / b for a, b in zip(times[n], times[base])),
-           "compile_s": compile_s[n], "all_s": times[n]} for n in names]
+           "compile_s": workers[n].compile_s, "all_s": times[n]} for n in names]
   result = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "loadavg_end": list(os.getloadavg()), "baseline": base, "rounds": args.rounds,
             "rows": rows}
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(result, indent=1) + "\n")
-  md = [f"# step_variants ({result['date']}, {args.rounds} interleaved rounds; ratios to `{base}`)",
-        "", "```", f"PYTHONPATH=. .venv/bin/python experiments/step_variants.py --out {args.out}",
-        "```", "", "| variant | overrides | XLA_FLAGS | median s | min s | / baseline | compile s |",
+  command = " ".join(["PYTHONPATH=. .venv/bin/python experiments/step_variants.py",
+                      f"--variants {args.variants}", f"--rounds {args.rounds}",
+                      f"--out {args.out}"])
+  md = [f"# step_variants ({result['date']}, {args.rounds} interleaved rounds, the order reversed "
+        f"every other round; ratios to `{base}`: medians of per-round ratios)",
+        "", "```", command, "```", "",
+        "| variant | overrides | XLA_FLAGS | median s | min s | / baseline | compile s |",
         "|---|---|---|---:|---:|---:|---:|"]
   for r in rows:
-    md.append(f"| {r['variant']} | {json.dumps(r['overrides'])} | `{r['xla_flags']}` | "
+    flags = f"`{r['xla_flags']}`" if r["xla_flags"] else "-"
+    md.append(f"| {r['variant']} | {json.dumps(r['overrides'])} | {flags} | "
               f"{r['median_s']:.3f} | {r['min_s']:.3f} | {r['ratio_to_baseline']:.3f} | "
               f"{r['compile_s']:.1f} |")
   out.with_suffix(".md").write_text("\n".join(md) + "\n")

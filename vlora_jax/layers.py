@@ -33,8 +33,9 @@ class FusedDense(nn.Module):
   The parameters are exactly `dense`'s (names, init, logical axes), so checkpoints and VLoRA targets
   do not change. Each part is computed from its slice of the kernel rather than by slicing the
   fused output: slicing the small weight instead of the large activation spares the backward pass
-  a pad-and-add of the activation gradients (and the forward the head-split copies), ~3% of a CPU
-  train step at the CIFAR config, 8% with the layer scan (experiments/results/perf_gap.md).
+  a pad-and-add of the activation gradients. The price is n narrower matmuls and a sum of n input
+  gradients. Measured once on the CIFAR config's CPU train step (a one-off harness, before/after):
+  ~10% faster with the layer scan (the default), 0-4% unrolled (experiments/results/perf_notes.md).
   """
   features: int
   parts: int
@@ -50,8 +51,9 @@ class FusedDense(nn.Module):
                       (self.features,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     width = self.features // self.parts
+    contract_last = (((x.ndim - 1,), (0,)), ((), ()))
     return tuple(
-        jax.lax.dot_general(x, kernel[:, i * width:(i + 1) * width], (((x.ndim - 1,), (0,)), ((), ())))
+        jax.lax.dot_general(x, kernel[:, i * width:(i + 1) * width], contract_last)
         + bias[i * width:(i + 1) * width] for i in range(self.parts))
 
 
