@@ -64,10 +64,10 @@ DATASETS = {
     "digits_d128": ("configs/vit_digits.py", {"model.dim": 128},
                     "eval/accuracy", "digits at D 128 (4 layers, 4 heads), 1,000 steps of 64"),
     "mnist_d128": (f"configs/vit_local.py:mnist,dir={DATA}",
-                   {"model.patch_size": 7, "model.dim": 128, "num_train_steps": 1200,
+                   {"model.patch_size": 7, "model.dim": 128, "num_train_steps": 1000,
                     "optim.warmup_steps": 100, "eval_every_steps": 0},
-                   "eval/accuracy", "MNIST, 7x7 patches, D 128, 4 layers, 1,200 steps of 128 "
-                   "(2.6 epochs)"),
+                   "eval/accuracy", "MNIST, 7x7 patches, D 128, 4 layers, 1,000 steps of 128 "
+                   "(2.1 epochs)"),
     "cifar10_subset_d128": (f"configs/vit_local.py:cifar10,dir={DATA}",
                             {"model.patch_size": 8, "model.dim": 128, "model.depth": 4,
                              "model.num_heads": 4, "num_train_steps": 1250,
