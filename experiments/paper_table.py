@@ -49,7 +49,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
                 "metric": rs[0]["metric"], "params": rs[0]["params_total"],
                 "dense_params": rs[0]["params_dense_equivalent"],
                 "mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                "train_time_s": statistics.mean(r["train_time_s"] for r in rs)})
+                # median: a run slowed by other work on the machine does not skew it
+                "train_time_s": statistics.median(r["train_time_s"] for r in rs)})
   dense = {a["dataset"]: a for a in out if a["variant"] == "dense"}
   for a in out:
     a["ratio"] = a["params"] / a["dense_params"]
@@ -87,7 +88,7 @@ def targets(agg: list[dict]) -> list[dict]:
 
 def markdown(agg: list[dict], tgt: list[dict]) -> str:
   lines = ["| data set | model | params | ratio | test metric (mean ± std) | vs dense | seeds | "
-           "train s/run |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+           "train s/run (median) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
   for a in agg:
     unit = "bits/char" if a["metric"] == "eval/loss" else "%"
     model = "dense" if a["variant"] == "dense" else f"VLoRA {a['variant']} r{a['rank']}"
