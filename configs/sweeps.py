@@ -11,8 +11,9 @@ and collects the results; ``experiments/paper_table.py`` and ``experiments/plots
                    init, tied) on digits, 1 seed: the ablation plots
 
 CPU budget (2 cores, one run at a time, shared with other work): the paper sweeps use small ViTs
-(D 64, 4 layers, one compound of 4) and short schedules, 63 runs in about 2 hours; each data set
-line below says what it trains. Users with an accelerator scale them with ``--override``.
+(D 64, or D 128 for the under-30%-of-parameters lines; 4 layers, one compound of 4) and short
+schedules, 120 runs in about 5 hours; each data set line below says what it trains. Users with an
+accelerator scale them with ``--override``.
 """
 
 from __future__ import annotations
