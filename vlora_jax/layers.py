@@ -19,11 +19,14 @@ LN_EPS = 1e-6  # timm's ViT LayerNorm eps
 ROPE_BASE = 10000.0  # RoFormer / GPT-NeoX frequency base
 
 
+KERNEL_INIT = nn.initializers.truncated_normal(0.02)  # timm's Linear init, shared by every Linear
+
+
 def dense(features: int, names: tuple[str, str], name: str, dtype: Dtype, use_bias: bool = True):
   """A Linear with timm's init (trunc-normal 0.02, zero bias) and logical axis names."""
   return nn.Dense(
       features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), names),
+      kernel_init=nn.with_logical_partitioning(KERNEL_INIT, names),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]))
 
 
@@ -44,9 +47,8 @@ class FusedDense(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", nn.with_logical_partitioning(
-        nn.initializers.truncated_normal(0.02), self.names), (x.shape[-1], self.features),
-        jnp.float32)
+    kernel = self.param("kernel", nn.with_logical_partitioning(KERNEL_INIT, self.names),
+                        (x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.names[1:]),
                       (self.features,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
