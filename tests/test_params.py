@@ -59,3 +59,16 @@ def test_trainable_filter_and_tied():
   c = params.count(shapes, trainable=lambda p: "/base/" not in p)
   assert c["groups"]["increments"] == 0
   assert c["trainable"] == c["total"] - c["groups"]["base"]
+
+
+def test_path_matcher_and_label_tree():
+  """One rule selects params by path for ``optim.freeze`` and `lora.optimizer`: full match."""
+  tree = {"blocks": {"inc_a": {"kernel": 1}, "per_layer": {"bias": 2}}, "head": {"kernel": 3}}
+  head = params.path_matcher(r"head/.*", "optim.freeze")
+  assert head("head/kernel") and not head("blocks/head/kernel")  # fullmatch, not search
+  both = params.path_matcher((r"head/.*", r"blocks/inc_a/.*"), "trainable")
+  assert params.label_tree(tree, both) == {
+      "blocks": {"inc_a": {"kernel": True}, "per_layer": {"bias": False}}, "head": {"kernel": True}}
+  assert not params.path_matcher("", "optim.freeze")("head/kernel")  # empty selects nothing
+  with pytest.raises(ValueError, match=r"optim.freeze='\(bad' is not a valid regex"):
+    params.path_matcher("(bad", "optim.freeze")

@@ -33,6 +33,7 @@ import optax
 from flax import traverse_util
 
 from vlora_jax import chain
+from vlora_jax import params as params_lib
 from vlora_jax.spec import VIT_TARGETS
 
 ADAPTER_GROUPS = ("lora_a", "lora_b")
@@ -179,22 +180,11 @@ def add_adapters(weights, a: Mapping[str, Any], b: Mapping[str, Any],
 # ----------------------------------------------------------------------------- paths and freezing
 
 
-def path_str(path) -> str:
-  """A jax key path -> ``a/b/c`` (dict keys only, so boxed and unboxed trees read the same)."""
-  return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
-
-
 def labels(params, trainable: str | Sequence[str] = ADAPTERS_REGEX):
   """A tree like ``params`` of ``'train'`` / ``'freeze'``: a leaf trains if its path full-matches
   one of the ``trainable`` regexes."""
-  pats = (trainable,) if isinstance(trainable, str) else tuple(trainable)
-  for p in pats:
-    try:
-      re.compile(p)
-    except re.error as e:
-      raise ValueError(f"trainable={p!r} is not a valid regex ({e})") from None
-  tag = lambda path, _: "train" if any(re.fullmatch(p, path_str(path)) for p in pats) else "freeze"
-  return jax.tree_util.tree_map_with_path(tag, params)
+  trains = params_lib.path_matcher(trainable, "trainable")
+  return params_lib.label_tree(params, lambda path: "train" if trains(path) else "freeze")
 
 
 def optimizer(tx: optax.GradientTransformation, params,

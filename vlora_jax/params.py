@@ -1,4 +1,4 @@
-"""Counting parameters by group, and the dense twin of a VLoRA model.
+"""Counting parameters by group, selecting them by path, and the dense twin of a VLoRA model.
 
 Groups follow the stack's reserved names (see `stack.py`): ``base`` (layer 0 of every compound),
 ``increments`` (``inc_a``, ``inc_b``, ``inc_vec``), ``per_layer`` (non-targeted params, full in every
@@ -8,7 +8,8 @@ layer of a stack), ``lora`` (horizontal LoRA adapters ``lora_a``, ``lora_b``, se
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import re
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -25,6 +26,33 @@ def group_of(path: str) -> str:
     if part in GROUP_OF:
       return GROUP_OF[part]
   return "other"
+
+
+def path_str(path) -> str:
+  """A jax key path -> ``a/b/c`` (dict keys only, so boxed and unboxed trees read the same)."""
+  return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def path_matcher(patterns: str | Sequence[str], field: str) -> Callable[[str], bool]:
+  """``path -> bool``: whether a ``/``-joined path full-matches one of the regexes ``patterns``.
+
+  The one rule behind every selection of params by path (``optim.freeze``, the trainable set of
+  `lora.optimizer`). ``''`` or ``()`` matches nothing. A bad regex raises ``ValueError`` naming
+  ``field``.
+  """
+  pats = [p for p in ((patterns,) if isinstance(patterns, str) else tuple(patterns)) if p]
+  compiled = []
+  for p in pats:
+    try:
+      compiled.append(re.compile(p))
+    except re.error as e:
+      raise ValueError(f"{field}={p!r} is not a valid regex ({e})") from None
+  return lambda path: any(c.fullmatch(path) for c in compiled)
+
+
+def label_tree(params, label_of: Callable[[str], Any]):
+  """A tree like ``params`` whose leaves are ``label_of(path)`` (e.g. optax group labels)."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: label_of(path_str(path)), params)
 
 
 def count(params, trainable: Callable[[str], bool] | None = None) -> dict[str, Any]:

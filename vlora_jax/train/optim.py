@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from vlora_jax import params as params_lib
+
 FROZEN = "frozen"
 SCHEDULES = ("cosine", "constant")
 
@@ -44,25 +46,24 @@ def groups(params, ocfg) -> tuple[Any, dict[str, tuple[float, float]]]:
 
   Labels are ``'frozen'`` or ``'lr<m>_wd<w>'`` (readable in logs).
   """
-  freeze = ocfg.get("freeze", "") or ""
+  frozen = params_lib.path_matcher(ocfg.get("freeze", "") or "", "optim.freeze")
   mults = {}
 
   def label(path):
-    if freeze and re.fullmatch(freeze, path):
+    if frozen(path):
       return FROZEN
     m = (_first(ocfg.get("lr_mults"), path, 1.0), _first(ocfg.get("wd_mults"), path, 1.0))
     name = f"lr{m[0]:g}_wd{m[1]:g}"
     mults[name] = m
     return name
 
-  flat = {tuple(k.split("/")): label(k) for k in paths(params)}
-  return traverse_util.unflatten_dict(flat), mults
+  return params_lib.label_tree(params, label), mults
 
 
 def trainable_fn(ocfg) -> Callable[[str], bool]:
   """``path -> bool``: not frozen (for parameter counts)."""
-  freeze = ocfg.get("freeze", "") or ""
-  return lambda path: not (freeze and re.fullmatch(freeze, path))
+  frozen = params_lib.path_matcher(ocfg.get("freeze", "") or "", "optim.freeze")
+  return lambda path: not frozen(path)
 
 
 def schedule(ocfg, total_steps: int) -> optax.Schedule:
