@@ -22,10 +22,31 @@ ROPE_BASE = 10000.0  # RoFormer / GPT-NeoX frequency base
 KERNEL_INIT = nn.initializers.truncated_normal(0.02)  # timm's Linear init, shared by every Linear
 
 
+def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """``lax.dot_general`` that computes ``x [..., d] @ W [d, f]`` as one 2-D matmul ``[n, d] @ [d, f]``.
+
+  Why: for a 3-D ``x [B, T, d]`` the weight gradient ``x^T dy`` contracts two dims (B and T), and
+  XLA:CPU canonicalises that dot with a transposed copy of the activation gradient (or of ``x``)
+  before it, one per weight per layer. Flattening first leaves a plain 2-D dot that reads both in
+  place: the MLP block's train step 0.71x on the CIFAR config's shapes (see
+  experiments/results/perf_notes.md). The reshapes are free (row-major bitcasts), and merging a
+  batch-sharded leading dim keeps its sharding. Other dimension numbers pass through unchanged.
+  """
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  if not (lhs.ndim > 2 and rhs.ndim == 2 and tuple(lhs_contract) == (lhs.ndim - 1,)
+          and tuple(rhs_contract) == (0,) and not lhs_batch and not rhs_batch):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+  out = jax.lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())),
+                            precision=precision, preferred_element_type=preferred_element_type)
+  return out.reshape(*lhs.shape[:-1], rhs.shape[-1])
+
+
 def dense(features: int, names: tuple[str, str], name: str, dtype: Dtype, use_bias: bool = True):
   """A Linear with timm's init (trunc-normal 0.02, zero bias) and logical axis names."""
   return nn.Dense(
       features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+      dot_general=flat_dot_general,
       kernel_init=nn.with_logical_partitioning(KERNEL_INIT, names),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]))
 
@@ -55,7 +76,7 @@ class FusedDense(nn.Module):
     width = self.features // self.parts
     contract_last = (((x.ndim - 1,), (0,)), ((), ()))
     return tuple(
-        jax.lax.dot_general(x, kernel[:, i * width:(i + 1) * width], contract_last)
+        flat_dot_general(x, kernel[:, i * width:(i + 1) * width], contract_last)
         + bias[i * width:(i + 1) * width] for i in range(self.parts))
 
 
