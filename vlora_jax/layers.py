@@ -19,9 +19,6 @@ LN_EPS = 1e-6  # timm's ViT LayerNorm eps
 ROPE_BASE = 10000.0  # RoFormer / GPT-NeoX frequency base
 
 
-KERNEL_INIT = nn.initializers.truncated_normal(0.02)  # timm's Linear init, shared by every Linear
-
-
 def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
   """``lax.dot_general`` that computes ``x [..., d] @ W [d, f]`` as one 2-D matmul ``[n, d] @ [d, f]``.
 
@@ -47,37 +44,8 @@ def dense(features: int, names: tuple[str, str], name: str, dtype: Dtype, use_bi
   return nn.Dense(
       features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
       dot_general=flat_dot_general,
-      kernel_init=nn.with_logical_partitioning(KERNEL_INIT, names),
+      kernel_init=nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), names),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]))
-
-
-class FusedDense(nn.Module):
-  """One Linear (timm's fused ``qkv`` / ``kv``: kernel ``[D, n * D']``) returned as its n parts.
-
-  The parameters are exactly `dense`'s (names, init, logical axes), so checkpoints and VLoRA targets
-  do not change. Each part is computed from its slice of the kernel rather than by slicing the
-  fused output: slicing the small weight instead of the large activation spares the backward pass
-  a pad-and-add of the activation gradients. The price is n narrower matmuls and a sum of n input
-  gradients. Measured once on the CIFAR config's CPU train step (a one-off harness, before/after):
-  ~10% faster with the layer scan (the default), 0-4% unrolled (experiments/results/perf_notes.md).
-  """
-  features: int
-  parts: int
-  names: tuple[str, str]
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", nn.with_logical_partitioning(KERNEL_INIT, self.names),
-                        (x.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.names[1:]),
-                      (self.features,), jnp.float32)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    width = self.features // self.parts
-    contract_last = (((x.ndim - 1,), (0,)), ((), ()))
-    return tuple(
-        flat_dot_general(x, kernel[:, i * width:(i + 1) * width], contract_last)
-        + bias[i * width:(i + 1) * width] for i in range(self.parts))
 
 
 def layer_norm(name: str, dtype: Dtype):
@@ -128,8 +96,8 @@ class SelfAttention(nn.Module):
   def __call__(self, x, mask=None):
     b, t, _ = x.shape
     hd = self.dim // self.num_heads
-    q, k, v = (y.reshape(b, t, self.num_heads, hd)
-               for y in FusedDense(3 * self.dim, 3, ("embed", "qkv"), self.dtype, name="qkv")(x))
+    qkv = dense(3 * self.dim, ("embed", "qkv"), "qkv", self.dtype)(x)
+    q, k, v = (y.reshape(b, t, self.num_heads, hd) for y in jnp.split(qkv, 3, axis=-1))
     if self.rope:
       q, k = rotary(q, jnp.arange(t)), rotary(k, jnp.arange(t))
     out = attend(q, k, v, mask, self.causal).reshape(b, t, self.dim)
@@ -147,8 +115,8 @@ class CrossAttention(nn.Module):
     b, t, _ = x.shape
     hd = self.dim // self.num_heads
     q = dense(self.dim, ("embed", "heads"), "q", self.dtype)(x).reshape(b, t, self.num_heads, hd)
-    k, v = (y.reshape(b, memory.shape[1], self.num_heads, hd)
-            for y in FusedDense(2 * self.dim, 2, ("embed", "qkv"), self.dtype, name="kv")(memory))
+    kv = dense(2 * self.dim, ("embed", "qkv"), "kv", self.dtype)(memory)
+    k, v = (y.reshape(b, memory.shape[1], self.num_heads, hd) for y in jnp.split(kv, 2, axis=-1))
     out = attend(q, k, v, mask).reshape(b, t, self.dim)
     return dense(self.dim, ("heads", "embed"), "proj", self.dtype)(out)
 
