@@ -11,7 +11,9 @@ per-round ratios to the first variant. Workers run with the allocator tuning of
 turns it off), which keeps each step's ~3 GB of temporaries resident: more than 4 workers at once
 ran out of memory on this 24 GiB machine. A variant's XLA flags are appended to ``$XLA_FLAGS``.
 
-``--variants`` picks from `VARIANTS` (name: config overrides, XLA_FLAGS). The committed results:
+``--variants`` picks from `VARIANTS` (name: config overrides, XLA_FLAGS); ``NAME@REV`` runs that
+variant on the code of git revision REV (a temporary ``git worktree``): the A/B of a code change,
+e.g. ``--variants unrolled@HEAD~1,unrolled``. The committed results:
 
   PYTHONPATH=. .venv/bin/python experiments/step_variants.py \
       --out experiments/results/step_variants.json                    # stack modes, remat
@@ -27,12 +29,16 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# A worker of a ``NAME@REV`` variant imports the library and `bench_train` from REV's worktree.
+CODE = Path(os.environ.get("STEP_VARIANTS_CODE", ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
+sys.path.insert(0, str(CODE / "experiments"))
+sys.path.insert(0, str(CODE))
 
 import bench  # noqa: E402  (its `interleaved` rounds)
 
@@ -51,11 +57,32 @@ DEFAULT = ("scan", "unrolled", "scan_remat_dots", "scan_copy_region_analysis")
 FLAGS = ("unrolled", "unrolled_onednn", "unrolled_no_ynnpack", "unrolled_concurrency_scheduler")
 
 
+def split_name(name: str) -> tuple[str, str | None]:
+  """``'unrolled@HEAD~1'`` -> ``('unrolled', 'HEAD~1')``; no ``@``: the working tree (None)."""
+  variant, _, rev = name.partition("@")
+  return variant, rev or None
+
+
+def git_describe(rev: str | None = None) -> str:
+  """The short hash of ``rev``, or of the working tree (``-dirty`` if it has changes)."""
+  cmd = ["git", "-C", str(ROOT), "describe", "--always"] + ([rev] if rev else ["--dirty"])
+  return subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
+
+
+def worktree(rev: str, parent: Path) -> Path:
+  """A detached ``git worktree`` of ``rev`` under ``parent`` (the code a ``NAME@REV`` runs)."""
+  path = parent / rev.replace("/", "_").replace("~", "-").replace("^", "-")
+  if not path.exists():
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(path), rev],
+                   check=True)
+  return path
+
+
 def worker(name: str) -> None:
   """Compiles the variant's step, then times one step per line read from stdin."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   import bench_train  # pylint: disable=import-outside-toplevel
-  over = dict(VARIANTS[name][0])
+  over = dict(VARIANTS[split_name(name)[0]][0])
   scan = over.pop("model.scan", True)
   v = bench_train.Variant("vit", "paper", True, np.random.default_rng(0), scan=scan, overrides=over)
   v.run(1)
@@ -68,11 +95,11 @@ def worker(name: str) -> None:
 class Worker:
   """A resident worker process for one variant; `step` times one train step in it."""
 
-  def __init__(self, name: str, out: str, log):
+  def __init__(self, name: str, out: str, log, code: Path = ROOT):
     from vlora_jax import cpu_malloc  # pylint: disable=import-outside-toplevel
     self.name, self.log = name, log
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    flags = (os.environ.get("XLA_FLAGS", ""), VARIANTS[name][1])
+    env = dict(os.environ, PYTHONPATH=str(code), STEP_VARIANTS_CODE=str(code))
+    flags = (os.environ.get("XLA_FLAGS", ""), VARIANTS[split_name(name)[0]][1])
     env["XLA_FLAGS"] = " ".join(f for f in flags if f)
     if cpu_malloc.wanted() and not os.environ.get("GLIBC_TUNABLES"):
       env["GLIBC_TUNABLES"] = cpu_malloc.TUNABLES
@@ -110,22 +137,29 @@ def main():
     return worker(args.worker)
   names = list(FLAGS) if args.variants == "flags" else args.variants.split(",")
   for n in names:
-    if n not in VARIANTS:
-      raise SystemExit(f"--variants: {n!r} is not one of {sorted(VARIANTS)} (or 'flags')")
+    if split_name(n)[0] not in VARIANTS:
+      raise SystemExit(f"--variants: {n!r} is not one of {sorted(VARIANTS)} (or 'flags'), "
+                       "optionally with @REV")
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  with open(out.with_suffix(".log"), "w") as log:  # the workers' stderr
+  with open(out.with_suffix(".log"), "w") as log, \
+      tempfile.TemporaryDirectory(prefix="step_variants_") as trees:
     workers = {}
     try:
       for n in names:  # started one at a time: compiles do not compete
-        workers[n] = Worker(n, args.out, log)
+        rev = split_name(n)[1]
+        workers[n] = Worker(n, args.out, log, worktree(rev, Path(trees)) if rev else ROOT)
         print(f"  {n}: compiled in {workers[n].compile_s:.1f}s", flush=True)
       times = bench.interleaved({n: w.step for n, w in workers.items()}, args.rounds)
     finally:
       for w in workers.values():
         w.close()
+      subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], check=False)
   base = names[0]
-  rows = [{"variant": n, "overrides": VARIANTS[n][0], "xla_flags": VARIANTS[n][1],
+  revs = {n: split_name(n)[1] for n in names}
+  rows = [{"variant": n, "overrides": VARIANTS[split_name(n)[0]][0],
+           "xla_flags": VARIANTS[split_name(n)[0]][1],
+           "code": git_describe(revs[n]) if revs[n] else f"working tree ({git_describe()})",
            "median_s": statistics.median(times[n]), "min_s": min(times[n]),
            "ratio_to_baseline": statistics.median(a / b for a, b in zip(times[n], times[base])),
            "compile_s": workers[n].compile_s, "all_s": times[n]} for n in names]
@@ -139,11 +173,11 @@ def main():
   md = [f"# step_variants ({result['date']}, {args.rounds} interleaved rounds, the order reversed "
         f"every other round; ratios to `{base}`: medians of per-round ratios)",
         "", "```", command, "```", "",
-        "| variant | overrides | XLA_FLAGS | median s | min s | / baseline | compile s |",
-        "|---|---|---|---:|---:|---:|---:|"]
+        "| variant | code | overrides | XLA_FLAGS | median s | min s | / baseline | compile s |",
+        "|---|---|---|---|---:|---:|---:|---:|"]
   for r in rows:
     flags = f"`{r['xla_flags']}`" if r["xla_flags"] else "-"
-    md.append(f"| {r['variant']} | {json.dumps(r['overrides'])} | {flags} | "
+    md.append(f"| {r['variant']} | {r['code']} | {json.dumps(r['overrides'])} | {flags} | "
               f"{r['median_s']:.3f} | {r['min_s']:.3f} | {r['ratio_to_baseline']:.3f} | "
               f"{r['compile_s']:.1f} |")
   out.with_suffix(".md").write_text("\n".join(md) + "\n")
