@@ -2,6 +2,7 @@
 
   python experiments/sweep.py --sweep paper_digits                 # run (resumes) + collect
   python experiments/sweep.py --sweep paper_digits --list          # the points, nothing run
+  python experiments/sweep.py --sweep paper --collect              # gather finished points only
   python experiments/sweep.py --sweep ablate_digits --override num_train_steps=300
 
 Each point trains in ``<root>/<sweep>/<point id>`` through the library (``train_and_evaluate``, the
@@ -103,6 +104,8 @@ def main():
                   help="dotted config key for every point, e.g. num_train_steps=300")
   ap.add_argument("--only", help="run only points whose id contains this")
   ap.add_argument("--list", action="store_true", help="print the points and exit")
+  ap.add_argument("--collect", action="store_true",
+                  help="train nothing: only gather the finished points into results.json")
   args = ap.parse_args()
   names = [n for s in args.sweep for n in (sweeps.PAPER if s == "paper" else [s])]
   extra = dict(_parse_override(o) for o in args.override)
@@ -111,7 +114,8 @@ def main():
       for p in sweeps.get(name):
         print(p["id"], p["config"], p["overrides"])
       continue
-    rows = run(name, Path(args.root), extra, args.only)
+    rows = (collect(name, Path(args.root), extra) if args.collect
+            else run(name, Path(args.root), extra, args.only))
     print(f"{name}: {len(rows)}/{len(sweeps.get(name))} points finished "
           f"-> {Path(args.root) / name / 'results.json'}", flush=True)
 

@@ -1,4 +1,4 @@
-"""layers.flat_dot_general: the dot every Linear uses, equal to lax.dot_general, and why it exists."""
+"""layers.flat_dot_general, the dot of every Linear: equal to lax.dot_general, and why it exists."""
 
 import jax
 import jax.numpy as jnp

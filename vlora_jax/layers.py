@@ -20,7 +20,7 @@ ROPE_BASE = 10000.0  # RoFormer / GPT-NeoX frequency base
 
 
 def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-  """``lax.dot_general`` that computes ``x [..., d] @ W [d, f]`` as one 2-D matmul ``[n, d] @ [d, f]``.
+  """``lax.dot_general`` computing ``x [..., d] @ W [d, f]`` as one 2-D matmul ``[n, d] @ [d, f]``.
 
   Why: for a 3-D ``x [B, T, d]`` the weight gradient ``x^T dy`` contracts two dims (B and T), and
   XLA:CPU canonicalises that dot with a transposed copy of the activation gradient (or of ``x``)
