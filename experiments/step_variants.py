@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,7 +41,6 @@ sys.path.insert(0, str(ROOT / "experiments"))
 sys.path.insert(0, str(CODE / "experiments"))
 sys.path.insert(0, str(CODE))
 
-import bench  # noqa: E402  (its `interleaved` rounds)
 
 # name -> (config overrides, XLA_FLAGS)
 VARIANTS = {
@@ -64,16 +64,20 @@ def split_name(name: str) -> tuple[str, str | None]:
 
 
 def git_describe(rev: str | None = None) -> str:
-  """The short hash of ``rev``, or of the working tree (``-dirty`` if it has changes)."""
+  """``git describe --always`` of ``rev`` (a short hash where there are no tags), or of the
+  working tree (``-dirty`` if it has changes)."""
   cmd = ["git", "-C", str(ROOT), "describe", "--always"] + ([rev] if rev else ["--dirty"])
   return subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
 
 
 def worktree(rev: str, parent: Path) -> Path:
-  """A detached ``git worktree`` of ``rev`` under ``parent`` (the code a ``NAME@REV`` runs)."""
-  path = parent / rev.replace("/", "_").replace("~", "-").replace("^", "-")
+  """A detached ``git worktree`` of ``rev`` under ``parent`` (the code a ``NAME@REV`` runs), named
+  by its commit: two spellings of one commit share it, two commits never do."""
+  commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", f"{rev}^{{commit}}"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+  path = parent / commit
   if not path.exists():
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(path), rev],
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(path), commit],
                    check=True)
   return path
 
@@ -135,6 +139,7 @@ def main():
   args = ap.parse_args()
   if args.worker:
     return worker(args.worker)
+  import bench  # pylint: disable=import-outside-toplevel  (the driver's; its `interleaved` rounds)
   names = list(FLAGS) if args.variants == "flags" else args.variants.split(",")
   for n in names:
     if split_name(n)[0] not in VARIANTS:
@@ -142,19 +147,22 @@ def main():
                        "optionally with @REV")
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  with open(out.with_suffix(".log"), "w") as log, \
-      tempfile.TemporaryDirectory(prefix="step_variants_") as trees:
+  trees = Path(tempfile.mkdtemp(prefix="step_variants_"))
+  with open(out.with_suffix(".log"), "w") as log:  # the workers' stderr
     workers = {}
     try:
       for n in names:  # started one at a time: compiles do not compete
         rev = split_name(n)[1]
-        workers[n] = Worker(n, args.out, log, worktree(rev, Path(trees)) if rev else ROOT)
+        workers[n] = Worker(n, args.out, log, worktree(rev, trees) if rev else ROOT)
         print(f"  {n}: compiled in {workers[n].compile_s:.1f}s", flush=True)
       times = bench.interleaved({n: w.step for n, w in workers.items()}, args.rounds)
     finally:
       for w in workers.values():
         w.close()
-      subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], check=False)
+      for tree in trees.iterdir():  # unregistered from git too, not only deleted
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
+                       check=False)
+      shutil.rmtree(trees, ignore_errors=True)
   base = names[0]
   revs = {n: split_name(n)[1] for n in names}
   rows = [{"variant": n, "overrides": VARIANTS[split_name(n)[0]][0],

@@ -88,6 +88,9 @@ def collect(name: str, root: Path, extra: dict | None = None) -> list[dict]:
       continue
     rows.append({"id": p["id"], **p["tags"], **{k: s.get(k) for k in KEEP}})
   out = root / name / "results.json"
+  if not rows and out.exists():  # e.g. collected without the --override the runs used
+    print(f"{name}: no finished point found; {out} left as it was", flush=True)
+    return rows
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(rows, indent=1))
   return rows
@@ -105,7 +108,8 @@ def main():
   ap.add_argument("--only", help="run only points whose id contains this")
   ap.add_argument("--list", action="store_true", help="print the points and exit")
   ap.add_argument("--collect", action="store_true",
-                  help="train nothing: only gather the finished points into results.json")
+                  help="train nothing: only gather the finished points into results.json "
+                  "(all of them: --only does not apply)")
   args = ap.parse_args()
   names = [n for s in args.sweep for n in (sweeps.PAPER if s == "paper" else [s])]
   extra = dict(_parse_override(o) for o in args.override)

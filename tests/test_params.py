@@ -1,5 +1,6 @@
 """Parameter counts: closed form == counted, the official figures, groups, bytes, dense twin."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
@@ -72,3 +73,11 @@ def test_path_matcher_and_label_tree():
   assert not params.path_matcher("", "optim.freeze")("head/kernel")  # empty selects nothing
   with pytest.raises(ValueError, match=r"optim.freeze='\(bad' is not a valid regex"):
     params.path_matcher("(bad", "optim.freeze")
+
+
+def test_label_tree_gives_plain_labels_for_boxed_params():
+  """Boxed (nn.Partitioned) leaves get plain labels: one label tree serves boxed and unboxed."""
+  boxed = {"head": {"kernel": nn.Partitioned(jnp.ones((2, 3)), names=("embed", "vocab"))}}
+  labels = params.label_tree(boxed, lambda path: path)
+  assert labels == {"head": {"kernel": "head/kernel"}}
+  assert labels == params.label_tree(nn.unbox(boxed), lambda path: path)

@@ -8,6 +8,7 @@ that the training config maps onto mesh axes.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -19,7 +20,8 @@ LN_EPS = 1e-6  # timm's ViT LayerNorm eps
 ROPE_BASE = 10000.0  # RoFormer / GPT-NeoX frequency base
 
 
-def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                     **kwargs):
   """``lax.dot_general`` computing ``x [..., d] @ W [d, f]`` as one 2-D matmul ``[n, d] @ [d, f]``.
 
   Why: for a 3-D ``x [B, T, d]`` the weight gradient ``x^T dy`` contracts two dims (B and T), and
@@ -27,14 +29,16 @@ def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
   before it, one per weight per layer. Flattening first leaves a plain 2-D dot that reads both in
   place: the MLP block's train step 0.71x on the CIFAR config's shapes (see
   experiments/results/perf_notes.md). The reshapes are free (row-major bitcasts), and merging a
-  batch-sharded leading dim keeps its sharding. Other dimension numbers pass through unchanged.
+  batch-sharded leading dim keeps its sharding. Other dimension numbers, or extra keyword
+  arguments (e.g. ``out_sharding``, which names the 3-D output), go to ``lax.dot_general`` as is.
   """
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
-  if not (lhs.ndim > 2 and rhs.ndim == 2 and tuple(lhs_contract) == (lhs.ndim - 1,)
+  if kwargs or not (lhs.ndim > 2 and rhs.ndim == 2 and tuple(lhs_contract) == (lhs.ndim - 1,)
           and tuple(rhs_contract) == (0,) and not lhs_batch and not rhs_batch):
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type)
-  out = jax.lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())),
+                               preferred_element_type=preferred_element_type, **kwargs)
+  rows = math.prod(lhs.shape[:-1])  # not -1: a zero-width d would leave it undefined
+  out = jax.lax.dot_general(lhs.reshape(rows, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())),
                             precision=precision, preferred_element_type=preferred_element_type)
   return out.reshape(*lhs.shape[:-1], rhs.shape[-1])
 

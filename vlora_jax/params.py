@@ -36,9 +36,9 @@ def path_str(path) -> str:
 def path_matcher(patterns: str | Sequence[str], field: str) -> Callable[[str], bool]:
   """``path -> bool``: whether a ``/``-joined path full-matches one of the regexes ``patterns``.
 
-  The one rule behind every selection of params by path (``optim.freeze``, the trainable set of
-  `lora.optimizer`). ``''`` or ``()`` matches nothing. A bad regex raises ``ValueError`` naming
-  ``field``.
+  The rule behind ``optim.freeze`` and the trainable set of `lora.optimizer` (one helper, so the
+  two cannot drift apart). ``''`` or ``()`` matches nothing. A bad regex raises ``ValueError``
+  naming ``field``.
   """
   pats = [p for p in ((patterns,) if isinstance(patterns, str) else tuple(patterns)) if p]
   compiled = []
@@ -51,8 +51,13 @@ def path_matcher(patterns: str | Sequence[str], field: str) -> Callable[[str], b
 
 
 def label_tree(params, label_of: Callable[[str], Any]):
-  """A tree like ``params`` whose leaves are ``label_of(path)`` (e.g. optax group labels)."""
-  return jax.tree_util.tree_map_with_path(lambda path, _: label_of(path_str(path)), params)
+  """A tree like ``params`` whose leaves are ``label_of(path)`` (e.g. optax group labels).
+
+  A boxed leaf (``nn.Partitioned``) gets a plain label, so the result is a valid label tree for
+  optax on the boxed and the unboxed params alike.
+  """
+  return jax.tree_util.tree_map_with_path(lambda path, _: label_of(path_str(path)), params,
+                                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def count(params, trainable: Callable[[str], bool] | None = None) -> dict[str, Any]:
