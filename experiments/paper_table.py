@@ -100,7 +100,10 @@ def markdown(agg: list[dict], tgt: list[dict]) -> str:
   for t in tgt:
     lines.append(f"| {t['dataset']} | {t['rule']} | {t['best']} | {t['ratio']:.1%} | {t['gap']} | "
                  f"{'yes' if t['met'] else 'no'} |")
-  lines += ["", "What each data set trains (configs/sweeps.py):", ""]
+  lines += ["", "Train times come from runs made over several sessions on a shared 2-core machine, some "
+            "before a faster train step (the flat dots of experiments/results/perf_notes.md): "
+            "read them as rough costs, not as a speed comparison.",
+            "", "What each data set trains (configs/sweeps.py):", ""]
   for ds in dict.fromkeys(a["dataset"] for a in agg):
     lines.append(f"- {ds}: {sweeps.DATASETS[ds][3]}")
   return "\n".join(lines) + "\n"
