@@ -41,12 +41,17 @@ def _first(rules, path: str, default: float) -> float:
   return default
 
 
+def _frozen(ocfg) -> Callable[[str], bool]:
+  """``path -> bool``: matched by the ``optim.freeze`` regex (empty: nothing is frozen)."""
+  return params_lib.path_matcher(ocfg.get("freeze", "") or "", "optim.freeze")
+
+
 def groups(params, ocfg) -> tuple[Any, dict[str, tuple[float, float]]]:
   """A tree like ``params`` of group labels, and ``{label: (lr_mult, wd_mult)}``.
 
   Labels are ``'frozen'`` or ``'lr<m>_wd<w>'`` (readable in logs).
   """
-  frozen = params_lib.path_matcher(ocfg.get("freeze", "") or "", "optim.freeze")
+  frozen = _frozen(ocfg)
   mults = {}
 
   def label(path):
@@ -62,7 +67,7 @@ def groups(params, ocfg) -> tuple[Any, dict[str, tuple[float, float]]]:
 
 def trainable_fn(ocfg) -> Callable[[str], bool]:
   """``path -> bool``: not frozen (for parameter counts)."""
-  frozen = params_lib.path_matcher(ocfg.get("freeze", "") or "", "optim.freeze")
+  frozen = _frozen(ocfg)
   return lambda path: not frozen(path)
 
 
