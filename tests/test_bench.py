@@ -61,3 +61,22 @@ def test_small_quick_run_reports_every_ratio(tmp_path):
   assert all(len(v) == result["config"]["rounds"] for v in result["times_s"].values())
   assert result["inference"]["merged_same_hlo_as_dense"] in (True, False)
   assert "| train_step/vlora_over_dense" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_profile_step_sums_the_traced_step_by_op(tmp_path):
+  out = tmp_path / "profile.json"
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "experiments" / "profile_step.py"), "--size", "small",
+       "--unrolled", "--top", "3", "--trace", str(tmp_path / "trace"), "--out", str(out)],
+      env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["variant"] == "vit/vlora_unrolled"
+  ops = result["ops"]
+  assert ops and result["traced_step_ms"] > 0
+  assert math.isclose(sum(ms for ms, _ in ops.values()), result["busy_thread_ms"], rel_tol=1e-6)
+  # The matmuls of a train step are there, by XLA:CPU's name for them (YNNPACK, or plain dots).
+  assert any(k.startswith(("ynn_fusion", "dot", "xnn_fusion")) for k in ops), sorted(ops)
+  assert "ms" in proc.stdout and "busy" in proc.stdout
