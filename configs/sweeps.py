@@ -33,63 +33,54 @@ RANKS = (2, 4, 8, 16)
 QUIET = {"tensorboard": False, "progress": False, "checkpoint.keep_best": 0,
          "checkpoint.every_steps": 100_000, "checkpoint.keep": 1}
 
+def _local(dataset: str) -> str:
+  """The `vit_local.py` config of a data set under ``DATA``."""
+  return f"configs/vit_local.py:{dataset},dir={DATA}"
+
+
+def _schedule(steps: int, **model) -> dict:
+  """Overrides: ``model.<key>`` values, ``steps`` with a 10% warm-up, one evaluation at the end."""
+  return {**{f"model.{k}": v for k, v in model.items()}, "num_train_steps": steps,
+          "optim.warmup_steps": steps // 10, "eval_every_steps": 0}
+
+
+ACC = "eval/accuracy"
+CIFAR = {"patch_size": 8, "depth": 4, "num_heads": 4}  # 16 patches + cls, 4 layers = 1 compound
+SHAKESPEARE = f"configs/lm_shakespeare.py:text,file={os.path.join(DATA, 'tiny_shakespeare.txt')}"
+
 # dataset -> (config spec, overrides, metric, what it trains)
 DATASETS = {
-    "digits": ("configs/vit_digits.py", {},
-               "eval/accuracy", "the embedded default: 8x8 digits, D 64, 1,000 steps of 64"),
-    "mnist": (f"configs/vit_local.py:mnist,dir={DATA}",
-              {"model.patch_size": 7, "num_train_steps": 600, "optim.warmup_steps": 60,
-               "eval_every_steps": 0},
-              "eval/accuracy", "MNIST 60k/10k, 7x7 patches (16 + cls), D 64, 600 steps of 128"),
-    "cifar10_subset": (f"configs/vit_local.py:cifar10,dir={DATA}",
-                       {"model.patch_size": 8, "model.dim": 64, "model.depth": 4,
-                        "model.num_heads": 4, "num_train_steps": 800, "optim.warmup_steps": 80,
-                        "eval_every_steps": 0},
-                       "eval/accuracy",
+    "digits": ("configs/vit_digits.py", {}, ACC,
+               "the embedded default: 8x8 digits, D 64, 1,000 steps of 64"),
+    "mnist": (_local("mnist"), _schedule(600, patch_size=7), ACC,
+              "MNIST 60k/10k, 7x7 patches (16 + cls), D 64, 600 steps of 128"),
+    "cifar10_subset": (_local("cifar10"), _schedule(800, dim=64, **CIFAR), ACC,
                        "exact CIFAR-10 4k/1k, 8x8 patches (16 + cls), D 64, crop+flip, "
                        "800 steps of 128 (25 epochs)"),
-    "cifar10_jpeg": (f"configs/vit_local.py:cifar10_jpeg,dir={DATA}",
-                     {"model.patch_size": 8, "model.dim": 64, "model.depth": 4,
-                      "model.num_heads": 4, "num_train_steps": 600, "optim.warmup_steps": 60,
-                      "eval_every_steps": 0},
-                     "eval/accuracy",
+    "cifar10_jpeg": (_local("cifar10_jpeg"), _schedule(600, dim=64, **CIFAR), ACC,
                      "full CIFAR-10 50k/10k (JPEG q75), 8x8 patches, D 64, crop+flip, "
                      "600 steps of 128 (1.5 epochs)"),
-    "shakespeare": (f"configs/lm_shakespeare.py:text,file={os.path.join(DATA, 'tiny_shakespeare.txt')}",
-                    {"model.dim": 64, "num_train_steps": 600, "optim.warmup_steps": 60,
-                     "eval_every_steps": 0},
-                    "eval/loss", "char LM, D 64, 4 layers, context 64, 600 steps of 32"),
+    "shakespeare": (SHAKESPEARE, _schedule(600, dim=64), "eval/loss",
+                    "char LM, D 64, 4 layers, context 64, 600 steps of 32"),
     # D 128: the width where ranks 2-4 fall under 30% of the dense parameters (at D 64 rank 2 is
     # 30.1%: the per-layer biases and norms, which VLoRA does not share, weigh more in a narrow
     # model). Longer schedules than the D 64 lines, whose MNIST run stopped far from convergence.
-    "digits_d128": ("configs/vit_digits.py", {"model.dim": 128},
-                    "eval/accuracy", "digits at D 128 (4 layers, 4 heads), 1,000 steps of 64"),
-    "mnist_d128": (f"configs/vit_local.py:mnist,dir={DATA}",
-                   {"model.patch_size": 7, "model.dim": 128, "num_train_steps": 1000,
-                    "optim.warmup_steps": 100, "eval_every_steps": 0},
-                   "eval/accuracy", "MNIST, 7x7 patches, D 128, 4 layers, 1,000 steps of 128 "
-                   "(2.1 epochs)"),
-    # The same at twice the schedule: at 1,000 steps neither model had converged (dense gained 4
-    # points from D 64's 600 steps), and the gap to dense is what an unconverged VLoRA pays.
-    "mnist_d128_2k": (f"configs/vit_local.py:mnist,dir={DATA}",
-                      {"model.patch_size": 7, "model.dim": 128, "num_train_steps": 2000,
-                       "optim.warmup_steps": 200, "eval_every_steps": 0},
-                      "eval/accuracy", "MNIST, 7x7 patches, D 128, 4 layers, 2,000 steps of 128 "
-                      "(4.3 epochs)"),
-    "cifar10_subset_d128": (f"configs/vit_local.py:cifar10,dir={DATA}",
-                            {"model.patch_size": 8, "model.dim": 128, "model.depth": 4,
-                             "model.num_heads": 4, "num_train_steps": 1250,
-                             "optim.warmup_steps": 125, "eval_every_steps": 0},
-                            "eval/accuracy", "exact CIFAR-10 4k/1k, 8x8 patches, D 128, 4 layers, "
-                            "crop+flip, 1,250 steps of 128 (40 epochs)"),
+    "digits_d128": ("configs/vit_digits.py", {"model.dim": 128}, ACC,
+                    "digits at D 128 (4 layers, 4 heads), 1,000 steps of 64"),
+    "mnist_d128": (_local("mnist"), _schedule(1000, patch_size=7, dim=128), ACC,
+                   "MNIST, 7x7 patches, D 128, 4 layers, 1,000 steps of 128 (2.1 epochs)"),
+    # Twice the schedule: at 1,000 steps neither model had converged (dense gained 4 points from
+    # the 600 steps of D 64); is the gap to dense what an unconverged VLoRA pays?
+    "mnist_d128_2k": (_local("mnist"), _schedule(2000, patch_size=7, dim=128), ACC,
+                      "MNIST, 7x7 patches, D 128, 4 layers, 2,000 steps of 128 (4.3 epochs)"),
+    "cifar10_subset_d128": (_local("cifar10"), _schedule(1250, dim=128, **CIFAR), ACC,
+                            "exact CIFAR-10 4k/1k, 8x8 patches, D 128, 4 layers, crop+flip, "
+                            "1,250 steps of 128 (40 epochs)"),
     # The full CIFAR-10 at D 128 and 3.4x the epochs of the D 64 line: does the gap to dense close
-    # with training on the full data (as it did on MNIST), or is it capacity?
-    "cifar10_jpeg_d128": (f"configs/vit_local.py:cifar10_jpeg,dir={DATA}",
-                          {"model.patch_size": 8, "model.dim": 128, "model.depth": 4,
-                           "model.num_heads": 4, "num_train_steps": 2000,
-                           "optim.warmup_steps": 200, "eval_every_steps": 0},
-                          "eval/accuracy", "full CIFAR-10 50k/10k (JPEG q75), 8x8 patches, D 128, "
-                          "4 layers, crop+flip, 2,000 steps of 128 (5.1 epochs)"),
+    # with a longer schedule on the full data, or is it capacity?
+    "cifar10_jpeg_d128": (_local("cifar10_jpeg"), _schedule(2000, dim=128, **CIFAR), ACC,
+                          "full CIFAR-10 50k/10k (JPEG q75), 8x8 patches, D 128, 4 layers, "
+                          "crop+flip, 2,000 steps of 128 (5.1 epochs)"),
 }
 
 
