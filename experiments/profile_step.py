@@ -57,7 +57,7 @@ def main(argv=None):
   import jax
   import numpy as np
   from bench_train import Variant
-  from sweep import _parse_override
+  from sweep import parse_override
 
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--unrolled", action="store_true", help="model.scan=False")
@@ -69,7 +69,7 @@ def main(argv=None):
   p.add_argument("--out", default=None, help="write the totals as JSON here")
   a = p.parse_args(argv)
 
-  overrides = dict(_parse_override(o) for o in a.override)
+  overrides = dict(parse_override(o) for o in a.override)
   v = Variant("vit", a.size, not a.dense, np.random.default_rng(0), scan=not a.unrolled,
               overrides=overrides)
   v.run(2)  # warm-up: allocator and caches settle

@@ -48,7 +48,8 @@ def _config(point: dict, extra: dict | None):
   return load_config(str(ROOT / point["config"]), **{**point["overrides"], **(extra or {})})
 
 
-def _parse_override(text: str) -> tuple[str, object]:
+def parse_override(text: str) -> tuple[str, object]:
+  """``'optim.lr=3e-4'`` -> ``('optim.lr', 0.0003)``: a Python literal where it parses, else text."""
   key, _, value = text.partition("=")
   try:
     return key, ast.literal_eval(value)
@@ -112,7 +113,7 @@ def main():
                   "(all of them: --only does not apply)")
   args = ap.parse_args()
   names = [n for s in args.sweep for n in (sweeps.PAPER if s == "paper" else [s])]
-  extra = dict(_parse_override(o) for o in args.override)
+  extra = dict(parse_override(o) for o in args.override)
   for name in names:
     if args.list:
       for p in sweeps.get(name):
