@@ -34,18 +34,25 @@ NEEDS_TORCH = ("checkpoint/official_state_dict_over_timm_dense",
                "torch/ours_vlora_unrolled_over_official")
 
 
+def _run_experiment(script: str, *args: str) -> subprocess.CompletedProcess:
+  """``experiments/<script> args`` in a subprocess (as a user runs it), its success asserted.
+
+  LLVM at -O0: a run compiles a dozen small programs, and these tests check the plumbing, not the
+  numbers (which such a run makes meaningless anyway).
+  """
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_backend_optimization_level=0")
+  proc = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
 @pytest.mark.slow
 def test_small_quick_run_reports_every_ratio(tmp_path):
   out = tmp_path / "bench.json"
-  # LLVM at -O0: the run compiles a dozen small programs, and this test checks the plumbing, not
-  # the numbers (which such a run makes meaningless anyway).
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_backend_optimization_level=0")
-  proc = subprocess.run(
-      [sys.executable, str(ROOT / "experiments" / "bench.py"), "--size", "small", "--quick",
-       "--no-torch", "--peak-tflops", "1", "--out", str(out)],
-      env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  _run_experiment("bench.py", "--size", "small", "--quick", "--no-torch", "--peak-tflops", "1",
+                  "--out", str(out))
   result = json.loads(out.read_text())
   ratios = result["ratios"]
   assert set(ratios) == set(RATIOS)
@@ -66,14 +73,8 @@ def test_small_quick_run_reports_every_ratio(tmp_path):
 @pytest.mark.slow
 def test_profile_step_sums_the_traced_step_by_op(tmp_path):
   out = tmp_path / "profile.json"
-  # LLVM at -O0, as above: this checks the trace and its sums, not the speed.
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_backend_optimization_level=0")
-  proc = subprocess.run(
-      [sys.executable, str(ROOT / "experiments" / "profile_step.py"), "--size", "small",
-       "--unrolled", "--top", "3", "--trace", str(tmp_path / "trace"), "--out", str(out)],
-      env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = _run_experiment("profile_step.py", "--size", "small", "--unrolled", "--top", "3",
+                         "--trace", str(tmp_path / "trace"), "--out", str(out))
   result = json.loads(out.read_text())
   assert result["variant"] == "vit/vlora_unrolled"
   ops = result["ops"]
