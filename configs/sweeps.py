@@ -12,7 +12,7 @@ and collects the results; ``experiments/paper_table.py`` and ``experiments/plots
 
 CPU budget (2 cores, one run at a time, shared with other work): the paper sweeps use small ViTs
 (D 64, or D 128 for the under-30%-of-parameters lines; 4 layers, one compound of 4) and short
-schedules, 195 runs in about 10 hours; each data set line below says what it trains. Users with an
+schedules, 201 runs in about 11 hours; each data set line below says what it trains. Users with an
 accelerator scale them with ``--override``.
 """
 

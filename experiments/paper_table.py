@@ -1,6 +1,6 @@
 """The paper table: dense vs VLoRA on real data, mean ± std over seeds, from the paper_* sweeps.
 
-  python experiments/sweep.py --sweep paper      # trains (resumable; 195 runs, ~10 h on 2 cores)
+  python experiments/sweep.py --sweep paper      # trains (resumable; 201 runs, ~11 h on 2 cores)
   python experiments/paper_table.py --out experiments/results/paper_table
 
 Reads ``<root>/paper_*/results.json`` (written by experiments/sweep.py) and writes
