@@ -30,3 +30,25 @@ def test_every_point_loads_and_validates(name):
 def test_unknown_sweep_names_the_declared_ones():
   with pytest.raises(ValueError, match="paper_digits"):
     sweeps.get("paper_digitz")
+
+
+def test_factor_lr_multiplies_the_low_rank_factors_only():
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  from vlora_jax import models
+  from vlora_jax.train import optim
+
+  p = sweeps.point("digits", "cumulative", 0, rank=2, factor_lr=4.0)
+  config = sweep._config(p, None)  # pylint: disable=protected-access
+  model = models.build(config.model)
+  sample = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                        models.sample_inputs(config.model, batch=2))
+  params = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, *sample,
+                                             train=False)["params"])
+  labels, mults = optim.groups(nn.unbox(params), config.optim)
+  boosted = {path for path, label in optim.paths(labels).items() if mults[label][0] == 4.0}
+  assert boosted and all("/inc_a/" in x or "/inc_b/" in x for x in boosted)
+  assert len(boosted) == sum("/inc_" in x and "/inc_vec/" not in x for x in optim.paths(labels))
+  assert p["id"] == "digits/cumulative_r2_s4_flr4/seed0" and p["tags"]["factor_lr"] == 4.0
