@@ -1,0 +1,92 @@
+"""How far each layer's weights move from its compound's base layer, in trained runs.
+
+  python experiments/layer_drift.py RUN [RUN ...] [--out FILE.md]
+
+RUN is a workdir (or a checkpoint path) of a trained model. For every targeted weight (the
+config's ``model.vlora.targets``) and every layer k of a compound of s layers, the drift is
+``||W_k - W_0|| / ||W_0||`` (Frobenius), W_0 being the compound's first layer, averaged over the
+compounds. A VLoRA run's per-layer weights are those its forward computes (``stack.merge``); a
+dense run is grouped into compounds of the same size, so its drift is what untied layers do.
+Where VLoRA's drift is small and adding rank or a larger learning rate for the factors changes
+neither accuracy nor much else, the increments are not what the model leans on (README,
+"What limits VLoRA on CIFAR-10").
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from vlora_jax import models, stack  # noqa: E402
+from vlora_jax.train import checkpoint  # noqa: E402
+
+
+def _stacks(tree, prefix=""):
+  """``(path, per_layer dict)`` of every layer stack in a merged params tree."""
+  if isinstance(tree, dict):
+    if "per_layer" in tree:
+      yield prefix, tree["per_layer"]
+      return
+    for k, v in tree.items():
+      yield from _stacks(v, f"{prefix}/{k}" if prefix else k)
+
+
+def _get(tree: dict, path: str) -> np.ndarray:
+  for k in path.split("/"):
+    tree = tree[k]
+  return np.asarray(tree, np.float64)
+
+
+def drift(run: str) -> dict:
+  """``{'run', 'variant', 'rank', 's', 'drift': {stack/target: [per-step drift, ...]}}``."""
+  meta = checkpoint.read_meta(run)
+  vcfg = meta["config"]["model"]["vlora"]
+  spec = models.vlora_spec(vcfg)
+  params = checkpoint.read_state(run)["params"]
+  merged = stack.merge(params, spec) if spec else params
+  s = int(vcfg["compound_size"])
+  out = {}
+  for name, per_layer in _stacks(merged):
+    for target in vcfg["targets"]:
+      w = _get(per_layer, target)                 # [L, ...]
+      w = w.reshape(w.shape[0] // s, s, -1)       # [C, s, n]
+      base = np.linalg.norm(w[:, 0], axis=-1)     # [C]
+      rel = np.linalg.norm(w[:, 1:] - w[:, :1], axis=-1) / base[:, None]  # [C, s-1]
+      out[f"{name}/{target}"] = rel.mean(axis=0).tolist()
+  variant = vcfg["mode"] if spec else "dense"
+  rank = vcfg["rank"] if variant in ("cumulative", "anchored") else None
+  return {"run": run, "variant": variant, "rank": rank, "s": s, "drift": out}
+
+
+def markdown(results: list[dict]) -> str:
+  s = max(r["s"] for r in results)
+  head = ["run", "variant", "weight", *(f"layer {k}" for k in range(1, s))]
+  lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (s - 1)]
+  for r in results:
+    model = r["variant"] + (f" r{r['rank']}" if r["rank"] else "")
+    for weight, d in r["drift"].items():
+      lines.append(f"| {r['run']} | {model} | {weight} | " + " | ".join(f"{x:.3f}" for x in d)
+                   + " |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("runs", nargs="+", help="workdirs or checkpoint paths")
+  ap.add_argument("--out", help="also write the table to this Markdown file")
+  args = ap.parse_args(argv)
+  md = markdown([drift(r) for r in args.runs])
+  print(md)
+  if args.out:
+    Path(args.out).write_text(md)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

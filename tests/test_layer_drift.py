@@ -1,0 +1,51 @@
+"""experiments/layer_drift.py on real (tiny) trained runs, against the drift computed by hand."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from helpers_train import ROOT, tiny
+
+from vlora_jax.train import checkpoint, train_and_evaluate
+
+sys.path.insert(0, str(ROOT / "experiments"))
+import layer_drift  # noqa: E402  experiments/layer_drift.py
+
+# Two compounds of 2 layers, a large learning rate so that the increments move in 3 steps.
+SIZE = {"model.depth": 4, "model.vlora.compound_size": 2, "num_train_steps": 3, "optim.lr": 3e-2}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  out = {}
+  for mode in ("cumulative", "dense"):
+    d = tmp_path_factory.mktemp(mode)
+    over = {"model.vlora.enabled": False} if mode == "dense" else {"model.vlora.mode": mode}
+    train_and_evaluate(tiny("vit", **SIZE, **over), d)
+    out[mode] = str(d)
+  return out
+
+
+def test_cumulative_drift_is_the_norm_of_the_summed_increments(runs):
+  r = layer_drift.drift(runs["cumulative"])
+  assert r["variant"] == "cumulative" and r["rank"] == 2 and r["s"] == 2
+  p = checkpoint.read_state(runs["cumulative"])["params"]["blocks"]
+  for target in ("attn/qkv/kernel", "mlp/fc2/kernel"):
+    w0 = layer_drift._get(p["base"], target)                  # [C, in, out]
+    a, b = layer_drift._get(p["inc_a"], target), layer_drift._get(p["inc_b"], target)
+    inc = np.einsum("ckir,ckro->ckio", a, b) / 2               # alpha 1 / rank 2; s = 2: one step
+    want = np.mean([np.linalg.norm(inc[c, 0]) / np.linalg.norm(w0[c]) for c in range(2)])
+    (got,) = r["drift"][f"blocks/{target}"]
+    assert got == pytest.approx(want, rel=1e-5) and got > 0
+
+
+def test_dense_layers_drift_like_independent_matrices(runs):
+  dense = layer_drift.drift(runs["dense"])
+  assert dense["variant"] == "dense" and len(dense["drift"]) == 4
+  # independently initialised layers differ by about sqrt(2) of their norm
+  assert all(0.8 < d[0] < 2.0 for d in dense["drift"].values())
+  assert dense["rank"] is None
+  md = layer_drift.markdown([dense])
+  assert f"| {runs['dense']} | dense | blocks/attn/qkv/kernel | " in md
