@@ -126,7 +126,9 @@ def point(dataset: str, variant: str, seed: int, rank: int | None = None, s: int
     ov["model.vlora.enabled"] = False
   else:
     ov.update(_vlora(variant, rank, s, **vlora_extra))
-  tags = {"dataset": dataset, "variant": variant, "rank": rank if variant != "dense" else None,
+  # A tied run has no factors: its rank (kept in its id, which names finished runs) is no tag.
+  tags = {"dataset": dataset, "variant": variant,
+          "rank": rank if variant in ("anchored", "cumulative") else None,
           "s": s if variant != "dense" else None, "depth": depth or base.get("model.depth", 4),
           "seed": seed, "metric": metric, **{k: v for k, v in vlora_extra.items()}}
   name = "dense" if variant == "dense" else f"{variant}_r{rank}_s{s}"

@@ -7,9 +7,8 @@ config's ``model.vlora.targets``) and every layer k of a compound of s layers, t
 ``||W_k - W_0|| / ||W_0||`` (Frobenius), W_0 being the compound's first layer, averaged over the
 compounds. A VLoRA run's per-layer weights are those its forward computes (``stack.merge``); a
 dense run is grouped into compounds of the same size, so its drift is what untied layers do.
-Where VLoRA's drift is small and adding rank or a larger learning rate for the factors changes
-neither accuracy nor much else, the increments are not what the model leans on (README,
-"What limits VLoRA on CIFAR-10").
+A large drift that buys no accuracy says the model does not lean on its increments
+(experiments/results/ablate_cifar10.md).
 """
 
 from __future__ import annotations

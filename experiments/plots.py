@@ -270,7 +270,7 @@ def plot_params(rows: Sequence[dict], metric: str | None = None,
                 mfc=colour if filled else "none", mec="gold" if dense else colour,
                 zorder=4 if dense else 3, label=lab)
     for g in gs:  # a short name on each point: which rank / size / depth it is
-      name = "dense" if dense else f"r{g['rank']}"
+      name = g["variant"] if dense or g["rank"] is None else f"r{g['rank']}"
       if not dense and len(ss) > 1:
         name += f" s{g['s']}"
       if len(depths) > 1:
@@ -429,6 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--metric", help="plot this row key instead of each row's metric tag")
   ap.add_argument("--dpi", type=int, default=110)
   ap.add_argument("--table", action="store_true", help="also print a Markdown table per dataset")
+  ap.add_argument("--also", action="append", default=[], metavar="KEY",
+                  help="with --table: another row key as a column (mean over seeds), e.g. "
+                  "train/accuracy; repeatable")
   args = ap.parse_args(argv)
   rows = load(args.results)
   if not rows:
@@ -436,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
   if args.table:
     for dataset, rs in sorted(by_dataset(rows).items()):
-      print(f"\n{dataset}\n\n{table(rs, args.metric)}\n")
+      print(f"\n{dataset}\n\n{table(rs, args.metric, args.also)}\n")
   for p in save_all(rows, args.out, args.prefix, args.metric, args.dpi):
     print(p)
   return 0
