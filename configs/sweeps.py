@@ -13,9 +13,9 @@ and collects the results; ``experiments/paper_table.py`` and ``experiments/plots
                    dense models of VLoRA's size, 3 seeds
 
 CPU budget (2 cores, one run at a time, shared with other work): the paper sweeps use small ViTs
-(D 64, or D 128 for the under-30%-of-parameters lines; 4 layers, one compound of 4) and short
-schedules, 201 runs in about 11 hours; each data set line below says what it trains. Users with an
-accelerator scale them with ``--override``.
+(D 64, or D 128 for the under-30%-of-parameters lines; 4 layers, one compound of 4, except two
+CIFAR-10 probes of 8 and 12 layers) and short schedules, 210 runs in about 12.5 hours; each data
+set line below says what it trains. Users with an accelerator scale them with ``--override``.
 """
 
 from __future__ import annotations

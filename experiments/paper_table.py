@@ -1,15 +1,16 @@
 """The paper table: dense vs VLoRA on real data, mean ± std over seeds, from the paper_* sweeps.
 
-  python experiments/sweep.py --sweep paper      # trains (resumable; 201 runs, ~11 h on 2 cores)
+  python experiments/sweep.py --sweep paper      # trains (resumable; 210 runs, ~12.5 h on 2 cores)
   python experiments/paper_table.py --out experiments/results/paper_table
 
 Reads ``<root>/paper_*/results.json`` (written by experiments/sweep.py) and writes
 ``<out>.json`` (every run, and the aggregated rows) and ``<out>.md`` (the table in the README).
 Columns: parameters, ratio to the dense model, test metric mean ± std over seeds (accuracy in %,
 or for the char LM the validation loss in bits per character), the difference to dense, the same
-metric on the last training batches (fit vs generalisation), and the training time per run (compile and eval excluded). The targets of the claim are checked per data
-set: the best VLoRA row at <= 30% of the dense parameters within 1.0 point of dense accuracy;
-for the LM a validation loss within 2% of dense.
+metric on the last training batches (fit vs generalisation), and the training time per run
+(compile and eval excluded). The targets of the claim are checked per data set: the best VLoRA
+row at <= 30% of the dense parameters within 1.0 point of dense accuracy; for the LM a validation
+loss within 2% of dense.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
     out.append({"dataset": ds, "variant": variant, "rank": rank, "seeds": len(rs),
                 "metric": rs[0]["metric"], "params": rs[0]["params_total"],
                 "dense_params": rs[0]["params_dense_equivalent"],
-                "mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                "mean": statistics.mean(vals),
+                "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                 "train_mean": statistics.mean(train) if None not in train else None,
                 # median: a run slowed by other work on the machine does not skew it
                 "train_time_s": statistics.median(r["train_time_s"] for r in rs)})
@@ -106,15 +108,16 @@ def markdown(agg: list[dict], tgt: list[dict]) -> str:
     lines.append(f"| {a['dataset']} | {model} | {a['params']:,} | {a['ratio']:.1%} | "
                  f"{a['mean']:.2f} ± {a['std']:.2f} {unit} | {delta} | {train} | {a['seeds']} | "
                  f"{a['train_time_s']:.0f} |")
-  lines += ["", "| data set | target | best VLoRA | ratio | vs dense | met |", "|---|---|---|---:|---:|---|"]
+  lines += ["", "| data set | target | best VLoRA | ratio | vs dense | met |",
+            "|---|---|---|---:|---:|---|"]
   for t in tgt:
     lines.append(f"| {t['dataset']} | {t['rule']} | {t['best']} | {t['ratio']:.1%} | {t['gap']} | "
                  f"{'yes' if t['met'] else 'no'} |")
   lines += ["", "The train metric is the trainer's last logging window (augmented batches, dropout "
             "on), in the test metric's unit: where VLoRA trails dense on both, it fits its "
             "training data less (capacity, optimisation); where only on test, it generalises less.",
-            "", "Train times come from runs made over several sessions on a shared 2-core machine, some "
-            "before a faster train step (the flat dots of experiments/results/perf_notes.md): "
+            "", "Train times come from runs made over several sessions on a shared 2-core machine, "
+            "some before a faster train step (the flat dots of experiments/results/perf_notes.md): "
             "read them as rough costs, not as a speed comparison.",
             "", "What each data set trains (configs/sweeps.py):", ""]
   for ds in dict.fromkeys(a["dataset"] for a in agg):

@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 from configs import sweeps  # noqa: E402
 
-KEEP = ("step", "eval/accuracy", "eval/loss", "train/accuracy", "train/loss", "params_total", "params_trainable",
-        "params_dense_equivalent", "params_groups", "train_time_s", "wall_time_s",
-        "compile_train_step_s", "examples_per_sec", "tokens_per_sec")
+KEEP = ("step", "eval/accuracy", "eval/loss", "train/accuracy", "train/loss", "params_total",
+        "params_trainable", "params_dense_equivalent", "params_groups", "train_time_s",
+        "wall_time_s", "compile_train_step_s", "examples_per_sec", "tokens_per_sec")
 
 
 def _finished(workdir: Path, steps: int) -> dict | None:

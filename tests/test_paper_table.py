@@ -1,4 +1,4 @@
-"""experiments/paper_table.py on synthetic rows: aggregation over seeds and the targets' verdicts."""
+"""experiments/paper_table.py on synthetic rows: aggregation over seeds, the targets' verdicts."""
 
 from __future__ import annotations
 
@@ -65,5 +65,6 @@ def test_markdown_shows_train_fit_and_what_each_line_trains():
   agg = paper_table.aggregate(rows)
   md = paper_table.markdown(agg, paper_table.targets(agg))
   assert "| digits | dense | 1,000 | 100.0% | 90.00 ± 0.00 % |  | 99.00 | 1 | 10 |" in md
-  assert "| digits | VLoRA cumulative r2 | 290 | 29.0% | 88.00 ± 0.00 % | -2.00 |  | 1 | 10 |" in md
+  assert ("| digits | VLoRA cumulative r2 | 290 | 29.0% | 88.00 ± 0.00 % | -2.00 |  | 1 | 10 |"
+          in md)
   assert "- digits: the embedded default" in md
