@@ -83,7 +83,7 @@ DATASETS = {
     "cifar10_subset_d128_L8": (_local("cifar10"), _schedule(1250, dim=128, **{**CIFAR, "depth": 8}),
                                ACC, "exact CIFAR-10 4k/1k, 8x8 patches, D 128, 8 layers = 2 "
                                "compounds of 4, crop+flip, 1,250 steps of 128 (40 epochs)"),
-    # The paper's depth: 12 layers = 3 compounds of 4 (VLoRA r2 at 28.0%, r4 at 29.8%). The gap
+    # The paper's depth: 12 layers = 3 compounds of 4 (VLoRA r2 at 28.0%, r4 at 29.6%). The gap
     # narrowed from one compound to two; does a third close it?
     "cifar10_subset_d128_L12": (_local("cifar10"),
                                 _schedule(1250, dim=128, **{**CIFAR, "depth": 12}), ACC,

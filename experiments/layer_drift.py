@@ -1,12 +1,13 @@
 """How far each layer's weights move from its compound's base layer, in trained runs.
 
-  python experiments/layer_drift.py RUN [RUN ...] [--out FILE.md]
+  python experiments/layer_drift.py RUN [RUN ...] [--compound-size S] [--out FILE.md]
 
 RUN is a workdir (or a checkpoint path) of a trained model. For every targeted weight (the
 config's ``model.vlora.targets``) and every layer k of a compound of s layers, the drift is
 ``||W_k - W_0|| / ||W_0||`` (Frobenius), W_0 being the compound's first layer, averaged over the
 compounds. A VLoRA run's per-layer weights are those its forward computes (``stack.merge``); a
-dense run is grouped into compounds of the same size, so its drift is what untied layers do.
+dense run is grouped into compounds of its config's ``model.vlora.compound_size`` (or
+``--compound-size``), so its drift is what untied layers do.
 A large drift that buys no accuracy says the model does not lean on its increments
 (experiments/results/ablate_cifar10.md).
 """
@@ -37,23 +38,30 @@ def _stacks(tree, prefix=""):
 
 
 def _get(tree: dict, path: str) -> np.ndarray:
+  """The leaf at a ``/``-joined path, as float64."""
   for k in path.split("/"):
     tree = tree[k]
   return np.asarray(tree, np.float64)
 
 
-def drift(run: str) -> dict:
-  """``{'run', 'variant', 'rank', 's', 'drift': {stack/target: [per-step drift, ...]}}``."""
+def drift(run: str, compound_size: int | None = None) -> dict:
+  """``{'run', 'variant', 'rank', 's', 'drift': {stack/target: [per-step drift, ...]}}``.
+
+  ``compound_size`` groups a dense run's layers (a VLoRA run's own compounds are fixed).
+  """
   meta = checkpoint.read_meta(run)
   vcfg = meta["config"]["model"]["vlora"]
   spec = models.vlora_spec(vcfg)
   params = checkpoint.read_state(run)["params"]
   merged = stack.merge(params, spec) if spec else params
-  s = int(vcfg["compound_size"])
+  s = int(vcfg["compound_size"] if spec or compound_size is None else compound_size)
   out = {}
   for name, per_layer in _stacks(merged):
     for target in vcfg["targets"]:
       w = _get(per_layer, target)                 # [L, ...]
+      if s < 2 or w.shape[0] % s:
+        raise ValueError(f"{run}: {w.shape[0]} layer(s) in {name!r} do not form compounds of "
+                         f"{s} >= 2 layers; pass --compound-size to group a dense run")
       w = w.reshape(w.shape[0] // s, s, -1)       # [C, s, n]
       base = np.linalg.norm(w[:, 0], axis=-1)     # [C]
       rel = np.linalg.norm(w[:, 1:] - w[:, :1], axis=-1) / base[:, None]  # [C, s-1]
@@ -64,6 +72,7 @@ def drift(run: str) -> dict:
 
 
 def markdown(results: list[dict]) -> str:
+  """One row per run and weight, one column per layer after the base."""
   s = max(r["s"] for r in results)
   head = ["run", "variant", "weight", *(f"layer {k}" for k in range(1, s))]
   lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (s - 1)]
@@ -78,9 +87,11 @@ def markdown(results: list[dict]) -> str:
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("runs", nargs="+", help="workdirs or checkpoint paths")
+  ap.add_argument("--compound-size", type=int, help="group dense runs' layers by this many "
+                  "(default: their config's model.vlora.compound_size)")
   ap.add_argument("--out", help="also write the table to this Markdown file")
   args = ap.parse_args(argv)
-  md = markdown([drift(r) for r in args.runs])
+  md = markdown([drift(r, args.compound_size) for r in args.runs])
   print(md)
   if args.out:
     Path(args.out).write_text(md)

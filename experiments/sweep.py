@@ -49,7 +49,8 @@ def _config(point: dict, extra: dict | None):
 
 
 def parse_override(text: str) -> tuple[str, object]:
-  """``'optim.lr=3e-4'`` -> ``('optim.lr', 0.0003)``: a Python literal where it parses, else text."""
+  """``'optim.lr=3e-4'`` -> ``('optim.lr', 0.0003)``: a Python literal where it parses, else
+  text."""
   key, _, value = text.partition("=")
   try:
     return key, ast.literal_eval(value)

@@ -13,8 +13,9 @@ from vlora_jax.train import checkpoint, train_and_evaluate
 sys.path.insert(0, str(ROOT / "experiments"))
 import layer_drift  # noqa: E402  experiments/layer_drift.py
 
-# Two compounds of 2 layers, a large learning rate so that the increments move in 3 steps.
-SIZE = {"model.depth": 4, "model.vlora.compound_size": 2, "num_train_steps": 3, "optim.lr": 3e-2}
+# Two compounds of 3 layers (two increments each: a cumulative layer 2 sums them), and a large
+# learning rate so that the increments move in 3 steps.
+SIZE = {"model.depth": 6, "model.vlora.compound_size": 3, "num_train_steps": 3, "optim.lr": 3e-2}
 
 
 @pytest.fixture(scope="module")
@@ -30,22 +31,27 @@ def runs(tmp_path_factory):
 
 def test_cumulative_drift_is_the_norm_of_the_summed_increments(runs):
   r = layer_drift.drift(runs["cumulative"])
-  assert r["variant"] == "cumulative" and r["rank"] == 2 and r["s"] == 2
+  assert r["variant"] == "cumulative" and r["rank"] == 2 and r["s"] == 3
   p = checkpoint.read_state(runs["cumulative"])["params"]["blocks"]
   for target in ("attn/qkv/kernel", "mlp/fc2/kernel"):
     w0 = layer_drift._get(p["base"], target)                  # [C, in, out]
     a, b = layer_drift._get(p["inc_a"], target), layer_drift._get(p["inc_b"], target)
-    inc = np.einsum("ckir,ckro->ckio", a, b) / 2               # alpha 1 / rank 2; s = 2: one step
-    want = np.mean([np.linalg.norm(inc[c, 0]) / np.linalg.norm(w0[c]) for c in range(2)])
-    (got,) = r["drift"][f"blocks/{target}"]
-    assert got == pytest.approx(want, rel=1e-5) and got > 0
+    inc = np.einsum("ckir,ckro->ckio", a, b) / 2               # alpha 1 / rank 2: [C, 2, in, out]
+    summed = np.cumsum(inc, axis=1)                            # layer k: W_0 + inc_1 + .. + inc_k
+    want = [np.mean([np.linalg.norm(summed[c, k]) / np.linalg.norm(w0[c]) for c in range(2)])
+            for k in range(2)]
+    got = r["drift"][f"blocks/{target}"]
+    assert got == pytest.approx(want, rel=1e-5) and min(got) > 0
 
 
 def test_dense_layers_drift_like_independent_matrices(runs):
   dense = layer_drift.drift(runs["dense"])
   assert dense["variant"] == "dense" and len(dense["drift"]) == 4
   # independently initialised layers differ by about sqrt(2) of their norm
-  assert all(0.8 < d[0] < 2.0 for d in dense["drift"].values())
+  assert all(0.8 < x < 2.0 for d in dense["drift"].values() for x in d)
   assert dense["rank"] is None
   md = layer_drift.markdown([dense])
   assert f"| {runs['dense']} | dense | blocks/attn/qkv/kernel | " in md
+  with pytest.raises(ValueError, match="do not form compounds of 4"):
+    layer_drift.drift(runs["dense"], compound_size=4)  # 6 layers
+  assert layer_drift.drift(runs["dense"], compound_size=2)["s"] == 2

@@ -12,19 +12,18 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import paper_table  # noqa: E402  experiments/paper_table.py
 
 
-def _run(dataset, variant, seed, acc, params, rank=None, train_acc=None, metric="eval/accuracy"):
+def _run(dataset, variant, seed, test, params, rank=None, train=None, metric="eval/accuracy"):
+  """A results.json row; ``test`` / ``train`` are accuracies, or losses (nats) for eval/loss."""
   row = {"dataset": dataset, "variant": variant, "rank": rank, "seed": seed, "metric": metric,
          "params_total": params, "params_dense_equivalent": 1000, "train_time_s": 10.0 + seed}
-  if metric == "eval/loss":
-    row.update({"eval/loss": acc, "train/loss": train_acc})
-  else:
-    row.update({"eval/accuracy": acc, "train/accuracy": train_acc})
+  key = "loss" if metric == "eval/loss" else "accuracy"
+  row.update({f"eval/{key}": test, f"train/{key}": train})
   return row
 
 
 def test_aggregate_means_deltas_and_train_fit():
-  rows = [_run("digits", "dense", s, a, 1000, train_acc=0.99) for s, a in enumerate((.90, .92))]
-  rows += [_run("digits", "cumulative", s, a, 290, rank=2, train_acc=t)
+  rows = [_run("digits", "dense", s, a, 1000, train=0.99) for s, a in enumerate((.90, .92))]
+  rows += [_run("digits", "cumulative", s, a, 290, rank=2, train=t)
            for s, (a, t) in enumerate(((.89, .95), (.895, .97)))]
   rows.append(_run("digits", "anchored", 0, .80, 400, rank=8))  # an older run: no train figure
   agg = {a["variant"]: a for a in paper_table.aggregate(rows)}
@@ -50,17 +49,21 @@ def test_targets_need_the_parameter_budget_and_the_gap():
 
 
 def test_targets_for_the_lm_compare_losses_within_two_percent():
-  rows = [_run("shakespeare", "dense", 0, 1.00, 1000, metric="eval/loss"),
+  rows = [_run("shakespeare", "dense", 0, 1.00, 1000, train=0.9, metric="eval/loss"),
           _run("shakespeare", "cumulative", 0, 1.019, 400, rank=4, metric="eval/loss")]
-  (t,) = paper_table.targets(paper_table.aggregate(rows))
+  agg = paper_table.aggregate(rows)
+  (t,) = paper_table.targets(agg)
   assert t["met"] and t["gap"] == "+1.9%"
+  # losses are reported in bits per character, the train loss too
+  assert agg[0]["mean"] == pytest.approx(1 / math.log(2))
+  assert agg[0]["train_mean"] == pytest.approx(0.9 / math.log(2))
   rows[1]["eval/loss"] = 1.021
   (t,) = paper_table.targets(paper_table.aggregate(rows))
   assert not t["met"]
 
 
 def test_markdown_shows_train_fit_and_what_each_line_trains():
-  rows = [_run("digits", "dense", 0, .9, 1000, train_acc=.99),
+  rows = [_run("digits", "dense", 0, .9, 1000, train=.99),
           _run("digits", "cumulative", 0, .88, 290, rank=2)]
   agg = paper_table.aggregate(rows)
   md = paper_table.markdown(agg, paper_table.targets(agg))

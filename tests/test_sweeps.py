@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import pytest
 from helpers_train import ROOT
 
 sys.path.insert(0, str(ROOT / "experiments"))
 import sweep  # noqa: E402  experiments/sweep.py
 from configs import sweeps  # noqa: E402
-from vlora_jax.train import validate  # noqa: E402
+from vlora_jax import models  # noqa: E402
+from vlora_jax.train import optim, validate  # noqa: E402
 
 
 @pytest.mark.parametrize("name", sorted(sweeps.SWEEPS))
@@ -18,6 +23,9 @@ def test_every_point_loads_and_validates(name):
   points = sweeps.get(name)
   ids = [p["id"] for p in points]
   assert len(ids) == len(set(ids)), f"{name}: a point id twice"
+  # tables and plots group runs by their tags: two points with the same tags would pool as seeds
+  tags = [json.dumps(p["tags"], sort_keys=True) for p in points]
+  assert len(tags) == len(set(tags)), f"{name}: two points with the same tags"
   for p in points:
     config = sweep._config(p, None)  # pylint: disable=protected-access
     validate.check(config, num_devices=1)  # raises a ConfigError naming the field
@@ -33,13 +41,6 @@ def test_unknown_sweep_names_the_declared_ones():
 
 
 def test_factor_lr_multiplies_the_low_rank_factors_only():
-  import flax.linen as nn
-  import jax
-  import jax.numpy as jnp
-
-  from vlora_jax import models
-  from vlora_jax.train import optim
-
   p = sweeps.point("digits", "cumulative", 0, rank=2, factor_lr=4.0)
   config = sweep._config(p, None)  # pylint: disable=protected-access
   model = models.build(config.model)
