@@ -173,13 +173,15 @@ def ablate_cifar10(seeds=SEEDS) -> list[dict]:
   - The increments at all (``tied``: every layer of a compound uses W_0; subset at D 64).
   - Dense at VLoRA's parameter count (the D 128 subset line, whose VLoRA r2 has 244k): narrower
     (D 64, 4 layers: 214k) and shallower (D 128, 1 layer: 227k). Is VLoRA better than a dense
-    model of its own size?
+    model of its own size? And at the paper's depth (the L12 line, VLoRA r2 675k): dense with one
+    layer a compound (D 128, 3 layers: 623k), i.e. VLoRA's base layers without its 9 low-rank ones.
   """
   pts = [point("cifar10_subset", "cumulative", seed, rank=2, factor_lr=m)
          for m in (4.0, 16.0) for seed in seeds]
   pts += [point("cifar10_subset", "tied", seed, rank=2) for seed in seeds]
   pts += [point("cifar10_subset_d128", "dense", seed, dim=64) for seed in seeds]
   pts += [point("cifar10_subset_d128", "dense", seed, depth=1) for seed in seeds]
+  pts += [point("cifar10_subset_d128_L12", "dense", seed, depth=3) for seed in seeds]
   return pts
 
 
