@@ -29,10 +29,9 @@ from vlora_jax.train import checkpoint  # noqa: E402
 
 def _stacks(tree, prefix=""):
   """``(path, per_layer dict)`` of every layer stack in a merged params tree."""
-  if isinstance(tree, dict):
-    if "per_layer" in tree:
-      yield prefix, tree["per_layer"]
-      return
+  if stack.is_stack(tree):
+    yield prefix, tree["per_layer"]
+  elif isinstance(tree, dict):
     for k, v in tree.items():
       yield from _stacks(v, f"{prefix}/{k}" if prefix else k)
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import sys
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import pytest
 from helpers_train import ROOT
 
@@ -15,6 +12,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import sweep  # noqa: E402  experiments/sweep.py
 from configs import sweeps  # noqa: E402
 from vlora_jax import models  # noqa: E402
+from vlora_jax import params as params_lib  # noqa: E402
 from vlora_jax.train import optim, validate  # noqa: E402
 
 
@@ -43,12 +41,8 @@ def test_unknown_sweep_names_the_declared_ones():
 def test_factor_lr_multiplies_the_low_rank_factors_only():
   p = sweeps.point("digits", "cumulative", 0, rank=2, factor_lr=4.0)
   config = sweep._config(p, None)  # pylint: disable=protected-access
-  model = models.build(config.model)
-  sample = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                        models.sample_inputs(config.model, batch=2))
-  params = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, *sample,
-                                             train=False)["params"])
-  labels, mults = optim.groups(nn.unbox(params), config.optim)
+  params = params_lib.param_shapes(models.build(config.model), *models.sample_inputs(config.model))
+  labels, mults = optim.groups(params, config.optim)
   boosted = {path for path, label in optim.paths(labels).items() if mults[label][0] == 4.0}
   assert boosted and all("/inc_a/" in x or "/inc_b/" in x for x in boosted)
   assert len(boosted) == sum("/inc_" in x and "/inc_vec/" not in x for x in optim.paths(labels))
