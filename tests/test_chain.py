@@ -1,4 +1,8 @@
-"""The increment chain against a float64 numpy reference and an unrolled loop: values and gradients."""
+"""The increment chain against a float64 numpy reference and an unrolled loop: values and gradients.
+
+Both the per-layer form the stack trains with (`chain.layer_factors` + `chain.layer_weight`) and
+the prefix-sum chain it replaced (`chain_reference`), which the stack tests use as a reference.
+"""
 
 import chex
 import jax
@@ -6,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import chain_reference as ref
 from vlora_jax import chain
 
 C, S, D_IN, D_OUT, R = 3, 4, 6, 5, 2
@@ -45,8 +50,8 @@ def numpy_grads(base, a, b, g, mode, stop_gradient_base):
 
 
 def jax_chain(base, a, b, mode, stop_gradient_base, unrolled=False):
-  deltas = chain.increments(a, b, SCALE)
-  fn = chain.chain_reference_unrolled if unrolled else chain.chain
+  deltas = ref.increments(a, b, SCALE)
+  fn = ref.chain_reference_unrolled if unrolled else ref.chain
   return fn(base, deltas, mode=mode, stop_gradient_base=stop_gradient_base)
 
 
@@ -85,12 +90,12 @@ def test_stop_gradient_base_means_base_grad_from_layer_zero_only():
 
 def test_tied_every_layer_is_the_base_and_base_gets_grad_from_all():
   base, _, _, g = _factors(2)
-  w = chain.expand(chain.chain(jnp.asarray(base, jnp.float32), None, mode="tied"), S)
+  w = ref.expand(ref.chain(jnp.asarray(base, jnp.float32), None, mode="tied"), S)
   assert w.shape == (C * S, D_IN, D_OUT)
   for c in range(C):
     for k in range(S):
       np.testing.assert_array_equal(w[c * S + k], base[c].astype(np.float32))
-  grad = jax.grad(lambda w0: jnp.sum(chain.expand(chain.chain(w0, None, mode="tied"), S)
+  grad = jax.grad(lambda w0: jnp.sum(ref.expand(ref.chain(w0, None, mode="tied"), S)
                                      .reshape(C, S, D_IN, D_OUT) * g))(jnp.asarray(base, jnp.float32))
   np.testing.assert_allclose(grad, g.sum(1), rtol=1e-5)
 
@@ -101,7 +106,7 @@ def test_zero_b_init_keeps_every_layer_equal_to_its_base():
   assert float(jnp.abs(a).max()) > 0 and float(jnp.abs(b).max()) == 0.0
   base = jax.random.normal(jax.random.key(1), (C, D_IN, D_OUT))
   for mode in ("cumulative", "anchored"):
-    w = chain.chain(base, chain.increments(a, b, SCALE), mode=mode)
+    w = ref.chain(base, ref.increments(a, b, SCALE), mode=mode)
     for k in range(S):
       np.testing.assert_array_equal(w[:, k], base)
 
@@ -114,13 +119,13 @@ def test_official_init_bounds_and_nonzero_increments():
   assert float(jnp.abs(a).max()) > 0.9 / np.sqrt(d_in)
   assert float(jnp.abs(b).max()) <= 1 / np.sqrt(d_out)
   assert float(jnp.abs(b).max()) > 0.9 / np.sqrt(d_out)
-  assert float(jnp.abs(chain.increments(a, b, 1.0)).max()) > 0
+  assert float(jnp.abs(ref.increments(a, b, 1.0)).max()) > 0
 
 
 def test_chain_accumulates_in_float32_for_bf16_params():
   base, a, b, _ = _factors(3)
   bf = lambda x: jnp.asarray(x, jnp.bfloat16)
-  w = chain.chain(bf(base), chain.increments(bf(a), bf(b), SCALE), mode="cumulative")
+  w = ref.chain(bf(base), ref.increments(bf(a), bf(b), SCALE), mode="cumulative")
   assert w.dtype == jnp.float32
   want = numpy_chain(np.asarray(bf(base), np.float64), np.asarray(bf(a), np.float64),
                      np.asarray(bf(b), np.float64), "cumulative")
@@ -131,3 +136,77 @@ def test_scaling_rules():
   assert chain.lora_scale(16.0, 4) == 4.0
   assert chain.lora_scale(16.0, 4, "rslora") == 8.0
   chex.assert_trees_all_close(chain.lora_scale(1.0, 8), 0.125)
+
+
+# ------------------------------------------------------------------ one layer at a time (the stack)
+
+
+def per_layer_chain(base, a, b, mode, stop_gradient_base):
+  """All layers' weights ``[C, S, ...]`` as the stack builds them: one `layer_weight` per layer."""
+  rows = []
+  for c in range(C):
+    row = []
+    for k in range(S):
+      ci, ki = jnp.int32(c), jnp.int32(k)  # traced in the stack: no Python branching on them
+      gate = (ki == 0).astype(jnp.float32) if stop_gradient_base else None
+      term = ("increments", (("mode", mode), ("scale", SCALE)))
+      row.append(chain.layer_weight(base, ci, (term,), ((a, b, ci, ki),), gate))
+    rows.append(jnp.stack(row))
+  return jnp.stack(rows)
+
+
+@pytest.mark.parametrize("mode", ["cumulative", "anchored"])
+@pytest.mark.parametrize("stop_gradient_base", [False, True])
+def test_layer_by_layer_matches_float64_reference_and_prefix_sum(mode, stop_gradient_base):
+  base, a, b, g = _factors(4)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  got = per_layer_chain(f32(base), f32(a), f32(b), mode, stop_gradient_base)
+  np.testing.assert_allclose(got, numpy_chain(base, a, b, mode), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got, jax_chain(f32(base), f32(a), f32(b), mode, stop_gradient_base),
+                             rtol=1e-6, atol=1e-6)
+
+  loss = lambda *p: jnp.sum(per_layer_chain(*p, mode, stop_gradient_base) * f32(g))
+  grads = jax.grad(loss, argnums=(0, 1, 2))(f32(base), f32(a), f32(b))
+  for got_g, ref_g in zip(grads, numpy_grads(base, a, b, g, mode, stop_gradient_base)):
+    np.testing.assert_allclose(got_g, ref_g, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_weight_without_index_or_increment():
+  base, a, b, g = _factors(5)
+  w = jnp.asarray(base[0], jnp.float32)
+  lhs, rhs = jnp.asarray(a[0, 0], jnp.float32), jnp.asarray(b[0, 0], jnp.float32)
+  adapter = (("adapter", (("scale", SCALE),)),)
+  weight = lambda w, lhs, rhs: chain.layer_weight(w, None, adapter, ((lhs, rhs),))
+  np.testing.assert_allclose(weight(w, lhs, rhs), base[0] + SCALE * a[0, 0] @ b[0, 0],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(chain.layer_weight(jnp.asarray(base, jnp.float32), jnp.int32(2)),
+                                base[2].astype(np.float32))
+  d_w, d_lhs, d_rhs = jax.grad(lambda *p: jnp.sum(weight(*p) * g[0, 0]), argnums=(0, 1, 2))(
+      w, lhs, rhs)
+  np.testing.assert_allclose(d_w, g[0, 0], rtol=1e-6)
+  np.testing.assert_allclose(d_lhs, SCALE * g[0, 0] @ b[0, 0].T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(d_rhs, SCALE * a[0, 0].T @ g[0, 0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["cumulative", "anchored"])
+def test_vector_increments_per_layer(mode):
+  rng = np.random.default_rng(6)
+  base, deltas = rng.normal(size=(C, D_OUT)), rng.normal(size=(C, S - 1, D_OUT))
+  for c in range(C):
+    w = base[c]
+    for k in range(S):
+      if k:
+        w = (w if mode == "cumulative" else base[c]) + deltas[c, k - 1]
+      term = ("vector", (("mode", mode),))
+      inputs = (jnp.asarray(deltas, jnp.float32), jnp.int32(c), jnp.int32(k))
+      got = chain.layer_weight(jnp.asarray(base, jnp.float32), jnp.int32(c), (term,), (inputs,))
+      np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_weight_accumulates_in_float32_for_bf16_params():
+  base, a, b, _ = _factors(7)
+  bf = lambda x: jnp.asarray(x, jnp.bfloat16)
+  w = per_layer_chain(bf(base), bf(a), bf(b), "cumulative", False)
+  assert w.dtype == jnp.bfloat16  # the base's dtype, after an f32 sum
+  want = numpy_chain(*(np.asarray(bf(x), np.float64) for x in (base, a, b)), "cumulative")
+  np.testing.assert_array_equal(w, want.astype(jnp.bfloat16))

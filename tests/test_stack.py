@@ -9,19 +9,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+import chain_reference as ref
+from chain_reference import ToyBlock
 from vlora_jax import chain, stack
 from vlora_jax.spec import VLoRASpec
-
-
-class ToyBlock(nn.Module):
-  """A block that is not a transformer block: names and shapes unlike the ViT's."""
-  width: int = 8
-
-  @nn.compact
-  def __call__(self, x, gate, *, deterministic=True):
-    h = nn.Dense(2 * self.width, name="up")(nn.LayerNorm(name="ln")(x))
-    h = jnp.tanh(h) * gate
-    return x + nn.Dense(self.width, name="down")(h)
 
 
 def _setup(spec, num_layers=6, scan=True, remat="none", seed=0):
@@ -61,31 +52,10 @@ def test_layout_groups_and_shapes():
 
 
 def _per_layer_loop(spec, params, x, gate, num_layers):
-  """Reference: build every layer's weights by hand from the definition, apply the block L times."""
-  p = _flat(params)
-  s = spec.compound_size
+  """Reference: every layer's weights from the definitions in float64, the block applied L times."""
   out = x
-  for layer in range(num_layers):
-    c, k = divmod(layer, s)
-    weights = {}
-    for path in {q.split("/", 1)[1] for q in p}:
-      if f"per_layer/{path}" in p:
-        weights[path] = p[f"per_layer/{path}"][layer]
-        continue
-      i = next(i for i, t in enumerate(spec.targets) if __import__("re").fullmatch(t, path))
-      w0 = np.asarray(p[f"base/{path}"][c], np.float64)
-      w = w0
-      for j in range(1, k + 1):
-        if spec.mode == "tied":
-          break
-        if f"inc_vec/{path}" in p:
-          d = np.asarray(p[f"inc_vec/{path}"][c, j - 1], np.float64)
-        else:
-          scale = chain.lora_scale(spec.alphas[i], spec.ranks[i], spec.scaling)
-          d = scale * (np.asarray(p[f"inc_a/{path}"][c, j - 1], np.float64)
-                       @ np.asarray(p[f"inc_b/{path}"][c, j - 1], np.float64))
-        w = (w if spec.mode == "cumulative" else w0) + d
-      weights[path] = jnp.asarray(w, jnp.float32)
+  for weights in ref.layer_weights_float64(params, spec, num_layers):
+    weights = {p: jnp.asarray(w, jnp.float32) for p, w in weights.items()}
     out = ToyBlock().apply({"params": traverse_util.unflatten_dict(weights, sep="/")}, out, gate)
   return out
 

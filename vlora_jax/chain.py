@@ -11,10 +11,15 @@ With ``stop_gradient_base`` the ``W0`` seen by layers ``k >= 1`` is detached, so
 from the base layer only (what the official code does). A 1-D target (bias, norm scale) carries a
 full-vector increment ``delta_k [d]`` in place of ``A_k @ B_k`` and no scale.
 
-Every function here works on all compounds at once: leading axis ``C`` (compounds), then ``s-1``
-(steps). The chain is ONE ``jax.lax.scan`` over the steps whose carry is the running weight of every
-compound, accumulated in float32 whatever the parameter dtype, so the compiled program does not grow
-with the compound size.
+The math is written for one layer at a time, which is how the layer stack trains and how
+`stack.materialize` builds every layer for merged inference. Layer ``k``'s weight is
+``W0 + L_k @ R`` with ``L_k, R`` taken from its compound's factors (`layer_factors`): cumulative
+puts all ``s-1`` steps side by side in one low-rank product and masks the steps after ``k`` out of
+``L_k``, so no running weight is carried from layer to layer; anchored takes step ``k`` alone.
+`layer_weight` adds the product to the base in float32 whatever the parameter dtype. It is a
+`jax.custom_vjp` whose residuals are the small factors, and whose forward the stack recomputes in
+the backward pass (`REBUILT_IN_BACKWARD`): only one layer's weights exist at a time, in the forward
+and in the backward pass.
 """
 
 from __future__ import annotations
@@ -41,72 +46,139 @@ def lora_scale(alpha: float, rank: int, scaling: Scaling = "standard") -> float:
   raise ValueError(f"scaling={scaling!r} is not one of {SCALINGS}")
 
 
-def increments(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-  """``scale * A_k @ B_k`` for every compound and step, in float32: [C, s-1, d_in, d_out]."""
-  f32 = jnp.float32
-  # HIGHEST: on TPU the default f32 matmul runs in bf16 passes; the factors are tiny, exactness is cheap.
-  return scale * jnp.einsum("ckir,ckro->ckio", a.astype(f32), b.astype(f32),
-                            precision=jax.lax.Precision.HIGHEST)
+# ---------------------------------------------------------------------------- one layer at a time
+
+# The name of the primitive under which JAX stages the forward of a `jax.custom_vjp` defined with
+# ``optimize_remat=True`` (`layer_weight`). A remat policy that answers "recompute" for it rebuilds
+# each layer's weights in the backward pass instead of saving them (`stack.weight_policy`).
+REBUILT_IN_BACKWARD = "remat_opt"
+_HIGHEST = jax.lax.Precision.HIGHEST  # on TPU the default f32 matmul runs in bf16 passes
 
 
-def chain(
-    base: jax.Array,
-    deltas: jax.Array | None,
-    *,
-    mode: Mode,
-    stop_gradient_base: bool = False,
-) -> jax.Array:
-  """All ``s`` effective weights of every compound from the base and the increments.
+def step_mask(k: jax.Array, steps: int, mode: Mode) -> jax.Array:
+  """Which of a compound's ``steps`` increments layer ``k`` sums, as float32 ``[steps]``.
+
+  Increment ``j`` (0-based) is that of layer ``j + 1``: cumulative layer ``k`` sums ``j < k``,
+  anchored layer ``k`` takes ``j = k - 1`` alone, and layer 0 (the base) takes none.
+  """
+  j = jnp.arange(steps)
+  return (j < k if mode == "cumulative" else j == k - 1).astype(jnp.float32)
+
+
+def layer_factors(a: jax.Array, b: jax.Array, c: jax.Array, k: jax.Array, *, mode: Mode,
+                  scale: float):
+  """``(lhs, rhs)`` in float32 with ``lhs @ rhs`` = the increments of layer ``k`` of compound ``c``.
 
   Args:
-    base: ``[C, *shape]``, layer 0 of each compound.
-    deltas: ``[C, s-1, *shape]``, the increments ``Delta_k`` (already scaled), or ``None`` for tied.
-    mode: ``cumulative``, ``anchored`` or ``tied``.
-    stop_gradient_base: detach ``W0`` in layers ``k >= 1`` (official behaviour).
-
-  Returns:
-    ``[C, s, *shape]`` in float32: index ``[c, 0]`` is the base itself (it carries its gradient),
-    ``[c, k]`` the weight of layer ``k`` of compound ``c``.
+    a: ``[C, s-1, d_in, r]`` and ``b``: ``[C, s-1, r, d_out]``, the stacked factors.
+    c, k: the layer's compound and its index in it (traced ints).
+    mode: ``cumulative``: every step of the compound side by side (rank ``(s-1) r``), the steps
+      after ``k`` masked to zero in ``lhs``, so no running weight is carried from layer to layer;
+      ``anchored``: step ``k - 1`` alone (rank ``r``), zero for the base layer.
+    scale: the LoRA scale, folded into ``lhs``.
   """
-  base32 = base.astype(jnp.float32)
-  if mode == "tied":
-    if deltas is not None:
-      raise ValueError("mode='tied' takes no increments")
-    return base32[:, None]  # broadcast over the compound by the caller (see `expand`)
-  if mode not in ("cumulative", "anchored"):
-    raise ValueError(f"mode={mode!r} is not one of {MODES}")
-  start = jax.lax.stop_gradient(base32) if stop_gradient_base else base32
-  steps = jnp.moveaxis(deltas.astype(jnp.float32), 1, 0)  # [s-1, C, *shape]: scan over steps
-
-  def step(carry, delta):
-    w = carry + delta
-    # cumulative: the next layer grows from this one; anchored: every layer grows from W0.
-    return (w if mode == "cumulative" else carry), w
-
-  _, later = jax.lax.scan(step, start, steps)
-  return jnp.concatenate([base32[:, None], jnp.moveaxis(later, 0, 1)], axis=1)
+  f32 = jnp.float32
+  a, b = jax.lax.dynamic_index_in_dim(a, c, 0, False), jax.lax.dynamic_index_in_dim(b, c, 0, False)
+  steps, d_in, r = a.shape
+  if mode == "anchored":
+    j = jnp.maximum(k - 1, 0)
+    return a[j].astype(f32) * (scale * (k > 0)), b[j].astype(f32)
+  live = step_mask(k, steps, mode) * scale
+  lhs = (a.astype(f32) * live[:, None, None]).transpose(1, 0, 2).reshape(d_in, steps * r)
+  return lhs, b.astype(f32).reshape(steps * r, b.shape[-1])
 
 
-def expand(weights: jax.Array, compound_size: int) -> jax.Array:
-  """``[C, s or 1, *shape]`` -> ``[C * s, *shape]``: one weight per layer, in layer order."""
-  c = weights.shape[0]
-  weights = jnp.broadcast_to(weights, (c, compound_size) + weights.shape[2:])
-  return weights.reshape((c * compound_size,) + weights.shape[2:])
+def vector_factors(deltas: jax.Array, c: jax.Array, k: jax.Array, *, mode: Mode):
+  """``(lhs [1, s-1], rhs [s-1, d])`` for a 1-D target's full-vector increments ``[C, s-1, d]``."""
+  deltas = jax.lax.dynamic_index_in_dim(deltas, c, 0, False)
+  return step_mask(k, deltas.shape[0], mode)[None], deltas.astype(jnp.float32)
 
 
-def chain_reference_unrolled(base, deltas, *, mode: Mode, stop_gradient_base: bool = False):
-  """The same as `chain`, as a plain Python loop over compounds and layers (tests only)."""
-  out = []
-  for c in range(base.shape[0]):
-    w0 = base[c].astype(jnp.float32)
-    w0_later = jax.lax.stop_gradient(w0) if stop_gradient_base else w0
-    layers, prev = [w0], w0_later
-    for k in range(deltas.shape[1]):
-      w = (prev if mode == "cumulative" else w0_later) + deltas[c, k].astype(jnp.float32)
-      layers.append(w)
-      prev = w
-    out.append(jnp.stack(layers))
-  return jnp.stack(out)
+def adapter_factors(a: jax.Array, b: jax.Array, *, scale: float):
+  """``(lhs, rhs)`` of one layer's horizontal LoRA adapter ``A [*in, r]``, ``B [r, d_out]``."""
+  return a.astype(jnp.float32).reshape(-1, a.shape[-1]) * scale, b.astype(jnp.float32)
+
+
+# What a layer's low-rank terms are made of: a name in a term's static description -> its factors.
+TERMS = {"increments": layer_factors, "vector": vector_factors, "adapter": adapter_factors}
+
+
+def term_factors(terms, inputs):
+  """``(lhs, rhs)``: the factors of every term side by side, so one product sums them all.
+
+  ``terms`` is a tuple of static ``(name, keyword arguments as a tuple of pairs)``, ``inputs`` the
+  matching tuple of array tuples, e.g. ``("increments", (("mode", "cumulative"), ("scale", .5)))``
+  with ``(a, b, c, k)``.
+  """
+  factors = [TERMS[name](*x, **dict(kw)) for (name, kw), x in zip(terms, inputs)]
+  if len(factors) == 1:
+    return factors[0]
+  return (jnp.concatenate([f[0] for f in factors], axis=1),
+          jnp.concatenate([f[1] for f in factors], axis=0))
+
+
+def _layer_weight(compounds, terms, base, index, inputs, base_grad):
+  del compounds, base_grad  # the gradient's business
+  w = base if index is None else jax.lax.dynamic_index_in_dim(base, index, keepdims=False)
+  if not terms:
+    return w
+  lhs, rhs = term_factors(terms, inputs)
+  delta = jnp.matmul(lhs, rhs, precision=_HIGHEST)
+  return (w.astype(jnp.float32) + delta.reshape(w.shape)).astype(w.dtype)
+
+
+def _layer_weight_fwd(compounds, terms, base, index, inputs, base_grad):
+  w = _layer_weight(compounds, terms, base, index, inputs, base_grad)
+  return w, (index, inputs, base_grad)
+
+
+def _layer_weight_bwd(compounds, terms, residuals, g):
+  index, inputs, base_grad = residuals
+  d_inputs = None
+  if terms:
+    (lhs, rhs), factors_vjp = jax.vjp(lambda x: term_factors(terms, x), inputs)
+    g32 = g.astype(jnp.float32).reshape(lhs.shape[0], rhs.shape[1])
+    d_lhs = jnp.matmul(g32, rhs.T, precision=_HIGHEST)
+    d_rhs = jnp.matmul(lhs.T, g32, precision=_HIGHEST)
+    (d_inputs,) = factors_vjp((d_lhs, d_rhs))
+  d_w = g if base_grad is None else g * base_grad.astype(g.dtype)
+  if index is None:
+    return d_w, None, d_inputs, None
+  # Scattered into zeros: the layer scan's transpose adds this to its running [C, ...] gradient,
+  # and XLA rewrites that sum into an in-place update of one compound's slice.
+  d_base = jax.lax.dynamic_update_index_in_dim(
+      jnp.zeros((compounds,) + g.shape, g.dtype), d_w, index, 0)
+  return d_base, None, d_inputs, None
+
+
+_layer_weight_vjp = jax.custom_vjp(_layer_weight, nondiff_argnums=(0, 1))
+_layer_weight_vjp.defvjp(_layer_weight_fwd, _layer_weight_bwd, optimize_remat=True)
+
+
+def layer_weight(base, index=None, terms=(), inputs=(), base_grad=None):
+  """One layer's weight: ``base[index]`` plus the product of its low-rank ``terms``, in float32,
+  cast to the base's dtype.
+
+  Args:
+    base: ``[C, *shape]`` (one weight per compound; ``index`` picks one) or ``[*shape]``
+      (``index=None``).
+    index: the layer's compound (a traced int), or None.
+    terms, inputs: the low-rank terms (see `term_factors`): static descriptions, and the arrays
+      each is computed from. No terms: the weight is ``base[index]``.
+    base_grad: None (the base gets the full gradient) or a float scalar gate on it: 0 detaches
+      the base (the official code's stop-gradient), 1 keeps it.
+
+  A `jax.custom_vjp` whose backward pass needs only its inputs (the stack's parameters, shared by
+  every layer, and the layer's indices), never the weight: the weight's gradient ``g`` reaches the
+  factors through ``g @ rhs^T`` and ``lhs^T @ g``, and the base as ``g`` in its compound's slice.
+  Under `stack.weight_policy` the weight itself is rebuilt in the backward pass, so at most one
+  layer's weights exist at a time.
+  """
+  compounds = None if index is None else base.shape[0]
+  return _layer_weight_vjp(compounds, tuple(terms), base, index, tuple(inputs), base_grad)
+
+
+# ------------------------------------------------------------------------------------------ init
 
 
 def kaiming_uniform_a_sqrt5(key: jax.Array, shape, fan_in: int, dtype=jnp.float32) -> jax.Array:

@@ -3,7 +3,8 @@
 VLoRA re-parameterises a stack *across* layers; ordinary (horizontal) LoRA adds a low-rank update to
 the weights of every layer. The two compose: `stack.LayerStack` takes a `LoRASpec` and adds, inside
 its scan, ``scale * A_l @ B_l`` to the layer-``l`` weight that the stack's own parameterisation
-(dense ``per_layer`` or VLoRA ``materialize``) produced. Adapter parameters of a stack:
+(dense ``per_layer`` or VLoRA) produced, in the same low-rank product as the VLoRA increments
+(`stack.layer_params`). Adapter parameters of a stack:
 
   lora_a/<path>  [L, d_in, r]   ('layers', ..., 'rank')
   lora_b/<path>  [L, r, d_out]  ('layers', 'rank', ...)   zero at init: the adapted model starts
@@ -159,22 +160,6 @@ def axis_names(entries: Sequence[LoRAEntry], names: Mapping[str, tuple]):
     a[e.path] = ("layers", n[0] if len(n) == 2 else None, "rank")
     b[e.path] = ("layers", "rank", n[-1])
   return a, b
-
-
-def add_adapters(weights, a: Mapping[str, Any], b: Mapping[str, Any],
-                 entries: Sequence[LoRAEntry]):
-  """``W + scale * A @ B`` for every adapted path of a nested weight dict.
-
-  Works for one layer (``W [*shape]``, ``A [d_in, r]``) and for a whole stack (leading ``L``). The
-  update is computed in float32 and cast back to the weight's dtype.
-  """
-  flat = traverse_util.flatten_dict(weights, sep="/")
-  for e in entries:
-    w = flat[e.path]
-    delta = jnp.einsum("...ir,...ro->...io", a[e.path].astype(jnp.float32),
-                       b[e.path].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-    flat[e.path] = (w.astype(jnp.float32) + e.scale * delta.reshape(w.shape)).astype(w.dtype)
-  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 # ----------------------------------------------------------------------------- paths and freezing

@@ -33,7 +33,9 @@ from vlora_jax import chain
 from vlora_jax import lora as lora_lib
 from vlora_jax.spec import Layout, VLoRASpec, dense_layout
 
-GROUPS = ("per_layer", "base", "inc_a", "inc_b", "inc_vec") + lora_lib.ADAPTER_GROUPS
+# The groups every layer of a compound reads (leading axis ``compound``), and all of them.
+SHARED_GROUPS = ("base", "inc_a", "inc_b", "inc_vec")
+GROUPS = ("per_layer",) + SHARED_GROUPS + lora_lib.ADAPTER_GROUPS
 
 # Named remat policies (jax.checkpoint_policies); "none" = no rematerialisation.
 REMAT_POLICIES = {
@@ -66,52 +68,53 @@ def block_param_shapes(block: nn.Module, *args, **kwargs):
   return shapes, names
 
 
-def materialize(stack_params, layout: Layout):
+def materialize(stack_params, layout: Layout, lora_entries=()):
   """Stack parameters -> per-layer dense parameters ``{path: [L, *shape]}`` (as a nested dict).
 
-  The result is exactly the ``per_layer`` tree of a dense stack of the same block, so it can be
-  loaded into the dense model (merged inference) or exported. Targeted weights come out of the
-  increment chain in float32 and are cast back to the parameter dtype.
+  Every layer's weights exactly as the stack builds them while it runs (`layer_params`), all at
+  once: the ``per_layer`` tree of a dense stack of the same block, for merged inference or export.
+  With ``lora_entries`` the stack's adapters (``lora_a``/``lora_b``) are folded in too.
   """
   p = {g: _flat(stack_params.get(g, {})) for g in GROUPS}
-  spec, s = layout.spec, layout.compound_size
-  out = {}
-  for e in layout.entries:
-    if e.role == "full":
-      out[e.path] = p["per_layer"][e.path]
-      continue
-    base = p["base"][e.path]
-    if e.role == "tied":
-      deltas = None
-    elif e.role == "vector":
-      deltas = p["inc_vec"][e.path]
-    else:
-      a, b = p["inc_a"][e.path], p["inc_b"][e.path]
-      deltas = chain.increments(a, b, e.scale).reshape(a.shape[:2] + e.shape)
-    w = chain.chain(base, deltas, mode=spec.mode, stop_gradient_base=spec.stop_gradient_base)
-    out[e.path] = chain.expand(w, s).astype(base.dtype)
-  return _nest(out)
+  shared = {g: p[g] for g in SHARED_GROUPS if p[g]}
+  adapters = (p["lora_a"], p["lora_b"]) if lora_entries else None
+
+  def build(i, per_layer, adapters_i):
+    return layer_params(layout, shared, per_layer, i, adapters_i, lora_entries)
+
+  return _nest(jax.vmap(build)(jnp.arange(layout.num_layers), p["per_layer"], adapters))
 
 
 def init_stack_params(key, block: nn.Module, layout: Layout, sample_args, kwargs):
-  """Fresh stack parameters, each group a nested dict (unboxed)."""
+  """Fresh stack parameters, each group a nested dict (unboxed).
+
+  Every layer ``l`` is initialised as the dense model's layer ``l`` (the same key): the base of
+  compound ``c`` is the dense layer ``c * s``, and the non-targeted parameters of every layer are
+  the dense ones. Only those are computed: the targeted weights of the other layers are never
+  built (XLA drops them from the compiled init), so there is no dense-sized transient at init.
+  """
   k_layers, k_factors = jax.random.split(key)
   keys = jax.random.split(k_layers, layout.num_layers)
-  init_one = lambda k: nn.unbox(block.init(k, *sample_args, **kwargs)["params"])
-  full = _flat(jax.vmap(init_one)(keys))  # [L, ...]: every layer initialised like the dense model
-  groups = {g: {} for g in GROUPS}
   s, c = layout.compound_size, layout.compounds
+  full_paths = {e.path for e in layout.by_role("full")}
+
+  @jax.jit
+  def per_layer_and_base(keys):
+    init_all = jax.vmap(lambda k: _flat(nn.unbox(block.init(k, *sample_args, **kwargs)["params"])))
+    per_layer = {p: v for p, v in init_all(keys).items() if p in full_paths}
+    base = {p: v for p, v in init_all(keys[::s]).items() if p not in full_paths}
+    return per_layer, base
+
+  groups = {g: {} for g in GROUPS}
+  groups["per_layer"], groups["base"] = per_layer_and_base(keys)
   for i, e in enumerate(layout.entries):
-    if e.role == "full":
-      groups["per_layer"][e.path] = full[e.path]
-      continue
-    groups["base"][e.path] = full[e.path][::s]  # layer 0 of each compound: the dense init
+    dtype = groups["base"][e.path].dtype if e.role != "full" else None
     if e.role == "vector":  # official: full-vector increments start at zero
-      groups["inc_vec"][e.path] = jnp.zeros((c, s - 1) + e.shape, full[e.path].dtype)
+      groups["inc_vec"][e.path] = jnp.zeros((c, s - 1) + e.shape, dtype)
     elif e.role == "lowrank":
       a, b = chain.init_factors(jax.random.fold_in(k_factors, i), compounds=c, steps=s - 1,
                                 d_in=e.d_in, d_out=e.d_out, rank=e.rank, init=layout.spec.init,
-                                dtype=full[e.path].dtype)
+                                dtype=dtype)
       groups["inc_a"][e.path], groups["inc_b"][e.path] = a, b
   return {g: _nest(v) for g, v in groups.items() if v}
 
@@ -188,14 +191,14 @@ class LayerStack(nn.Module):
                             is_leaf=lambda n: isinstance(n, tuple))
       return init_fn
 
-    params = {g: self.param(g, fresh(g)) for g in axis_names}
-    weights = materialize(params, layout) if self.vlora is not None else params["per_layer"]
+    params = {g: _flat(self.param(g, fresh(g))) for g in axis_names}
 
     adapters, lora_entries = None, ()
     if self.lora is not None:
       lora_entries = self.lora.layout({e.path: e.shape for e in layout.entries})
       names_a, names_b = lora_lib.axis_names(lora_entries, names)
-      dtypes = {e.path: _flat(weights)[e.path].dtype for e in lora_entries}
+      dtypes = {**{p: v.dtype for p, v in params.get("per_layer", {}).items()},
+                **{p: v.dtype for p, v in params.get("base", {}).items()}}
 
       def fresh_lora(i, axes):
         def init_fn(rng):
@@ -213,23 +216,107 @@ class LayerStack(nn.Module):
     if not deterministic and self.has_rng("dropout"):
       rngs = jax.random.split(self.make_rng("dropout"), self.num_layers)
 
-    def layer(h, xs):
-      w, rng, ab = xs
-      if ab is not None:  # this layer's adapters only: W_l + scale * A_l @ B_l
-        w = lora_lib.add_adapters(w, ab[0], ab[1], lora_entries)
-      h = block.apply({"params": w}, h, *args, deterministic=deterministic,
-                      rngs={"dropout": rng} if rng is not None else None, **kwargs)
-      return h, None
+    def apply_block(h, weights, rng):
+      return block.apply({"params": _nest(weights)}, h, *args, deterministic=deterministic,
+                         rngs={"dropout": rng} if rng is not None else None, **kwargs)
 
-    policy = REMAT_POLICIES[self.remat]
-    if self.remat != "none":
-      layer = jax.checkpoint(layer, policy=policy, prevent_cse=not self.scan)
-    if self.scan:
-      x, _ = jax.lax.scan(layer, x, (weights, rngs, adapters))
-    else:
-      for i in range(self.num_layers):
-        x, _ = layer(x, jax.tree.map(lambda a: a[i], (weights, rngs, adapters)))
-    return x
+    return run_layers(apply_block, x, layout, params, rngs=rngs, adapters=adapters,
+                      lora_entries=lora_entries, scan=self.scan, remat=self.remat)
+
+
+def weight_policy(remat: str):
+  """The remat policy of one layer: ``remat`` for its activations, its weights always rebuilt.
+
+  `chain.layer_weight` (each constructed weight) is staged as one `chain.REBUILT_IN_BACKWARD`
+  equation; answering "recompute" for it keeps the weights out of the saved residuals. Its inputs
+  are the stack's bases (the same array for every layer: saved once, without a copy) and small
+  factors.
+  """
+  saves = REMAT_POLICIES[remat] or jax.checkpoint_policies.everything_saveable
+
+  def policy(prim, *avals, **params):
+    if prim.name == chain.REBUILT_IN_BACKWARD:
+      return False
+    return saves(prim, *avals, **params)
+
+  return policy
+
+
+def layer_params(layout: Layout, shared, per_layer, layer, adapters=None, lora_entries=()):
+  """The block parameters ``{path: array}`` of one layer of the stack.
+
+  Args:
+    layout: the stack's layout.
+    shared: the stack's compound-level groups, flat: ``{"base": {path: [C, *shape]},
+      "inc_a": {path: [C, s-1, d_in, r]}, "inc_b": ..., "inc_vec": ...}`` (empty when dense).
+    per_layer: this layer's non-targeted parameters ``{path: [*shape]}``.
+    layer: the layer's index in the stack (a traced int is fine).
+    adapters: this layer's horizontal LoRA factors ``({path: A}, {path: B})``, or None.
+    lora_entries: the adapters' `lora.LoRAEntry`s.
+
+  Every targeted weight is its compound's base plus one low-rank product
+  (`chain.layer_weight`), in which the layer's VLoRA increments and its LoRA adapter sit side by
+  side; a non-targeted weight with an adapter is that weight plus the adapter's product.
+  """
+  spec = layout.spec
+  weights = dict(per_layer)
+  terms = {e.path: [] for e in layout.entries}  # path -> [(static description, inputs)]
+  c, k = (layer // spec.compound_size, layer % spec.compound_size) if spec else (None, None)
+  for e in layout.entries:
+    if e.role == "vector":
+      terms[e.path].append((("vector", (("mode", spec.mode),)),
+                            (shared["inc_vec"][e.path], c, k)))
+    elif e.role == "lowrank":
+      terms[e.path].append((("increments", (("mode", spec.mode), ("scale", e.scale))),
+                            (shared["inc_a"][e.path], shared["inc_b"][e.path], c, k)))
+  for e in lora_entries:
+    terms[e.path].append((("adapter", (("scale", e.scale),)),
+                          (adapters[0][e.path], adapters[1][e.path])))
+  # The official stop-gradient: W0 learns from layer 0 of its compound alone (tied layers are W0
+  # itself, which learns from all of them).
+  gate = None
+  if spec is not None and spec.stop_gradient_base and spec.mode != "tied":
+    gate = (k == 0).astype(jnp.float32)
+  for e in layout.entries:
+    described, inputs = zip(*terms[e.path]) if terms[e.path] else ((), ())
+    if e.role != "full":
+      weights[e.path] = chain.layer_weight(shared["base"][e.path], c, described, inputs, gate)
+    elif described:  # a dense weight with an adapter
+      weights[e.path] = chain.layer_weight(per_layer[e.path], None, described, inputs)
+  return weights
+
+
+def run_layers(apply_block, x, layout: Layout, params, *, rngs=None, adapters=None,
+               lora_entries=(), scan: bool = True, remat: str = "none"):
+  """Runs the stack: ``x = apply_block(x, layer_params(...), rng)`` for every layer in order.
+
+  ONE scan over the layers, dense or VLoRA, so the program grows with neither the depth nor the
+  compound size. Each layer's weights are built inside the layer from its compound's slice of the
+  bases and factors, under `weight_policy`, and rebuilt in the backward pass instead of kept: only
+  one layer's weights exist at a time, and the gradient of the bases accumulates in place into
+  one ``[C, ...]`` buffer. ``scan=False`` runs the same layer function in a Python loop.
+
+  Args:
+    apply_block: ``(h, weights {path: array}, rng or None) -> h``.
+    params: the stack's groups, flat: ``{group: {path: array}}``.
+    rngs: ``[L]`` dropout keys, or None.
+    adapters: ``({path: A [L, ...]}, {path: B [L, ...]})`` horizontal LoRA factors, or None.
+  """
+  shared = {g: params[g] for g in SHARED_GROUPS if g in params}
+
+  def layer(h, shared, xs):
+    i, per_layer, rng, adapters_i = xs
+    weights = layer_params(layout, shared, per_layer, i, adapters_i, lora_entries)
+    return apply_block(h, weights, rng)
+
+  if layout.spec is not None or lora_entries or remat != "none":
+    layer = jax.checkpoint(layer, policy=weight_policy(remat), prevent_cse=not scan)
+  xs = (jnp.arange(layout.num_layers), params.get("per_layer", {}), rngs, adapters)
+  if scan:
+    return jax.lax.scan(lambda h, xs_i: (layer(h, shared, xs_i), None), x, xs)[0]
+  for i in range(layout.num_layers):
+    x = layer(x, shared, jax.tree.map(lambda a: a[i], xs))
+  return x
 
 
 def vlorafy(block: nn.Module | BlockFactory, num_layers: int, vlora: VLoRASpec | None = None,
@@ -293,16 +380,15 @@ def _merge_stack(params, spec, lora):
   has_adapters = any(g in params for g in lora_lib.ADAPTER_GROUPS)
   if spec is None and not has_adapters:
     return params
-  per_layer = materialize(params, layout_from_params(params, spec)) if spec else params["per_layer"]
+  layout = layout_from_params(params, spec)
+  entries = ()
   if has_adapters:
     if lora is None:
       raise ValueError("merge: this stack has LoRA adapters (lora_a/lora_b) but lora=None; pass "
                        "the model's LoRASpec")
-    shapes = {p: tuple(a.shape[1:]) for p, a in _flat(per_layer).items()}
-    entries = lora.layout(shapes)
-    a, b = _flat(params["lora_a"]), _flat(params["lora_b"])
+    entries = lora.layout({e.path: e.shape for e in layout.entries})
+    a = _flat(params["lora_a"])
     if set(a) != {e.path for e in entries} or any(a[e.path].shape[-1] != e.rank for e in entries):
       raise ValueError(f"merge: adapters {sorted(a)} (ranks {[v.shape[-1] for v in a.values()]}) "
                        f"do not match lora targets {list(lora.targets)} at rank {lora.rank}")
-    per_layer = lora_lib.add_adapters(per_layer, a, b, entries)
-  return {"per_layer": per_layer}
+  return {"per_layer": materialize(params, layout, entries)}
