@@ -52,8 +52,6 @@ def op_totals(trace_dir: str) -> tuple[float, dict[str, tuple[float, int]]]:
 
 
 def main(argv=None):
-  from vlora_jax import cpu_malloc  # as vlora_jax.main: the allocator tuning on CPU, once
-  cpu_malloc.reexec_with_tunables([sys.executable] + sys.orig_argv[1:])
   import jax
   import numpy as np
   from bench_train import Variant

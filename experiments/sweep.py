@@ -99,8 +99,6 @@ def collect(name: str, root: Path, extra: dict | None = None) -> list[dict]:
 
 
 def main():
-  from vlora_jax import cpu_malloc  # on CPU: restart once with the allocator tuning (cpu_malloc.py)
-  cpu_malloc.reexec_with_tunables([sys.executable] + sys.orig_argv[1:])
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--sweep", required=True, action="append",
                   help=f"one of {sorted(sweeps.SWEEPS)} (repeatable); 'paper' = all paper_*")

@@ -1,0 +1,8 @@
+"""Vertical LoRA (VLoRA) in JAX/Flax: a VLoRA model is a dense model whose layer stack is
+parameterised differently (see README.md)."""
+
+from vlora_jax import cpu_malloc as _cpu_malloc
+
+# On CPU, before JAX starts its backend: keep XLA's freed temporaries in the process instead of
+# page-faulting them in again every step (vlora_jax/cpu_malloc.py). Bit-identical results.
+_cpu_malloc.tune()

@@ -10,13 +10,6 @@ from __future__ import annotations
 import os
 import sys
 
-if __name__ == "__main__":
-  # On CPU, restart once with glibc tunables that stop XLA:CPU page-faulting its ~2.4 GB of
-  # temporaries afresh every train step (the ViT CIFAR step: 20-30% of its CPU time; see
-  # vlora_jax/cpu_malloc.py and experiments/perf_gap.py). Bit-identical results.
-  from vlora_jax import cpu_malloc
-  cpu_malloc.reexec_with_tunables([sys.executable] + sys.orig_argv[1:])
-
 # Config files import their shared defaults as ``from configs import default``: make the
 # repository root (the parent of the configs directory) importable wherever we are launched from.
 for _a in sys.argv[1:]:

@@ -224,18 +224,24 @@ class LayerStack(nn.Module):
                       lora_entries=lora_entries, scan=self.scan, remat=self.remat)
 
 
-def weight_policy(remat: str):
+def weight_policy(remat: str, weight_shapes=frozenset()):
   """The remat policy of one layer: ``remat`` for its activations, its weights always rebuilt.
 
   `chain.layer_weight` (each constructed weight) is staged as one `chain.REBUILT_IN_BACKWARD`
   equation; answering "recompute" for it keeps the weights out of the saved residuals. Its inputs
   are the stack's bases (the same array for every layer: saved once, without a copy) and small
-  factors.
+  factors. A block that computes in bf16 casts each float32 weight down first; those casts (a
+  float32 operand of one of the block's ``weight_shapes``) are recomputed too, or the backward pass
+  would keep a bf16 copy of every layer's weights. An activation of such a shape would only be
+  cast again in the backward pass: the policy decides what is kept, never what is computed.
   """
   saves = REMAT_POLICIES[remat] or jax.checkpoint_policies.everything_saveable
 
   def policy(prim, *avals, **params):
     if prim.name == chain.REBUILT_IN_BACKWARD:
+      return False
+    if (prim.name == "convert_element_type" and avals[0].dtype == jnp.float32
+        and tuple(avals[0].shape) in weight_shapes):
       return False
     return saves(prim, *avals, **params)
 
@@ -309,8 +315,8 @@ def run_layers(apply_block, x, layout: Layout, params, *, rngs=None, adapters=No
     weights = layer_params(layout, shared, per_layer, i, adapters_i, lora_entries)
     return apply_block(h, weights, rng)
 
-  if layout.spec is not None or lora_entries or remat != "none":
-    layer = jax.checkpoint(layer, policy=weight_policy(remat), prevent_cse=not scan)
+  weight_shapes = frozenset(e.shape for e in layout.entries if len(e.shape) > 1)
+  layer = jax.checkpoint(layer, policy=weight_policy(remat, weight_shapes), prevent_cse=not scan)
   xs = (jnp.arange(layout.num_layers), params.get("per_layer", {}), rngs, adapters)
   if scan:
     return jax.lax.scan(lambda h, xs_i: (layer(h, shared, xs_i), None), x, xs)[0]

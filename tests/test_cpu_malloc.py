@@ -1,0 +1,41 @@
+"""`import vlora_jax` keeps XLA:CPU's freed temporaries in the process (vlora_jax/cpu_malloc.py): a
+jitted step with 100 MB of temporaries stops page-faulting them in again on every call. Counted with
+getrusage in a fresh process, as a notebook or a script that imports the library would run."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers_train import ROOT
+
+PROGRAM = """
+import resource, sys
+import vlora_jax  # the tuning happens here, before JAX starts its backend
+import jax, jax.numpy as jnp
+step = jax.jit(lambda x: jnp.tanh(jnp.tanh(x @ x.T) @ x) * 1.0001)  # 64 MB temporaries
+x = jnp.ones((4096, 4096), jnp.float32)
+faults = []
+for _ in range(10):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  step(x).block_until_ready()
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(faults[3:])[3])  # the median call after warm-up
+"""
+
+
+def _faults_per_call(tuning: str) -> int:
+  """Minor page faults of the median call of the step, after three warm-up calls."""
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", VLORA_MALLOC_TUNING=tuning)
+  env.pop("GLIBC_TUNABLES", None)
+  out = subprocess.run([sys.executable, "-c", PROGRAM], env=env, capture_output=True, text=True,
+                       timeout=300, check=True)
+  return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator only")
+def test_import_stops_the_per_call_page_faults():
+  untuned, tuned = _faults_per_call("0"), _faults_per_call("1")
+  assert untuned > 10_000, untuned  # 4 KiB pages of ~100 MB, faulted in on every call
+  assert tuned < untuned / 20, (tuned, untuned)
