@@ -16,7 +16,13 @@ Expected (measured, text source, 2 shared CPU cores, ~15 min at ~4,800 tokens/s)
 parameters (the dense model: 818,241); eval loss (nats/char) from ln(65) = 4.17 to 2.07 / 1.91 /
 1.80 / 1.79 at steps 500 / 1,000 / 1,500 / 2,000 (eval accuracy 46%): a small, short run.
 
-``arg``: ``text`` | ``tfds``; ``vlora`` | ``dense``; ``r=``, ``s=``, ``steps=``, ``file=``.
+``xl``: the memory demonstration (README, "Memory"): D 2048, 48 layers = 12 compounds of 4, 16 heads,
+context 256, one window a step, 20 steps. Its dense twin has 2.42B parameters and its train step
+needs ~38 GB, more than a 24 GiB machine has; the VLoRA model (0.62B) trains on one. Each step
+costs ~3.7 TFLOP (the weights are built in full, layer by layer), so ~30-60 s on 2 CPU cores.
+
+``arg``: ``text`` | ``tfds``; ``vlora`` | ``dense``; ``small`` | ``xl``; ``r=``, ``s=``, ``steps=``,
+``file=``.
 """
 
 import os
@@ -27,7 +33,7 @@ from configs import default
 def get_config(arg: str = "text"):
   a = default.parse_arg(arg, {"source": ("text", ("text", "tfds")),
                               "variant": ("vlora", ("vlora", "dense")), "r": 8, "s": 4,
-                              "steps": 2000,
+                              "size": ("small", ("small", "xl")), "steps": None,
                               "file": os.path.join("..", "shared", "data", "tiny_shakespeare.txt")})
   c = default.get_config()
   m = c.model
@@ -51,7 +57,7 @@ def get_config(arg: str = "text"):
 
   c.batch_size = 32
   c.eval_batch_size = 128
-  c.num_train_steps = a["steps"]
+  c.num_train_steps = int(a["steps"] or 2000)
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 100
   c.optim.weight_decay = 0.1
@@ -61,4 +67,10 @@ def get_config(arg: str = "text"):
   c.checkpoint.every_steps = 500
   c.checkpoint.best_metric = "eval/loss"
   c.checkpoint.best_mode = "min"
+  if a["size"] == "xl":
+    steps = int(a["steps"] or 20)
+    m.dim, m.depth, m.num_heads, m.max_len, m.dropout = 2048, 48, 16, 256, 0.0
+    c.batch_size, c.eval_batch_size, c.data.eval_examples = 1, 4, 4
+    c.num_train_steps, c.optim.warmup_steps, c.optim.lr = steps, 5, 1e-3
+    c.log_every_steps, c.eval_every_steps, c.checkpoint.every_steps = 2, steps, steps
   return c

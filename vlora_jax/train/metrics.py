@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import sys
 from pathlib import Path
 
 from absl import logging
+
+
+def peak_rss_gib() -> float:
+  """This process's peak resident memory so far, in GiB (Linux reports KiB, macOS bytes)."""
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)
 
 
 class Writer:

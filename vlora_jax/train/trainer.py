@@ -292,7 +292,7 @@ def train_and_evaluate(config, workdir: str | Path, *,
           if window else {k: m[k] for k in ("train/loss", "train/accuracy")}
       now = time.time()
       dt = now - t_window
-      out = {**m, **avg}
+      out = {**m, **avg, "host/peak_rss_gib": metrics_lib.peak_rss_gib()}
       if window and dt > 0:
         out["train/examples_per_sec"] = len(window) * config.batch_size / dt
         out["train/steps_per_sec"] = len(window) / dt
@@ -366,6 +366,8 @@ def train_and_evaluate(config, workdir: str | Path, *,
       "tokens_per_sec": ex_s * tok_per_ex if ex_s and name != "vit" else None,
       "devices": jax.device_count(), "processes": pcount, "mesh": dict(mesh.shape),
       "batch_size": config.batch_size,
+      # Of process 0, over the whole run: training, eval and checkpoint writing.
+      "peak_rss_gib": metrics_lib.peak_rss_gib(),
   }
   previous = workdir / "summary.json"
   if steps_run == 0 and main and previous.exists():
