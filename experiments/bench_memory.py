@@ -11,8 +11,9 @@ official stop-gradient; compound size 4, rank 8):
      and the LMs it is the real train step of `vlora_jax.train` (AdamW, clipping, metrics); for the
      bare stack of 24 `layers.EncoderBlock`s (D 2048) a sum-of-squares loss with AdamW;
   2. measured peak RSS: a fresh process per variant builds the state, runs ``--steps`` real steps on
-     synthetic data and reports ``ru_maxrss``, wherever the compiled figure fits in 75% of the RAM
-     available at the start (the others are recorded as not run, with the reason);
+     synthetic data and reports ``ru_maxrss`` (glibc's allocator untuned, so that freed memory
+     leaves the process), wherever the compiled figure fits in 75% of the RAM available at the
+     start (the others are recorded as not run, with the reason);
   3. depth that fits a budget: the deepest LM at D 2048 (vocab 32k, 1 x 256 tokens) whose compiled
      train step fits ``--budget-gib``, dense against VLoRA (depth in steps of the compound size),
      with the stack's remat ``none`` (the default) and ``full``.
@@ -194,7 +195,10 @@ def rss_worker(size_name: str, variant: str, steps: int, quick: bool) -> dict:
 def measure_rss(size_name: str, variant: str, steps: int, quick: bool) -> dict:
   cmd = [sys.executable, __file__, "--rss-worker", size_name, variant, "--steps", str(steps)]
   cmd += ["--quick"] if quick else []
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  # glibc's default allocator: big blocks are mmapped and unmapped when freed, so the peak RSS is
+  # the peak of live memory. With vlora_jax's tuning (cpu_malloc.py) freed memory stays in the
+  # process and the peak RSS reads the heap's fragmentation too (up to 2x here).
+  env = dict(os.environ, PYTHONPATH=str(ROOT), VLORA_MALLOC_TUNING="0")
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
   if proc.returncode:
     return {"error": proc.stderr[-2000:]}

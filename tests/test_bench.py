@@ -83,3 +83,21 @@ def test_profile_step_sums_the_traced_step_by_op(tmp_path):
   # The matmuls of a train step are there, by XLA:CPU's name for them (YNNPACK, or plain dots).
   assert any(k.startswith(("ynn_fusion", "dot", "xnn_fusion")) for k in ops), sorted(ops)
   assert "ms" in proc.stdout and "busy" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_memory_reports_compiled_and_measured_memory(tmp_path):
+  """experiments/bench_memory.py at its smallest: every variant's compiled memory and the peak RSS
+  of a fresh process that ran a real step; VLoRA below dense at the weight-dominated stack."""
+  out = tmp_path / "memory.json"
+  _run_experiment("bench_memory.py", "--quick", "--sizes", "stack_d2048", "--steps", "1",
+                  "--no-depth", "--out", str(out))
+  rows = json.loads(out.read_text())["sizes"]["stack_d2048"]
+  assert set(rows) == {"dense", "vlora_cumulative", "vlora_anchored", "vlora_official"}
+  for variant, r in rows.items():
+    assert r["compiled"]["total"] > 0 and r["params"] > 0, variant
+    assert r["rss"]["peak_rss"] > r["compiled"]["argument"], (variant, r["rss"])
+    assert len(r["rss"]["loss"]) == 1 and math.isfinite(r["rss"]["loss"][0]), variant
+    if variant != "dense":
+      assert r["compiled"]["total"] < rows["dense"]["compiled"]["total"], variant
+  assert "| stack_d2048 | vlora_official |" in out.with_suffix(".md").read_text()

@@ -53,3 +53,18 @@ def test_vlora_train_step_needs_less_memory_than_dense_and_no_weights_per_layer(
   # not add more than that (building the weights of 12 more layers would add 3 MB a layer).
   grow = lambda m: (m[24][0] - m[12][0]) - (m[24][2] - m[12][2])
   assert grow(vlora) <= grow(dense) + 2 * DIM * 4 * DIM * 4, (grow(vlora), grow(dense))
+
+
+def test_init_builds_no_dense_twin():
+  """A VLoRA stack's init computes only its own parameters: its compiled temporaries stay below
+  the dense twin's weights (initialising all L layers in full and keeping every s-th would not)."""
+  def init_memory(spec):
+    model = stack.vlorafy(layers.EncoderBlock(DIM, num_heads=4, mlp_dim=4 * DIM), 24, spec)
+    init = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, TOKENS, DIM)))))
+    m = init.lower().compile().memory_analysis()
+    return m.temp_size_in_bytes, m.output_size_in_bytes
+
+  _, dense_out = init_memory(None)
+  temp, out = init_memory(VLoRASpec(compound_size=4, rank=8))
+  assert out < 0.3 * dense_out
+  assert temp < 0.6 * dense_out, (temp, dense_out)
