@@ -130,6 +130,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # vlora_jax, confi
 
 import bench_core  # noqa: E402
 import bench_train  # noqa: E402
+from sweep import parse_override  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -170,7 +171,8 @@ TARGETS = {
     "compile/vlora_deep_over_shallow": (1.2, "compile time of the scanned VLoRA train step, "
                                         "deepest / shallowest"),
     "compile/dense_deep_over_shallow": (1.2, "the same for the dense train step"),
-    "memory/vlora_over_dense": (None, "compiled train step temp + argument + output bytes"),
+    "memory/vlora_over_dense": (1.0, "compiled train step temp + argument + output - alias bytes "
+                                "(experiments/bench_memory.py: other sizes, measured RSS)"),
     "checkpoint/state_vlora_over_dense": (0.31, "Orbax checkpoint of the train state (params + "
                                           "AdamW moments), bytes on disk"),
     "checkpoint/params_vlora_over_dense": (0.31, "Orbax checkpoint of the params only"),
@@ -279,11 +281,12 @@ def build_inference(dense: bench_train.Variant, vlora: bench_train.Variant) -> d
 
 
 def memory(compiled) -> dict[str, int]:
-  """XLA's compiled memory analysis; ``total`` = temp + argument + output bytes."""
+  """XLA's compiled memory analysis; ``total`` = temp + argument + output - alias bytes (the
+  donated state's buffers are reused for the new state: counted once)."""
   m = compiled.memory_analysis()
   out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in
          ("temp", "argument", "output", "alias", "generated_code")}
-  out["total"] = out["temp"] + out["argument"] + out["output"]
+  out["total"] = out["temp"] + out["argument"] + out["output"] - out["alias"]
   return out
 
 
@@ -550,6 +553,8 @@ def parse_args(argv=None):
       "VLORA_TORCH_PYTHON", "/tmp/torchref/venv/bin/python"),
                   help="python of the venv with torch, timm and the official vlora")
   ap.add_argument("--no-torch", action="store_true", help="skip the official PyTorch step")
+  ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                  help="a dotted config key for every variant, e.g. model.remat=dots")
   args = ap.parse_args(argv)
   q = int(args.quick)
   args.rounds, args.compile_reps = ROUNDS[q], COMPILE_REPS[q]
@@ -566,6 +571,7 @@ def register_size(args) -> dict[str, Any]:
   over = dict(SIZES[args.size])
   if args.batch:
     over["batch_size"] = args.batch
+  over.update(parse_override(item) for item in args.override)
   bench_train.SIZES[f"bench_{args.size}"] = {"vit": over}
   return over
 

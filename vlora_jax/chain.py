@@ -16,10 +16,16 @@ The math is written for one layer at a time, which is how the layer stack trains
 ``W0 + L_k @ R`` with ``L_k, R`` taken from its compound's factors (`layer_factors`): cumulative
 puts all ``s-1`` steps side by side in one low-rank product and masks the steps after ``k`` out of
 ``L_k``, so no running weight is carried from layer to layer; anchored takes step ``k`` alone.
-`layer_weight` adds the product to the base in float32 whatever the parameter dtype. It is a
-`jax.custom_vjp` whose residuals are the small factors, and whose forward the stack recomputes in
-the backward pass (`REBUILT_IN_BACKWARD`): only one layer's weights exist at a time, in the forward
-and in the backward pass.
+`layer_weight` adds the product (and a horizontal LoRA adapter's, side by side with it) to the
+base in float32 whatever the parameter dtype. It is a `jax.custom_vjp` whose residuals are its
+inputs (parameters every layer shares, and the layer's indices), and whose forward the stack
+recomputes in the backward pass (`REBUILT_IN_BACKWARD`): only one layer's weights exist at a time,
+in the forward and in the backward pass.
+
+Why a masked product and not a running sum for cumulative: a running weight carried from layer to
+layer would be a per-layer residual of the layer scan (every layer's weights kept for the backward
+pass, the memory this design removes). The mask costs ``(s-1) r`` ranks instead of ``k r``: a
+``d_in x d_out x (s-1) r`` matmul a layer, small next to the layer's own ``tokens x d_in x d_out``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
-"""`vlorafy`: any Flax block -> a layer stack run as ONE scan, dense or VLoRA.
+"""`vlorafy`: any Flax block -> a layer stack run as ONE scan over its layers, dense or VLoRA.
 
 A VLoRA stack is the dense stack with a different parameterisation: the block is written once and
-applied per layer with weights that come either straight from stacked per-layer parameters (dense) or
-from `materialize` (base per compound + the increment chain of `chain.py`). So the compiled program
-is one scan over layers plus one scan over compound steps, whatever the depth.
+applied per layer with weights that come either straight from stacked per-layer parameters (dense)
+or from its compound's base and low-rank factors (`layer_params`, the math in `chain.py`). Each
+layer builds its own weights inside the scan, and the backward pass builds them again instead of
+keeping them (`weight_policy`), so the compiled program is one scan whatever the depth, and only
+one layer's weights exist at a time: VLoRA's parameter saving is a memory saving. `materialize`
+builds every layer's weights at once, for merged inference and export.
 
 Parameters of a stack (leading axes named for sharding rules):
 
