@@ -26,6 +26,17 @@ def test_batch_is_a_pure_function_of_seed_and_step():
   assert not _eq(p1.train_batch(7), p1.train_batch(8))
 
 
+def test_batches_of_one_example():
+  """batch_size 1 (one long window a step, as configs/lm_shakespeare.py:xl trains): the same
+  records in the same order as batches of two, one at a time."""
+  ones, twos = data.build(tiny("vit", batch_size=1)), data.build(tiny("vit", batch_size=2))
+  first = [ones.train_batch(t) for t in range(4)]
+  assert all(b["image"].shape[0] == 1 and b["label"].shape == (1,) for b in first)
+  pairs = [twos.train_batch(t) for t in range(2)]
+  assert np.array_equal(np.concatenate([b["image"] for b in first]),
+                        np.concatenate([b["image"] for b in pairs]))
+
+
 def test_one_epoch_is_a_permutation_then_reshuffled():
   from vlora_jax.data import sources
   p = data.build(tiny("vit", batch_size=2))

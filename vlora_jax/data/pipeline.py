@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator
 
 import grain
+import jax
 import numpy as np
 
 
@@ -81,7 +82,11 @@ class Pipeline:
     self.process_index, self.process_count = process_index, process_count
     self.local_batch = global_batch // process_count
     self._threads = threads
-    self._train = train.batch(self.local_batch)[process_index::process_count]
+    if self.local_batch == 1:  # grain's batch(1) of a repeated dataset overflows its length
+      batched = train.map(lambda rec: jax.tree.map(lambda a: np.asarray(a)[None], rec))
+    else:
+      batched = train.batch(self.local_batch)
+    self._train = batched[process_index::process_count]
     n = len(eval_records)
     self.num_eval = n
     self.eval_batch = eval_batch
