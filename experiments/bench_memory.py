@@ -181,6 +181,9 @@ def rss_worker(size_name: str, variant: str, steps: int, quick: bool) -> dict:
   step, state, batch, make_state, _ = build(size, variant)
   batch = _concrete_batch(batch, np.random.default_rng(0))
   st = jax.jit(make_state)()
+  if os.environ.get("UNTUNE_AFTER_INIT"):
+    from vlora_jax import cpu_malloc
+    cpu_malloc.untune()
   times, losses = [], []
   for _ in range(steps):
     t0 = time.perf_counter()

@@ -39,3 +39,15 @@ def test_import_stops_the_per_call_page_faults():
   untuned, tuned = _faults_per_call("0"), _faults_per_call("1")
   assert untuned > 10_000, untuned  # 4 KiB pages of ~100 MB, faulted in on every call
   assert tuned < untuned / 20, (tuned, untuned)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator only")
+def test_fit_keeps_the_settings_for_small_steps_and_drops_them_for_big_ones():
+  """Kept memory costs up to twice a step's memory: past a quarter of the RAM, glibc's defaults
+  come back (in a fresh process: dropping them here would slow the rest of the tests)."""
+  program = ("from vlora_jax import cpu_malloc as m\n"
+             "print(m.tune(), m.fit(1 << 30, ram=8 << 30), m.fit(3 << 30, ram=8 << 30), m._applied)")
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", VLORA_MALLOC_TUNING="1")
+  out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True,
+                       timeout=120, check=True)
+  assert out.stdout.split() == ["True", "True", "False", "False"]

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
+from vlora_jax import cpu_malloc
 from vlora_jax import data as data_lib
 from vlora_jax import errors
 from vlora_jax import lora as lora_lib
@@ -125,6 +126,15 @@ def _check_workdir(workdir: Path, abstract_state, ccfg, main: bool) -> None:
         "lower checkpoint.keep, or choose another --workdir")
 
 
+def _compiled_bytes(compiled) -> int:
+  """Temp + argument + output - alias bytes of a compiled step (0 where XLA does not say)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return 0
+  return (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+          - m.alias_size_in_bytes)
+
+
 def _finite(m: dict) -> bool:
   return all(math.isfinite(float(m[k])) for k in ("train/loss", "train/grad_norm",
                                                    "train/param_norm"))
@@ -189,13 +199,34 @@ def train_and_evaluate(config, workdir: str | Path, *,
     metrics_lib.log(metrics_lib.overview(counts, dense))
   _check_workdir(workdir, abstract_state, config.checkpoint, main)
 
-  # 3. the starting state, born sharded. Dropout keys may use a cheaper generator (rbg: no
+  # 3. the train step, compiled ahead of time: its cost is known (and logged) before the state
+  # exists, and on a CPU the allocator settings are fitted to it (vlora_jax/cpu_malloc.py).
+  b_shard = sharding.batch_sharding(mesh)
+  rep = sharding.replicated(mesh)
+  target = ckpt_lib.abstract(abstract_state, s_shard)
+  batch_struct = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct((config.batch_size,) + a.shape[1:], a.dtype,
+                                     sharding=b_shard),
+      pipe.train_batch(0))
+  t0 = time.time()
+  train_step = jax.jit(
+      make_train_step(model, name, tx, sched, label_tree, config.get("label_smoothing", 0.0),
+                      rng_impl),
+      in_shardings=(s_shard, b_shard), out_shardings=(s_shard, rep), donate_argnums=(0,),
+  ).lower(target, batch_struct).compile()
+  t_compile = time.time() - t0
+  step_bytes = _compiled_bytes(train_step)
+  logging.info("train step compiled in %.1f s (%.2f GiB a step)", t_compile, step_bytes / 2**30)
+  if jax.default_backend() == "cpu" and not cpu_malloc.fit(step_bytes) and cpu_malloc.wanted():
+    logging.info("allocator: glibc defaults (the kept-memory settings cost up to twice the "
+                 "step's memory)")
+
+  # 4. the starting state, born sharded. Dropout keys may use a cheaper generator (rbg: no
   # threefry to compile; see configs/default.py); parameter init always uses threefry.
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
   train_key = jax.random.key(int(jax.random.randint(train_key, (), 0, 2**31 - 1)), impl=rng_impl)
   rng_data = jax.random.key_data(train_key)
   ckpt = ckpt_lib.Checkpointer(workdir, config.checkpoint, meta)
-  target = ckpt_lib.abstract(abstract_state, s_shard)
   from_params = jax.jit(lambda p: state_lib.create(p, tx, rng_data), in_shardings=(p_shard,),
                         out_shardings=s_shard)
   origin = "scratch"
@@ -226,26 +257,9 @@ def train_and_evaluate(config, workdir: str | Path, *,
   start = int(jax.device_get(st["step"]))
   logging.info("state: %s at step %d (%.1f s since start)", origin, start, time.time() - t_start)
 
-  # 4. the loop.
-  b_shard = sharding.batch_sharding(mesh)
-  rep = sharding.replicated(mesh)
-  train_step = jax.jit(
-      make_train_step(model, name, tx, sched, label_tree, config.get("label_smoothing", 0.0),
-                      rng_impl),
-      in_shardings=(s_shard, b_shard), out_shardings=(s_shard, rep), donate_argnums=(0,))
+  # 5. the loop.
   eval_step = jax.jit(make_eval_step(model, name), in_shardings=(p_shard, b_shard),
                       out_shardings=rep)
-  # Ahead-of-time compile: the step's cost is known (and logged) before the first batch.
-  t0 = time.time()
-  t_compile = None
-  if start < total_steps:  # a finished run only evaluates
-    batch_struct = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct((config.batch_size,) + a.shape[1:], a.dtype,
-                                       sharding=b_shard),
-        pipe.train_batch(start))
-    train_step = train_step.lower(target, batch_struct).compile()
-    t_compile = time.time() - t0
-    logging.info("train step compiled in %.1f s", t_compile)
 
   def evaluate(params) -> dict[str, float]:
     acc = None
@@ -334,7 +348,7 @@ def train_and_evaluate(config, workdir: str | Path, *,
       t_window += time.time() - t0  # throughput windows count training time only
   if pending is not None:
     absorb(*pending)
-  # 5. final eval when the loop did none at the last step (eval off, or nothing left to train).
+  # 6. final eval when the loop did none at the last step (eval off, or nothing left to train).
   if not eval_metrics:
     t0 = time.time()
     eval_metrics = evaluate(st["params"])
