@@ -71,6 +71,6 @@ def get_config(arg: str = "text"):
     steps = int(a["steps"] or 20)
     m.dim, m.depth, m.num_heads, m.max_len, m.dropout = 2048, 48, 16, 256, 0.0
     c.batch_size, c.eval_batch_size, c.data.eval_examples = 1, 4, 4
-    c.num_train_steps, c.optim.warmup_steps, c.optim.lr = steps, 5, 1e-3
+    c.num_train_steps, c.optim.warmup_steps, c.optim.lr = steps, 5, 1e-4
     c.log_every_steps, c.eval_every_steps, c.checkpoint.every_steps = 2, steps, steps
   return c
