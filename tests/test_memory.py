@@ -6,6 +6,8 @@ a weight-dominated size, and its temporaries would grow with depth by a layer's 
 These checks read XLA's memory analysis of the compiled step; nothing runs.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,7 @@ from vlora_jax.spec import VLoRASpec
 DIM, TOKENS = 256, 8  # weight-dominated: 0.8M weights a layer, 2k activations a layer
 
 
+@functools.lru_cache(maxsize=None)  # the dense figures serve both parametrisations
 def compiled_memory(spec, depth, remat="none"):
   """``(temp bytes, argument bytes, parameter bytes)`` of a donated AdamW train step of a stack."""
   model = stack.vlorafy(layers.EncoderBlock(DIM, num_heads=4, mlp_dim=4 * DIM), depth, spec,

@@ -30,6 +30,7 @@ SPECS = {
     "tied": VLoRASpec(compound_size=2, targets=(".*kernel",), mode="tied", stop_gradient_base=True),
     "one_compound": VLoRASpec(compound_size=6, targets=("(up|down)/kernel",), rank=4,
                               scaling="rslora"),
+    "one_layer_compounds": VLoRASpec(compound_size=1, targets=TARGETS, rank=2, mode="anchored"),
     "dense": None,
 }
 LORA = LoRASpec(targets=("up/kernel", "down/kernel"), rank=2, alpha=4.0)
@@ -40,6 +41,10 @@ CASES = [(name, None, "none") for name in SPECS if name != "dense"] + [
     ("cumulative", LORA, "none"), ("official", LORA, "dots"), ("tied", LORA, "none"),
     ("dense", LORA, "none"), ("dense", LORA, "full"),
 ]
+# The unrolled stack runs the same layer function; test_stack.py holds it to the scan for every
+# mode and remat. Here: the cases it does not cover.
+UNROLLED = {("one_compound", None, "none"), ("cumulative", LORA, "none"),
+            ("official", LORA, "dots"), ("dense", LORA, "full")}
 
 
 def _flat(tree):
@@ -104,13 +109,13 @@ def test_values_and_gradients_equal_every_reference(name, lora, remat):
   spec = SPECS[name]
   model, params, data = _setup(spec, lora, remat)
   value, grads = jax.value_and_grad(_loss(model, data))(params)
-  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads)
-             if not (spec and spec.stop_gradient_base and spec.mode == "tied"))
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads) if g.size)
 
-  unrolled = model.clone(scan=False)
-  u_value, u_grads = jax.value_and_grad(_loss(unrolled, data))(params)
-  np.testing.assert_allclose(value, u_value, rtol=1e-5)
-  _assert_trees_close(grads, u_grads, "unrolled")
+  if (name, lora, remat) in UNROLLED:
+    unrolled = model.clone(scan=False)
+    u_value, u_grads = jax.value_and_grad(_loss(unrolled, data))(params)
+    np.testing.assert_allclose(value, u_value, rtol=1e-5)
+    _assert_trees_close(grads, u_grads, "unrolled")
 
   p_value, p_grads = jax.value_and_grad(_prefix_sum_loss(model, data, lora))(params)
   np.testing.assert_allclose(value, p_value, rtol=1e-5)

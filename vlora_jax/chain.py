@@ -84,11 +84,13 @@ def layer_factors(a: jax.Array, b: jax.Array, c: jax.Array, k: jax.Array, *, mod
     scale: the LoRA scale, folded into ``lhs``.
   """
   f32 = jnp.float32
-  a, b = jax.lax.dynamic_index_in_dim(a, c, 0, False), jax.lax.dynamic_index_in_dim(b, c, 0, False)
-  steps, d_in, r = a.shape
-  if mode == "anchored":
+  steps, d_in, r = a.shape[1:]
+  if mode == "anchored":  # one slice each: a[c, k - 1], b[c, k - 1]
     j = jnp.maximum(k - 1, 0)
-    return a[j].astype(f32) * (scale * (k > 0)), b[j].astype(f32)
+    a = jax.lax.dynamic_slice(a, (c, j, 0, 0), (1, 1) + a.shape[2:]).reshape(d_in, r)
+    b = jax.lax.dynamic_slice(b, (c, j, 0, 0), (1, 1) + b.shape[2:]).reshape(r, -1)
+    return a.astype(f32) * (scale * (k > 0)), b.astype(f32)
+  a, b = jax.lax.dynamic_index_in_dim(a, c, 0, False), jax.lax.dynamic_index_in_dim(b, c, 0, False)
   live = step_mask(k, steps, mode) * scale
   lhs = (a.astype(f32) * live[:, None, None]).transpose(1, 0, 2).reshape(d_in, steps * r)
   return lhs, b.astype(f32).reshape(steps * r, b.shape[-1])

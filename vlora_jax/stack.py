@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from vlora_jax import chain
@@ -82,10 +83,10 @@ def materialize(stack_params, layout: Layout, lora_entries=()):
   shared = {g: p[g] for g in SHARED_GROUPS if p[g]}
   adapters = (p["lora_a"], p["lora_b"]) if lora_entries else None
 
-  def build(i, per_layer, adapters_i):
-    return layer_params(layout, shared, per_layer, i, adapters_i, lora_entries)
+  def build(position, per_layer, adapters_i):
+    return layer_params(layout, shared, per_layer, position, adapters_i, lora_entries)
 
-  return _nest(jax.vmap(build)(jnp.arange(layout.num_layers), p["per_layer"], adapters))
+  return _nest(jax.vmap(build)(positions(layout), p["per_layer"], adapters))
 
 
 def init_stack_params(key, block: nn.Module, layout: Layout, sample_args, kwargs):
@@ -251,7 +252,13 @@ def weight_policy(remat: str, weight_shapes=frozenset()):
   return policy
 
 
-def layer_params(layout: Layout, shared, per_layer, layer, adapters=None, lora_entries=()):
+def positions(layout: Layout):
+  """``(compound, step)`` of every layer, int32 ``[L]`` each: where a layer's weights come from."""
+  layer = np.arange(layout.num_layers, dtype=np.int32)
+  return jnp.asarray(layer // layout.compound_size), jnp.asarray(layer % layout.compound_size)
+
+
+def layer_params(layout: Layout, shared, per_layer, position, adapters=None, lora_entries=()):
   """The block parameters ``{path: array}`` of one layer of the stack.
 
   Args:
@@ -259,7 +266,7 @@ def layer_params(layout: Layout, shared, per_layer, layer, adapters=None, lora_e
     shared: the stack's compound-level groups, flat: ``{"base": {path: [C, *shape]},
       "inc_a": {path: [C, s-1, d_in, r]}, "inc_b": ..., "inc_vec": ...}`` (empty when dense).
     per_layer: this layer's non-targeted parameters ``{path: [*shape]}``.
-    layer: the layer's index in the stack (a traced int is fine).
+    position: the layer's ``(compound, step)`` (`positions`; traced ints are fine).
     adapters: this layer's horizontal LoRA factors ``({path: A}, {path: B})``, or None.
     lora_entries: the adapters' `lora.LoRAEntry`s.
 
@@ -270,8 +277,11 @@ def layer_params(layout: Layout, shared, per_layer, layer, adapters=None, lora_e
   spec = layout.spec
   weights = dict(per_layer)
   terms = {e.path: [] for e in layout.entries}  # path -> [(static description, inputs)]
-  c, k = (layer // spec.compound_size, layer % spec.compound_size) if spec else (None, None)
+  c, k = position if spec else (None, None)
+  increments = spec is not None and spec.compound_size > 1  # one layer a compound: bases only
   for e in layout.entries:
+    if not increments:
+      break
     if e.role == "vector":
       terms[e.path].append((("vector", (("mode", spec.mode),)),
                             (shared["inc_vec"][e.path], c, k)))
@@ -314,13 +324,13 @@ def run_layers(apply_block, x, layout: Layout, params, *, rngs=None, adapters=No
   shared = {g: params[g] for g in SHARED_GROUPS if g in params}
 
   def layer(h, shared, xs):
-    i, per_layer, rng, adapters_i = xs
-    weights = layer_params(layout, shared, per_layer, i, adapters_i, lora_entries)
+    position, per_layer, rng, adapters_i = xs
+    weights = layer_params(layout, shared, per_layer, position, adapters_i, lora_entries)
     return apply_block(h, weights, rng)
 
   weight_shapes = frozenset(e.shape for e in layout.entries if len(e.shape) > 1)
   layer = jax.checkpoint(layer, policy=weight_policy(remat, weight_shapes), prevent_cse=not scan)
-  xs = (jnp.arange(layout.num_layers), params.get("per_layer", {}), rngs, adapters)
+  xs = (positions(layout), params.get("per_layer", {}), rngs, adapters)
   if scan:
     return jax.lax.scan(lambda h, xs_i: (layer(h, shared, xs_i), None), x, xs)[0]
   for i in range(layout.num_layers):
