@@ -45,6 +45,7 @@ sys.path.insert(0, str(CODE))
 # name -> (config overrides, XLA_FLAGS)
 VARIANTS = {
     "scan": ({}, ""),
+    "dense": ({"model.vlora.enabled": False}, ""),
     "unrolled": ({"model.scan": False}, ""),
     "scan_remat_dots": ({"model.remat": "dots"}, ""),
     "scan_copy_region_analysis": ({}, "--xla_cpu_copy_insertion_use_region_analysis=true"),
