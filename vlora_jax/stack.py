@@ -278,14 +278,12 @@ def layer_params(layout: Layout, shared, per_layer, position, adapters=None, lor
   weights = dict(per_layer)
   terms = {e.path: [] for e in layout.entries}  # path -> [(static description, inputs)]
   c, k = position if spec else (None, None)
-  increments = spec is not None and spec.compound_size > 1  # one layer a compound: bases only
-  for e in layout.entries:
-    if not increments:
-      break
+  increments = layout.by_role("vector", "lowrank") if layout.compound_size > 1 else ()
+  for e in increments:  # (one layer a compound: bases only)
     if e.role == "vector":
       terms[e.path].append((("vector", (("mode", spec.mode),)),
                             (shared["inc_vec"][e.path], c, k)))
-    elif e.role == "lowrank":
+    else:
       terms[e.path].append((("increments", (("mode", spec.mode), ("scale", e.scale))),
                             (shared["inc_a"][e.path], shared["inc_b"][e.path], c, k)))
   for e in lora_entries:
