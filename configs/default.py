@@ -4,7 +4,11 @@ Not an experiment on its own: see ``vit_digits.py`` (the embedded default), ``vi
 ``vit_cifar10.py``, ``vit_local.py``, ``lm_shakespeare.py`` and ``seq2seq_reverse.py``.
 """
 
+import dataclasses
+
 import ml_collections
+
+from vlora_jax.spec import VLoRASpec
 
 # Logical axis -> mesh axis. Parameters name their axes in the model code (vlora_jax/layers.py);
 # the layer stack adds 'layers', 'compound', 'step' and 'rank' (vlora_jax/stack.py). The stacked
@@ -51,19 +55,26 @@ def parse_arg(arg: str, defaults: dict) -> dict:
 
 
 def vlora(enabled: bool = True, compound_size: int = 4, rank=8) -> ml_collections.ConfigDict:
-  """``config.model.vlora``: the VLoRA parameterisation of the model's layer stack(s)."""
+  """``config.model.vlora``: the VLoRA parameterisation of the model's layer stack(s).
+
+  Its keys are the fields of `vlora_jax.spec.VLoRASpec` (documented there), with the values of
+  ``VLoRASpec.official()``, the variant the official code computes, so that the defaults and the
+  target patterns are written once:
+
+    compound_size  layers per compound s; must divide model.depth
+    targets        regexes over block param paths: the four big matrices
+    rank, alpha    LoRA rank r and scale numerator of each increment (one value, or one per target)
+    mode           anchored (official: W_k = W_0 + dW_k) | cumulative (paper) | tied
+    stop_gradient_base  detach W_0 in layers k >= 1 (official)
+    scaling        standard (alpha / r) | rslora (alpha / sqrt r)
+    init           official (kaiming-uniform A and B) | zero_b (B = 0: starts tied)
+  """
   # Not type-safe: rank and alpha take one number or one per target, e.g. rank=(8, 8, 4, 4).
   v = ml_collections.ConfigDict(type_safe=False)
   v.enabled = enabled          # False: the dense model (same architecture, full weights per layer)
-  v.compound_size = compound_size  # layers per compound s; must divide model.depth
-  # Targeted weights (regexes over block param paths); the official four big matrices.
-  v.targets = ("attn/qkv/kernel", "attn/proj/kernel", "mlp/fc1/kernel", "mlp/fc2/kernel")
-  v.rank = rank                # LoRA rank r of each increment (one int, or one per target)
-  v.alpha = 1.0                # increment scale numerator: scale = alpha / r (official: 1)
-  v.mode = "anchored"          # anchored (official code: W_k = W_0 + dW_k) | cumulative (paper) | tied
-  v.stop_gradient_base = True  # detach W_0 in layers k >= 1 (official code)
-  v.scaling = "standard"       # standard (alpha / r) | rslora (alpha / sqrt r)
-  v.init = "official"          # official (kaiming-uniform A and B) | zero_b (B = 0: starts tied)
+  spec = VLoRASpec.official(compound_size=compound_size, rank=rank)
+  for field in dataclasses.fields(VLoRASpec):
+    v[field.name] = getattr(spec, field.name)
   return v
 
 

@@ -251,7 +251,7 @@ def program_text(compiled) -> str:
 
 
 def compile_eval(model, params, batch):
-  return jax.jit(make_eval_step(model, "vit")).lower(params, batch).compile()
+  return jax.jit(make_eval_step(model, models.FAMILIES["vit"])).lower(params, batch).compile()
 
 
 def build_inference(dense: bench_train.Variant, vlora: bench_train.Variant) -> dict[str, Any]:

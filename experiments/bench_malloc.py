@@ -87,7 +87,6 @@ def main(argv=None):
   config = bench_train._config("vit", "paper", vlora=True)  # pylint: disable=protected-access
   torch = bench.TorchWorker(args.torch_python, bench.torch_config(config))
   runs = {s: [] for s in SETTINGS}
-  official = []
   for r in range(args.rounds):
     for setting in SETTINGS if r % 2 == 0 else SETTINGS[::-1]:
       proc = subprocess.run([sys.executable, __file__, "--worker", "--steps", str(args.steps)],

@@ -115,12 +115,12 @@ def config_step(size: dict, variant: str, extra: dict | None = None):
   sample = [jnp.zeros(s.shape, s.dtype) for s in models.sample_inputs(c.model)]
   init = lambda k: nn.unbox(model.init(k, *sample, train=False))["params"]
   params = jax.eval_shape(init, jax.random.key(0))
-  tx, sched = optim.build(c.optim, params, max(c.num_train_steps, 1))
-  labels, _ = optim.groups(params, c.optim)
+  opt = optim.build(c.optim, params, max(c.num_train_steps, 1))
   rng_data = jax.random.key_data(jax.random.key(1))
-  make_state = lambda: state_lib.create(init(jax.random.key(0)), tx, rng_data)
+  make_state = lambda: state_lib.create(init(jax.random.key(0)), opt.tx, rng_data)
   state = jax.eval_shape(make_state)
-  step = jax.jit(make_train_step(model, c.model.name, tx, sched, labels, 0.0), donate_argnums=(0,))
+  step = jax.jit(make_train_step(model, models.family(c.model.name), opt, 0.0),
+                 donate_argnums=(0,))
   n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
   return step, state, _abstract_batch(c), make_state, n
 

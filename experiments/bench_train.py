@@ -109,19 +109,18 @@ class Variant:
     params = jax.jit(lambda k: nn.unbox(model.init(k, *sample, train=False))["params"])(
         jax.random.key(0))
     self.params_total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    tx, sched = optim.build(c.optim, params, 1000)
-    labels, _ = optim.groups(params, c.optim)
+    opt = optim.build(c.optim, params, 1000)
     rng_data = jax.random.key_data(jax.random.key(1))
-    self.state = state_lib.create(params, tx, rng_data)
+    self.state = state_lib.create(params, opt.tx, rng_data)
     self.batch = _batch(family, c, rng)
-    name = c.model.name
-    step = make_train_step(model, name, tx, sched, labels, 0.0)
+    fam = models.family(c.model.name)
+    step = make_train_step(model, fam, opt, 0.0)
     t0 = time.perf_counter()
     self.step = jax.jit(step, donate_argnums=(0,)).lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - t0
     # FLOPs: the same step with the stack unrolled (cost analysis counts a scan body once).
     unrolled = models.build(_config(family, size, vlora, scan=False).model)
-    ustep = make_train_step(unrolled, name, tx, sched, labels, 0.0)
+    ustep = make_train_step(unrolled, fam, opt, 0.0)
     self.xla_flops = float(jax.jit(ustep).lower(self.state, self.batch).cost_analysis()["flops"])
     dense = models.build(_config(family, size, False).model)
     dense_params = jax.eval_shape(lambda k: nn.unbox(dense.init(k, *sample, train=False))["params"],

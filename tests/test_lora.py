@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from vlora_jax import lora, params, stack
+from vlora_jax import lora, models, params, stack
 from vlora_jax.models.lm import LM
 from vlora_jax.models.seq2seq import Seq2Seq
 from vlora_jax.models.vit import ViT
@@ -108,7 +108,7 @@ def test_frozen_params_unchanged_and_without_optimizer_state():
 def test_merged_inference_equals_adapter_inference_on_vlora():
   _, p, _, _ = _trained()
   model = _lm()
-  dense, merged = lora.merge(model, {"params": p})
+  dense, merged = models.to_dense(model, {"params": p})
   assert dense.vlora is None and dense.lora is None
   assert set(merged["params"]["blocks"]) == {"per_layer"}
   out = jax.jit(model.apply)({"params": p}, TOK)
@@ -131,7 +131,7 @@ def test_merged_inference_equals_adapter_inference_on_dense_vit():
   v["params"]["blocks"]["lora_b"] = jax.tree.map(
       lambda a: 0.1 * jax.random.normal(jax.random.key(a.size), a.shape), b)
   assert set(v["params"]["blocks"]) == {"per_layer", "lora_a", "lora_b"}
-  dense, merged = lora.merge(model, v)
+  dense, merged = models.to_dense(model, v)
   out = jax.jit(model.apply)(v, images)
   np.testing.assert_allclose(jax.jit(dense.apply)(merged, images), out, atol=1e-5, rtol=1e-5)
   plain = {"params": dict(v["params"], blocks={"per_layer": v["params"]["blocks"]["per_layer"]})}

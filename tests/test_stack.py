@@ -11,7 +11,7 @@ from flax import traverse_util
 
 import chain_reference as ref
 from chain_reference import ToyBlock
-from vlora_jax import chain, stack
+from vlora_jax import stack
 from vlora_jax.spec import VLoRASpec
 
 

@@ -91,7 +91,7 @@ def test_batch_must_split_over_the_data_parallel_devices():
   with pytest.raises(ValueError, match=r"batch_size=12: must be divisible by the process count 5"):
     validate.check(tiny("vit", batch_size=12, eval_batch_size=20), num_devices=1, process_count=5)
   assert validate.check(tiny("vit", batch_size=16, eval_batch_size=32,
-                             **{"mesh.tensor": 2}), num_devices=8) == (4, 1, 2)
+                             **{"mesh.tensor": 2}), num_devices=8).mesh_shape == (4, 1, 2)
 
 
 def test_missing_data_is_a_data_error(tmp_path):

@@ -1,4 +1,4 @@
-"""Horizontal LoRA on any layer stack (dense or VLoRA): adapters, freezing, adapter files, merge.
+"""Horizontal LoRA on any layer stack (dense or VLoRA): adapters, freezing, adapter files.
 
 VLoRA re-parameterises a stack *across* layers; ordinary (horizontal) LoRA adds a low-rank update to
 the weights of every layer. The two compose: `stack.LayerStack` takes a `LoRASpec` and adds, inside
@@ -12,9 +12,8 @@ its scan, ``scale * A_l @ B_l`` to the layer-``l`` weight that the stack's own p
 
 Around that: `optimizer` freezes everything but chosen params (by regex on ``/``-joined paths) with
 no optimizer state for frozen ones; `save_adapters` / `load_adapters` move only the adapter leaves
-through an ``.npz``; `merge` folds adapters (and VLoRA) into plain dense weights for inference.
-
-This module does not import `stack` at import time (`stack` imports it).
+through an ``.npz``. Folding adapters (and VLoRA) into plain dense weights is `stack.merge`, and
+`models.to_dense` for a whole model: both sit above this module, which the stack imports.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from flax import traverse_util
 
 from vlora_jax import chain
 from vlora_jax import params as params_lib
-from vlora_jax.spec import VIT_TARGETS
+from vlora_jax.spec import VIT_TARGETS, match_targets
 
 ADAPTER_GROUPS = ("lora_a", "lora_b")
 # Default trainable set of `optimizer`: the adapters only.
@@ -104,13 +103,10 @@ class LoRASpec:
 
   def layout(self, shapes: Mapping[str, Sequence[int]]) -> tuple[LoRAEntry, ...]:
     """Matches the targets against one block's ``{path: shape}`` (sorted by path)."""
-    entries, used = [], set()
-    for path, shape in sorted(shapes.items()):
-      hit = next((i for i, t in enumerate(self.targets) if re.fullmatch(t, path)), None)
+    entries = []
+    for path, shape, hit in match_targets("lora.targets", self.targets, shapes):
       if hit is None:
         continue
-      used.add(hit)
-      shape = tuple(shape)
       if len(shape) < 2:
         raise ValueError(f"lora.targets[{hit}]={self.targets[hit]!r} matches {path!r} of shape "
                          f"{shape}: adapters need a weight with at least two axes")
@@ -119,10 +115,6 @@ class LoRASpec:
         raise ValueError(f"lora.rank={self.rank} for {path!r} (shape {shape}): must be between 1 "
                          f"and min(d_in, d_out)={min(d_in, d_out)}")
       entries.append(LoRAEntry(path, shape, d_in, d_out, self.rank, self.scale))
-    for i, t in enumerate(self.targets):
-      if i not in used:
-        raise ValueError(f"lora.targets[{i}]={t!r} matches no parameter of the block; "
-                         f"its parameters are {sorted(shapes)}")
     return tuple(entries)
 
   def to_json(self) -> dict:
@@ -242,27 +234,3 @@ def load_adapters(path: str | os.PathLike, params, spec: LoRASpec | None = None)
   for p in want:
     flat[p] = jnp.asarray(saved[p], dtype=want[p].dtype)
   return traverse_util.unflatten_dict(flat, sep="/")
-
-
-# ----------------------------------------------------------------------------- merged inference
-
-
-def stack_specs(model: nn.Module):
-  """``(vlora, lora)`` for `stack.merge`: per stack name if the model has several kinds of stack."""
-  if hasattr(model, "stack_specs"):
-    specs = model.stack_specs()
-    return ({k: v[0] for k, v in specs.items()}, {k: v[1] for k, v in specs.items()})
-  return getattr(model, "vlora", None), getattr(model, "lora", None)
-
-
-def merge(model: nn.Module, variables):
-  """``(dense_model, dense_variables)``: adapters and VLoRA folded into plain per-layer weights.
-
-  ``dense_model.apply(dense_variables, ...)`` computes what ``model.apply(variables, ...)`` does
-  (up to float rounding), with no adapter or increment math at inference.
-  """
-  from vlora_jax import stack  # stack imports this module
-  vlora, lora = stack_specs(model)
-  variables = dict(nn.unbox(variables))
-  variables["params"] = stack.merge(variables["params"], vlora, lora=lora)
-  return model.clone(vlora=None, lora=None), variables

@@ -7,21 +7,10 @@ config is locked, so a misspelt key is an error at parsing. A thin layer over
 
 from __future__ import annotations
 
-import os
 import sys
 
-# Config files import their shared defaults as ``from configs import default``: make the
-# repository root (the parent of the configs directory) importable wherever we are launched from.
-for _a in sys.argv[1:]:
-  if _a.startswith("--config="):
-    _p = _a.split("=", 1)[1].split(":", 1)[0]
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(_p))))
-if "--config" in sys.argv[1:-1]:
-  _p = sys.argv[sys.argv.index("--config") + 1].split(":", 1)[0]
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(_p))))
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config: configs/FILE.py[:ARG].",
@@ -51,5 +40,10 @@ def main(argv):
   print(" ".join(f"{k}={summary.get(k)}" for k in keys if k in summary), flush=True)
 
 
-if __name__ == "__main__":
+def run():
+  """The ``vlora-train`` console script."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

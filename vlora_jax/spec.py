@@ -42,6 +42,27 @@ def _per_target(field: str, value, targets: tuple[str, ...]) -> tuple:
   return (value,) * len(targets)
 
 
+def match_targets(field: str, targets: Sequence[str], shapes: Mapping[str, Sequence[int]]
+                  ) -> list[tuple[str, tuple[int, ...], int | None]]:
+  """``[(path, shape, index of the first target that full-matches the path, or None)]`` over one
+  block's ``{path: shape}``, sorted by path (so that layouts compare equal).
+
+  Raises if a target matches no parameter: a typo would otherwise change nothing, silently.
+  ``field`` names the config key in the message (``vlora.targets``, ``lora.targets``).
+  """
+  out, used = [], set()
+  for path, shape in sorted(shapes.items()):
+    hit = next((i for i, t in enumerate(targets) if re.fullmatch(t, path)), None)
+    if hit is not None:
+      used.add(hit)
+    out.append((path, tuple(shape), hit))
+  for i, t in enumerate(targets):
+    if i not in used:
+      raise ValueError(f"{field}[{i}]={t!r} matches no parameter of the block; "
+                       f"its parameters are {sorted(shapes)}")
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class VLoRASpec:
   """A VLoRA parameterisation of a layer stack.
@@ -124,15 +145,11 @@ class VLoRASpec:
   def layout(self, shapes: Mapping[str, Sequence[int]], num_layers: int) -> "Layout":
     """Matches the targets against one block's ``{path: shape}`` and checks every rank."""
     self.check_depth(num_layers)
-    entries, used = [], set()
-    for path, shape in sorted(shapes.items()):  # canonical order: layouts compare equal
-      hit = next((i for i, t in enumerate(self.targets) if re.fullmatch(t, path)), None)
+    entries = []
+    for path, shape, hit in match_targets("vlora.targets", self.targets, shapes):
       if hit is None:
-        entries.append(Entry(path, tuple(shape), "full"))
-        continue
-      used.add(hit)
-      shape = tuple(shape)
-      if self.mode == "tied":
+        entries.append(Entry(path, shape, "full"))
+      elif self.mode == "tied":
         entries.append(Entry(path, shape, "tied"))
       elif len(shape) == 0:
         raise ValueError(f"vlora.targets[{hit}]={self.targets[hit]!r} matches the scalar {path!r}: "
@@ -148,10 +165,6 @@ class VLoRASpec:
               f"must be between 1 and min(d_in, d_out)={min(d_in, d_out)}")
         entries.append(Entry(path, shape, "lowrank", rank=r, alpha=a,
                              scale=chain.lora_scale(a, r, self.scaling), d_in=d_in, d_out=d_out))
-    for i, t in enumerate(self.targets):
-      if i not in used:
-        raise ValueError(f"vlora.targets[{i}]={t!r} matches no parameter of the block; "
-                         f"its parameters are {sorted(shapes)}")
     return Layout(self, num_layers, tuple(entries))
 
 

@@ -1,6 +1,7 @@
 """Input pipelines from ``config.data``: offline sources and TFDS, read with grain.
 
-``config.data.source`` picks the records (see `sources.py`):
+``config.data.source`` picks the records (see `sources.py`; each model family names the sources
+it reads, ``Family.sources``):
 
   digits   scikit-learn's bundled 8x8 digits (no download, no data dir)       -> vit
   npz      a local .npz of images (mnist.npz, cifar10_subset.npz, cifar10_jpeg_q75.npz) -> vit
@@ -22,13 +23,10 @@ from vlora_jax.data.pipeline import Pipeline, Windows, image_fns
 from vlora_jax.data.sources import DataError
 
 SOURCES = ("digits", "npz", "tfds", "text", "reverse")
-# Which model family reads which source (checked in `vlora_jax.train.validate`).
-SOURCES_FOR_MODEL = {"vit": ("digits", "npz", "tfds"), "lm": ("text", "tfds"),
-                     "seq2seq": ("reverse",)}
 TEXT_TFDS = ("tiny_shakespeare",)  # TFDS names read as text; any other TFDS name is images
 AUGMENTS = ("none", "crop", "crop_flip")
 
-__all__ = ["build", "DataError", "Pipeline", "SOURCES", "SOURCES_FOR_MODEL"]
+__all__ = ["build", "DataError", "Pipeline", "SOURCES"]
 
 
 def _image_splits(d):

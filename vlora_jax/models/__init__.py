@@ -1,70 +1,59 @@
-"""Models from config: ``build(config.model)`` and the inputs ``init`` needs.
+"""The model families, by ``config.model.name``, and the calls that serve every family.
 
 The ``config.model`` schema (every experiment config fills it; see ``configs/``):
 
-  name        'vit' | 'lm' | 'seq2seq'
+  name        a key of `FAMILIES`: 'vit' | 'vit_registers' | 'lm' | 'seq2seq'
   dim, depth, num_heads, mlp_ratio, dropout, dtype ('float32' | 'bfloat16'), scan, remat
-  vit:        num_classes, img_size, in_chans, patch_size, class_token, global_pool
-  lm:         vocab_size, max_len, positions ('learned' | 'rope'), tie_embeddings
-  seq2seq:    vocab_size, max_len, dec_depth (``depth`` is the encoder's), tie_embeddings (optional)
-  vlora       enabled, compound_size, targets, rank, alpha, mode, stop_gradient_base, scaling, init;
-              seq2seq also dec_targets (the decoder's targets; default adds its cross-attention)
+  vlora       enabled, compound_size, targets, rank, alpha, mode, stop_gradient_base, scaling, init
   lora        (optional) enabled, targets, rank, alpha: horizontal LoRA on every stack (`lora.py`)
+  ...         the family's own keys: see the `Family` subclass in its module
+
+A family (`family.Family`) is one module of this package; it is registered here by one import and
+one entry in `FAMILIES`.
 """
 
 from __future__ import annotations
 
-import importlib
-
+import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from vlora_jax.spec import VLoRASpec
+from vlora_jax import stack
+from vlora_jax.models import lm, seq2seq, vit, vit_registers
+from vlora_jax.models.family import DTYPES, Family, dtype, vlora_spec
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+__all__ = ["DTYPES", "FAMILIES", "Family", "build", "dtype", "family", "sample_inputs",
+           "to_dense", "vlora_spec"]
 
-# name -> (module, builder): builders take the model config and return an unbound nn.Module.
-REGISTRY = {
-    "vit": ("vlora_jax.models.vit", "from_config"),
-    "lm": ("vlora_jax.models.lm", "from_config"),
-    "seq2seq": ("vlora_jax.models.seq2seq", "from_config"),
-}
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (vit.FAMILY, vit_registers.FAMILY, lm.FAMILY, seq2seq.FAMILY)}
 
 
-def vlora_spec(vcfg) -> VLoRASpec | None:
-  """``config.model.vlora`` -> a validated `VLoRASpec`, or None for the dense model."""
-  if vcfg is None or not vcfg.get("enabled", True):
-    return None
-  keys = ("compound_size", "targets", "rank", "alpha", "mode", "stop_gradient_base", "scaling",
-          "init")
-  kw = {k: vcfg[k] for k in keys if k in vcfg}
-  for k in ("targets", "rank", "alpha"):  # config lists arrive as lists or tuples
-    if k in kw and isinstance(kw[k], list):
-      kw[k] = tuple(kw[k])
-  return VLoRASpec(**kw)
+def family(name: str) -> Family:
+  """``config.model.name`` -> its `Family`."""
+  if name not in FAMILIES:
+    raise ValueError(f"model.name={name!r}: allowed are {sorted(FAMILIES)}")
+  return FAMILIES[name]
 
 
-def dtype(name: str):
-  if name not in DTYPES:
-    raise ValueError(f"model.dtype={name!r}: allowed are {list(DTYPES)}")
-  return DTYPES[name]
-
-
-def build(mcfg):
-  """``config.model`` -> an unbound Flax module."""
-  if mcfg.name not in REGISTRY:
-    raise ValueError(f"model.name={mcfg.name!r}: allowed are {sorted(REGISTRY)}")
-  module, fn = REGISTRY[mcfg.name]
-  return getattr(importlib.import_module(module), fn)(mcfg)
+def build(mcfg) -> nn.Module:
+  """``config.model`` -> an unbound Flax module (specs built from the config)."""
+  return family(mcfg.name).build_from_config(mcfg)
 
 
 def sample_inputs(mcfg, batch: int = 2) -> tuple[jax.ShapeDtypeStruct, ...]:
   """Shapes of the positional inputs of ``model.apply`` / ``init`` for a batch."""
-  if mcfg.name == "vit":
-    return (jax.ShapeDtypeStruct((batch, mcfg.img_size, mcfg.img_size, mcfg.in_chans), jnp.float32),)
-  if mcfg.name == "lm":
-    return (jax.ShapeDtypeStruct((batch, mcfg.max_len), jnp.int32),)
-  if mcfg.name == "seq2seq":
-    tok = jax.ShapeDtypeStruct((batch, mcfg.max_len), jnp.int32)
-    return (tok, tok)
-  raise ValueError(f"model.name={mcfg.name!r}: allowed are {sorted(REGISTRY)}")
+  return family(mcfg.name).sample_inputs(mcfg, batch)
+
+
+def to_dense(model: nn.Module, variables):
+  """``(dense_model, dense_variables)``: adapters and VLoRA folded into plain per-layer weights.
+
+  ``dense_model.apply(dense_variables, ...)`` computes what ``model.apply(variables, ...)`` does
+  (up to float rounding), with no adapter or increment math at inference. ``model`` is any model
+  of a family (it has ``stack_specs()``); ``variables`` may be boxed, as ``init`` returns them.
+  """
+  specs = model.stack_specs()
+  variables = dict(nn.unbox(variables))
+  variables["params"] = stack.merge(variables["params"], {k: v[0] for k, v in specs.items()},
+                                    lora={k: v[1] for k, v in specs.items()})
+  return model.clone(vlora=None, lora=None), variables

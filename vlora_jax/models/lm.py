@@ -9,10 +9,12 @@ is written once; the stack is dense or VLoRA), final LayerNorm, and a head that 
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from vlora_jax import layers
 from vlora_jax import lora as lora_lib
+from vlora_jax.models import family
 from vlora_jax.spec import VLoRASpec
 from vlora_jax.stack import vlorafy
 
@@ -79,6 +81,10 @@ class LM(nn.Module):
       raise ValueError(f"model.positions='rope' needs an even head dim; dim={self.dim} / "
                        f"num_heads={self.num_heads} = {self.dim // self.num_heads}")
 
+  def stack_specs(self):
+    """``{stack name: (vlora, lora)}``: one stack."""
+    return {"blocks": (self.vlora, self.lora)}
+
   def block(self) -> layers.EncoderBlock:
     return layers.EncoderBlock(self.dim, self.num_heads, int(self.dim * self.mlp_ratio),
                                self.dropout, causal=True, dtype=self.dtype,
@@ -107,13 +113,39 @@ class LM(nn.Module):
     return layers.dense(self.vocab_size, ("embed", "vocab"), "head", jnp.float32)(x)
 
 
-def from_config(mcfg) -> LM:
-  """``config.model`` (name='lm') -> `LM`."""
-  from vlora_jax import models  # the registry module imports this one lazily
-  return LM(vocab_size=mcfg.vocab_size, max_len=mcfg.max_len, dim=mcfg.dim, depth=mcfg.depth,
-            num_heads=mcfg.num_heads, mlp_ratio=mcfg.get("mlp_ratio", 4.0),
-            dropout=mcfg.get("dropout", 0.0), positions=mcfg.get("positions", "learned"),
-            tie_embeddings=mcfg.get("tie_embeddings", False),
-            vlora=models.vlora_spec(mcfg.get("vlora")), scan=mcfg.get("scan", True),
-            remat=mcfg.get("remat", "none"), dtype=models.dtype(mcfg.get("dtype", "float32")),
-            lora=lora_lib.spec_from_config(mcfg.get("lora")))
+class LMFamily(family.TokenFamily):
+  """Next-token prediction: ``tokens [B, T+1]``; the model reads ``tokens[:, :-1]`` and predicts
+  ``tokens[:, 1:]``.
+
+  ``config.model``: vocab_size, max_len, positions ('learned' | 'rope'), tie_embeddings.
+  """
+
+  name = "lm"
+  sources = ("text", "tfds")
+  input_keys = ("tokens",)
+
+  def build(self, mcfg, vlora, lora) -> LM:
+    return LM(vocab_size=mcfg.vocab_size, max_len=mcfg.max_len, dim=mcfg.dim, depth=mcfg.depth,
+              num_heads=mcfg.num_heads, mlp_ratio=mcfg.get("mlp_ratio", 4.0),
+              dropout=mcfg.get("dropout", 0.0), positions=mcfg.get("positions", "learned"),
+              tie_embeddings=mcfg.get("tie_embeddings", False), vlora=vlora,
+              scan=mcfg.get("scan", True), remat=mcfg.get("remat", "none"),
+              dtype=family.dtype(mcfg.get("dtype", "float32")), lora=lora)
+
+  def sample_inputs(self, mcfg, batch: int = 2):
+    return (jax.ShapeDtypeStruct((batch, mcfg.max_len), jnp.int32),)
+
+  def inputs(self, batch) -> tuple:
+    return (batch["tokens"][:, :-1],)
+
+  def targets(self, batch, example_weight):
+    targets = batch["tokens"][:, 1:]
+    return targets, jnp.broadcast_to(example_weight[:, None], targets.shape)
+
+  def finalize(self, sums: dict, prefix: str) -> dict[str, float]:
+    out = super().finalize(sums, prefix)
+    out[f"{prefix}/perplexity"] = float(jnp.exp(jnp.minimum(out[f"{prefix}/loss"], 50.0)))
+    return out
+
+
+FAMILY = LMFamily()

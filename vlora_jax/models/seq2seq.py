@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from vlora_jax import layers
 from vlora_jax import lora as lora_lib
+from vlora_jax.models import family
 from vlora_jax.models.lm import check_common, embed
 from vlora_jax.spec import VIT_TARGETS, VLoRASpec
 from vlora_jax.stack import block_param_shapes, vlorafy
@@ -132,7 +133,7 @@ class Seq2Seq(nn.Module):
     return self.lora.restrict(enc_paths), self.lora.restrict(dec_paths)
 
   def stack_specs(self):
-    """``{stack name: (vlora, lora)}``, for `stack.merge` / `lora.merge`."""
+    """``{stack name: (vlora, lora)}``, for `stack.merge` and the checkpoint layouts."""
     enc_lora, dec_lora = self.lora_specs()
     return {"encoder": (self.vlora, enc_lora),
             "decoder": (decoder_spec(self.vlora, self.dec_targets), dec_lora)}
@@ -178,17 +179,52 @@ class Seq2Seq(nn.Module):
     return layers.dense(self.vocab_size, ("embed", "vocab"), "head", jnp.float32)(y)
 
 
-def from_config(mcfg) -> Seq2Seq:
-  """``config.model`` (name='seq2seq') -> `Seq2Seq`."""
-  from vlora_jax import models  # the registry module imports this one lazily
-  vcfg = mcfg.get("vlora")
-  dec_targets = vcfg.get("dec_targets") if vcfg is not None else None
-  return Seq2Seq(vocab_size=mcfg.vocab_size, max_len=mcfg.max_len, dim=mcfg.dim, depth=mcfg.depth,
-                 dec_depth=mcfg.get("dec_depth"), num_heads=mcfg.num_heads,
-                 mlp_ratio=mcfg.get("mlp_ratio", 4.0), dropout=mcfg.get("dropout", 0.0),
-                 tie_embeddings=mcfg.get("tie_embeddings", False),
-                 vlora=models.vlora_spec(vcfg),
-                 dec_targets=tuple(dec_targets) if dec_targets is not None else None,
-                 scan=mcfg.get("scan", True), remat=mcfg.get("remat", "none"),
-                 dtype=models.dtype(mcfg.get("dtype", "float32")),
-                 lora=lora_lib.spec_from_config(mcfg.get("lora")))
+class Seq2SeqFamily(family.TokenFamily):
+  """Sequence to sequence: ``src [B,S]``, ``tgt_in [B,T]`` (BOS + target), ``tgt_out [B,T]``
+  (target + EOS); pad id 0 is masked out of the loss and the metrics. ``seq_accuracy`` counts a
+  sequence whose every non-pad token is right under teacher forcing.
+
+  ``config.model``: vocab_size, max_len, dec_depth (``depth`` is the encoder's), tie_embeddings;
+  ``vlora.dec_targets``: the decoder's targets (default: the encoder's and the cross-attention's).
+  """
+
+  name = "seq2seq"
+  sources = ("reverse",)
+  input_keys = ("src", "tgt_in")
+
+  def build(self, mcfg, vlora, lora) -> Seq2Seq:
+    vcfg = mcfg.get("vlora")
+    dec_targets = vcfg.get("dec_targets") if vcfg is not None else None
+    return Seq2Seq(vocab_size=mcfg.vocab_size, max_len=mcfg.max_len, dim=mcfg.dim,
+                   depth=mcfg.depth, dec_depth=mcfg.get("dec_depth"), num_heads=mcfg.num_heads,
+                   mlp_ratio=mcfg.get("mlp_ratio", 4.0), dropout=mcfg.get("dropout", 0.0),
+                   tie_embeddings=mcfg.get("tie_embeddings", False), vlora=vlora,
+                   dec_targets=tuple(dec_targets) if dec_targets is not None else None,
+                   scan=mcfg.get("scan", True), remat=mcfg.get("remat", "none"),
+                   dtype=family.dtype(mcfg.get("dtype", "float32")), lora=lora)
+
+  def sample_inputs(self, mcfg, batch: int = 2):
+    tok = jax.ShapeDtypeStruct((batch, mcfg.max_len), jnp.int32)
+    return (tok, tok)
+
+  def targets(self, batch, example_weight):
+    targets = batch["tgt_out"]
+    return targets, (targets != PAD_ID).astype(jnp.float32) * example_weight[:, None]
+
+  def extra_sums(self, hit, weight, example_weight):
+    seq_ok = jnp.all((hit > 0) | (weight == 0), axis=-1).astype(jnp.float32)
+    return {"seq_correct": jnp.sum(seq_ok * example_weight)}
+
+  def finalize(self, sums: dict, prefix: str) -> dict[str, float]:
+    out = super().finalize(sums, prefix)
+    out[f"{prefix}/seq_accuracy"] = (float(sums["seq_correct"])
+                                     / max(float(sums["examples"]), 1e-12))
+    return out
+
+  def check_config(self, mcfg) -> None:
+    dec = mcfg.get("dec_depth")
+    if dec is not None and (isinstance(dec, bool) or not isinstance(dec, int) or dec < 1):
+      raise family.bad("model.dec_depth", dec, "must be an integer >= 1 (or None: model.depth)")
+
+
+FAMILY = Seq2SeqFamily()

@@ -8,10 +8,12 @@ token is prepended, pre-norm blocks (`layers.EncoderBlock`), final LayerNorm, he
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from vlora_jax import layers
 from vlora_jax import lora as lora_lib
+from vlora_jax.models import family
 from vlora_jax.spec import VLoRASpec
 from vlora_jax.stack import vlorafy
 
@@ -32,6 +34,10 @@ class ViT(nn.Module):
   remat: str = "none"
   dtype: jnp.dtype = jnp.float32
   lora: lora_lib.LoRASpec | None = None  # horizontal LoRA adapters on every block
+
+  def stack_specs(self):
+    """``{stack name: (vlora, lora)}``: one stack."""
+    return {"blocks": (self.vlora, self.lora)}
 
   def block(self) -> layers.EncoderBlock:
     return layers.EncoderBlock(self.dim, self.num_heads, int(self.dim * self.mlp_ratio),
@@ -97,13 +103,43 @@ def vit_param_count(*, img_size: int, patch_size: int, in_chans: int, dim: int, 
   return stem + bases * block + (depth - bases) * (vector + inc) + head
 
 
-def from_config(mcfg) -> ViT:
-  """``config.model`` (name='vit') -> `ViT`."""
-  from vlora_jax import models  # the registry module imports this one lazily
-  return ViT(num_classes=mcfg.num_classes, patch_size=mcfg.patch_size, dim=mcfg.dim,
-             depth=mcfg.depth, num_heads=mcfg.num_heads, mlp_ratio=mcfg.mlp_ratio,
-             class_token=mcfg.get("class_token", True), global_pool=mcfg.get("global_pool", "token"),
-             dropout=mcfg.get("dropout", 0.0), vlora=models.vlora_spec(mcfg.get("vlora")),
-             scan=mcfg.get("scan", True), remat=mcfg.get("remat", "none"),
-             dtype=models.dtype(mcfg.get("dtype", "float32")),
-             lora=lora_lib.spec_from_config(mcfg.get("lora")))
+class ViTFamily(family.Family):
+  """Image classification: ``image [B,H,W,C]``, ``label [B]``; cross-entropy with label smoothing.
+
+  ``config.model``: num_classes, img_size, in_chans, patch_size, class_token, global_pool.
+  """
+
+  name = "vit"
+  sources = ("digits", "npz", "tfds")
+  input_keys = ("image",)
+
+  def build(self, mcfg, vlora, lora) -> ViT:
+    return ViT(num_classes=mcfg.num_classes, patch_size=mcfg.patch_size, dim=mcfg.dim,
+               depth=mcfg.depth, num_heads=mcfg.num_heads, mlp_ratio=mcfg.mlp_ratio,
+               class_token=mcfg.get("class_token", True),
+               global_pool=mcfg.get("global_pool", "token"), dropout=mcfg.get("dropout", 0.0),
+               vlora=vlora, scan=mcfg.get("scan", True), remat=mcfg.get("remat", "none"),
+               dtype=family.dtype(mcfg.get("dtype", "float32")), lora=lora)
+
+  def sample_inputs(self, mcfg, batch: int = 2):
+    return (jax.ShapeDtypeStruct((batch, mcfg.img_size, mcfg.img_size, mcfg.in_chans),
+                                 jnp.float32),)
+
+  def targets(self, batch, example_weight):
+    return batch["label"], example_weight
+
+  def check_data(self, mcfg, info: dict) -> None:
+    h, w, c = info["image_shape"]
+    if (mcfg.img_size, mcfg.img_size) != (h, w):
+      raise family.bad("model.img_size", mcfg.img_size, f"the data's images are {h}x{w}")
+    if mcfg.in_chans != c:
+      raise family.bad("model.in_chans", mcfg.in_chans, f"the data's images have {c} channels")
+    if mcfg.img_size % mcfg.patch_size:
+      raise family.bad("model.patch_size", mcfg.patch_size,
+                       f"must divide model.img_size={mcfg.img_size}")
+    if mcfg.num_classes < info["num_classes"]:
+      raise family.bad("model.num_classes", mcfg.num_classes,
+                       f"the data has {info['num_classes']} classes")
+
+
+FAMILY = ViTFamily()

@@ -35,8 +35,7 @@ def describe(mcfg) -> str:
     lines.append(f"dense model: {d:,} parameters (VLoRA disabled)")
   else:
     # Models whose stacks differ (encoder / decoder) say so per stack.
-    stacks = model.stack_specs() if hasattr(model, "stack_specs") else {"blocks": (spec, None)}
-    for name, (s, _) in stacks.items():
+    for name, (s, _) in model.stack_specs().items():
       ranks = s.rank if isinstance(s.rank, int) else list(s.rank)
       lines.append(f"VLoRA {name}: {s.mode}, compound size {s.compound_size}, rank {ranks}, "
                    f"targets {list(s.targets)}")
@@ -57,6 +56,11 @@ def main(argv):
     sys.exit(f"error: {e}")
 
 
-if __name__ == "__main__":
+def run():
+  """The ``vlora-params`` console script."""
   flags.mark_flags_as_required(["config"])
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

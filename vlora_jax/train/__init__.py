@@ -3,7 +3,9 @@
   trainer     the run, in phases          validate    config checks before compile
   sharding    mesh, rules, multi-host     optim       AdamW, schedules, regex groups, freezing
   state       train state and shardings   checkpoint  Orbax save / resume / restore / layout check
-  tasks       inputs, losses, metrics     metrics     metrics.jsonl, TensorBoard, progress bar
+  metrics     metrics.jsonl, TensorBoard, progress bar
+
+What a model is trained to do (inputs, loss, metrics) belongs to its family (`models.family`).
 """
 
 from vlora_jax.train.trainer import NonFiniteLossError, train_and_evaluate

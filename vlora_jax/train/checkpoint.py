@@ -70,7 +70,7 @@ def layouts(params, spec) -> dict[str, Any]:
   """``{stack path: Layout.to_json()}`` for every layer stack in a params tree (arrays or shapes).
 
   ``spec`` is one `VLoRASpec` (or None) for every stack, or ``{stack name: spec}`` for models
-  whose stacks differ (an encoder and a decoder: ``lora.stack_specs(model)[0]``).
+  whose stacks differ (an encoder and a decoder: from ``Family.stack_specs(model)``).
   """
   out = {}
 
@@ -450,14 +450,3 @@ def init_from(spec: str, *, abstract_params, config, meta: dict):
   if fn is _params_from_checkpoint:
     kwargs["meta"] = meta
   return fn(arg, **kwargs)
-
-
-def is_finite(tree) -> bool:
-  return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree))
-
-
-def write_json(path: Path, obj) -> None:
-  """Atomic JSON write (tmp file + rename)."""
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-  tmp.replace(path)

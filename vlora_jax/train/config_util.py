@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 
 def load(spec: str, lock: bool = True, **overrides):
   """Calls ``get_config(arg)`` of a config file; applies dotted ``overrides``; locks the result.
 
-  The file's parent directory (the repository root for ``configs/x.py``) goes on ``sys.path`` so
-  that config files can ``from configs import default``, as they do under ``python -m``.
+  Config files import their shared defaults as ``from configs import default``: the project
+  installs ``configs`` as a package (``pip install -e .``).
   """
   path, _, arg = spec.partition(":")
   p = Path(path).resolve()
   if not p.is_file():
     raise FileNotFoundError(f"config file {path!r} not found (resolved to {p})")
-  root = str(p.parent.parent)
-  if root not in sys.path:
-    sys.path.insert(0, root)
   mod_spec = importlib.util.spec_from_file_location(f"_vlora_config_{p.stem}", p)
   mod = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(mod)

@@ -1,4 +1,5 @@
-"""Where training reports go: ``metrics.jsonl``, TensorBoard event files and a progress bar.
+"""Where training reports go: ``metrics.jsonl``, TensorBoard event files, a progress bar and
+``summary.json`` (`write_json`).
 
 Only process 0 writes (the others get a no-op `Writer` and no bar). TensorBoard files come from
 tensorboardX (clu's writers import TensorFlow).
@@ -13,6 +14,13 @@ import sys
 from pathlib import Path
 
 from absl import logging
+
+
+def write_json(path: Path, obj) -> None:
+  """Atomic JSON write (tmp file + rename): a reader never sees half a file."""
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+  tmp.replace(path)
 
 
 def peak_rss_gib() -> float:

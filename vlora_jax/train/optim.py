@@ -16,7 +16,7 @@ global norm of the trainable gradients only (frozen ones are zeroed first).
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,12 +65,6 @@ def groups(params, ocfg) -> tuple[Any, dict[str, tuple[float, float]]]:
   return params_lib.label_tree(params, label), mults
 
 
-def trainable_fn(ocfg) -> Callable[[str], bool]:
-  """``path -> bool``: not frozen (for parameter counts)."""
-  frozen = _frozen(ocfg)
-  return lambda path: not frozen(path)
-
-
 def schedule(ocfg, total_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to ``lr``, then cosine to ``lr * min_lr_ratio`` (or constant)."""
   lr, warmup = float(ocfg.lr), int(ocfg.get("warmup_steps", 0))
@@ -83,17 +77,34 @@ def schedule(ocfg, total_steps: int) -> optax.Schedule:
       0.0, lr, warmup, max(total_steps, warmup + 1), lr * float(ocfg.get("min_lr_ratio", 0.0)))
 
 
+def zero_frozen(tree, label_tree):
+  """``tree`` (params-shaped) with its frozen leaves zeroed."""
+  return jax.tree.map(lambda u, l: jnp.zeros_like(u) if l == FROZEN else u, tree, label_tree)
+
+
 def _zero_frozen(label_tree) -> optax.GradientTransformation:
   """Zeroes frozen gradients so that clipping sees the trainable ones only."""
   def update(updates, state, params=None):
     del params
-    return jax.tree.map(lambda u, l: jnp.zeros_like(u) if l == FROZEN else u,
-                        updates, label_tree), state
+    return zero_frozen(updates, label_tree), state
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def build(ocfg, params, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """``config.optim`` and the (abstract) params -> (transformation, schedule)."""
+class Optimizer(NamedTuple):
+  """The optimizer of a run. ``labels`` is the one group-label tree that the transformation, the
+  train step's metrics and the parameter counts all read."""
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  labels: Any
+
+  def trainable(self) -> Callable[[str], bool]:
+    """``path -> bool``: whether the parameter at a ``/``-joined path trains (for counts)."""
+    flat = paths(self.labels)
+    return lambda path: flat[path] != FROZEN
+
+
+def build(ocfg, params, total_steps: int) -> Optimizer:
+  """``config.optim`` and the (abstract) params -> the run's `Optimizer`."""
   sched = schedule(ocfg, total_steps)
   label_tree, mults = groups(params, ocfg)
   inner = {FROZEN: optax.set_to_zero()}
@@ -106,4 +117,4 @@ def build(ocfg, params, total_steps: int) -> tuple[optax.GradientTransformation,
   if ocfg.get("grad_clip_norm", 0.0):
     parts.append(optax.clip_by_global_norm(float(ocfg.grad_clip_norm)))
   parts.append(optax.multi_transform(inner, label_tree))
-  return optax.chain(*parts), sched
+  return Optimizer(optax.chain(*parts), sched, label_tree)

@@ -45,10 +45,14 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
-def make_mesh(mesh_cfg, devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
-  """A mesh with axes ``(data, fsdp, tensor)`` in GSPMD (Auto) mode over all devices."""
+def make_mesh(mesh_cfg, devices: Sequence[Any] | None = None, *,
+              shape: tuple[int, ...] | None = None) -> jax.sharding.Mesh:
+  """A mesh with axes ``(data, fsdp, tensor)`` in GSPMD (Auto) mode over all devices.
+
+  ``shape``: the full shape when the caller has it already (`validate.Plan.mesh_shape`).
+  """
   devices = list(devices) if devices is not None else jax.devices()
-  shape = mesh_shape(mesh_cfg, len(devices))
+  shape = shape or mesh_shape(mesh_cfg, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
 

@@ -1,26 +1,45 @@
 """Checks the whole config before anything compiles: every error names the key, value and rule.
 
-`check` runs on the config alone (and the device count); `check_data` compares the model with
-what the data pipeline found (image size, classes, vocabulary). The model's own checks (VLoRA spec,
-ranks against shapes, compound size against depth) run inside ``jax.eval_shape(init)`` in the
-trainer, still before compilation.
+`check` runs on the config alone (and the device count) and returns the `Plan` that the checks
+built on the way: the model family, the VLoRA and LoRA specs and the mesh shape, each built once
+per run. `check_data` hands the model and what the data pipeline found (image size, classes,
+vocabulary) to the family. The model's own checks (ranks against shapes, compound size against
+depth) run inside ``jax.eval_shape(init)`` in the trainer, still before compilation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from vlora_jax import data as data_lib
+from vlora_jax import lora as lora_lib
 from vlora_jax import models
-from vlora_jax.errors import ConfigError
+from vlora_jax.models.family import Family, bad as _bad
+from vlora_jax.spec import VLoRASpec
 from vlora_jax.train import checkpoint, optim, sharding
 
 
 RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
 
-def _bad(key: str, value, allowed: str) -> ConfigError:
-  return ConfigError(f"{key}={value!r}: {allowed}")
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a checked config describes, built once and passed on.
+
+  Attributes:
+    family: the model family of ``config.model.name``.
+    vlora: the VLoRA spec of ``config.model.vlora`` (None: dense).
+    lora: the horizontal LoRA spec of ``config.model.lora`` (None: none).
+    mesh_shape: ``(data, fsdp, tensor)`` over the run's devices.
+  """
+  family: Family
+  vlora: VLoRASpec | None
+  lora: lora_lib.LoRASpec | None
+  mesh_shape: tuple[int, ...]
+
+  def build_model(self, mcfg):
+    return self.family.build(mcfg, self.vlora, self.lora)
 
 
 def _positive_int(config, key: str, minimum: int = 1) -> int:
@@ -50,15 +69,15 @@ def _rules(key: str, rules) -> None:
       raise _bad(f"{key}[{i}]", pair[1], "the multiplier must be a number >= 0")
 
 
-def check(config, num_devices: int, process_count: int = 1) -> tuple[int, ...]:
-  """Raises ValueError on the first bad key; returns the mesh shape (data, fsdp, tensor)."""
+def check(config, num_devices: int, process_count: int = 1) -> Plan:
+  """Raises a `ConfigError` (a ValueError) on the first bad key; returns the run's `Plan`."""
   m = config.model
-  if m.name not in models.REGISTRY:
-    raise _bad("model.name", m.name, f"allowed are {sorted(models.REGISTRY)}")
+  if m.name not in models.FAMILIES:
+    raise _bad("model.name", m.name, f"allowed are {sorted(models.FAMILIES)}")
+  family = models.FAMILIES[m.name]
   if m.get("dtype", "float32") not in models.DTYPES:
     raise _bad("model.dtype", m.dtype, f"allowed are {list(models.DTYPES)}")
-  for key in ("model.dim", "model.depth", "model.num_heads") + \
-      (("model.dec_depth",) if m.name == "seq2seq" else ()):
+  for key in ("model.dim", "model.depth", "model.num_heads"):
     _positive_int(config, key)
   if m.dim % m.num_heads:
     raise _bad("model.num_heads", m.num_heads, f"must divide model.dim={m.dim}")
@@ -66,7 +85,9 @@ def check(config, num_devices: int, process_count: int = 1) -> tuple[int, ...]:
     raise _bad("model.mlp_ratio", m.mlp_ratio, "must be a number > 0")
   if not 0 <= m.get("dropout", 0.0) < 1:
     raise _bad("model.dropout", m.dropout, "must be in [0, 1)")
-  models.vlora_spec(m.get("vlora"))  # VLoRASpec validates itself: names the vlora.* key
+  family.check_config(m)
+  vlora = models.vlora_spec(m.get("vlora"))  # the specs validate themselves, naming the key
+  lora = lora_lib.spec_from_config(m.get("lora"))
 
   if config.get("rng_impl", "threefry2x32") not in RNG_IMPLS:
     raise _bad("rng_impl", config.rng_impl, f"allowed are {list(RNG_IMPLS)}")
@@ -74,9 +95,8 @@ def check(config, num_devices: int, process_count: int = 1) -> tuple[int, ...]:
   d = config.data
   if d.source not in data_lib.SOURCES:
     raise _bad("data.source", d.source, f"allowed are {list(data_lib.SOURCES)}")
-  if d.source not in data_lib.SOURCES_FOR_MODEL[m.name]:
-    raise _bad("data.source", d.source,
-               f"model.name={m.name!r} reads {list(data_lib.SOURCES_FOR_MODEL[m.name])}")
+  if d.source not in family.sources:
+    raise _bad("data.source", d.source, f"model.name={m.name!r} reads {list(family.sources)}")
   if d.source == "tfds" and not d.get("tfds_name"):
     raise _bad("data.tfds_name", d.get("tfds_name"), "name a TFDS dataset, e.g. 'cifar10'")
   if d.source in ("npz", "text") and not d.get("path"):
@@ -140,24 +160,9 @@ def check(config, num_devices: int, process_count: int = 1) -> tuple[int, ...]:
   if init and init.partition(":")[0] not in checkpoint.INIT_FROM:
     raise _bad("init_from", init, f"unknown kind {init.partition(':')[0]!r}; registered are "
                f"{sorted(checkpoint.INIT_FROM)} (vlora_jax.train.checkpoint.register_init_from)")
-  return shape
+  return Plan(family, vlora, lora, shape)
 
 
 def check_data(config, info: dict) -> None:
-  """The model against what the data pipeline found."""
-  m = config.model
-  if m.name == "vit":
-    h, w, c = info["image_shape"]
-    if (m.img_size, m.img_size) != (h, w):
-      raise _bad("model.img_size", m.img_size, f"the data's images are {h}x{w}")
-    if m.in_chans != c:
-      raise _bad("model.in_chans", m.in_chans, f"the data's images have {c} channels")
-    if m.img_size % m.patch_size:
-      raise _bad("model.patch_size", m.patch_size, f"must divide model.img_size={m.img_size}")
-    if m.num_classes < info["num_classes"]:
-      raise _bad("model.num_classes", m.num_classes,
-                 f"the data has {info['num_classes']} classes")
-  else:
-    if m.vocab_size < info["vocab_size"]:
-      raise _bad("model.vocab_size", m.vocab_size,
-                 f"the data's vocabulary has {info['vocab_size']} tokens")
+  """The model against what the data pipeline found: the family's rules."""
+  models.family(config.model.name).check_data(config.model, info)

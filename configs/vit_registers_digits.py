@@ -1,0 +1,22 @@
+"""A ViT with 4 register tokens on the bundled 8x8 digits: `configs/vit_digits.py` plus registers.
+
+The family (`vlora_jax/models/vit_registers.py`) is the example of adding a model: one file under
+``models/`` and this config. Same ``arg`` as `configs/vit_digits.py`, plus ``n=<registers>``:
+
+  python -m vlora_jax.main --config configs/vit_registers_digits.py --workdir /tmp/vit_registers
+
+Expected: about as long as `configs/vit_digits.py` (~1-2 minutes on 2 CPU cores).
+"""
+
+from configs import default, vit_digits
+
+
+def get_config(arg: str = "vlora"):
+  a = default.parse_arg(arg, {"variant": ("vlora", ("vlora", "dense")), "r": 8, "s": 4,
+                              "steps": 1000, "n": 4})
+  c = vit_digits.get_config(",".join(f"{k}={v}" if k != "variant" else v
+                                     for k, v in a.items() if k != "n"))
+  c.model.name = "vit_registers"
+  c.model.num_registers = a["n"]  # learned tokens after the patches, dropped at the output
+  c.optim.wd_mults = ((r"(.*/)?(bias|scale|pos_embed|cls_token|registers)", 0.0),)
+  return c

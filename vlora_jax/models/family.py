@@ -1,0 +1,152 @@
+"""A model family: everything the rest of the package needs to know about one kind of model.
+
+A `Family` turns ``config.model`` into a module, says which inputs the module takes and which data
+sources feed it, and owns its task: the batch-to-inputs map, the loss and the metrics. The trainer,
+`train.validate`, the checkpoints and the benchmarks hold a family object; none of them switches on
+``config.model.name``. A new family is one file under ``models/`` that defines a `Family` subclass
+(``vit.py`` is the shortest example) and one line in the registry, ``models/__init__.py``.
+
+The loss and metric statistics are sums, so that eval can add them over batches and processes;
+`finalize` turns them into means. An eval batch's ``mask`` (0 on padding examples) weights them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from vlora_jax import errors
+from vlora_jax import lora as lora_lib
+from vlora_jax.lora import LoRASpec
+from vlora_jax.spec import VLoRASpec
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The ``config.model.vlora`` keys that are `VLoRASpec` fields (a family may read more, such as
+# seq2seq's ``dec_targets``).
+SPEC_KEYS = tuple(f.name for f in dataclasses.fields(VLoRASpec))
+
+
+def vlora_spec(vcfg) -> VLoRASpec | None:
+  """``config.model.vlora`` -> a validated `VLoRASpec`, or None for the dense model."""
+  if vcfg is None or not vcfg.get("enabled", True):
+    return None
+  kw = {k: vcfg[k] for k in SPEC_KEYS if k in vcfg}
+  for k in ("targets", "rank", "alpha"):  # config lists arrive as lists or tuples
+    if k in kw and isinstance(kw[k], list):
+      kw[k] = tuple(kw[k])
+  return VLoRASpec(**kw)
+
+
+def dtype(name: str):
+  if name not in DTYPES:
+    raise ValueError(f"model.dtype={name!r}: allowed are {list(DTYPES)}")
+  return DTYPES[name]
+
+
+def bad(key: str, value, allowed: str) -> errors.ConfigError:
+  """The config error every check raises: the key, its value and what is allowed."""
+  return errors.ConfigError(f"{key}={value!r}: {allowed}")
+
+
+class Family:
+  """One kind of model and its task. Subclasses set the class attributes and `build`.
+
+  Attributes:
+    name: the ``config.model.name`` that selects the family.
+    sources: the ``config.data.source`` values whose records the family reads.
+    input_keys: the batch keys passed to ``model.apply``, in order (see `inputs`).
+  """
+
+  name: ClassVar[str]
+  sources: ClassVar[tuple[str, ...]]
+  input_keys: ClassVar[tuple[str, ...]]
+
+  # ------------------------------------------------------------------------- the model
+
+  def build(self, mcfg, vlora: VLoRASpec | None, lora: LoRASpec | None) -> nn.Module:
+    """``config.model`` and the run's specs (built once, by the caller) -> an unbound module."""
+    raise NotImplementedError
+
+  def build_from_config(self, mcfg) -> nn.Module:
+    return self.build(mcfg, vlora_spec(mcfg.get("vlora")),
+                      lora_lib.spec_from_config(mcfg.get("lora")))
+
+  def sample_inputs(self, mcfg, batch: int = 2) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """Shapes of the positional inputs of ``model.apply`` / ``init`` for a batch."""
+    raise NotImplementedError
+
+  def stack_specs(self, model: nn.Module) -> dict[str, tuple[VLoRASpec | None, LoRASpec | None]]:
+    """``{stack name: (vlora, lora)}``: what `stack.merge` and the checkpoint layouts need."""
+    return model.stack_specs()
+
+  # ------------------------------------------------------------------------- the task
+
+  def inputs(self, batch) -> tuple:
+    """Positional arguments of ``model.apply`` for a batch."""
+    return tuple(batch[k] for k in self.input_keys)
+
+  def targets(self, batch, example_weight):
+    """``(targets, weights)``: class ids and their loss weights, broadcast like the logits'
+    leading axes; ``example_weight`` [B] is the batch's ``mask`` (ones in training)."""
+    raise NotImplementedError
+
+  def sums(self, logits, batch, label_smoothing: float = 0.0) -> dict[str, jax.Array]:
+    """``{'loss', 'correct', 'weight', 'examples', ...}``, each summed over the batch."""
+    logits = logits.astype(jnp.float32)
+    ex_w = batch.get("mask", jnp.ones((logits.shape[0],), jnp.float32)).astype(jnp.float32)
+    targets, w = self.targets(batch, ex_w)
+    onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
+    if label_smoothing:
+      onehot = optax.smooth_labels(onehot, label_smoothing)
+    ce = optax.softmax_cross_entropy(logits, onehot)
+    hit = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    return {"loss": jnp.sum(ce * w), "correct": jnp.sum(hit * w), "weight": jnp.sum(w),
+            "examples": jnp.sum(ex_w), **self.extra_sums(hit, w, ex_w)}
+
+  def extra_sums(self, hit, weight, example_weight) -> dict[str, jax.Array]:
+    """Family-specific statistics beside the loss and accuracy (none by default)."""
+    del hit, weight, example_weight
+    return {}
+
+  def finalize(self, sums: dict, prefix: str) -> dict[str, float]:
+    """Sums -> ``{prefix/loss, prefix/accuracy, ...}`` means (floats)."""
+    w = max(float(sums["weight"]), 1e-12)
+    return {f"{prefix}/loss": float(sums["loss"]) / w,
+            f"{prefix}/accuracy": float(sums["correct"]) / w}
+
+  def tokens_per_example(self, info: dict) -> int | None:
+    """Target tokens per example, for tokens/s; None where the family does not count tokens."""
+    del info
+    return None
+
+  # ------------------------------------------------------------------------- checks
+
+  def check_config(self, mcfg) -> None:
+    """Family-specific keys of ``config.model``, before anything is built (none by default)."""
+    del mcfg
+
+  def check_data(self, mcfg, info: dict) -> None:
+    """The model against what the data pipeline found (``Pipeline.info``)."""
+    raise NotImplementedError
+
+
+class TokenFamily(Family):
+  """A family that reads token ids: the vocabulary must hold the data's."""
+
+  def check_data(self, mcfg, info: dict) -> None:
+    if mcfg.vocab_size < info["vocab_size"]:
+      raise bad("model.vocab_size", mcfg.vocab_size,
+                f"the data's vocabulary has {info['vocab_size']} tokens")
+
+  def tokens_per_example(self, info: dict) -> int | None:
+    return info["tokens_per_example"]
+
+
+def describe(families: dict[str, Family]) -> dict[str, Any]:
+  """``{name: sources}``: for error messages and the docs."""
+  return {n: list(f.sources) for n, f in sorted(families.items())}
