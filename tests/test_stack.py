@@ -174,3 +174,28 @@ def test_program_size_does_not_grow_with_depth(spec):
   # The measure can tell: the unrolled reference path does grow with depth.
   (u4, _), (u8, _) = sizes(4, scan=False), sizes(8, scan=False)
   assert u8 > 1.5 * u4, (u4, u8)
+
+
+class PlainMLP(nn.Module):
+  """A block whose ``__call__`` has no ``deterministic`` argument (no dropout)."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.gelu(nn.Dense(16, name="up")(x))
+    return x + nn.Dense(8, name="down")(h)
+
+
+def test_a_block_without_deterministic_stacks_trains_and_merges():
+  spec = VLoRASpec(compound_size=2, targets=("up/kernel", "down/kernel"), rank=2)
+  x = jax.random.normal(jax.random.key(0), (3, 8))
+  model = stack.vlorafy(PlainMLP(), 4, spec)
+  boxed = model.init(jax.random.key(1), x)
+  y = model.apply(boxed, x, deterministic=False)  # the stack's own switch is simply not passed on
+  g = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2))(nn.unbox(boxed)["params"])
+  assert float(jnp.abs(_flat(g)["inc_a/up/kernel"]).max()) > 0
+  # merge and materialize take the boxed params that init returns
+  merged = stack.merge(boxed["params"], spec)
+  dense = model.clone(vlora=None)
+  np.testing.assert_allclose(dense.apply({"params": merged}, x), y, rtol=1e-6, atol=1e-6)
+  layers = stack.materialize(boxed["params"], model.layout_for(x)[0])
+  assert layers["up"]["kernel"].shape == (4, 8, 16)

@@ -25,6 +25,7 @@ These group names are reserved: `params.py` groups counts by them and optimizer 
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -60,6 +61,17 @@ def _nest(flat: dict[str, Any]):
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
+def takes_deterministic(block: nn.Module) -> bool:
+  """Whether the block's ``__call__`` accepts ``deterministic=`` (dropout on/off); a block without
+  dropout need not."""
+  params = inspect.signature(type(block).__call__).parameters
+  return "deterministic" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _mode(block: nn.Module, deterministic: bool) -> dict:
+  return {"deterministic": deterministic} if takes_deterministic(block) else {}
+
+
 def block_param_shapes(block: nn.Module, *args, **kwargs):
   """``{path: ShapeDtypeStruct}`` and ``{path: logical axis names}`` of one block (no compute)."""
   boxed = jax.eval_shape(functools.partial(block.init, **kwargs), jax.random.key(0), *args)
@@ -78,7 +90,9 @@ def materialize(stack_params, layout: Layout, lora_entries=()):
   Every layer's weights exactly as the stack builds them while it runs (`layer_params`), all at
   once: the ``per_layer`` tree of a dense stack of the same block, for merged inference or export.
   With ``lora_entries`` the stack's adapters (``lora_a``/``lora_b``) are folded in too.
+  ``stack_params`` may be boxed, as ``init`` returns them.
   """
+  stack_params = nn.unbox(stack_params)
   p = {g: _flat(stack_params.get(g, {})) for g in GROUPS}
   shared = {g: p[g] for g in SHARED_GROUPS if p[g]}
   adapters = (p["lora_a"], p["lora_b"]) if lora_entries else None
@@ -145,7 +159,8 @@ class LayerStack(nn.Module):
 
   Attributes:
     block: a factory returning the block, called as ``block(parent=None)``; the block is called as
-      ``block(x, *args, deterministic=..., **kwargs) -> x``. `vlorafy` builds this from a module.
+      ``block(x, *args, deterministic=..., **kwargs) -> x``, or without ``deterministic`` if its
+      ``__call__`` does not take it. `vlorafy` builds this from a module.
     num_layers: depth L.
     vlora: the parameterisation; ``None`` for the dense stack.
     scan: one ``jax.lax.scan`` over layers (default); False runs the unrolled reference path,
@@ -172,7 +187,8 @@ class LayerStack(nn.Module):
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}: allowed are {list(REMAT_POLICIES)}")
     structs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), args)
-    shapes, names = block_param_shapes(self._block(), *structs, deterministic=True, **kwargs)
+    block = self._block()
+    shapes, names = block_param_shapes(block, *structs, **_mode(block, True), **kwargs)
     shapes = {p: s.shape for p, s in shapes.items()}
     if self.vlora is None:
       return dense_layout(shapes, self.num_layers), names
@@ -190,7 +206,8 @@ class LayerStack(nn.Module):
       def init_fn(rng):
         if "v" not in cache:  # one init of all groups; each group is its own named param
           zeros = jax.tree.map(jnp.zeros_like, (x, *args))
-          cache["v"] = init_stack_params(rng, block, layout, zeros, dict(deterministic=True, **kwargs))
+          cache["v"] = init_stack_params(rng, block, layout, zeros,
+                                         dict(_mode(block, True), **kwargs))
         return jax.tree.map(nn.LogicallyPartitioned, cache["v"][group], axis_names[group],
                             is_leaf=lambda n: isinstance(n, tuple))
       return init_fn
@@ -220,8 +237,10 @@ class LayerStack(nn.Module):
     if not deterministic and self.has_rng("dropout"):
       rngs = jax.random.split(self.make_rng("dropout"), self.num_layers)
 
+    mode = _mode(block, deterministic)
+
     def apply_block(h, weights, rng):
-      return block.apply({"params": _nest(weights)}, h, *args, deterministic=deterministic,
+      return block.apply({"params": _nest(weights)}, h, *args, **mode,
                          rngs={"dropout": rng} if rng is not None else None, **kwargs)
 
     return run_layers(apply_block, x, layout, params, rngs=rngs, adapters=adapters,
@@ -378,7 +397,7 @@ def merge(params, spec, lora=None):
   adapters (``lora_a``/``lora_b``) need ``lora``; the adapters are folded into the weights and the
   result loads into ``model.clone(vlora=None, lora=None)``. ``spec`` and ``lora`` are either one
   spec for every stack or a ``{stack module name: spec}`` dict (models whose stacks differ, e.g.
-  an encoder and a decoder).
+  an encoder and a decoder). ``params`` may be boxed, as ``init`` returns them.
   """
   def pick(s, name, what):
     if not isinstance(s, Mapping):
@@ -395,7 +414,7 @@ def merge(params, spec, lora=None):
       return {k: go(v, k) for k, v in tree.items()}
     return tree
 
-  return go(params, None)
+  return go(nn.unbox(params), None)
 
 
 def _merge_stack(params, spec, lora):
