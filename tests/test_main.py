@@ -34,6 +34,13 @@ def test_cli_trains_with_overrides_from_any_directory(tmp_path):
   assert "eval/accuracy=" in proc.stdout and "params_total=" in proc.stdout
   meta = json.loads((tmp_path / "w" / "checkpoints" / "2" / "meta" / "metadata").read_text())
   assert meta["config"]["model"]["dim"] == 16 and meta["config"]["model"]["vlora"]["enabled"] is False
+  assert f"summary: {tmp_path / 'w' / 'summary.json'}" in proc.stdout
+  # Started again (progress bar on), the finished run says so and only evaluates.
+  again = _main([f"--config={ROOT}/configs/vit_digits.py:dense,steps=2",
+                 f"--workdir={tmp_path / 'w'}",
+                 *[f for f in TINY_FLAGS if not f.startswith("--config.progress")]], cwd=tmp_path)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "is complete (step 2 of 2)" in again.stderr and "step/s" not in again.stderr
 
 
 @pytest.mark.parametrize("flag,match", [

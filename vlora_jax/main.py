@@ -7,6 +7,7 @@ config is locked, so a misspelt key is an error at parsing. A thin layer over
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -35,9 +36,18 @@ def main(argv):
     print(f"error: {e}\n(vlora_jax: {type(e).__name__}; --verbosity=1 shows the traceback)",
           file=sys.stderr, flush=True)
     sys.exit(2)
-  keys = ("step", "eval/accuracy", "eval/loss", "params_total", "params_trainable",
-          "wall_time_s", "examples_per_sec")
-  print(" ".join(f"{k}={summary.get(k)}" for k in keys if k in summary), flush=True)
+  print(format_summary(summary, FLAGS.workdir), flush=True)
+
+
+SUMMARY_KEYS = ("step", "eval/accuracy", "eval/loss", "eval/perplexity", "eval/seq_accuracy",
+                "params_total", "params_trainable", "wall_time_s", "examples_per_sec")
+
+
+def format_summary(summary: dict, workdir: str) -> str:
+  """The headline figures, numbers to 4 significant digits, and where the whole summary is."""
+  fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else v)
+  line = " ".join(f"{k}={fmt(summary[k])}" for k in SUMMARY_KEYS if summary.get(k) is not None)
+  return f"{line}\nsummary: {os.path.join(workdir, 'summary.json')}"
 
 
 def run():

@@ -120,9 +120,11 @@ class _DropLibraryInfo:
 def quiet_libraries() -> None:
   """Keeps the console readable: our INFO lines, the libraries' warnings.
 
-  absl logs every module through the Python logger ``absl``, so the filter goes on that logger.
+  absl logs through the Python logger ``absl``; JAX's own loggers (such as the backend probe's
+  "Unable to initialize backend 'tpu'") reach the console through absl's handler on the root
+  logger. The filter goes on both.
   """
   import logging as pylogging
-  logger = pylogging.getLogger("absl")
-  if not any(isinstance(f, _DropLibraryInfo) for f in logger.filters):
-    logger.addFilter(_DropLibraryInfo())
+  for target in (pylogging.getLogger("absl"), logging.get_absl_handler()):
+    if not any(isinstance(f, _DropLibraryInfo) for f in target.filters):
+      target.addFilter(_DropLibraryInfo())

@@ -309,8 +309,10 @@ class Loop:
                                      tensorboard=config.get("tensorboard", True))
     if start == 0:
       self.writer.text("config", "```\n" + str(config) + "\n```")
+    # A finished run that is started again only evaluates: no bar of finished steps.
     self.bar = metrics_lib.Progress(run.total_steps, start,
-                                    enabled=run.main and config.get("progress", True))
+                                    enabled=(run.main and config.get("progress", True)
+                                             and start < run.total_steps))
     self.tokens_per_example = run.family.tokens_per_example(run.pipe.info)
     self.eval_step = jax.jit(make_eval_step(run.model, run.family),
                              in_shardings=(run.param_shardings, sharding.batch_sharding(run.mesh)),
@@ -489,6 +491,9 @@ def train_and_evaluate(config, workdir: str | Path, *,
   st, origin = start_state(run, ckpt, init_params)
   start = int(jax.device_get(st["step"]))
   logging.info("state: %s at step %d (%.1f s since start)", origin, start, time.time() - t_start)
+  if start >= run.total_steps:
+    logging.info("the run in %s is complete (step %d of %d): evaluating its final state only",
+                 run.workdir, start, run.total_steps)
   loop = Loop(run, train_step, ckpt, start)
   loop(st)
   summary = summarize(run, loop, origin, t_start, t_compile)
