@@ -23,26 +23,15 @@ result, i.e. on what the model will really run.
 Choice of base (``base=``): ``'first'`` (``b = W_0``, the default), ``'mean'`` (the compound
 mean), an int ``j`` (``b = W_j``), or ``'auto'``: every one of these candidates is tried for every
 targeted weight and compound and the one with the smallest total squared residual
-``sum_k ||W_k - Ŵ_k||_F^2`` is kept. Measured with ``python -m vlora_jax.convert.compare_bases``
-(a dense ViT trained on digits, D 64, 8 layers, test accuracy 0.879; compound size 4; columns:
-mean per-layer relative weight error / relative logits error / test accuracy):
+``sum_k ||W_k - Ŵ_k||_F^2`` is kept; the chosen base per compound is in ``Compressed.bases``.
 
-  anchored    r    first                 mean                  auto
-               4   0.785 0.735 0.657     0.698 1.362 0.158     0.698 1.362 0.158
-               8   0.637 0.389 0.852     0.606 1.303 0.215     0.606 1.303 0.215
-              16   0.492 0.128 0.886     0.521 1.285 0.236     0.521 1.187 0.323
-              32   0.314 0.056 0.875     0.414 1.256 0.263     0.314 0.056 0.875
-  cumulative   8   0.632 0.360 0.859     0.627 1.277 0.212     0.627 1.277 0.212
-              32   0.312 0.054 0.869     0.445 1.258 0.259     0.312 0.054 0.869
-
-and on stacks that ARE VLoRA (materialised rank-8 inits): ``first`` recovers them to 1e-8 in both
-modes, ``mean`` leaves 1-3%. So ``'first'`` is the default. The weight residual alone would pick
-the mean at low rank (it has the smaller weight error there: ``W_k - mean`` has less energy than
-``W_k - W_0``), but the function says otherwise: the mean puts a full-rank error into every
-compound's layer 0, which has no increment to absorb it, and the truncated SVD of ``W_k - W_0``
-keeps exactly the dominant (learned) directions of each later layer. Minimising the weight
-residual ('auto') therefore loses most of the accuracy at ranks 4-16; it is kept as an option, and
-the chosen base per compound is reported in ``Compressed.bases``.
+Why ``'first'``: the mean has the smaller weight residual at low rank (``W_k - mean`` has less
+energy than ``W_k - W_0``), but it puts a full-rank error into every compound's layer 0, which has
+no increment to absorb it, while the truncated SVD of ``W_k - W_0`` keeps exactly the dominant
+(learned) directions of each later layer. So the weight residual ('auto') is the wrong criterion
+for the function: on a trained digits ViT (test accuracy 0.879) it keeps 0.13-0.39 at ranks 4-16
+where ``'first'`` keeps 0.64-0.89, and ``'first'`` recovers stacks that ARE VLoRA to 1e-8. The
+measurement: ``python -m experiments.compare_bases`` (``experiments/results/compare_bases.md``).
 """
 
 from __future__ import annotations
