@@ -16,10 +16,11 @@ Expected (measured, text source, 2 shared CPU cores, ~15 min at ~4,800 tokens/s)
 parameters (the dense model: 818,241); eval loss (nats/char) from ln(65) = 4.17 to 2.07 / 1.91 /
 1.80 / 1.79 at steps 500 / 1,000 / 1,500 / 2,000 (eval accuracy 46%): a small, short run.
 
-``xl``: the memory demonstration (README, "Memory"): D 2048, 48 layers = 12 compounds of 4, 16 heads,
-context 256, one window a step, 20 steps. Its dense twin has 2.42B parameters and its train step
-needs ~38 GB, more than a 24 GiB machine has; the VLoRA model (0.62B) trains on one. Each step
-costs ~3.7 TFLOP (the weights are built in full, layer by layer), so ~30-60 s on 2 CPU cores.
+``xl``: the memory demonstration (docs/memory.md): D 2048, 48 layers = 12 compounds of 4, 16
+heads, context 256, one window a step, 20 steps. Its dense twin has 2.42B parameters and a train
+step that compiles to 45.0 GiB, more than a 24 GiB machine has; the VLoRA model (0.62B, 12.45 GiB)
+trains on one: ~18 s a step and ~8 minutes for the run on 2 CPU cores, peak RSS 17.5 GiB with the
+final checkpoint (measured: experiments/results/lm_xl/summary.json).
 
 ``arg``: ``text`` | ``tfds``; ``vlora`` | ``dense``; ``small`` | ``xl``; ``r=``, ``s=``, ``steps=``,
 ``file=``.

@@ -10,9 +10,9 @@ Launch (from the repository root):
   python -m vlora_jax.main --config configs/vit_digits.py --workdir /tmp/vit_digits
   python -m vlora_jax.main --config configs/vit_digits.py:dense --workdir /tmp/vit_digits_dense
 
-Expected: >= 95% test accuracy in under 2 minutes on 2 CPU cores, compile included (measured on
-2 shared cores: vlora ~98% in ~60-80 s; dense about the same); ``summary.json`` in the workdir
-holds the final metrics.
+Expected: >= 95% test accuracy in under a minute on 2 CPU cores, compile included (measured on 2
+shared cores: vlora 98.05% in 26.5 s, dense 98.33% in 19.3 s;
+experiments/results/main_job/); ``summary.json`` in the workdir holds the final metrics.
 
 ``arg``: ``vlora`` | ``dense``, then optional ``r=<rank>``, ``s=<compound size>``, ``steps=<n>``,
 e.g. ``configs/vit_digits.py:vlora,r=4,s=2``.

@@ -18,6 +18,10 @@ Launch (from the repository root; ``dir=`` defaults to ../shared/data):
 Expected: mnist ~98% test accuracy (2,000 steps). The CIFAR variants are the paper-style model;
 on the 4,000-image subset a ViT trained from scratch overfits (expect roughly 50-60%).
 
+Expected time on 2 CPU cores: ``cifar10`` (200 epochs of the subset: 6,200 steps of the CIFAR
+config's train step, ~1.6 s each in ``docs/benchmarks.md``) ~3 hours; ``cifar10_jpeg`` (78,000
+steps) ~1.5 days; ``cifar10,small,epochs=30`` a few minutes. Pass ``epochs=`` for a shorter run.
+
 ``arg``: the data set word, then the words and keys of the config it extends (``vlora`` |
 ``dense``, ``small``, ``r=``, ``s=``, ``steps=`` / ``epochs=``) and ``dir=<data directory>``.
 """
