@@ -1,7 +1,7 @@
-"""References the stack is tested against: the prefix-sum chain it ran before it built each layer's
-weights inside the layer scan, and a float64 layer loop written from the definitions.
+"""References the stack is tested against: the prefix-sum chain over stacked increments (the
+method's definition as a scan), and a float64 layer loop written from the definitions.
 
-``materialize_prefix_sum`` is that earlier path: every layer's weights at once, the increments
+``materialize_prefix_sum`` materialises: every layer's weights at once, the increments
 ``scale * A_k @ B_k`` of every compound and step, then ONE ``jax.lax.scan`` over the steps whose
 carry is the running weight of every compound, in float32. `stack.materialize` and the layer stack
 must agree with it.

@@ -1,6 +1,6 @@
 """The layer stack, which builds each layer's weights inside the layer scan, against three references,
-in values and in gradients: the prefix-sum path it replaced (every layer's weights built first, then
-the dense stack), the unrolled stack, and float64 weights written from the definitions.
+in values and in gradients: the prefix-sum path (every layer's weights built first by a prefix sum
+over the increments, then the dense stack), the unrolled stack, and float64 weights written from the definitions.
 
 Every mode, stop-gradient on and off, 1-D targets, horizontal LoRA on top, remat none / full / dots,
 and bf16 compute with the chain in float32. Every parameter is perturbed first, so that zero-initialised
@@ -68,7 +68,8 @@ def _loss(model, data):
 
 
 def _prefix_sum_loss(model, data, lora):
-  """Today's path before this design: build every layer's weights first, then the dense stack."""
+  """The materialise-then-run reference: every layer's weights by the prefix-sum chain first, then
+  the dense stack on them."""
   x, gate, cot = data
   dense = model.clone(vlora=None, lora=None)
 

@@ -337,7 +337,7 @@ class CorruptCheckpoint(Exception):
 def verify(state, saved: dict) -> str | None:
   """None if ``state`` matches the fingerprint in its ``meta`` (or none was saved), else why."""
   want = saved.get("fingerprint")
-  if want is None:  # written before fingerprints existed: nothing to compare against
+  if want is None:  # a checkpoint saved without one (by an older version): nothing to compare
     return None
   got, _ = fingerprint(state)
   bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
