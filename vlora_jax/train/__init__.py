@@ -1,9 +1,11 @@
 """Training: ``train_and_evaluate(config, workdir)`` and its parts (one job per module).
 
-  trainer     the run, in phases          validate    config checks before compile
-  sharding    mesh, rules, multi-host     optim       AdamW, schedules, regex groups, freezing
-  state       train state and shardings   checkpoint  Orbax save / resume / restore / layout check
-  metrics     metrics.jsonl, TensorBoard, progress bar
+  trainer     the run, in phases           setup       phase 1: checked config, mesh, data, shapes
+  steps       the pure train / eval steps  loop        the steps and what they report
+  validate    config checks before compile optim       AdamW, schedules, regex groups, freezing
+  sharding    mesh, rules, multi-host      state       train state and shardings
+  checkpoint  Orbax save / resume / restore / layout check
+  metrics     metrics.jsonl, TensorBoard, progress bar, summary.json
 
 What a model is trained to do (inputs, loss, metrics) belongs to its family (`models.family`).
 """

@@ -1,0 +1,149 @@
+"""The steps of a run, from its start to ``config.num_train_steps``, and what they report."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+
+from vlora_jax import errors
+from vlora_jax.train import checkpoint as ckpt_lib
+from vlora_jax.train import metrics as metrics_lib
+from vlora_jax.train import sharding
+from vlora_jax.train.setup import Run
+from vlora_jax.train.steps import make_eval_step
+
+NonFiniteLossError = errors.NonFiniteLossError
+
+
+def _finite(m: dict) -> bool:
+  return all(math.isfinite(float(m[k])) for k in ("train/loss", "train/grad_norm",
+                                                   "train/param_norm"))
+
+
+class Loop:
+  """The steps from ``start`` to ``config.num_train_steps``, with what they report.
+
+  The host reads each step's metrics one step late (while the next one runs). Throughput windows
+  count training time only: eval and checkpoint time are taken out.
+  """
+
+  def __init__(self, run: Run, train_step, ckpt: ckpt_lib.Checkpointer, start: int):
+    self.run, self.train_step, self.ckpt, self.start = run, train_step, ckpt, start
+    config = run.config
+    self.writer = metrics_lib.Writer(run.workdir, enabled=run.main,
+                                     tensorboard=config.get("tensorboard", True))
+    if start == 0:
+      self.writer.text("config", "```\n" + str(config) + "\n```")
+    # A finished run that is started again only evaluates: no bar of finished steps.
+    self.bar = metrics_lib.Progress(run.total_steps, start,
+                                    enabled=(run.main and config.get("progress", True)
+                                             and start < run.total_steps))
+    self.tokens_per_example = run.family.tokens_per_example(run.pipe.info)
+    self.eval_step = jax.jit(make_eval_step(run.model, run.family),
+                             in_shardings=(run.param_shardings, sharding.batch_sharding(run.mesh)),
+                             out_shardings=sharding.replicated(run.mesh))
+    self.window: list[dict] = []
+    self.last_train: dict[str, float] = {}
+    self.eval_metrics: dict[str, float] = {}
+    self.t_eval = self.t_ckpt = 0.0
+    self.t_first: float | None = None  # when the first step (the compile) finished
+    self.t_window = time.time()
+    self.step = start
+
+  def evaluate(self, params) -> dict[str, float]:
+    acc = None
+    for local in self.run.pipe.eval_batches():
+      s = self.eval_step(params, sharding.global_batch(local, self.run.mesh))
+      acc = s if acc is None else jax.tree.map(jnp.add, acc, s)
+    return self.run.family.finalize(jax.device_get(acc), "eval")
+
+  def absorb(self, step_done: int, m_dev) -> None:
+    """Host side of one finished step: NaN stop, progress, periodic logging."""
+    m = {k: float(v) for k, v in jax.device_get(m_dev).items()}
+    if not _finite(m):
+      self.bar.close()
+      self.ckpt.wait()
+      self.writer.write(step_done, m)
+      self.writer.close()
+      raise NonFiniteLossError(
+          f"non-finite training metrics at step {step_done} ({m}); stopped without saving. "
+          f"Last good checkpoint: {self.ckpt.last_good()}")
+    if self.t_first is None:
+      self.t_first = self.t_window = time.time()
+      self.window.clear()
+    else:
+      self.window.append(m)
+    self.bar.update(1, loss=m["train/loss"], acc=m["train/accuracy"])
+    if step_done % self.run.config.log_every_steps == 0 or step_done == self.run.total_steps:
+      self._log_window(step_done, m)
+
+  def _log_window(self, step_done: int, m: dict) -> None:
+    keys = ("train/loss", "train/accuracy")
+    n = max(len(self.window), 1)
+    avg = ({k: sum(w[k] for w in self.window) / n for k in keys} if self.window
+           else {k: m[k] for k in keys})
+    dt = time.time() - self.t_window
+    out = {**m, **avg, "host/peak_rss_gib": metrics_lib.peak_rss_gib()}
+    if self.window and dt > 0:
+      out["train/examples_per_sec"] = len(self.window) * self.run.config.batch_size / dt
+      out["train/steps_per_sec"] = len(self.window) / dt
+      if self.tokens_per_example:
+        out["train/tokens_per_sec"] = out["train/examples_per_sec"] * self.tokens_per_example
+      self.bar.update(0, ex_s=out["train/examples_per_sec"])
+    self.writer.write(step_done, out)
+    self.last_train = out
+    self.window.clear()
+    self.t_window = time.time()
+
+  def eval_and_save(self, st, do_eval: bool, do_ckpt: bool) -> None:
+    t0 = time.time()
+    if do_eval:
+      self.eval_metrics = self.evaluate(st["params"])
+      self.writer.write(self.step, self.eval_metrics)
+      self.bar.update(0, eval_acc=self.eval_metrics["eval/accuracy"])
+      self.t_eval += time.time() - t0
+    t1 = time.time()
+    if do_ckpt:
+      self.ckpt.save(self.step, st)
+    if do_eval:
+      self.ckpt.save_best(self.step, st, self.eval_metrics)
+    self.t_ckpt += time.time() - t1
+    self.t_window += time.time() - t0
+
+  def __call__(self, st):
+    """Trains to the last step, then evaluates if the loop did not at that step; returns the
+    final state."""
+    config, mesh = self.run.config, self.run.mesh
+    every_eval = config.eval_every_steps
+    it = self.run.pipe.train_batches(self.start)
+    pending = None
+    while self.step < self.run.total_steps:
+      st, m = self.train_step(st, sharding.global_batch(next(it), mesh))
+      if pending is not None:  # one step behind: the host reads step t-1 while t runs
+        self.absorb(*pending)
+      self.step += 1
+      pending = (self.step, m)
+      do_eval = bool(every_eval) and (self.step % every_eval == 0
+                                      or self.step == self.run.total_steps)
+      do_ckpt = (self.step % config.checkpoint.every_steps == 0
+                 or self.step == self.run.total_steps)
+      if do_eval or do_ckpt:
+        self.absorb(*pending)
+        pending = None
+        self.eval_and_save(st, do_eval, do_ckpt)
+    if pending is not None:
+      self.absorb(*pending)
+    if not self.eval_metrics:  # eval off, or nothing left to train
+      t0 = time.time()
+      self.eval_metrics = self.evaluate(st["params"])
+      self.writer.write(self.step, self.eval_metrics)
+      self.t_eval += time.time() - t0
+    self.bar.close()
+    t1 = time.time()
+    self.ckpt.wait()
+    self.ckpt.close()
+    self.t_ckpt += time.time() - t1
+    return st

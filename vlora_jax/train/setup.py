@@ -1,0 +1,140 @@
+"""The first phase of a run: the checked config, the mesh, the data and the model's shapes.
+
+`set_up` returns a `Run`, which every later phase reads. Nothing is compiled here, and every
+ValueError raised here is about the input: it leaves as a `ConfigError` or `DataError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from vlora_jax import data as data_lib
+from vlora_jax import errors
+from vlora_jax import params as params_lib
+from vlora_jax.data.pipeline import Pipeline
+from vlora_jax.models.family import Family
+from vlora_jax.train import checkpoint as ckpt_lib
+from vlora_jax.train import metrics as metrics_lib
+from vlora_jax.train import optim, sharding, state as state_lib, validate
+
+
+@dataclasses.dataclass
+class Run:
+  """What `set_up` built from the config: read by every later phase."""
+  config: Any
+  workdir: Path
+  main: bool  # process 0: writes metrics and the summary
+  plan: validate.Plan
+  mesh: jax.sharding.Mesh
+  pipe: Pipeline
+  model: nn.Module
+  init_fn: Callable[[jax.Array], Any]  # key -> boxed params
+  abstract_params: Any
+  param_shardings: Any
+  opt: optim.Optimizer
+  abstract_state: Any
+  state_shardings: Any
+  counts: dict
+  dense_counts: dict | None
+  meta: dict  # what every checkpoint records and every restore checks
+
+  @property
+  def family(self) -> Family:
+    return self.plan.family
+
+  @property
+  def total_steps(self) -> int:
+    return int(self.config.num_train_steps)
+
+  @property
+  def rng_impl(self) -> str:
+    return self.config.get("rng_impl", "threefry2x32")
+
+
+def _zeros(structs):
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), structs)
+
+
+def _dense_count(model, sample, vlora) -> dict | None:
+  if vlora is None:
+    return None
+  return params_lib.count(params_lib.param_shapes(params_lib.dense_twin(model), *sample,
+                                                  train=False))
+
+
+def set_up(config, workdir: Path) -> Run:
+  """Checks the config, builds the mesh, the data and the model's shapes (no compile).
+
+  Every ValueError raised here is about the input: it leaves as a `ConfigError` or `DataError`.
+  """
+  pcount = jax.process_count()
+  with errors.config_errors():
+    plan = validate.check(config, jax.device_count(), pcount)
+    mesh = sharding.make_mesh(config.mesh, shape=plan.mesh_shape)
+    pipe = data_lib.build(config, process_index=jax.process_index(), process_count=pcount)
+    plan.family.check_data(config.model, pipe.info)
+
+    model = plan.build_model(config.model)
+    sample = plan.family.sample_inputs(config.model, batch=2)
+    init_fn = lambda rng: model.init({"params": rng, "dropout": rng}, *_zeros(sample),
+                                     train=False)["params"]
+    # Keys are made inside eval_shape too: nothing runs (or compiles) until every check passed.
+    boxed = jax.eval_shape(lambda: init_fn(jax.random.key(config.seed)))
+    p_shard = sharding.param_shardings(boxed, config.sharding_rules, mesh)
+    abstract_params = nn.unbox(boxed)
+    opt = optim.build(config.optim, abstract_params, int(config.num_train_steps))
+    rng_impl = config.get("rng_impl", "threefry2x32")
+    abstract_rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=rng_impl)))
+    abstract_state = jax.eval_shape(lambda p, r: state_lib.create(p, opt.tx, r), abstract_params,
+                                    abstract_rng)
+    specs = plan.family.stack_specs(model)
+    meta = {"config": json.loads(config.to_json_best_effort()),
+            "layout": ckpt_lib.layouts(abstract_params, {k: v[0] for k, v in specs.items()})}
+    counts = params_lib.count(abstract_params, trainable=opt.trainable())
+    meta["params_total"] = counts["total"]
+    run = Run(config=config, workdir=Path(workdir), main=jax.process_index() == 0, plan=plan,
+              mesh=mesh, pipe=pipe, model=model, init_fn=init_fn,
+              abstract_params=abstract_params, param_shardings=p_shard, opt=opt,
+              abstract_state=abstract_state,
+              state_shardings=state_lib.shardings(abstract_state, p_shard, mesh), counts=counts,
+              dense_counts=_dense_count(model, sample, plan.vlora), meta=meta)
+  logging.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), jax.device_count(),
+               pcount)
+  metrics_lib.log(metrics_lib.overview(counts, run.dense_counts))
+  _check_workdir(run)
+  return run
+
+
+def _check_workdir(run: Run) -> None:
+  """Fails at start, not at the first save, when the workdir cannot take the checkpoints."""
+  if not run.main:
+    return
+  workdir = run.workdir
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / f".write_test_{os.getpid()}"
+    probe.write_bytes(b"\0" * 4096)
+    probe.unlink()
+  except OSError as e:
+    raise errors.WorkdirError(f"workdir={str(workdir)!r}: cannot write there ({e.strerror or e}); "
+                              "choose a writable --workdir") from e
+  # Room for the kept checkpoints plus the one being written (params + optimizer state).
+  ccfg = run.config.checkpoint
+  need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract_state))
+  need *= ccfg.get("keep", 2) + 1 + (ccfg.get("keep_best", 0) or 0)
+  free = shutil.disk_usage(workdir).free
+  if free < need:
+    raise errors.WorkdirError(
+        f"workdir={str(workdir)!r}: {free / 2**20:.1f} MiB free, but the checkpoints need about "
+        f"{need / 2**20:.1f} MiB (checkpoint.keep + 1 copies of the train state); free space, "
+        "lower checkpoint.keep, or choose another --workdir")
