@@ -5,7 +5,8 @@ The family (`vlora_jax/models/vit_registers.py`) is the example of adding a mode
 
   python -m vlora_jax.main --config configs/vit_registers_digits.py --workdir /tmp/vit_registers
 
-Expected: about as long as `configs/vit_digits.py` (~1-2 minutes on 2 CPU cores).
+Expected: under a minute on 2 CPU cores (measured on 2 shared cores: 98.33% test accuracy in
+37 s, 79,562 parameters; experiments/results/main_job/vit_registers_summary.json).
 """
 
 from configs import default, vit_digits
