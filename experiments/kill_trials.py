@@ -118,7 +118,6 @@ def _train_rows(workdir: Path) -> dict[int, dict]:
 
 def compare(run: Path, ref: Path, atol: float = 0.0) -> list[str]:
   """The differences between a run and the reference (empty: equal)."""
-  sys.path.insert(0, str(ROOT))
   from absl import logging as absl_logging
   from vlora_jax.train import checkpoint
   problems = []

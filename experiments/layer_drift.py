@@ -20,11 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from vlora_jax import models, stack  # noqa: E402
-from vlora_jax.train import checkpoint  # noqa: E402
+from vlora_jax import models, stack
+from vlora_jax.train import checkpoint
 
 
 def _stacks(tree, prefix=""):

@@ -23,10 +23,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from configs import sweeps
 
-from configs import sweeps  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 ORDER = {"dense": 0, "anchored": 1, "cumulative": 2, "tied": 3}
 

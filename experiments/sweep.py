@@ -20,15 +20,13 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import sys
 import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from configs import sweeps
 
-from configs import sweeps  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 KEEP = ("step", "eval/accuracy", "eval/loss", "train/accuracy", "train/loss", "params_total",
         "params_trainable", "params_dense_equivalent", "params_groups", "train_time_s",

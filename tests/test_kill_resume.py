@@ -6,13 +6,10 @@ data position and the RNG in the checkpoint. More trials, also at random moments
 devices: ``python experiments/kill_trials.py --trials 12`` (results/kill_trials.json).
 """
 
-import sys
 
 import pytest
-from helpers_train import ROOT
 
-sys.path.insert(0, str(ROOT / "experiments"))
-import kill_trials  # noqa: E402
+from experiments import kill_trials
 
 
 @pytest.mark.slow

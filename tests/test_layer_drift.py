@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pytest
-from helpers_train import ROOT, tiny
+from helpers_train import tiny
 
+from experiments import layer_drift
 from vlora_jax.train import checkpoint, train_and_evaluate
-
-sys.path.insert(0, str(ROOT / "experiments"))
-import layer_drift  # noqa: E402  experiments/layer_drift.py
 
 # Two compounds of 3 layers (two increments each: a cumulative layer 2 sums them), and a large
 # learning rate so that the increments move in 3 steps.

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 
 import pytest
 from helpers_train import ROOT
 
-sys.path.insert(0, str(ROOT / "experiments"))
-import plots  # noqa: E402  experiments/plots.py
+from experiments import plots
 
 NOTEBOOK = ROOT / "experiments" / "ablations.ipynb"
 

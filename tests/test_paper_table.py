@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
-from helpers_train import ROOT
 
-sys.path.insert(0, str(ROOT / "experiments"))
-import paper_table  # noqa: E402  experiments/paper_table.py
+from experiments import paper_table
 
 
 def _run(dataset, variant, seed, test, params, rank=None, train=None, metric="eval/accuracy"):

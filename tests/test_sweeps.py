@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
-from helpers_train import ROOT
 
-sys.path.insert(0, str(ROOT / "experiments"))
-import sweep  # noqa: E402  experiments/sweep.py
-from configs import sweeps  # noqa: E402
-from vlora_jax import models  # noqa: E402
-from vlora_jax import params as params_lib  # noqa: E402
-from vlora_jax.train import optim, validate  # noqa: E402
+from configs import sweeps
+from experiments import sweep
+from vlora_jax import models
+from vlora_jax import params as params_lib
+from vlora_jax.train import optim, validate
 
 
 @pytest.mark.parametrize("name", sorted(sweeps.SWEEPS))
