@@ -1,152 +1,73 @@
-"""The benchmark of issue 5: VLoRA against dense (and the official PyTorch code), as ratios.
+"""The main benchmark: VLoRA against dense (and the official PyTorch code), as ratios with targets.
 
 Everything is measured side by side in ONE process, so that every number is read against its
-neighbour (the 2-core machine is shared and noisy: never compare numbers from different runs):
+neighbour (on a shared, noisy machine, never compare numbers from different runs):
 
   1. train step, VLoRA / dense at equal architecture: the real step of
-     `vlora_jax.train.trainer.make_train_step` (AdamW, clipping, metrics, donation), as in
-     ``bench_train.py`` (whose `Variant` builds it); and the VLoRA step with the layer stack
-     unrolled (``model.scan=False``) / scanned (timed only: no memory, FLOP or checkpoint entries);
+     `vlora_jax.train.trainer.make_train_step` (AdamW, clipping, metrics, donation), built by
+     `benchmarks.train.Variant`; and the VLoRA step with the layer stack unrolled
+     (``model.scan=False``) / scanned (timed only: no memory, FLOP or checkpoint entries);
   2. inference (the eval step: forward + loss sums), VLoRA / dense, with the VLoRA weights
      materialised on the fly and with merged weights (`stack.merge` into `params.dense_twin`);
-  3. compile time against depth of a scanned train step (``bench_core.compile_case``: value_and_grad
-     + adamw, at the size's width and batch), deepest / shallowest (48 / 12 for cifar, vit_b16);
+     the merged twin and dense must compile to one program (the same optimised HLO);
+  3. compile time against depth of a scanned train step (`benchmarks.core.compile_case`:
+     value_and_grad + adamw, at the size's width and batch), deepest / shallowest (48 / 12 for
+     cifar, vit_b16);
   4. peak memory of the compiled train step (XLA ``memory_analysis()``), VLoRA / dense;
   5. checkpoint bytes on disk, VLoRA / dense: real Orbax checkpoints written by
      `vlora_jax.train.checkpoint.Checkpointer` (the full train state, and params only), and the
      official PyTorch ``state_dict`` bytes when torch is available;
-  6. the fraction of the measured matmul ceiling (``bench_train.matmul_ceiling``) each step reaches,
-     and MFU against ``--peak-tflops`` when given;
-  7. the official VLoRA ViT train step (PyTorch, float32, 2 threads), run by a worker process in the
-     torch venv (this same file, ``--torch-worker``), as the ratio ours / official, for our scanned
-     and unrolled steps.
+  6. the fraction of the measured matmul ceiling (`benchmarks.train.matmul_ceiling`) each step
+     reaches, and MFU against ``--peak-tflops`` when given;
+  7. the official VLoRA ViT train step (PyTorch, float32, 2 threads, `benchmarks.torch_ref`), as the
+     ratio ours / official, for our scanned and unrolled steps.
 
-Timed things run in interleaved rounds (the order reversed every other round); a ratio is the
-median over rounds of the per-round ratio (neighbours in time share the machine's load). Writes
-the JSON (versions, machine, raw timings, ratios with targets and pass/miss) to ``--out``, a
-markdown summary beside it (same stem, ``.md``), and prints the table.
+Timed things run in `harness.interleaved` rounds; a ratio is the median over rounds of the
+per-round ratio. Writes the JSON (environment, raw timings, ratios with targets and pass/miss) to
+``--out``, a markdown summary beside it (same stem, ``.md``), and prints the table.
 
-Run from the repository root:
+  .venv/bin/python -m benchmarks.bench --size cifar --out benchmarks/results/bench.json
+  .venv/bin/python -m benchmarks.bench --size small --quick --no-torch --out /tmp/bench.json
+  .venv/bin/python -m benchmarks.bench --size vit_b16 --peak-tflops 989 --out b16.json
 
-  PYTHONPATH=. .venv/bin/python experiments/bench.py --out experiments/results/bench.json
-  PYTHONPATH=. .venv/bin/python experiments/bench.py --size small --quick --out /tmp/bench.json
-  PYTHONPATH=. .venv/bin/python experiments/bench.py --size vit_b16 --peak-tflops 989 --out b16.json
-
-The torch part uses ``--torch-python`` (default ``$VLORA_TORCH_PYTHON``, else
-``/tmp/torchref/venv/bin/python``; build it with ``../shared/tools/setup_torch_reference.sh
-/tmp/torchref``); ``--no-torch`` skips it. It only runs on the CPU backend (the reference venv's
-torch is CPU-only) for float32 models, and a skip is recorded with its reason. ``--quick``
-(3 rounds, one compile per depth, the shallowest and deepest only) is a smoke run: its ratios are
-too noisy to judge.
+The torch part uses ``--torch-python`` (see `benchmarks.torch_ref`); ``--no-torch`` skips it. It
+only runs on the CPU backend (the reference venv's torch is CPU-only) for float32 models, and a
+skip is recorded with its reason. ``--quick`` (3 rounds, one compile per depth, the shallowest
+and deepest only) is a smoke run: its ratios are too noisy to judge.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
-import sys
+import re
+import shutil
+import statistics
+import tempfile
 import time
+from pathlib import Path
+from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-# ------------------------------------------------------------------- the torch worker (no JAX)
-# This part runs under the torch venv, which has no JAX: it is defined, and dispatched to, before
-# anything else is imported.
+from experiments.sweep import parse_override
+from vlora_jax import cpu_malloc, models, stack
+from vlora_jax import params as params_lib
+from vlora_jax.train import checkpoint as ckpt_lib
+from vlora_jax.train.trainer import make_eval_step
 
-
-def torch_worker(cfg: dict) -> None:
-  """Official VLoRA ViT train steps on request: one JSON line in, one JSON line out.
-
-  Args:
-    cfg: ``{"official": VisionTransformerVLoRA kwargs, "timm": the dense VisionTransformer kwargs,
-      "batch": int, "threads": int}``.
-  """
-  import importlib.metadata
-  import io
-
-  import timm
-  import torch
-  from timm.models.vision_transformer import VisionTransformer
-  from vlora.models.vit import VisionTransformerVLoRA
-
-  torch.set_num_threads(cfg["threads"])
-  torch.manual_seed(0)
-  model = VisionTransformerVLoRA(**cfg["official"]).train()
-  dense = VisionTransformer(**cfg["timm"])
-
-  def state_dict_bytes(m) -> int:
-    buf = io.BytesIO()
-    torch.save(m.state_dict(), buf)
-    return buf.getbuffer().nbytes
-
-  k = cfg["official"]
-  x = torch.randn(cfg["batch"], 3, k["img_size"], k["img_size"])
-  y = torch.randint(0, k["num_classes"], (cfg["batch"],))
-  # The same update as ours: AdamW (lr 1e-3, wd 0.05), clipping at global norm 1, no smoothing.
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-
-  def step() -> None:
-    opt.zero_grad(set_to_none=True)
-    torch.nn.functional.cross_entropy(model(x), y).backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-
-  step()  # warm-up: first-call allocations
-  info = {"torch": torch.__version__, "timm": timm.__version__,
-          "vlora": importlib.metadata.version("vlora"), "threads": torch.get_num_threads(),
-          "params_official": sum(p.numel() for p in model.parameters()),  # shared W_0 once
-          "params_timm_dense": sum(p.numel() for p in dense.parameters()),
-          # Its state_dict names the shared W_0 again in every layer k >= 1 of a compound;
-          # torch.save writes a shared storage once, so the bytes count it once.
-          "state_dict_numel_official": sum(t.numel() for t in model.state_dict().values()),
-          "state_dict_bytes_official": state_dict_bytes(model),
-          "state_dict_bytes_timm_dense": state_dict_bytes(dense)}
-  print(json.dumps({"ready": info}), flush=True)
-  for line in sys.stdin:
-    steps = int(json.loads(line)["train"])
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      step()
-    print(json.dumps({"s_per_step": (time.perf_counter() - t0) / steps}), flush=True)
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--torch-worker"]:
-  torch_worker(json.loads(sys.argv[2]))
-  sys.exit(0)
-
-# ------------------------------------------------------------------------------ the JAX side
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_core, bench_train
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # vlora_jax, configs
-
-import bench_core  # noqa: E402
-import bench_train  # noqa: E402
-from sweep import parse_override  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
-
-from vlora_jax import cpu_malloc, models, stack  # noqa: E402
-from vlora_jax import params as params_lib  # noqa: E402
-from vlora_jax.train import checkpoint as ckpt_lib  # noqa: E402
-from vlora_jax.train.trainer import make_eval_step  # noqa: E402
+from benchmarks import core, harness, torch_ref, train
+from benchmarks.harness import paired_ratio as paired
 
 # Config overrides of configs/vit_cifar10.py per size; dense and VLoRA differ only in
-# model.vlora.enabled (bench_train's `Variant` applies that, dropout 0 and scan).
+# model.vlora.enabled (`train.Variant` applies that, dropout 0 and scan).
 SIZES = {
     "small": {"model.dim": 64, "model.depth": 4, "model.num_heads": 2,
               "model.vlora.compound_size": 2, "model.vlora.rank": 4, "batch_size": 16},
-    "cifar": bench_train.SIZES["paper"]["vit"],
+    "cifar": train.SIZES["paper"]["vit"],
     "vit_b16": {"model.img_size": 224, "model.patch_size": 16, "model.num_classes": 1000,
                 "model.dim": 768, "model.depth": 12, "model.num_heads": 12,
                 "model.dtype": "bfloat16", "model.vlora.compound_size": 4,
@@ -172,7 +93,7 @@ TARGETS = {
                                         "deepest / shallowest"),
     "compile/dense_deep_over_shallow": (1.2, "the same for the dense train step"),
     "memory/vlora_over_dense": (1.0, "compiled train step temp + argument + output - alias bytes "
-                                "(experiments/bench_memory.py: other sizes, measured RSS)"),
+                                "(benchmarks.memory: other sizes, measured RSS)"),
     "checkpoint/state_vlora_over_dense": (0.31, "Orbax checkpoint of the train state (params + "
                                           "AdamW moments), bytes on disk"),
     "checkpoint/params_vlora_over_dense": (0.31, "Orbax checkpoint of the params only"),
@@ -205,23 +126,6 @@ TORCH_RATIOS = ("checkpoint/official_state_dict_over_timm_dense",
 # ----------------------------------------------------------------------------------- timing
 
 
-def paired_ratio(a: list[float], b: list[float]) -> float:
-  """Median over rounds of a[i] / b[i]: the load of round i hits both sides alike."""
-  return statistics.median(x / y for x, y in zip(a, b))
-
-
-def interleaved(timers: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
-  """Runs every timer once per round, the order reversed every other round (no position bias)."""
-  times: dict[str, list[float]] = {k: [] for k in timers}
-  names = list(timers)
-  for r in range(rounds):
-    for name in names if r % 2 == 0 else names[::-1]:
-      times[name].append(timers[name]())
-    print(f"  round {r + 1}/{rounds}: " + "  ".join(
-        f"{k} {v[-1] * 1e3:.1f}ms" for k, v in times.items()), flush=True)
-  return times
-
-
 @contextlib.contextmanager
 def phase(name: str, record: dict[str, float]):
   """Prints a section header and records the section's wall seconds (where a run's time goes)."""
@@ -234,13 +138,13 @@ def phase(name: str, record: dict[str, float]):
 
 def mean_time(fn: Callable[[], Any], calls: int) -> float:
   """Seconds per call of ``fn`` over ``calls`` calls, each ending in ``block_until_ready``."""
-  return sum(bench_core.timed(fn) for _ in range(calls)) / calls
+  return sum(harness.timed(fn) for _ in range(calls)) / calls
 
 
 # ------------------------------------------------------------------------------- inference
 
 
-def copy_params(variant: bench_train.Variant):
+def copy_params(variant: train.Variant):
   """A copy of a variant's params: its train step donates (invalidates) the state it is given."""
   return jax.tree.map(jnp.copy, variant.state["params"])
 
@@ -254,7 +158,7 @@ def compile_eval(model, params, batch):
   return jax.jit(make_eval_step(model, models.FAMILIES["vit"])).lower(params, batch).compile()
 
 
-def build_inference(dense: bench_train.Variant, vlora: bench_train.Variant) -> dict[str, Any]:
+def build_inference(dense: train.Variant, vlora: train.Variant) -> dict[str, Any]:
   """Compiled eval steps: dense, VLoRA on the fly, VLoRA merged into the dense twin.
 
   Raises:
@@ -294,7 +198,7 @@ def dir_bytes(path: Path) -> int:
   return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def checkpoint_bytes(variant: bench_train.Variant, workdir: Path) -> dict[str, int]:
+def checkpoint_bytes(variant: train.Variant, workdir: Path) -> dict[str, int]:
   """Bytes on disk of real Orbax checkpoints (`Checkpointer`) of the train state and the params."""
   c = variant.config
   spec = models.vlora_spec(c.model.vlora)
@@ -317,7 +221,7 @@ def checkpoint_bytes(variant: bench_train.Variant, workdir: Path) -> dict[str, i
 
 
 def compile_vs_depth(cfg, depths: tuple[int, ...], reps: int) -> dict[str, Any]:
-  """Fresh compiles of bench_core's scanned train step (value_and_grad + adamw) at each depth.
+  """Fresh compiles of the scanned train step of `core.compile_case` at each depth.
 
   Uses the size's width, heads and batch; reps are interleaved over depths and stacks.
   """
@@ -330,8 +234,8 @@ def compile_vs_depth(cfg, depths: tuple[int, ...], reps: int) -> dict[str, Any]:
   for rep in range(reps):
     for d in depths:
       for s in runs:
-        r = bench_core.compile_case(ns, depth=d, scan=True, spec=spec if s == "vlora" else None,
-                                    phase="train_step")
+        r = core.compile_case(ns, depth=d, scan=True, spec=spec if s == "vlora" else None,
+                              phase="train_step")
         runs[s][d].append(r)
         print(f"  [{rep + 1}/{reps}] {s:5s} L={d:3d}  lower {r['lower_s']:.2f}s  compile "
               f"{r['compile_s']:.2f}s  HLO ops {r['hlo_ops']}", flush=True)
@@ -343,58 +247,7 @@ def compile_vs_depth(cfg, depths: tuple[int, ...], reps: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- torch worker
 
 
-class TorchWorker:
-  """The official PyTorch train step in a subprocess of the torch venv (see `torch_worker`)."""
-
-  def __init__(self, python: str, cfg: dict):
-    self.log = tempfile.TemporaryFile(mode="w+")  # stderr: a file, so a chatty worker cannot block
-    # torch runs as shipped: without our glibc allocator tuning (vlora_jax/cpu_malloc.py)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "XLA_FLAGS", "GLIBC_TUNABLES", "VLORA_MALLOC_TUNED")}
-    self.proc = subprocess.Popen([python, __file__, "--torch-worker", json.dumps(cfg)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                 text=True, env=env)
-    self.info = self._reply()["ready"]
-
-  def _reply(self) -> dict:
-    line = self.proc.stdout.readline()
-    if not line:
-      self.proc.wait()
-      self.log.seek(0)
-      raise RuntimeError(f"torch worker exited ({self.proc.returncode}): "
-                         f"{self.log.read()[-2000:]}")
-    return json.loads(line)
-
-  def train(self, steps: int) -> float:
-    self.proc.stdin.write(json.dumps({"train": steps}) + "\n")
-    self.proc.stdin.flush()
-    return self._reply()["s_per_step"]
-
-  def close(self) -> None:
-    self.proc.stdin.close()
-    self.proc.wait(timeout=60)
-    self.log.close()
-
-
-def official_number(x):
-  """A rank or alpha as the official code takes it: an int or a list (a float has no len there)."""
-  if isinstance(x, (list, tuple)):
-    return [official_number(v) for v in x]
-  return int(x) if float(x).is_integer() else float(x)
-
-
-def torch_config(cfg) -> dict:
-  """The official VLoRA and timm dense kwargs of the same architecture (official depth counts
-  compounds)."""
-  m, v = cfg.model, cfg.model.vlora
-  common = dict(img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.dim,
-                num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, num_classes=m.num_classes)
-  return {"official": dict(common, depth=m.depth // v.compound_size, vl_size=v.compound_size,
-                           vl_rank=official_number(v.rank), vl_alpha=official_number(v.alpha)),
-          "timm": dict(common, depth=m.depth), "batch": cfg.batch_size, "threads": 2}
-
-
-def start_torch(args, cfg) -> tuple[TorchWorker | None, str | None]:
+def start_torch(args, cfg) -> tuple[harness.Worker | None, str | None]:
   """The worker, or None and the reason it is skipped."""
   if args.no_torch:
     return None, "--no-torch"
@@ -406,7 +259,7 @@ def start_torch(args, cfg) -> tuple[TorchWorker | None, str | None]:
     return None, (f"no torch python at {args.torch_python} (build it with "
                   "../shared/tools/setup_torch_reference.sh /tmp/torchref)")
   try:
-    return TorchWorker(args.torch_python, torch_config(cfg)), None
+    return torch_ref.start(args.torch_python, torch_ref.config(cfg)), None
   except (RuntimeError, OSError, ValueError) as e:
     return None, f"torch worker failed to start: {e}"
 
@@ -431,14 +284,13 @@ def ratios(res: dict[str, Any], args) -> dict[str, dict[str, Any]]:
   """Every ratio of `TARGETS` from the raw results (a skipped part gives value None + reason)."""
   t, mem, ck = res["times_s"], res["memory"], res["checkpoint_bytes"]
   out = {
-      "train_step/vlora_over_dense": paired_ratio(t["train/vlora"], t["train/dense"]),
-      "eval/on_the_fly_over_dense": paired_ratio(t["eval/on_the_fly"], t["eval/dense"]),
-      "eval/merged_over_dense": paired_ratio(t["eval/merged"], t["eval/dense"]),
+      "train_step/vlora_over_dense": paired(t["train/vlora"], t["train/dense"]),
+      "eval/on_the_fly_over_dense": paired(t["eval/on_the_fly"], t["eval/dense"]),
+      "eval/merged_over_dense": paired(t["eval/merged"], t["eval/dense"]),
       "memory/vlora_over_dense": mem["vlora"]["total"] / mem["dense"]["total"],
       "checkpoint/state_vlora_over_dense": ck["vlora"]["state"] / ck["dense"]["state"],
       "checkpoint/params_vlora_over_dense": ck["vlora"]["params"] / ck["dense"]["params"],
-      "train_step/vlora_unrolled_over_scan": paired_ratio(t["train/vlora_unrolled"],
-                                                          t["train/vlora"]),
+      "train_step/vlora_unrolled_over_scan": paired(t["train/vlora_unrolled"], t["train/vlora"]),
   }
   med = res["compile"]["median_total_s"]
   lo, hi = min(res["compile"]["depths"]), max(res["compile"]["depths"])
@@ -453,9 +305,9 @@ def ratios(res: dict[str, Any], args) -> dict[str, dict[str, Any]]:
     out["checkpoint/official_state_dict_over_timm_dense"] = (
         sd / torch_info["state_dict_bytes_timm_dense"])
     out["checkpoint/ours_params_over_official_state_dict"] = ck["vlora"]["params"] / sd
-    out["torch/ours_vlora_over_official"] = paired_ratio(t["train/vlora"], t["train/official"])
-    out["torch/ours_vlora_unrolled_over_official"] = paired_ratio(t["train/vlora_unrolled"],
-                                                                  t["train/official"])
+    out["torch/ours_vlora_over_official"] = paired(t["train/vlora"], t["train/official"])
+    out["torch/ours_vlora_unrolled_over_official"] = paired(t["train/vlora_unrolled"],
+                                                            t["train/official"])
 
   def why(name: str) -> str | None:
     if name.startswith("mfu/"):
@@ -477,10 +329,10 @@ def fmt_ratio(r: dict[str, Any]) -> list[str]:
 def tables(result: dict[str, Any]) -> str:
   """The ratios (with targets) and the median timings, as markdown tables."""
   rows = [[name] + fmt_ratio(r) for name, r in result["ratios"].items()]
-  t1 = bench_core.fmt_table(["ratio", "value", "target", "verdict"], rows)
+  t1 = harness.table(["ratio", "value", "target", "verdict"], rows)
   rows = [[name, f"{statistics.median(v) * 1e3:.2f}", " ".join(f"{x * 1e3:.1f}" for x in v)]
           for name, v in result["times_s"].items()]
-  t2 = bench_core.fmt_table(["timed (per step or call)", "median ms", "rounds (ms)"], rows)
+  t2 = harness.table(["timed (per step or call)", "median ms", "rounds (ms)"], rows)
   return t1 + "\n\n" + t2
 
 
@@ -491,9 +343,9 @@ def details(result: dict[str, Any]) -> list[str]:
   out = [f"- memory (bytes; total = temp + argument + output): vlora {mem['vlora']}, "
          f"dense {mem['dense']}",
          f"- checkpoint bytes on disk: vlora {ck['vlora']}, dense {ck['dense']}",
-         f"- compile of bench_core's scanned train step (value_and_grad + adamw), median seconds "
-         f"(trace + lower + compile) by depth: {comp['median_total_s']} ({comp['reps']} fresh "
-         f"compile(s) each); the trainer's step compiled at depth "
+         f"- compile of `benchmarks.core`'s scanned train step (value_and_grad + adamw), median "
+         f"seconds (trace + lower + compile) by depth: {comp['median_total_s']} "
+         f"({comp['reps']} fresh compile(s) each); the trainer's step compiled at depth "
          f"{result['config']['depth']} in vlora {result['compile_s']['vlora']:.1f} s, dense "
          f"{result['compile_s']['dense']:.1f} s",
          f"- GFLOP per train step (XLA, unrolled twin): vlora {fl['vlora']['xla'] / 1e9:.2f}, "
@@ -510,18 +362,17 @@ def details(result: dict[str, Any]) -> list[str]:
 def markdown(result: dict[str, Any]) -> str:
   env, cfg = result["environment"], result["config"]
   return "\n".join([
-      "# Benchmark of issue 5: VLoRA vs dense vs the official PyTorch code",
+      "# VLoRA vs dense vs the official PyTorch code",
       "",
-      f"Date (UTC): {env['date_utc']}. jax {env['jax']}, flax {env['flax']}, orbax "
-      f"{env['orbax']}, device {env['device']} ({env['backend']}), {env['cpu_count']} CPUs, load "
-      f"average {env['loadavg_start'][0]:.2f} at start, {env['loadavg_end'][0]:.2f} at end, "
-      f"{env['wall_s']:.0f} s. Size `{cfg['size']}`{' (quick)' if cfg['quick'] else ''}: "
+      harness.describe(env),
+      "",
+      f"Size `{cfg['size']}`{' (quick)' if cfg['quick'] else ''}: "
       f"{json.dumps(cfg['overrides'])}. {cfg['rounds']} interleaved rounds of "
       f"{cfg['train_steps']} train step(s) and {cfg['eval_calls']} eval call(s) per variant; a "
       "ratio is the median of per-round ratios. Only ratios from one run are comparable.",
       "",
       "```",
-      "PYTHONPATH=. .venv/bin/python experiments/bench.py " + " ".join(env["argv"][1:]),
+      harness.command("benchmarks.bench", env["argv"][1:]),
       "```",
       "",
       tables(result),
@@ -549,8 +400,7 @@ def parse_args(argv=None):
   ap.add_argument("--batch", type=int, default=None, help="overrides the size's batch")
   ap.add_argument("--peak-tflops", type=float, default=None,
                   help="the device's peak TFLOP/s at the model's dtype: adds MFU")
-  ap.add_argument("--torch-python", default=os.environ.get(
-      "VLORA_TORCH_PYTHON", "/tmp/torchref/venv/bin/python"),
+  ap.add_argument("--torch-python", default=torch_ref.DEFAULT_PYTHON,
                   help="python of the venv with torch, timm and the official vlora")
   ap.add_argument("--no-torch", action="store_true", help="skip the official PyTorch step")
   ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
@@ -565,14 +415,12 @@ def parse_args(argv=None):
   return args
 
 
-def register_size(args) -> dict[str, Any]:
-  """The size's config overrides (``--batch`` applied), entered in bench_train's table of sizes,
-  which is where `bench_train.Variant` reads them; returns them."""
+def size_overrides(args) -> dict[str, Any]:
+  """The size's config overrides, with ``--batch`` and ``--override`` applied."""
   over = dict(SIZES[args.size])
   if args.batch:
     over["batch_size"] = args.batch
   over.update(parse_override(item) for item in args.override)
-  bench_train.SIZES[f"bench_{args.size}"] = {"vit": over}
   return over
 
 
@@ -581,7 +429,7 @@ def make_timers(args, variants, inference, worker) -> dict[str, Callable[[], flo
   timers: dict[str, Callable[[], float]] = {
       f"train/{s}": (lambda v=v: v.run(args.train_steps)) for s, v in variants.items()}
   if worker:
-    timers["train/official"] = lambda: worker.train(args.train_steps)
+    timers["train/official"] = lambda: worker.request(train=args.train_steps)["s_per_step"]
   batch = inference["batch"]
   for name, (fn, p) in inference["fns"].items():
     timers[f"eval/{name}"] = lambda fn=fn, p=p: mean_time(lambda: fn(p, batch), args.eval_calls)
@@ -590,9 +438,7 @@ def make_timers(args, variants, inference, worker) -> dict[str, Callable[[], flo
 
 def main(argv=None):
   args = parse_args(argv)
-  t_start = time.perf_counter()
-  env = bench_core.environment()
-  env["orbax"] = ocp.__version__
+  env = harness.environment()
   # Ours only (at `import vlora_jax`, vlora_jax/cpu_malloc.py); torch runs untuned.
   env["allocator_tuned"] = cpu_malloc.tune()
   print(json.dumps(env, indent=1), flush=True)
@@ -600,12 +446,11 @@ def main(argv=None):
 
   with phase("build: train steps (dense, VLoRA, VLoRA unrolled), eval steps, torch worker",
              phases):
-    overrides = register_size(args)
+    overrides = size_overrides(args)
     rng = np.random.default_rng(0)
-    variants = {s: bench_train.Variant("vit", f"bench_{args.size}", s == "vlora", rng)
-                for s in ("dense", "vlora")}
+    variants = {s: train.Variant("vit", overrides, s == "vlora", rng) for s in ("dense", "vlora")}
     # The layer stack unrolled (model.scan=False): train step only, against scan and torch.
-    unrolled = bench_train.Variant("vit", f"bench_{args.size}", True, rng, scan=False)
+    unrolled = train.Variant("vit", overrides, True, rng, scan=False)
     cfg = variants["vlora"].config
     worker, torch_skipped = start_torch(args, cfg)
     inference = build_inference(variants["dense"], variants["vlora"])
@@ -615,9 +460,9 @@ def main(argv=None):
 
   with phase(f"timing: {args.rounds} interleaved rounds, matmul ceiling before and after",
              phases):
-    ceiling_before = bench_train.matmul_ceiling(args.ceiling_repeats)
-    times = interleaved(timers, args.rounds)
-    ceiling_after = bench_train.matmul_ceiling(args.ceiling_repeats)
+    ceiling_before = train.matmul_ceiling(args.ceiling_repeats)
+    times = harness.interleaved(timers, args.rounds)
+    ceiling_after = train.matmul_ceiling(args.ceiling_repeats)
     if worker:
       worker.close()
 
@@ -631,8 +476,7 @@ def main(argv=None):
   with phase(f"compile time vs depth {args.compile_depths}", phases):
     comp = compile_vs_depth(cfg, args.compile_depths, args.compile_reps)
 
-  env["loadavg_end"] = list(os.getloadavg())
-  env["wall_s"] = time.perf_counter() - t_start
+  harness.finish(env)
   result = {
       "environment": env,
       "config": {"size": args.size, "quick": args.quick, "overrides": overrides,
@@ -656,12 +500,8 @@ def main(argv=None):
       "phase_s": phases,
   }
   result["ratios"] = ratios(result, args)
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=1, default=str) + "\n")
-  out.with_suffix(".md").write_text(markdown(result))
   print("\n" + tables(result))
-  print(f"\nwrote {out} and {out.with_suffix('.md')} in {env['wall_s']:.0f}s")
+  harness.write(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Core benchmarks of issue 2: materialisation cost, and compile time against depth.
+"""Materialisation cost against the forward pass, and compile time against depth.
 
 Two parts, each printed as a table and saved (with the environment) to one JSON file, plus a short
 markdown summary beside it:
@@ -8,43 +8,36 @@ markdown summary beside it:
    the jitted forward pass of the whole model, for the cumulative and anchored modes; and the VLoRA
    forward (weights materialised on the fly) against the forward of its dense twin loaded with the
    merged weights (`stack.merge` + `params.dense_twin`) and against a plain dense ViT. All functions
-   run interleaved in one loop (ABCD ABCD ...) after warm-up; each entry is the median of N timed
+   run interleaved (ABCD DCBA ...) after warm-up; each entry is the median of N timed
    calls ending in ``block_until_ready``. The machine is shared and noisy, so read the ratios.
 2. ``compile``: for depth 12/24/48, scan vs unrolled (``ViT(scan=...)``), VLoRA vs dense, forward vs
    a train step (``value_and_grad`` + an optax adamw update), at a small width: the seconds of
    ``jax.jit(f).lower(...)`` (trace + lower) and ``.compile()`` with caches cleared before each
-   (``jax.clear_caches()``), the number of jaxpr equations (sub-jaxprs of scan/remat counted once,
-   as in ``tests/test_stack.py``) and the number of ops in the lowered StableHLO text (lines with
-   `` = ``). The 48/12 ratios are the point: a scanned stack should stay flat (target <= 1.2).
+   (``jax.clear_caches()``), the number of jaxpr equations (`count_eqns`: sub-jaxprs of
+   scan/remat counted once; ``tests/test_stack.py`` uses it too) and the number of ops in the
+   lowered StableHLO text (lines with `` = ``). The 48/12 ratios are the point: a scanned stack
+   should stay flat (target <= 1.2).
 
 ``--quick`` is a smoke run of every code path (it overrides sizes and repetitions); ``--render
-JSON`` rewrites the markdown of an existing result. The default run took 10.5 minutes here with
-other jobs on the 2 cores (load ~3.5).
+JSON`` rewrites the markdown of an existing result. The default run takes about 10 minutes on 2
+loaded CPU cores.
 
-Run from the repository root:
-
-  PYTHONPATH=. .venv/bin/python experiments/bench_core.py --out experiments/results/bench_core.json
-  PYTHONPATH=. .venv/bin/python experiments/bench_core.py --quick --out /tmp/bench_core.json
+  .venv/bin/python -m benchmarks.core                      # -> benchmarks/results/bench_core.json
+  .venv/bin/python -m benchmarks.core --quick --out /tmp/bench_core.json
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from vlora_jax import params as params_lib
@@ -52,36 +45,13 @@ from vlora_jax import stack
 from vlora_jax.models.vit import ViT
 from vlora_jax.spec import VLoRASpec
 
+from benchmarks import harness
+
 MODES = ("cumulative", "anchored")
 PHASES = ("forward", "train_step")
 
 
 # ----------------------------------------------------------------------------------------- utils
-
-
-def environment() -> dict[str, Any]:
-  """What the numbers depend on: versions, device, cores, load, date."""
-  import jaxlib
-  dev = jax.devices()[0]
-  return {
-      "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "python": platform.python_version(),
-      "platform": platform.platform(),
-      "jax": jax.__version__,
-      "jaxlib": jaxlib.__version__,
-      "flax": flax.__version__,
-      "optax": optax.__version__,
-      "numpy": np.__version__,
-      "backend": jax.default_backend(),
-      "device": str(dev),
-      "device_kind": dev.device_kind,
-      "device_count": jax.device_count(),
-      "cpu_count": os.cpu_count(),
-      "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-      "loadavg_start": list(os.getloadavg()),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "argv": sys.argv,
-  }
 
 
 def count_eqns(jaxpr) -> int:
@@ -109,12 +79,6 @@ def vit(args, *, dim: int, depth: int, heads: int, spec: VLoRASpec | None, scan:
 
 def vlora_spec(args, mode: str) -> VLoRASpec:
   return VLoRASpec(compound_size=args.compound_size, rank=args.rank, mode=mode)
-
-
-def timed(fn: Callable[[], Any]) -> float:
-  t = time.perf_counter()
-  jax.block_until_ready(fn())
-  return time.perf_counter() - t
 
 
 # ------------------------------------------------------------------------ part 1: materialise
@@ -150,17 +114,11 @@ def bench_materialize(args, batch: int) -> dict[str, Any]:
 
   for _ in range(args.warmup):  # compiles, then settles caches and thread pools
     for fn in fns.values():
-      timed(fn)
-  times: dict[str, list[float]] = {k: [] for k in fns}
-  for _ in range(args.reps):  # interleaved: slow phases of the shared machine hit every entry
-    for name, fn in fns.items():
-      times[name].append(timed(fn))
-
+      harness.timed(fn)
+  times = harness.interleaved({k: lambda fn=fn: harness.timed(fn) for k, fn in fns.items()},
+                              args.reps, verbose=False)
   med = {k: statistics.median(v) for k, v in times.items()}
-
-  def paired(a: str, b: str) -> float:
-    """Median of per-repetition ratios a/b (neighbours in time share the machine's load)."""
-    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+  paired = lambda a, b: harness.paired_ratio(times[a], times[b])
 
   ratios = {}
   for mode in MODES:
@@ -272,26 +230,18 @@ def bench_compile(args) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- reporting
 
 
-def fmt_table(header: list[str], rows: list[list[str]]) -> str:
-  w = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-  line = lambda r: "| " + " | ".join(str(c).rjust(w[i]) if i else str(c).ljust(w[i])
-                                     for i, c in enumerate(r)) + " |"
-  sep = "|" + "|".join("-" * (x + 2) for x in w) + "|"
-  return "\n".join([line(header), sep] + [line(r) for r in rows])
-
-
 def materialize_tables(res: dict[str, Any]) -> str:
   out = []
   for b in res["batches"]:
     med, rat = b["median_s"], b["ratios"]
     rows = [[name, f"{med[name] * 1e3:.2f}"] for name in med]
     out.append(f"Batch {b['batch']}: median seconds x 1000 over {res['reps']} interleaved reps")
-    out.append(fmt_table(["function", "ms"], rows))
+    out.append(harness.table(["function", "ms"], rows))
     rows = [[mode] + [f"{rat[mode][k]:.4f}" for k in (
         "materialize/forward", "paired_materialize/forward", "in_forward_overhead",
         "forward/twin_forward", "forward/dense_forward", "twin_forward/dense_forward")]
             for mode in MODES]
-    out.append(fmt_table(["mode", "mat/fwd", "mat/fwd (paired)", "1 - twin/fwd", "fwd/twin",
+    out.append(harness.table(["mode", "mat/fwd", "mat/fwd (paired)", "1 - twin/fwd", "fwd/twin",
                           "fwd/dense", "twin/dense"], rows))
   return "\n\n".join(out)
 
@@ -300,15 +250,15 @@ def compile_tables(res: dict[str, Any]) -> str:
   rows = [[r["stack"], "scan" if r["scan"] else "unrolled", r["phase"], r["depth"],
            r["reps"], f"{r['lower_s']:.2f}", f"{r['compile_s']:.2f}", f"{r['total_s']:.2f}",
            f"{r['total_s_min']:.2f}", r["jaxpr_eqns"], r["hlo_ops"]] for r in res["rows"]]
-  t1 = fmt_table(["stack", "layers", "phase", "depth", "reps", "lower s", "compile s", "total s",
-                  "min total s", "jaxpr eqns", "HLO ops"], rows)
+  t1 = harness.table(["stack", "layers", "phase", "depth", "reps", "lower s", "compile s",
+                      "total s", "min total s", "jaxpr eqns", "HLO ops"], rows)
   lo, hi = res["ratio_depths"]
   rows = [[r["stack"], "scan" if r["scan"] else "unrolled", r["phase"], f"{r['lower_s']:.2f}",
            f"{r['compile_s']:.2f}", f"{r['total_s']:.2f}", f"{r['total_s_min']:.2f}",
            f"{r['jaxpr_eqns']:.2f}", f"{r['hlo_ops']:.2f}"] for r in res["ratios"]]
-  t2 = fmt_table(["stack", "layers", "phase", f"lower {hi}/{lo}", f"compile {hi}/{lo}",
-                  f"total {hi}/{lo}", f"min total {hi}/{lo}", f"eqns {hi}/{lo}", f"HLO {hi}/{lo}"],
-                 rows)
+  t2 = harness.table(["stack", "layers", "phase", f"lower {hi}/{lo}", f"compile {hi}/{lo}",
+                      f"total {hi}/{lo}", f"min total {hi}/{lo}", f"eqns {hi}/{lo}",
+                      f"HLO {hi}/{lo}"], rows)
   return t1 + "\n\n" + t2
 
 
@@ -338,12 +288,9 @@ def summary(result: dict[str, Any]) -> list[str]:
 def markdown(result: dict[str, Any], command: str) -> str:
   env, cfg = result["environment"], result["config"]
   parts = [
-      "# Core benchmarks (issue 2)",
+      "# Materialisation cost and compile time against depth",
       "",
-      f"Date (UTC): {env['date_utc']}. jax {env['jax']}, flax {env['flax']}, optax {env['optax']}, "
-      f"device {env['device']} ({env['backend']}), {env['cpu_count']} CPUs, load average at start "
-      f"{env['loadavg_start'][0]:.2f}, at end {env['loadavg_end'][0]:.2f}. The machine is shared: "
-      "read the ratios, not the absolute times.",
+      harness.describe(env),
       "",
       "Command:",
       "",
@@ -398,7 +345,7 @@ def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--out", default=None,
                   help="JSON path; a markdown summary is written beside it (same stem, .md). "
-                  "Default experiments/results/bench_core.json, or /tmp/bench_core_quick.json "
+                  "Default benchmarks/results/bench_core.json, or /tmp/bench_core_quick.json "
                   "with --quick (a smoke run never overwrites the committed results)")
   ap.add_argument("--render", metavar="JSON", default=None,
                   help="only re-render the markdown beside an existing result JSON, run nothing")
@@ -435,7 +382,8 @@ def parse_args(argv=None):
     args.reps, args.warmup, args.compile_reps, args.unrolled_reps = 3, 1, 1, 1
     args.depths, args.compile_dim, args.compile_heads, args.compile_batch = [4, 8], 32, 2, 2
   if args.out is None:
-    args.out = "/tmp/bench_core_quick.json" if args.quick else "experiments/results/bench_core.json"
+    args.out = ("/tmp/bench_core_quick.json" if args.quick
+                else str(harness.RESULTS / "bench_core.json"))
   for d in [args.depth] + args.depths:
     if d % args.compound_size:
       raise ValueError(f"--compound-size={args.compound_size} must divide every depth; got {d}")
@@ -446,23 +394,19 @@ def parse_args(argv=None):
   return args
 
 
-def command_line(argv: list[str]) -> str:
-  return " ".join(["PYTHONPATH=. .venv/bin/python experiments/bench_core.py"] + argv)
-
-
 def main(argv=None):
   args = parse_args(argv)
   if args.render:
     path = Path(args.render)
     result = json.loads(path.read_text())
-    command = command_line(result["environment"]["argv"][1:])
+    command = harness.command("benchmarks.core", result["environment"]["argv"][1:])
     path.with_suffix(".md").write_text(markdown(result, command))
     print(f"wrote {path.with_suffix('.md')}")
     return
-  command = command_line(sys.argv[1:] if argv is None else argv)
-  result: dict[str, Any] = {"environment": environment(), "config": vars(args).copy()}
-  print(json.dumps(result["environment"], indent=1))
-  t_start = time.perf_counter()
+  command = harness.command("benchmarks.core", argv)
+  env = harness.environment()
+  result: dict[str, Any] = {"environment": env, "config": vars(args).copy()}
+  print(json.dumps(env, indent=1))
 
   if "materialize" in args.parts:
     print("\n== 1. materialise vs forward ==", flush=True)
@@ -479,13 +423,8 @@ def main(argv=None):
     result["compile"] = bench_compile(args)
     print(compile_tables(result["compile"]), flush=True)
 
-  result["environment"]["loadavg_end"] = list(os.getloadavg())
-  result["environment"]["wall_s"] = time.perf_counter() - t_start
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=1) + "\n")
-  out.with_suffix(".md").write_text(markdown(result, command))
-  print(f"\nwrote {out} and {out.with_suffix('.md')} in {result['environment']['wall_s']:.0f}s")
+  harness.finish(env)
+  harness.write(args.out, result, markdown(result, command))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Train-step memory, VLoRA against dense: does VLoRA's parameter saving become a memory saving?
 
-  PYTHONPATH=. .venv/bin/python experiments/bench_memory.py --out experiments/results/bench_memory.json
-  PYTHONPATH=. .venv/bin/python experiments/bench_memory.py --quick --out /tmp/bench_memory.json
+  .venv/bin/python -m benchmarks.memory                  # -> benchmarks/results/bench_memory.json
+  .venv/bin/python -m benchmarks.memory --quick --no-rss --no-depth --out /tmp/bench_memory.json
 
 In one run, for every size and variant (dense; VLoRA cumulative, anchored, and anchored with the
 official stop-gradient; compound size 4, rank 8):
@@ -10,10 +10,10 @@ official stop-gradient; compound size 4, rank 8):
      temp + argument + output - alias bytes, at sizes far beyond this machine's RAM. For the ViT
      and the LMs it is the real train step of `vlora_jax.train` (AdamW, clipping, metrics); for the
      bare stack of 24 `layers.EncoderBlock`s (D 2048) a sum-of-squares loss with AdamW;
-  2. measured peak RSS: a fresh process per variant builds the state, runs ``--steps`` real steps on
-     synthetic data and reports ``ru_maxrss`` (glibc's allocator untuned, so that freed memory
-     leaves the process), wherever the compiled figure fits in 75% of the RAM available at the
-     start (the others are recorded as not run, with the reason);
+  2. measured peak RSS: a fresh process per variant (a `harness.Worker`) builds the state, runs
+     ``--steps`` real steps on synthetic data and reports ``ru_maxrss`` (glibc's allocator
+     untuned, so that freed memory leaves the process), wherever the compiled figure fits in 75%
+     of the RAM available at the start (the others are recorded as not run, with the reason);
   3. depth that fits a budget: the deepest LM at D 2048 (vocab 32k, 1 x 256 tokens) whose compiled
      train step fits ``--budget-gib``, dense against VLoRA (depth in steps of the compound size),
      with the stack's remat ``none`` (the default) and ``full``.
@@ -28,28 +28,21 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+from vlora_jax import layers, models, stack
+from vlora_jax.spec import VLoRASpec
+from vlora_jax.train import load_config, optim, state as state_lib
+from vlora_jax.train.trainer import make_train_step
 
-import bench_core  # noqa: E402
-from vlora_jax import layers, models, stack  # noqa: E402
-from vlora_jax.spec import VLoRASpec  # noqa: E402
-from vlora_jax.train import load_config, optim, state as state_lib  # noqa: E402
-from vlora_jax.train.trainer import make_train_step  # noqa: E402
-
-GIB = 2 ** 30
+from benchmarks import harness
+from benchmarks.harness import GIB
 VARIANTS = {  # name -> model.vlora overrides (None: the dense twin)
     "dense": None,
     "vlora_cumulative": {"mode": "cumulative", "stop_gradient_base": False},
@@ -96,7 +89,7 @@ def _config(size: dict, variant: str, extra: dict | None = None):
   over["model.vlora.enabled"] = vl is not None
   for k, v in dict(VLORA, **(vl or {})).items():
     over[f"model.vlora.{k}"] = v
-  return load_config(str(ROOT / size["file"]), **over)
+  return load_config(str(harness.ROOT / size["file"]), **over)
 
 
 def _abstract_batch(c) -> dict:
@@ -181,9 +174,6 @@ def rss_worker(size_name: str, variant: str, steps: int, quick: bool) -> dict:
   step, state, batch, make_state, _ = build(size, variant)
   batch = _concrete_batch(batch, np.random.default_rng(0))
   st = jax.jit(make_state)()
-  if os.environ.get("UNTUNE_AFTER_INIT"):
-    from vlora_jax import cpu_malloc
-    cpu_malloc.untune()
   times, losses = [], []
   for _ in range(steps):
     t0 = time.perf_counter()
@@ -196,23 +186,18 @@ def rss_worker(size_name: str, variant: str, steps: int, quick: bool) -> dict:
 
 
 def measure_rss(size_name: str, variant: str, steps: int, quick: bool) -> dict:
-  cmd = [sys.executable, __file__, "--rss-worker", size_name, variant, "--steps", str(steps)]
-  cmd += ["--quick"] if quick else []
+  """`rss_worker` in a fresh process (its result, or ``{"error": ...}``)."""
+  cmd = harness.module_command("benchmarks.memory", "--rss-worker", size_name, variant,
+                               "--steps", str(steps), *(["--quick"] if quick else []))
   # glibc's default allocator: big blocks are mmapped and unmapped when freed, so the peak RSS is
   # the peak of live memory. With vlora_jax's tuning (cpu_malloc.py) freed memory stays in the
   # process and the peak RSS reads the heap's fragmentation too (up to 2x here).
-  env = dict(os.environ, PYTHONPATH=str(ROOT), VLORA_MALLOC_TUNING="0")
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
-  if proc.returncode:
-    return {"error": proc.stderr[-2000:]}
-  return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def available_bytes() -> int:
-  for line in Path("/proc/meminfo").read_text().splitlines():
-    if line.startswith("MemAvailable:"):
-      return int(line.split()[1]) * 1024
-  return 0
+  env = dict(os.environ, VLORA_MALLOC_TUNING="0")
+  try:
+    with harness.Worker(cmd, env=env, cwd=harness.ROOT, name=f"rss {size_name} {variant}") as w:
+      return w.info
+  except RuntimeError as e:
+    return {"error": str(e)[-2000:]}
 
 
 # ----------------------------------------------------------------------------- depth search
@@ -245,43 +230,44 @@ def deepest(size: dict, variant: str, budget: int, remat: str, cap: int) -> dict
 
 def markdown(result: dict) -> str:
   lines = ["# Train-step memory: VLoRA against dense", "",
-           f"Date (UTC): {result['env']['date_utc']}. jax {result['env']['jax']}, "
-           f"{result['env']['cpu_count']} CPUs, {result['env']['ram_gib']:.1f} GiB RAM. "
+           harness.describe(result["environment"]), "",
            f"VLoRA: compound size {VLORA['compound_size']}, rank {VLORA['rank']}. "
            "Compiled = XLA's memory analysis of the jitted, donated train step "
            "(temp + argument + output - alias); RSS = the peak resident size of a fresh process "
            f"that ran {result['config']['steps']} real steps.", "",
-           "```", result["command"], "```", "",
-           "| size | variant | params | params / dense | compiled GiB | compiled / dense "
-           "| peak RSS GiB | RSS / dense |",
-           "|---|---|---:|---:|---:|---:|---:|---:|"]
-  for size_name, rows in result["sizes"].items():
-    dense = rows["dense"]
-    for variant, r in rows.items():
+           "```", result["command"], "```", ""]
+  rows = []
+  for size_name, by_variant in result["sizes"].items():
+    dense = by_variant["dense"]
+    for variant, r in by_variant.items():
       rss = r.get("rss", {})
       rss_gib = f"{rss['peak_rss'] / GIB:.2f}" if "peak_rss" in rss else rss.get("skipped", "-")
       d_rss = dense.get("rss", {}).get("peak_rss")
-      rss_ratio = f"{rss['peak_rss'] / d_rss:.3f}" if d_rss and "peak_rss" in rss else "-"
-      lines.append(
-          f"| {size_name} | {variant} | {r['params']:,} | {r['params'] / dense['params']:.3f} | "
-          f"{r['compiled']['total'] / GIB:.2f} | "
-          f"{r['compiled']['total'] / dense['compiled']['total']:.3f} | {rss_gib} | {rss_ratio} |")
+      rows.append([size_name, variant, f"{r['params']:,}", f"{r['params'] / dense['params']:.3f}",
+                   f"{r['compiled']['total'] / GIB:.2f}",
+                   f"{r['compiled']['total'] / dense['compiled']['total']:.3f}", rss_gib,
+                   f"{rss['peak_rss'] / d_rss:.3f}" if d_rss and "peak_rss" in rss else "-"])
+  lines.append(harness.table(["size", "variant", "params", "params / dense", "compiled GiB",
+                              "compiled / dense", "peak RSS GiB", "RSS / dense"], rows))
   if result.get("depth"):
     d = result["depth"]
-    lines += ["", f"Deepest LM at D {d['dim']} (vocab 32k, 1 x 256 tokens) whose compiled train step "
-              f"fits {d['budget_gib']} GiB:", "",
-              "| remat | dense | VLoRA (official) | VLoRA / dense |", "|---|---:|---:|---:|"]
+    rows = []
     for remat, r in d["by_remat"].items():
       dn, vl = r["dense"]["depth"], r["vlora_official"]["depth"]
       more = " (the search cap)" if r["vlora_official"]["at_cap"] else ""
-      lines.append(f"| {remat} | {dn} | {vl}{more} | {vl / dn:.2f} |" if dn else
-                   f"| {remat} | {dn} | {vl}{more} | - |")
-  return "\n".join(lines) + "\n"
+      rows.append([remat, dn, f"{vl}{more}", f"{vl / dn:.2f}" if dn else "-"])
+    lines += ["", f"Deepest LM at D {d['dim']} (vocab 32k, 1 x 256 tokens) whose compiled train "
+              f"step fits {d['budget_gib']} GiB:", "",
+              harness.table(["remat", "dense", "VLoRA (official)", "VLoRA / dense"], rows)]
+  return "\n".join(lines)
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--out", required=False)
+  ap.add_argument("--out", default=None,
+                  help="JSON path; a markdown table goes beside it. Default "
+                  "benchmarks/results/bench_memory.json, or /tmp/bench_memory_quick.json with "
+                  "--quick")
   ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
   ap.add_argument("--steps", type=int, default=3, help="real steps per measured process")
   ap.add_argument("--budget-gib", type=float, default=16.0)
@@ -292,17 +278,14 @@ def main(argv=None):
   ap.add_argument("--rss-worker", nargs=2, metavar=("SIZE", "VARIANT"), help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.rss_worker:
-    print(json.dumps(rss_worker(*args.rss_worker, args.steps, args.quick)))
+    harness.reply(rss_worker(*args.rss_worker, args.steps, args.quick))
     return
-  if not args.out:
-    ap.error("--out is required")
+  out = args.out or ("/tmp/bench_memory_quick.json" if args.quick
+                     else harness.RESULTS / "bench_memory.json")
 
-  t_start = time.perf_counter()
-  env = bench_core.environment()
-  env["ram_gib"] = available_bytes() / GIB
-  limit = 0.75 * available_bytes()
-  result = {"env": env, "command": "PYTHONPATH=. .venv/bin/python experiments/bench_memory.py "
-            + " ".join(sys.argv[1:] if argv is None else argv),
+  env = harness.environment()
+  limit = 0.75 * harness.available_bytes()
+  result = {"environment": env, "command": harness.command("benchmarks.memory", argv),
             "config": {"vlora": VLORA, "steps": args.steps, "quick": args.quick}, "sizes": {}}
   for size_name, size in sizes(args.quick).items():
     if args.sizes and size_name not in args.sizes:
@@ -316,7 +299,7 @@ def main(argv=None):
         rows[variant]["rss"] = {"skipped": "--no-rss"}
       elif total > limit:
         rows[variant]["rss"] = {"skipped": f"compiled {total / GIB:.1f} GiB > 75% of the "
-                                           f"{available_bytes() / GIB:.1f} GiB available"}
+                                           f"{harness.available_bytes() / GIB:.1f} GiB available"}
       else:
         rows[variant]["rss"] = measure_rss(size_name, variant, args.steps, args.quick)
       print(size_name, variant, json.dumps(rows[variant])[:300], flush=True)
@@ -334,12 +317,9 @@ def main(argv=None):
   if result["depth"]:
     print("depth", json.dumps({r: {v: x["depth"] for v, x in d.items()}
                                for r, d in result["depth"]["by_remat"].items()}), flush=True)
-  env["wall_s"] = round(time.perf_counter() - t_start, 1)
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=1) + "\n")
-  out.with_suffix(".md").write_text(markdown(result))
+  harness.finish(env)
   print(markdown(result))
+  harness.write(out, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,6 @@
-"""Train-step throughput, dense vs VLoRA at equal architecture, against this machine's matmul ceiling.
+"""Train-step throughput, dense vs VLoRA of one architecture, against the machine's matmul ceiling.
 
-  PYTHONPATH=. python experiments/bench_train.py --out /tmp/bench_train.json [--size small|paper]
-
-Measures, side by side in one process (rounds interleaved; the median round counts):
+Measures, side by side in one process (interleaved rounds; the median round counts):
   * ViT (CIFAR-shaped images) examples/s and LM tokens/s, dense and VLoRA, the real train step of
     `vlora_jax.train` (AdamW, clipping, metrics, buffer donation) on synthetic batches;
   * the FLOPs of one step, from XLA's cost analysis of the same step lowered with the layer stack
@@ -11,32 +9,29 @@ Measures, side by side in one process (rounds interleaved; the median round coun
   * the ceiling: a large float32 matmul (2048^3 and a ViT-shaped one), best of several;
   * the fraction of the ceiling each step reaches: (step FLOPs / step time) / ceiling.
 
-Prints a table and writes everything (with versions and the machine) as JSON to ``--out``.
+`Variant` (one compiled train step with its state and batch) and `matmul_ceiling` are the pieces
+`benchmarks.bench`, `benchmarks.malloc` and `benchmarks.profile` time. Writes the JSON (with the
+environment) to ``--out`` and a markdown table beside it:
+
+  .venv/bin/python -m benchmarks.train --out /tmp/bench_train.json [--size small|paper]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from vlora_jax import models
+from vlora_jax.train import load_config, optim, state as state_lib
+from vlora_jax.train.trainer import make_train_step
 
-from vlora_jax import models  # noqa: E402
-from vlora_jax.train import load_config, optim, state as state_lib  # noqa: E402
-from vlora_jax.train.trainer import make_train_step  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks import harness
 
 SIZES = {  # equal architecture for dense and VLoRA; only model.vlora.enabled differs
     "small": {
@@ -55,10 +50,20 @@ SIZES = {  # equal architecture for dense and VLoRA; only model.vlora.enabled di
 CONFIGS = {"vit": "configs/vit_cifar10.py", "lm": "configs/lm_shakespeare.py"}
 
 
-def _config(family: str, size: str, vlora: bool, scan: bool = True, overrides=None):
-  over = dict(SIZES[size][family], **(overrides or {}))
-  over.update({"model.vlora.enabled": vlora, "model.dropout": 0.0, "model.scan": scan})
-  return load_config(str(ROOT / CONFIGS[family]), **over)
+def _config(family: str, size: str | dict, vlora: bool, scan: bool = True, overrides=None):
+  """The config of ``family`` at ``size`` (a name of `SIZES`, or the overrides themselves).
+
+  Raises:
+    ValueError: ``overrides`` set ``model.vlora.enabled`` or ``model.scan`` against ``vlora`` or
+      ``scan`` (which would otherwise win silently).
+  """
+  over = dict(SIZES[size][family] if isinstance(size, str) else size, **(overrides or {}))
+  fixed = {"model.vlora.enabled": vlora, "model.scan": scan}
+  for k, v in fixed.items():
+    if over.get(k, v) != v:
+      raise ValueError(f"override {k}={over[k]} contradicts the argument ({v}): pass it there")
+  over.update(fixed, **{"model.dropout": 0.0})
+  return load_config(str(harness.ROOT / CONFIGS[family]), **over)
 
 
 def _batch(family: str, c, rng: np.random.Generator) -> dict:
@@ -97,9 +102,10 @@ def _matmul_params(dense_params) -> int:
 class Variant:
   """One compiled train step with its state, batch and FLOP counts."""
 
-  def __init__(self, family: str, size: str, vlora: bool, rng: np.random.Generator,
+  def __init__(self, family: str, size: str | dict, vlora: bool, rng: np.random.Generator,
                scan: bool = True, overrides: dict | None = None):
-    """``overrides``: more dotted config keys on top of the size's (e.g. ``model.remat``)."""
+    """``size``: a name of `SIZES`, or its dotted config overrides; ``overrides``: more on top
+    (e.g. ``model.remat``)."""
     self.family, self.vlora = family, vlora
     self.name = f"{family}/{'vlora' if vlora else 'dense'}{'' if scan else '_unrolled'}"
     c = _config(family, size, vlora, scan, overrides)
@@ -128,7 +134,6 @@ class Variant:
     self.analytic_flops = analytic_flops(family, c, _matmul_params(dense_params))
     self.examples = c.batch_size
     self.tokens = c.batch_size * (c.model.max_len if family == "lm" else 1)
-    self.times: list[float] = []
 
   def run(self, steps: int) -> float:
     t0 = time.perf_counter()
@@ -159,63 +164,70 @@ def matmul_ceiling(repeats: int = 5) -> dict:
   return out
 
 
-def main():
+def markdown(result: dict) -> str:
+  rows = [[r["variant"], f"{r['params']:,}", f"{r['step_s_median'] * 1e3:.1f}",
+           f"{r['examples_per_s']:.1f}",
+           f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-",
+           f"{r['xla_gflop_per_step']:.2f}", f"{r['analytic_gflop_per_step']:.2f}",
+           f"{r['achieved_gflop_per_s']:.1f}", f"{r['fraction_of_ceiling']:.1%}"]
+          for r in result["results"]]
+  return "\n".join([
+      "# Train-step throughput against the matmul ceiling", "",
+      harness.describe(result["environment"]), "",
+      "```", result["command"], "```", "",
+      f"Size `{result['size']}`, {result['rounds']} interleaved rounds of "
+      f"{result['steps_per_round']} step(s); matmul ceiling "
+      f"{result['matmul_ceiling_gflop_per_s']:.1f} GFLOP/s (best before and after). "
+      f"{result['notes']}",
+      "",
+      harness.table(["variant", "params", "step ms", "ex/s", "tok/s", "GFLOP/step",
+                     "(analytic)", "GFLOP/s", "of ceiling"], rows)])
+
+
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--out", required=True, help="JSON file to write")
+  ap.add_argument("--out", required=True, help="JSON path; a markdown table goes beside it")
   ap.add_argument("--size", default="small", choices=sorted(SIZES))
   ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
   ap.add_argument("--steps", type=int, default=3, help="steps per variant per round")
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
 
+  env = harness.environment()
   rng = np.random.default_rng(0)
-  t0 = time.time()
   variants = [Variant(f, args.size, v, rng) for f in ("vit", "lm") for v in (False, True)]
   for v in variants:  # warm-up (first calls, allocator)
     v.run(1)
   ceiling_before = matmul_ceiling()
-  for _ in range(args.rounds):  # interleaved: load changes hit every variant alike
-    for v in variants:
-      v.times.append(v.run(args.steps))
+  times = harness.interleaved({v.name: lambda v=v: v.run(args.steps) for v in variants},
+                              args.rounds)
   ceiling_after = matmul_ceiling()
   ceiling = max(max(ceiling_before.values()), max(ceiling_after.values()))
 
   rows = []
   for v in variants:
-    t = statistics.median(v.times)
+    t = statistics.median(times[v.name])
     achieved = v.xla_flops / t / 1e9
     rows.append({
         "variant": v.name, "params": v.params_total, "batch": v.examples,
-        "step_s_median": t, "step_s_all": v.times,
+        "step_s_median": t, "step_s_all": times[v.name],
         "examples_per_s": v.examples / t,
         "tokens_per_s": v.tokens / t if v.family == "lm" else None,
         "xla_gflop_per_step": v.xla_flops / 1e9, "analytic_gflop_per_step": v.analytic_flops / 1e9,
         "achieved_gflop_per_s": achieved, "fraction_of_ceiling": achieved / ceiling,
         "compile_s": v.compile_s, "model": v.config.model.to_dict(),
     })
-  report = {
+  result = {
+      "environment": harness.finish(env), "command": harness.command("benchmarks.train", argv),
       "size": args.size, "rounds": args.rounds, "steps_per_round": args.steps,
       "matmul_ceiling_gflop_per_s": ceiling,
       "matmul_ceiling_detail": {"before": ceiling_before, "after": ceiling_after},
       "results": rows,
-      "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                  "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-                  "load_avg": os.getloadavg()},
-      "versions": {"jax": jax.__version__, "python": platform.python_version()},
-      "wall_s": time.time() - t0,
-      "notes": "synthetic batches; dropout 0; float32; the real train step (AdamW, clipping, "
+      "notes": "Synthetic batches; dropout 0; float32; the real train step (AdamW, clipping, "
                "metrics, donation). FLOPs from XLA cost analysis of the unrolled twin.",
   }
-  Path(args.out).write_text(json.dumps(report, indent=2, default=str))
-  print(f"matmul ceiling: {ceiling:.1f} GFLOP/s  (before {ceiling_before}, after {ceiling_after})")
-  print(f"{'variant':<12} {'params':>10} {'step ms':>9} {'ex/s':>9} {'tok/s':>9} "
-        f"{'GFLOP/step':>11} {'(analytic)':>10} {'GFLOP/s':>8} {'of ceiling':>10}")
-  for r in rows:
-    tok = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
-    print(f"{r['variant']:<12} {r['params']:>10,} {r['step_s_median'] * 1e3:>9.1f} "
-          f"{r['examples_per_s']:>9.1f} {tok:>9} {r['xla_gflop_per_step']:>11.2f} "
-          f"{r['analytic_gflop_per_step']:>10.2f} {r['achieved_gflop_per_s']:>8.1f} "
-          f"{r['fraction_of_ceiling']:>10.1%}")
-  print(f"wrote {args.out}")
+  text = markdown(result)
+  print(text)
+  harness.write(args.out, result, text)
 
 
 if __name__ == "__main__":

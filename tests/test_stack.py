@@ -10,6 +10,7 @@ import pytest
 from flax import traverse_util
 
 import chain_reference as ref
+from benchmarks.core import count_eqns, hlo_ops
 from chain_reference import ToyBlock
 from vlora_jax import stack
 from vlora_jax.spec import VLoRASpec
@@ -140,19 +141,6 @@ def test_block_factory_and_dropout_rngs():
   np.testing.assert_array_equal(model.apply(v, x), model.apply(v, x))
 
 
-def _count_eqns(jaxpr) -> int:
-  """Equations of a jaxpr, counting those inside scan/cond/remat bodies once each."""
-  n = 0
-  for eqn in jaxpr.eqns:
-    n += 1
-    for p in eqn.params.values():
-      for sub in p if isinstance(p, (tuple, list)) else (p,):
-        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-        if hasattr(sub, "eqns"):
-          n += _count_eqns(sub)
-  return n
-
-
 @pytest.mark.parametrize("spec", [None, VLoRASpec(compound_size=4)], ids=["dense", "vlora"])
 def test_program_size_does_not_grow_with_depth(spec):
   """The lowered train step of a 48-layer stack is no larger than that of a 12-layer stack."""
@@ -164,9 +152,7 @@ def test_program_size_does_not_grow_with_depth(spec):
     x = jnp.zeros((2, 8, 8, 3))
     params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), x)))["params"]
     grad = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x)))
-    eqns = _count_eqns(jax.make_jaxpr(grad)(params).jaxpr)
-    hlo_ops = jax.jit(grad).lower(params).as_text().count(" = ")
-    return eqns, hlo_ops
+    return count_eqns(jax.make_jaxpr(grad)(params).jaxpr), hlo_ops(jax.jit(grad).lower(params))
 
   (e12, h12), (e48, h48) = sizes(12), sizes(48)
   assert e48 <= e12, (e12, e48)
