@@ -116,7 +116,7 @@ def markdown(agg: list[dict], tgt: list[dict]) -> str:
             "on), in the test metric's unit: where VLoRA trails dense on both, it fits its "
             "training data less (capacity, optimisation); where only on test, it generalises less.",
             "", "Train times come from runs made over several sessions on a shared 2-core machine, "
-            "some before a faster train step (the flat dots of experiments/results/perf_notes.md): "
+            "some before a faster train step (the flat dots of benchmarks/results/perf_notes.md): "
             "read them as rough costs, not as a speed comparison.",
             "", "What each data set trains (configs/sweeps.py):", ""]
   for ds in dict.fromkeys(a["dataset"] for a in agg):
