@@ -8,8 +8,14 @@
 Each point trains in ``<root>/<sweep>/<point id>`` through the library (``train_and_evaluate``, the
 same code as ``python -m vlora_jax.main``); a point whose ``summary.json`` reached the last step is
 skipped, so a killed sweep picks up where it stopped. ``<root>/<sweep>/results.json`` gets one row
-per finished point: its tags, the metric, parameter counts and times. A point that fails is
-recorded with its error and the sweep goes on.
+per finished point: its tags, the metric, parameter counts and times, the code revision that
+trained it and the hash of its config. A point that fails is recorded with its error and the sweep
+goes on.
+
+A finished point is reused only for the config it ran: its workdir keeps ``point.json`` (the
+revision and the config hash; for older runs the config stored in the checkpoint is compared). A
+point whose declared config changed since is refused, in ``run`` and in ``collect``, with the
+workdir to move away: its figures belong to another experiment.
 
 Runs in-process: one Python start-up and import for the sweep (~5 s a run saved on CPU), while
 every point still compiles its own program as a separate launch would.
@@ -19,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import json
+import subprocess
 import time
 import traceback
 from pathlib import Path
@@ -31,14 +39,60 @@ ROOT = Path(__file__).resolve().parent.parent
 KEEP = ("step", "eval/accuracy", "eval/loss", "train/accuracy", "train/loss", "params_total",
         "params_trainable", "params_dense_equivalent", "params_groups", "train_time_s",
         "wall_time_s", "compile_train_step_s", "examples_per_sec", "tokens_per_sec")
+RECORD = ("revision", "config_hash")  # what trained the row (point.json)
 
 
-def _finished(workdir: Path, steps: int) -> dict | None:
+def config_hash(config) -> str:
+  """A short hash of the whole config, as its checkpoints store it (JSON, sorted keys)."""
+  text = json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def code_revision() -> str:
+  """The git commit of the checkout (``-dirty`` with uncommitted changes), or 'unknown'."""
+  try:
+    rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           check=True, capture_output=True, text=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+  return rev + ("-dirty" if dirty else "")
+
+
+class StalePoint(ValueError):
+  """A finished point whose config is not the one declared now."""
+
+
+def _recorded_hash(workdir: Path) -> str | None:
+  """The config hash a finished point ran with: its ``point.json``, else its checkpoint's."""
+  record = workdir / "point.json"
+  if record.exists():
+    return json.loads(record.read_text())["config_hash"]
+  try:
+    from vlora_jax.train import checkpoint
+    saved = checkpoint.read_meta(str(workdir))["config"]
+  except (OSError, ValueError, KeyError):
+    return None
+  return hashlib.sha256(json.dumps(saved, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _finished(workdir: Path, config) -> dict | None:
+  """The summary of a point that ran to the end with ``config``; None if it did not finish.
+
+  Raises `StalePoint` if it finished with another config.
+  """
   f = workdir / "summary.json"
   if not f.exists():
     return None
   s = json.loads(f.read_text())
-  return s if s.get("step") == steps else None
+  if s.get("step") != config.num_train_steps:
+    return None
+  if _recorded_hash(workdir) != config_hash(config):
+    raise StalePoint(f"{workdir}: finished with a config other than the one declared now; move "
+                     "the workdir away to rerun the point")
+  record = workdir / "point.json"
+  return {**s, **(json.loads(record.read_text()) if record.exists() else {})}
 
 
 def _config(point: dict, extra: dict | None):
@@ -65,12 +119,18 @@ def run(name: str, root: Path, extra: dict | None = None, only: str | None = Non
   for i, p in enumerate(points):
     wd = root / name / p["id"]
     config = _config(p, extra)
-    if _finished(wd, config.num_train_steps):
+    try:
+      if _finished(wd, config):
+        continue
+    except StalePoint as e:
+      log(f"[{i + 1}/{len(points)}] {p['id']}: SKIPPED: {e}")
       continue
     log(f"[{i + 1}/{len(points)}] {p['id']}")
     t0 = time.time()
     try:
       train_and_evaluate(config, wd)
+      (wd / "point.json").write_text(json.dumps(
+          {"revision": code_revision(), "config_hash": config_hash(config)}, indent=1))
     except Exception as e:  # noqa: BLE001 -- record it, keep sweeping
       (wd / "error.txt").parent.mkdir(parents=True, exist_ok=True)
       (wd / "error.txt").write_text(traceback.format_exc())
@@ -83,10 +143,14 @@ def collect(name: str, root: Path, extra: dict | None = None) -> list[dict]:
   rows = []
   for p in sweeps.get(name):
     wd = root / name / p["id"]
-    s = _finished(wd, _config(p, extra).num_train_steps)
+    try:
+      s = _finished(wd, _config(p, extra))
+    except StalePoint as e:
+      print(f"left out: {e}", flush=True)
+      continue
     if s is None:
       continue
-    rows.append({"id": p["id"], **p["tags"], **{k: s.get(k) for k in KEEP}})
+    rows.append({"id": p["id"], **p["tags"], **{k: s.get(k) for k in KEEP + RECORD}})
   out = root / name / "results.json"
   if not rows and out.exists():  # e.g. collected without the --override the runs used
     print(f"{name}: no finished point found; {out} left as it was", flush=True)

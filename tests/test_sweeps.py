@@ -44,3 +44,28 @@ def test_factor_lr_multiplies_the_low_rank_factors_only():
   assert boosted and all("/inc_a/" in x or "/inc_b/" in x for x in boosted)
   assert len(boosted) == sum("/inc_" in x and "/inc_vec/" not in x for x in optim.paths(labels))
   assert p["id"] == "digits/cumulative_r2_s4_flr4/seed0" and p["tags"]["factor_lr"] == 4.0
+
+
+def test_a_finished_point_is_reused_only_for_its_own_config(tmp_path, monkeypatch):
+  tiny = {"model.dim": 16, "model.depth": 2, "model.num_heads": 2,
+          "model.vlora.compound_size": 2, "model.vlora.rank": 2, "batch_size": 16,
+          "eval_batch_size": 32, "data.eval_examples": 32, "num_train_steps": 2,
+          "eval_every_steps": 0, "checkpoint.keep_best": 0, "progress": False,
+          "tensorboard": False}
+  point = {"id": "toy/cumulative/seed0", "config": "configs/vit_digits.py", "overrides": tiny,
+           "tags": {"dataset": "toy", "variant": "cumulative", "seed": 0}}
+  monkeypatch.setattr(sweeps, "get", lambda name: [point])
+  logged = []
+  rows = sweep.run("toy", tmp_path, log=logged.append)
+  assert len(rows) == 1 and rows[0]["step"] == 2
+  assert rows[0]["config_hash"] == sweep.config_hash(sweep._config(point, None))  # pylint: disable=protected-access
+  assert rows[0]["revision"] and rows[0]["revision"] != "unknown"
+  assert sweep.run("toy", tmp_path, log=logged.append) == rows  # reused: nothing trains again
+  assert logged == ["[1/1] toy/cumulative/seed0"]
+  (tmp_path / "toy" / point["id"] / "point.json").unlink()  # a run from before the record:
+  assert [r["step"] for r in sweep.collect("toy", tmp_path)] == [2]  # its checkpoint's config
+
+  point["overrides"] = {**tiny, "optim.lr": 0.5}  # the declaration changed: the row is refused
+  assert sweep.collect("toy", tmp_path) == []
+  sweep.run("toy", tmp_path, log=logged.append)
+  assert "SKIPPED" in logged[-1] and "move the workdir away" in logged[-1]
