@@ -5,7 +5,7 @@ over its mmap threshold (the activations of a ViT step: tens to hundreds of MB e
 mmap and gives them back with munmap, and trims the top of its heap once more than
 ``trim_threshold`` bytes are free there, so EVERY step page-faults all of its memory in again: for
 the CIFAR config (D 192, 12 layers, batch 128) ~600k minor faults = 2.4 GB per train step, 20-30%
-of the step's CPU time (experiments/perf_gap.py). PyTorch does not pay this: its tensors are
+of the step's CPU time (benchmarks/results/perf_gap.md). PyTorch does not pay this: its tensors are
 allocated one op at a time, mostly under the threshold.
 
 The fix keeps freed memory in the process: no mmap for big blocks, one arena (XLA's worker threads

@@ -28,7 +28,7 @@ def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
   XLA:CPU canonicalises that dot with a transposed copy of the activation gradient (or of ``x``)
   before it, one per weight per layer. Flattening first leaves a plain 2-D dot that reads both in
   place: the MLP block's train step 0.71x on the CIFAR config's shapes (see
-  experiments/results/perf_notes.md). The reshapes are free (row-major bitcasts), and merging a
+  benchmarks/results/perf_notes.md). The reshapes are free (row-major bitcasts), and merging a
   batch-sharded leading dim keeps its sharding. Other dimension numbers, or extra keyword
   arguments (e.g. ``out_sharding``, which names the 3-D output), go to ``lax.dot_general`` as is.
   """
