@@ -1,12 +1,16 @@
 """The main benchmark: VLoRA against dense (and the official PyTorch code), as ratios with targets.
 
-Everything is measured side by side in ONE process, so that every number is read against its
+Everything is measured side by side in ONE run, so that every number is read against its
 neighbour (on a shared, noisy machine, never compare numbers from different runs):
 
   1. train step, VLoRA / dense at equal architecture: the real step of
-     `vlora_jax.train.trainer.make_train_step` (AdamW, clipping, metrics, donation), built by
+     `vlora_jax.train.steps.make_train_step` (AdamW, clipping, metrics, donation), built by
      `benchmarks.train.Variant`; and the VLoRA step with the layer stack unrolled
-     (``model.scan=False``) / scanned (timed only: no memory, FLOP or checkpoint entries);
+     (``model.scan=False``) / scanned (timed only: no memory, FLOP or checkpoint entries). Each
+     step is timed in a resident process of its own (`benchmarks.profile`'s worker), as a
+     training run has it: in one process the programs share one allocator heap and XLA's thread
+     pools, which no run does, and VLoRA / dense read 1-2% higher there (`--train-in-process`
+     times them in this process, for comparison);
   2. inference (the eval step: forward + loss sums), VLoRA / dense, with the VLoRA weights
      materialised on the fly and with merged weights (`stack.merge` into `params.dense_twin`);
      the merged twin and dense must compile to one program (the same optimised HLO);
@@ -403,6 +407,8 @@ def parse_args(argv=None):
   ap.add_argument("--torch-python", default=torch_ref.DEFAULT_PYTHON,
                   help="python of the venv with torch, timm and the official vlora")
   ap.add_argument("--no-torch", action="store_true", help="skip the official PyTorch step")
+  ap.add_argument("--train-in-process", action="store_true",
+                  help="time our train steps in this process, not one process each")
   ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                   help="a dotted config key for every variant, e.g. model.remat=dots")
   args = ap.parse_args(argv)
@@ -424,10 +430,30 @@ def size_overrides(args) -> dict[str, Any]:
   return over
 
 
+# Our train steps by their `benchmarks.profile` variant names.
+TRAIN_WORKERS = {"dense": "dense", "vlora": "scan", "vlora_unrolled": "unrolled"}
+
+
+def start_train_workers(overrides: dict) -> dict[str, harness.Worker]:
+  """Each of our train steps compiled in a resident process of its own (one at a time: the
+  compiles do not compete)."""
+  from benchmarks import profile  # pylint: disable=import-outside-toplevel
+  return {s: profile.start_worker(name, overrides, {}, harness.ROOT)
+          for s, name in TRAIN_WORKERS.items()}
+
+
 def make_timers(args, variants, inference, worker) -> dict[str, Callable[[], float]]:
-  """Seconds per train step / eval call of everything compared, one callable each."""
-  timers: dict[str, Callable[[], float]] = {
-      f"train/{s}": (lambda v=v: v.run(args.train_steps)) for s, v in variants.items()}
+  """Seconds per train step / eval call of everything compared, one callable each.
+
+  ``variants``: `Variant`s (timed here) or `harness.Worker`s (one request = one step).
+  """
+  def train_timer(v):
+    if isinstance(v, harness.Worker):
+      return lambda: statistics.mean(v.request()["s"] for _ in range(args.train_steps))
+    return lambda: v.run(args.train_steps)
+
+  timers: dict[str, Callable[[], float]] = {f"train/{s}": train_timer(v)
+                                            for s, v in variants.items()}
   if worker:
     timers["train/official"] = lambda: worker.request(train=args.train_steps)["s_per_step"]
   batch = inference["batch"]
@@ -454,17 +480,22 @@ def main(argv=None):
     cfg = variants["vlora"].config
     worker, torch_skipped = start_torch(args, cfg)
     inference = build_inference(variants["dense"], variants["vlora"])
-    timers = make_timers(args, {**variants, "vlora_unrolled": unrolled}, inference, worker)
-    for v in (*variants.values(), unrolled):  # warm-up: first calls, allocator
-      v.run(1)
+    if args.train_in_process:
+      trained = {**variants, "vlora_unrolled": unrolled}
+      for v in trained.values():  # warm-up: first calls, allocator
+        v.run(1)
+    else:
+      trained = start_train_workers(overrides)  # each warmed up by its worker
+    timers = make_timers(args, trained, inference, worker)
 
   with phase(f"timing: {args.rounds} interleaved rounds, matmul ceiling before and after",
              phases):
     ceiling_before = train.matmul_ceiling(args.ceiling_repeats)
     times = harness.interleaved(timers, args.rounds)
     ceiling_after = train.matmul_ceiling(args.ceiling_repeats)
-    if worker:
-      worker.close()
+    for w in [worker, *trained.values()]:
+      if isinstance(w, harness.Worker):
+        w.close()
 
   with phase("checkpoints", phases):
     workdir = Path(tempfile.mkdtemp(prefix="vlora_bench_ckpt_"))
@@ -482,6 +513,8 @@ def main(argv=None):
       "config": {"size": args.size, "quick": args.quick, "overrides": overrides,
                  "depth": cfg.model.depth, "rounds": args.rounds,
                  "train_steps": args.train_steps, "eval_calls": args.eval_calls,
+                 "train_timed_in": "this process" if args.train_in_process
+                                   else "a process each",
                  "compile_reps": args.compile_reps, "peak_tflops": args.peak_tflops,
                  "model": cfg.model.to_dict()},
       "times_s": times,
