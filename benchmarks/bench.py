@@ -401,6 +401,8 @@ def parse_args(argv=None):
                   help="cifar: the official CIFAR config (default); small: a fast smoke run; "
                   "vit_b16: ViT-B/16 at 224 in bfloat16, for an accelerator")
   ap.add_argument("--quick", action="store_true", help="few rounds and repetitions")
+  ap.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default: "
+                  f"{ROUNDS[0]}, {ROUNDS[1]} with --quick)")
   ap.add_argument("--batch", type=int, default=None, help="overrides the size's batch")
   ap.add_argument("--peak-tflops", type=float, default=None,
                   help="the device's peak TFLOP/s at the model's dtype: adds MFU")
@@ -413,7 +415,7 @@ def parse_args(argv=None):
                   help="a dotted config key for every variant, e.g. model.remat=dots")
   args = ap.parse_args(argv)
   q = int(args.quick)
-  args.rounds, args.compile_reps = ROUNDS[q], COMPILE_REPS[q]
+  args.rounds, args.compile_reps = args.rounds or ROUNDS[q], COMPILE_REPS[q]
   args.ceiling_repeats = CEILING_REPEATS[q]
   depths = COMPILE_DEPTHS[args.size]
   args.compile_depths = (depths[0], depths[-1]) if args.quick else depths  # the ratio's two ends
