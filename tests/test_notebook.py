@@ -115,7 +115,6 @@ DENSE = True
 SEED = 0
 WORKDIR = {workdir!r}
 OUT_DIR = {out_dir!r}
-REPO = {repo!r}
 """
 
 
@@ -131,8 +130,7 @@ def test_ablations_notebook_runs_at_reduced_size(tmp_path):
   assert len(cells) == 1, "the notebook needs exactly one cell tagged 'parameters'"
   names = {line.split("=")[0].strip() for line in cells[0].source.splitlines()
            if "=" in line and not line.startswith("#")}
-  reduced = REDUCED.format(workdir=str(tmp_path / "runs"), out_dir=str(tmp_path / "plots"),
-                           repo=str(ROOT))
+  reduced = REDUCED.format(workdir=str(tmp_path / "runs"), out_dir=str(tmp_path / "plots"))
   assert names == {line.split("=")[0].strip() for line in reduced.splitlines()}, (
       "the parameters cell and the reduced one name different parameters")
   cells[0].source = reduced
