@@ -47,7 +47,8 @@ TAGS = ("dataset", "variant", "rank", "s", "depth")
 _NOT_EXTRA = frozenset({
     "id", "seed", "metric", "error", "step", "params_total", "params_trainable",
     "params_dense_equivalent", "params_groups", "train_time_s", "wall_time_s",
-    "compile_train_step_s", "examples_per_sec", "tokens_per_sec"})
+    "compile_train_step_s", "examples_per_sec", "tokens_per_sec",
+    "revision", "config_hash"})  # what trained a row (experiments/sweep.py), not what it varies
 
 _COLOURS = {"dense": "black", "anchored": "C0", "cumulative": "C1", "tied": "C2"}
 _MARKERS = {"dense": "*", "anchored": "o", "cumulative": "s", "tied": "^"}
