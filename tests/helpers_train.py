@@ -77,7 +77,8 @@ def run_py(code: str, *, devices: int = 1, env: dict | None = None, timeout: int
   """
   e = dict(os.environ)
   e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+  # the code imports these helpers as the tests do
+  e["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT), e.get("PYTHONPATH", "")])
   e["JAX_PLATFORMS"] = "cpu"
   e.update(env or {})
   args = [sys.executable, "-c", code]

@@ -58,8 +58,7 @@ def test_resume_equals_straight_run_and_ignores_unfinished_saves(straight, tmp_p
 
 
 EIGHT = textwrap.dedent("""
-    import json, shutil, sys
-    sys.path.insert(0, "tests")
+    import json, shutil
     import jax
     from helpers_train import tiny
     from vlora_jax.train import train_and_evaluate

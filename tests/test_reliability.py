@@ -125,8 +125,7 @@ def test_an_unwritable_workdir_fails_at_start(where, tmp_path):
 
 
 FULL_DISK = textwrap.dedent("""
-    import json, resource, signal, sys
-    sys.path.insert(0, "tests")
+    import json, resource, signal
     from helpers_train import tiny
     from vlora_jax import errors
     from vlora_jax.train import train_and_evaluate

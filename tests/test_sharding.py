@@ -28,8 +28,7 @@ def _max_diff(a, b) -> float:
 
 
 EIGHT = textwrap.dedent("""
-    import json, sys
-    sys.path.insert(0, "tests")
+    import json
     import jax
     from jax.sharding import PartitionSpec as P
     import flax.linen as nn
@@ -90,8 +89,7 @@ def test_mesh_shape_and_spec_rules():
 
 
 TWO_PROCESSES = textwrap.dedent("""
-    import json, os, sys
-    sys.path.insert(0, "tests")
+    import json, os
     from helpers_train import tiny
     from vlora_jax.train import train_and_evaluate
     import jax
