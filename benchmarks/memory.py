@@ -93,11 +93,9 @@ def _config(size: dict, variant: str, extra: dict | None = None):
 
 
 def _abstract_batch(c) -> dict:
-  b, m = c.batch_size, c.model
-  if m.name == "vit":
-    return {"image": jax.ShapeDtypeStruct((b, m.img_size, m.img_size, m.in_chans), jnp.float32),
-            "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
-  return {"tokens": jax.ShapeDtypeStruct((b, m.max_len + 1), jnp.int32)}
+  example = models.family(c.model.name).example_batch(c.model, c.batch_size,
+                                                      np.random.default_rng(0))
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), example)
 
 
 def config_step(size: dict, variant: str, extra: dict | None = None):

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlora_jax import models
+from vlora_jax.models.family import TokenFamily
 from vlora_jax.train import load_config, optim, state as state_lib
 from vlora_jax.train.trainer import make_train_step
 
@@ -66,24 +67,15 @@ def _config(family: str, size: str | dict, vlora: bool, scan: bool = True, overr
   return load_config(str(harness.ROOT / CONFIGS[family]), **over)
 
 
-def _batch(family: str, c, rng: np.random.Generator) -> dict:
-  b = c.batch_size
-  if family == "vit":
-    m = c.model
-    return {"image": jnp.asarray(rng.normal(size=(b, m.img_size, m.img_size, m.in_chans)),
-                                 jnp.float32),
-            "label": jnp.asarray(rng.integers(0, m.num_classes, b), jnp.int32)}
-  return {"tokens": jnp.asarray(rng.integers(0, c.model.vocab_size, (b, c.model.max_len + 1)),
-                                jnp.int32)}
+def _batch(c, rng: np.random.Generator) -> dict:
+  fam = models.family(c.model.name)
+  return jax.tree.map(jnp.asarray, fam.example_batch(c.model, c.batch_size, rng))
 
 
-def analytic_flops(family: str, c, matmul_params: int) -> float:
+def analytic_flops(c, matmul_params: int) -> float:
   """6 x (matmul weights) x tokens + attention scores and values (fwd 4*T^2*D per layer, x3)."""
   m = c.model
-  if family == "vit":
-    t = (m.img_size // m.patch_size) ** 2 + 1
-  else:
-    t = m.max_len
+  t = models.family(m.name).sequence_length(m)
   tokens = c.batch_size * t
   attn = 3 * 4 * c.batch_size * t * t * m.dim * m.depth
   return 6.0 * matmul_params * tokens + attn
@@ -118,7 +110,7 @@ class Variant:
     opt = optim.build(c.optim, params, 1000)
     rng_data = jax.random.key_data(jax.random.key(1))
     self.state = state_lib.create(params, opt.tx, rng_data)
-    self.batch = _batch(family, c, rng)
+    self.batch = _batch(c, rng)
     fam = models.family(c.model.name)
     step = make_train_step(model, fam, opt, 0.0)
     t0 = time.perf_counter()
@@ -131,9 +123,11 @@ class Variant:
     dense = models.build(_config(family, size, False).model)
     dense_params = jax.eval_shape(lambda k: nn.unbox(dense.init(k, *sample, train=False))["params"],
                                   jax.random.key(0))
-    self.analytic_flops = analytic_flops(family, c, _matmul_params(dense_params))
+    self.analytic_flops = analytic_flops(c, _matmul_params(dense_params))
     self.examples = c.batch_size
-    self.tokens = c.batch_size * (c.model.max_len if family == "lm" else 1)
+    # Tokens/s where the family counts tokens (sequence models), not for classification.
+    counts_tokens = isinstance(fam, TokenFamily)
+    self.tokens = c.batch_size * fam.sequence_length(c.model) if counts_tokens else None
 
   def run(self, steps: int) -> float:
     t0 = time.perf_counter()
@@ -211,7 +205,7 @@ def main(argv=None):
         "variant": v.name, "params": v.params_total, "batch": v.examples,
         "step_s_median": t, "step_s_all": times[v.name],
         "examples_per_s": v.examples / t,
-        "tokens_per_s": v.tokens / t if v.family == "lm" else None,
+        "tokens_per_s": v.tokens / t if v.tokens else None,
         "xla_gflop_per_step": v.xla_flops / 1e9, "analytic_gflop_per_step": v.analytic_flops / 1e9,
         "achieved_gflop_per_s": achieved, "fraction_of_ceiling": achieved / ceiling,
         "compile_s": v.compile_s, "model": v.config.model.to_dict(),

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from vlora_jax import errors
@@ -78,6 +79,15 @@ class Family:
 
   def sample_inputs(self, mcfg, batch: int = 2) -> tuple[jax.ShapeDtypeStruct, ...]:
     """Shapes of the positional inputs of ``model.apply`` / ``init`` for a batch."""
+    raise NotImplementedError
+
+  def example_batch(self, mcfg, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A synthetic training batch: the keys, shapes, dtypes and value ranges the data feeds (for
+    benchmarks and tests)."""
+    raise NotImplementedError
+
+  def sequence_length(self, mcfg) -> int:
+    """Tokens per example that the layer stack processes (for FLOP estimates)."""
     raise NotImplementedError
 
   def stack_specs(self, model: nn.Module) -> dict[str, tuple[VLoRASpec | None, LoRASpec | None]]:

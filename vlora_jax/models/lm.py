@@ -11,6 +11,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vlora_jax import layers
 from vlora_jax import lora as lora_lib
@@ -141,6 +142,12 @@ class LMFamily(family.TokenFamily):
   def targets(self, batch, example_weight):
     targets = batch["tokens"][:, 1:]
     return targets, jnp.broadcast_to(example_weight[:, None], targets.shape)
+
+  def example_batch(self, mcfg, batch: int, rng):
+    return {"tokens": rng.integers(0, mcfg.vocab_size, (batch, mcfg.max_len + 1)).astype(np.int32)}
+
+  def sequence_length(self, mcfg) -> int:
+    return mcfg.max_len
 
   def finalize(self, sums: dict, prefix: str) -> dict[str, float]:
     out = super().finalize(sums, prefix)

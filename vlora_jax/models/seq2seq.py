@@ -22,6 +22,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vlora_jax import layers
 from vlora_jax import lora as lora_lib
@@ -210,6 +211,13 @@ class Seq2SeqFamily(family.TokenFamily):
   def targets(self, batch, example_weight):
     targets = batch["tgt_out"]
     return targets, (targets != PAD_ID).astype(jnp.float32) * example_weight[:, None]
+
+  def example_batch(self, mcfg, batch: int, rng):
+    draw = lambda: rng.integers(1, mcfg.vocab_size, (batch, mcfg.max_len)).astype(np.int32)
+    return {"src": draw(), "tgt_in": draw(), "tgt_out": draw()}
+
+  def sequence_length(self, mcfg) -> int:
+    return mcfg.max_len
 
   def extra_sums(self, hit, weight, example_weight):
     seq_ok = jnp.all((hit > 0) | (weight == 0), axis=-1).astype(jnp.float32)

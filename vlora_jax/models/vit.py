@@ -10,6 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vlora_jax import layers
 from vlora_jax import lora as lora_lib
@@ -127,6 +128,14 @@ class ViTFamily(family.Family):
 
   def targets(self, batch, example_weight):
     return batch["label"], example_weight
+
+  def example_batch(self, mcfg, batch: int, rng):
+    shape = (batch, mcfg.img_size, mcfg.img_size, mcfg.in_chans)
+    return {"image": rng.normal(size=shape).astype(np.float32),
+            "label": rng.integers(0, mcfg.num_classes, batch).astype(np.int32)}
+
+  def sequence_length(self, mcfg) -> int:
+    return (mcfg.img_size // mcfg.patch_size) ** 2 + int(mcfg.get("class_token", True))
 
   def check_data(self, mcfg, info: dict) -> None:
     h, w, c = info["image_shape"]

@@ -1,0 +1,43 @@
+"""Every registered model family keeps its parts consistent: inputs, example batch, task."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers_train import ROOT, tiny
+from vlora_jax import models
+from vlora_jax.models.family import TokenFamily
+from vlora_jax.train import load_config
+
+TINY = {"model.dim": 16, "model.depth": 2, "model.num_heads": 2, "model.vlora.compound_size": 2,
+        "model.vlora.rank": 2}
+
+
+def _config(name):
+  if name == "vit_registers":
+    return load_config(str(ROOT / "configs/vit_registers_digits.py"), **TINY)
+  return tiny(name)
+
+
+@pytest.mark.parametrize("name", sorted(models.FAMILIES))
+def test_example_batch_feeds_the_model_and_the_loss(name):
+  config = _config(name)
+  fam = models.family(name)
+  assert fam.name == name and config.data.source in fam.sources
+  batch = jax.tree.map(jnp.asarray,
+                       fam.example_batch(config.model, 3, np.random.default_rng(0)))
+  inputs = fam.inputs(batch)
+  want = fam.sample_inputs(config.model, batch=3)
+  assert [(x.shape, x.dtype) for x in inputs] == [(s.shape, s.dtype) for s in want]
+  model = fam.build_from_config(config.model)
+  params = model.init(jax.random.key(0), *inputs)
+  sums = fam.sums(model.apply(params, *inputs), batch)
+  metrics = fam.finalize(jax.device_get(sums), "eval")
+  assert np.isfinite(metrics["eval/loss"]) and 0 <= metrics["eval/accuracy"] <= 1
+  assert (fam.tokens_per_example({"tokens_per_example": 7}) == 7) == isinstance(fam, TokenFamily)
+  assert fam.sequence_length(config.model) >= 1
+  assert set(fam.stack_specs(model)) and all(
+      isinstance(k, str) for k in fam.stack_specs(model))
