@@ -72,9 +72,10 @@ def vlora(enabled: bool = True, compound_size: int = 4, rank=8) -> ml_collection
   # Not type-safe: rank and alpha take one number or one per target, e.g. rank=(8, 8, 4, 4).
   v = ml_collections.ConfigDict(type_safe=False)
   v.enabled = enabled          # False: the dense model (same architecture, full weights per layer)
-  spec = VLoRASpec.official(compound_size=compound_size, rank=rank)
+  spec = VLoRASpec.official()  # the defaults only: validate.check judges the values set here
   for field in dataclasses.fields(VLoRASpec):
     v[field.name] = getattr(spec, field.name)
+  v.compound_size, v.rank = compound_size, rank
   return v
 
 

@@ -42,10 +42,19 @@ KEEP = ("step", "eval/accuracy", "eval/loss", "train/accuracy", "train/loss", "p
 RECORD = ("revision", "config_hash")  # what trained the row (point.json)
 
 
+# Where the data lives is not what a run computes: a moved checkout or $VLORA_DATA keeps the hash.
+_LOCATIONS = ("path", "dir", "data_dir")
+
+
+def _hash_json(cfg: dict) -> str:
+  cfg = dict(cfg, data={k: v for k, v in cfg.get("data", {}).items() if k not in _LOCATIONS})
+  return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def config_hash(config) -> str:
-  """A short hash of the whole config, as its checkpoints store it (JSON, sorted keys)."""
-  text = json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True)
-  return hashlib.sha256(text.encode()).hexdigest()[:16]
+  """A short hash of the config, as its checkpoints store it (JSON, sorted keys), without the
+  data's location."""
+  return _hash_json(json.loads(config.to_json_best_effort()))
 
 
 def code_revision() -> str:
@@ -74,7 +83,7 @@ def _recorded_hash(workdir: Path) -> str | None:
     saved = checkpoint.read_meta(str(workdir))["config"]
   except (OSError, ValueError, KeyError):
     return None
-  return hashlib.sha256(json.dumps(saved, sort_keys=True).encode()).hexdigest()[:16]
+  return _hash_json(saved)
 
 
 def _finished(workdir: Path, config) -> dict | None:
@@ -116,12 +125,17 @@ def run(name: str, root: Path, extra: dict | None = None, only: str | None = Non
   from vlora_jax.train import metrics, train_and_evaluate
   metrics.quiet_libraries()
   points = [p for p in sweeps.get(name) if only is None or only in p["id"]]
+  revision = code_revision()  # the code this sweep runs, whatever is committed meanwhile
   for i, p in enumerate(points):
     wd = root / name / p["id"]
     config = _config(p, extra)
     try:
       if _finished(wd, config):
         continue
+      # A point that started under another config must not resume under this one.
+      if (wd / "checkpoints").exists() and _recorded_hash(wd) not in (None, config_hash(config)):
+        raise StalePoint(f"{wd}: started with a config other than the one declared now; move the "
+                         "workdir away to rerun the point")
     except StalePoint as e:
       log(f"[{i + 1}/{len(points)}] {p['id']}: SKIPPED: {e}")
       continue
@@ -130,7 +144,7 @@ def run(name: str, root: Path, extra: dict | None = None, only: str | None = Non
     try:
       train_and_evaluate(config, wd)
       (wd / "point.json").write_text(json.dumps(
-          {"revision": code_revision(), "config_hash": config_hash(config)}, indent=1))
+          {"revision": revision, "config_hash": config_hash(config)}, indent=1))
     except Exception as e:  # noqa: BLE001 -- record it, keep sweeping
       (wd / "error.txt").parent.mkdir(parents=True, exist_ok=True)
       (wd / "error.txt").write_text(traceback.format_exc())

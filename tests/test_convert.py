@@ -185,7 +185,7 @@ def test_gradients_equal_the_official_code(name):
   """Anchored + stop-gradient is the official code in its gradients too, not only its outputs.
 
   The official gradients of sum(g * logits), mapped into our layout by the same importer as the
-  weights (the map is linear), against ours: W_0 gets gradient only through layer 0 of its
+  weights (it only transposes, reshapes and stacks, so gradients map as the weights do), against ours: W_0 gets gradient only through layer 0 of its
   compound on both sides.
   """
   import jax.numpy as jnp

@@ -69,3 +69,6 @@ def test_a_finished_point_is_reused_only_for_its_own_config(tmp_path, monkeypatc
   assert sweep.collect("toy", tmp_path) == []
   sweep.run("toy", tmp_path, log=logged.append)
   assert "SKIPPED" in logged[-1] and "move the workdir away" in logged[-1]
+  point["overrides"] = {**tiny, "num_train_steps": 3}  # longer now: not finished, but started
+  sweep.run("toy", tmp_path, log=logged.append)      # under another config: not resumed
+  assert "SKIPPED" in logged[-1] and "started with a config other" in logged[-1]

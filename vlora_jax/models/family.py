@@ -13,7 +13,7 @@ The loss and metric statistics are sums, so that eval can add them over batches 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -156,7 +156,3 @@ class TokenFamily(Family):
   def tokens_per_example(self, info: dict) -> int | None:
     return info["tokens_per_example"]
 
-
-def describe(families: dict[str, Family]) -> dict[str, Any]:
-  """``{name: sources}``: for error messages and the docs."""
-  return {n: list(f.sources) for n, f in sorted(families.items())}

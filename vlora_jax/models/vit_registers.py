@@ -75,6 +75,9 @@ class ViTRegistersFamily(vit.ViTFamily):
         remat=mcfg.get("remat", "none"), dtype=family.dtype(mcfg.get("dtype", "float32")),
         lora=lora, num_registers=mcfg.get("num_registers", 4))
 
+  def sequence_length(self, mcfg) -> int:
+    return super().sequence_length(mcfg) + mcfg.get("num_registers", 4)
+
   def check_config(self, mcfg) -> None:
     n = mcfg.get("num_registers", 4)
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
