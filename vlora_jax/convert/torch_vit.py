@@ -18,7 +18,8 @@ copies must equal the base (they are one shared tensor in torch) and are dropped
 ``vl_enabled=False`` the official model still stores A and B; they are unused there, and dropped.
 
 Every problem with the checkpoint (missing, extra and wrong-shape keys, W_0 copies that differ) is
-collected and raised as ONE `ValueError` that lists them all.
+collected and raised as ONE `ValueError` that lists them all. Before that, weights that are not
+floating point (int64, bool...) or not finite are refused in ONE `WeightsError` (a `ValueError`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from vlora_jax.errors import UserError
 from vlora_jax.models.vit import ViT
 from vlora_jax.spec import VLoRASpec
 
@@ -82,15 +84,38 @@ def _to_ours(value: np.ndarray) -> np.ndarray:
   return value
 
 
+class WeightsError(UserError, ValueError):
+  """Checkpoint weights that are not finite floating-point numbers."""
+
+
 def load_state_dict(state_dict: Mapping[str, Any] | str | os.PathLike) -> dict[str, np.ndarray]:
-  """A mapping of names to arrays, or an ``.npz`` path -> ``{name: float32 numpy array}``."""
+  """A mapping of names to arrays, or an ``.npz`` path -> ``{name: float32 numpy array}``.
+
+  Raises `WeightsError`, listing every such key, for weights that are not floating point (an int or
+  bool tensor is not a weight this model has, and a cast would hide it) or not finite as float32.
+  """
   if isinstance(state_dict, (str, os.PathLike)):
     with np.load(state_dict) as f:
       state_dict = {k: f[k] for k in f.files}
   if not isinstance(state_dict, Mapping):
     raise ValueError(f"state_dict: expected a mapping of names to arrays or an .npz path, got "
                      f"{type(state_dict).__name__}")
-  return {str(k): np.asarray(v, dtype=np.float32) for k, v in state_dict.items()}
+  raw = {str(k): np.asarray(v) for k, v in state_dict.items()}
+  not_float = sorted(f"{k}: {a.dtype}" for k, a in raw.items()
+                     if not jnp.issubdtype(a.dtype, jnp.floating))
+  out = {k: a.astype(np.float32) for k, a in raw.items() if jnp.issubdtype(a.dtype, jnp.floating)}
+  not_finite = []
+  for k in sorted(out):
+    nan, inf = int(np.isnan(out[k]).sum()), int(np.isinf(out[k]).sum())
+    if nan or inf:
+      not_finite.append(f"{k}: {nan} NaN and {inf} inf of {out[k].size} values (as float32)")
+  if not_float or not_finite:
+    parts = ["torch_vit: the state_dict has weights that are not finite floating-point numbers:"]
+    for title, items in (("non-float keys", not_float), ("keys with NaN/inf", not_finite)):
+      if items:
+        parts.append(f"  {len(items)} {title}:\n" + "\n".join(f"    {i}" for i in items))
+    raise WeightsError("\n".join(parts))
+  return out
 
 
 def detect(keys) -> str:
@@ -291,6 +316,8 @@ def torch_vit(state_dict: Mapping[str, Any] | str | os.PathLike, *, dtype=jnp.fl
     ``(module, variables)``: ``module.apply(variables, images_nhwc)`` are the logits.
 
   Raises:
+    WeightsError: (a ValueError) in one error listing them all, weights that are not floating
+      point or not finite, before anything else is checked or built.
     ValueError: bad or unsupported kwargs; or, in one error listing them all, missing, unexpected
       and wrong-shape keys and official W_0 copies that differ from their base.
   """

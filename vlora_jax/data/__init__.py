@@ -4,7 +4,8 @@
 it reads, ``Family.sources``):
 
   digits   scikit-learn's bundled 8x8 digits (no download, no data dir)       -> vit
-  npz      a local .npz of images (mnist.npz, cifar10_subset.npz, cifar10_jpeg_q75.npz) -> vit
+  npz      a local .npz of images (mnist.npz, cifar10_subset.npz, cifar10_jpeg_q75.npz) -> vit;
+           pixels on the scale ``data.pixel_scale`` declares (uint8 | unit)
   tfds     ``tfds.data_source(data.tfds_name)``: images (cifar10, mnist) -> vit,
            text (tiny_shakespeare) -> lm
   text     a local UTF-8 text file, character level                           -> lm
@@ -33,7 +34,7 @@ def _image_splits(d):
   if d.source == "digits":
     return sources.digits("train"), sources.digits("test")
   if d.source == "npz":
-    return sources.npz_images(d.path, "train"), sources.npz_images(d.path, "test")
+    return sources.npz_splits(d.path, pixel_scale=d.get("pixel_scale", "uint8"))
   kw = dict(data_dir=d.get("data_dir") or None, download=d.get("download", False))
   return (sources.tfds_images(d.tfds_name, d.train_split, **kw),
           sources.tfds_images(d.tfds_name, d.eval_split, **kw))

@@ -6,12 +6,16 @@ that maps their pixels to [0, 1]; text sources are whole strings (the pipeline c
 the synthetic sequence task is generated from (seed, index).
 
 Nothing here downloads: a missing file or an unprepared TFDS dataset is a `DataError` at start
-that names the path or the dataset and says how to provide it.
+that names the path or the dataset and says how to provide it. Local files are checked where they
+are read, once: a malformed ``.npz`` (bad keys, dtypes, shapes, NaN pixels, pixels off the declared
+scale, labels out of range) or text file is a `DataError` naming file, split, field and values,
+never a NaN loss or a too-good eval later.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 from pathlib import Path
 from typing import Any, Sequence
@@ -57,8 +61,10 @@ class _Arrays:
 class _Jpegs:
   """JPEG bytes joined in one buffer with offsets (``cifar10_jpeg_q75.npz``), decoded per item."""
 
-  def __init__(self, buf: np.ndarray, offsets: np.ndarray, labels: np.ndarray):
+  def __init__(self, buf: np.ndarray, offsets: np.ndarray, labels: np.ndarray, where: str = ""):
     self.buf, self.offsets, self.labels = buf, offsets, labels.astype(np.int32)
+    self.where = where  # names the file and field in a decode error
+    self.shape = None   # every image must have the first one's shape (set by the npz source)
 
   def __len__(self):
     return len(self.labels)
@@ -66,8 +72,15 @@ class _Jpegs:
   def __getitem__(self, i):
     from PIL import Image  # only this source needs Pillow
     raw = self.buf[self.offsets[i]:self.offsets[i + 1]].tobytes()
-    return {"image": np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")),
-            "label": int(self.labels[i])}
+    try:
+      image = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+    except Exception as e:  # a bad image surfaces mid-training: name it
+      raise DataError(f"{self.where}: image {i} (bytes {self.offsets[i]}:{self.offsets[i + 1]}) "
+                      f"does not decode ({type(e).__name__}: {e})") from e
+    if self.shape is not None and image.shape != self.shape:
+      raise DataError(f"{self.where}: image {i} is {image.shape}; allowed: the first image's "
+                      f"shape {self.shape}")
+    return {"image": image, "label": int(self.labels[i])}
 
 
 def _need_file(path: str, key: str, hint: str) -> Path:
@@ -96,23 +109,168 @@ NPZ_HINT = ("Point data.path at a local copy of mnist.npz, cifar10_subset.npz or
             "e.g. --config.data.path=../shared/data/cifar10_subset.npz")
 
 
-def npz_images(path: str, split: str) -> ImageSplit:
-  """Images from a local ``.npz``: raw uint8 arrays (``x_<split>``) or JPEG bytes (``<split>_jpeg``)."""
-  p = _need_file(path, "data.path", NPZ_HINT)
-  z = np.load(p, allow_pickle=False)
-  part = "train" if split == "train" else "test"
-  if f"{part}_jpeg" in z.files:
-    records = _Jpegs(z[f"{part}_jpeg"], z[f"{part}_offsets"], z[f"y_{part}"])
-    shape = records[0]["image"].shape
-    num_classes = len(z["label_names"]) if "label_names" in z.files else int(records.labels.max()) + 1
-  elif f"x_{part}" in z.files:
-    records = _Arrays(z[f"x_{part}"], z[f"y_{part}"])
-    shape = records.images.shape[1:]
-    num_classes = len(z["label_names"]) if "label_names" in z.files else int(records.labels.max()) + 1
+PIXEL_SCALES = {"uint8": 1.0 / 255.0, "unit": 1.0}  # data.pixel_scale -> factor onto [0, 1]
+SPLITS = ("train", "test")
+
+
+class _Npz:
+  """An open ``.npz`` whose every problem is one `DataError` naming the file, split and field."""
+
+  def __init__(self, path: str):
+    self.path = path
+    p = _need_file(path, "data.path", NPZ_HINT)
+    with open(p, "rb") as f:
+      head = f.read(4)
+    if head not in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip's first bytes (\x05\x06: empty zip)
+      raise DataError(f"data.path={path!r} is not an .npz (a zip of .npy arrays): it starts with "
+                      f"{head!r}. {NPZ_HINT}")
+    try:
+      self.z = np.load(p, allow_pickle=False)
+    except Exception as e:
+      raise DataError(f"data.path={path!r} is a truncated or damaged .npz "
+                      f"({type(e).__name__}: {e}). {NPZ_HINT}") from None
+    self.keys = list(self.z.files)
+
+  def error(self, split: str | None, field: str, msg: str) -> DataError:
+    where = [f"data.path={self.path!r}"] + ([f"{split} split"] if split else []) + [field]
+    return DataError(f"{', '.join(where)}: {msg}")
+
+  def get(self, split: str | None, key: str) -> np.ndarray:
+    if key not in self.keys:
+      raise self.error(split, key, f"missing; the file has keys {self.keys}. {NPZ_HINT}")
+    try:
+      return self.z[key]
+    except Exception as e:  # numpy's own message names neither the file nor the member
+      why = ("an object array (stored with pickle), which is not loaded; allowed: numeric arrays"
+             if "allow_pickle" in str(e) else
+             f"could not be read, the file is truncated or damaged ({type(e).__name__}: {e})")
+      raise self.error(split, key, why) from None
+
+
+def _refuse(error, values: np.ndarray, bad: np.ndarray, what: str, allowed: str,
+            at: str = "index") -> None:
+  """Raises ``error`` with the count of ``bad`` entries and the first one, if there is any."""
+  if not bad.any():
+    return
+  i = int(np.argmax(bad.reshape(len(bad), -1).any(1)))
+  first = values[i][bad[i]].flat[0] if values.ndim > 1 else values[i]
+  raise error(f"found {int(bad.sum())} {what}, the first at {at} {i} ({first}); allowed: {allowed}")
+
+
+def _check_images(error, x: np.ndarray, pixel_scale: str) -> None:
+  """Pixels: numeric, [N, H, W(, C)], finite and on the declared scale (never a guessed one)."""
+  if x.dtype.kind not in "iuf":
+    raise error(f"dtype {x.dtype}; allowed: integer or float pixels")
+  if x.ndim not in (3, 4) or len(x) == 0:
+    raise error(f"shape {x.shape}; allowed: [N, H, W] or [N, H, W, C] with N >= 1")
+  is_float = x.dtype.kind == "f"
+  if is_float:
+    _refuse(error, x, ~np.isfinite(x), "NaN/inf pixels", "finite pixels", at="image")
+  if pixel_scale == "unit":
+    other = "integer pixels 0-255 are --config.data.pixel_scale=uint8"
+    if not is_float:
+      raise error(f"dtype {x.dtype} under data.pixel_scale='unit'; allowed: floats in [0, 1] "
+                  f"({other})")
+    _refuse(error, x, (x < 0) | (x > 1), "pixels outside [0, 1]",
+            f"floats in [0, 1] under data.pixel_scale='unit' ({other})", at="image")
+    return
+  if x.dtype == np.uint8:
+    return
+  if is_float:
+    fractional = x != np.floor(x)
+    if fractional.any():
+      hint = (" (these look like [0, 1] floats: pass --config.data.pixel_scale=unit)"
+              if x.min() >= 0 and x.max() <= 1 else "")
+      _refuse(error, x, fractional, "fractional pixels",
+              f"whole numbers 0-255 under data.pixel_scale='uint8'{hint}", at="image")
+  _refuse(error, x, (x < 0) | (x > 255), "pixels outside [0, 255]",
+          "integers 0-255 under data.pixel_scale='uint8'", at="image")
+
+
+def _check_labels(error, y: np.ndarray, n: int, per: str) -> np.ndarray:
+  """One whole-number label per example -> int64 (the class range is checked across splits)."""
+  if y.ndim != 1 or len(y) != n:
+    raise error(f"shape {y.shape}; allowed: ({n},), one label per {per}")
+  if y.dtype.kind not in "iuf":
+    raise error(f"dtype {y.dtype}; allowed: integer class ids")
+  if y.dtype.kind == "f":
+    _refuse(error, y, ~(np.isfinite(y) & (y == np.floor(y))), "labels that are not whole numbers",
+            "integer class ids")
+  return y.astype(np.int64)
+
+
+def _array_split(npz: _Npz, part: str, pixel_scale: str):
+  """``x_<part>`` / ``y_<part>`` -> (records, int64 labels, field of the images)."""
+  x = npz.get(part, f"x_{part}")
+  _check_images(functools.partial(npz.error, part, f"x_{part}"), x, pixel_scale)
+  y = _check_labels(functools.partial(npz.error, part, f"y_{part}"), npz.get(part, f"y_{part}"),
+                    len(x), f"image of x_{part}")
+  return _Arrays(x, y), y, f"x_{part}"
+
+
+def _jpeg_split(npz: _Npz, part: str, pixel_scale: str):
+  """``<part>_jpeg`` / ``<part>_offsets`` / ``y_<part>`` -> (records, int64 labels, field)."""
+  buf_key, off_key = f"{part}_jpeg", f"{part}_offsets"
+  buf, off = npz.get(part, buf_key), npz.get(part, off_key)
+  if pixel_scale != "uint8":
+    raise npz.error(part, buf_key, f"JPEG bytes decode to 0-255 pixels, but data.pixel_scale="
+                    f"{pixel_scale!r}; allowed: data.pixel_scale='uint8'")
+  if buf.dtype != np.uint8 or buf.ndim != 1:
+    raise npz.error(part, buf_key, f"{buf.dtype} array of shape {buf.shape}; allowed: 1-D uint8")
+  error = functools.partial(npz.error, part, off_key)
+  if off.dtype.kind not in "iu" or off.ndim != 1 or len(off) < 2:
+    raise error(f"{off.dtype} array of shape {off.shape}; allowed: 1-D integer byte offsets, "
+                "one more than the images")
+  _refuse(error, off, np.concatenate([off[:1] < 0, np.diff(off) <= 0]),
+          "offsets below 0 or not above the one before", "increasing offsets from 0")
+  _refuse(error, off, off > len(buf), f"offsets beyond the {len(buf)} bytes of {buf_key}",
+          f"offsets <= {len(buf)}")
+  y = _check_labels(functools.partial(npz.error, part, f"y_{part}"), npz.get(part, f"y_{part}"),
+                    len(off) - 1, f"image of {off_key} (its length - 1)")
+  records = _Jpegs(buf, off, y, where=f"data.path={npz.path!r}, {part} split, {buf_key}")
+  records.shape = records[0]["image"].shape  # image 0 decodes, or the error names it
+  return records, y, buf_key
+
+
+def npz_splits(path: str, *, pixel_scale: str = "uint8") -> tuple[ImageSplit, ImageSplit]:
+  """(train, test) images from a local ``.npz``, every split checked once, here.
+
+  Raw arrays (``x_<split>``, ``y_<split>``) or JPEG bytes (``<split>_jpeg``, ``<split>_offsets``,
+  ``y_<split>``). ``pixel_scale`` declares the pixels: 'uint8' (whole numbers 0-255) or 'unit'
+  (floats in [0, 1]); it sets the normalisation and the file must match it. Labels lie in
+  [0, num_classes) in every split, num_classes being ``len(label_names)`` when the file has it, else
+  the train labels' max + 1. Any problem is one `DataError` naming file, split, field and values.
+  """
+  if pixel_scale not in PIXEL_SCALES:
+    raise DataError(f"data.pixel_scale={pixel_scale!r}: allowed are {list(PIXEL_SCALES)}")
+  npz = _Npz(path)
+  with npz.z:
+    read = {part: (_jpeg_split if f"{part}_jpeg" in npz.keys else _array_split)(
+        npz, part, pixel_scale) for part in SPLITS}
+    names = npz.get(None, "label_names") if "label_names" in npz.keys else None
+  if names is not None:
+    if names.ndim != 1 or len(names) == 0:
+      raise npz.error(None, "label_names", f"shape {names.shape}; allowed: one name per class")
+    num_classes, why = len(names), "num_classes = len(label_names)"
   else:
-    raise DataError(f"data.path={path!r} has keys {z.files}: expected x_{part}/y_{part} or "
-                    f"{part}_jpeg/{part}_offsets/y_{part}. {NPZ_HINT}")
-  return ImageSplit(records, 1.0 / 255.0, tuple(int(s) for s in shape), num_classes)
+    num_classes = int(read["train"][1].max()) + 1
+    why = "num_classes = max(y_train) + 1, as the file has no label_names"
+  shapes = {part: tuple(int(s) for s in read[part][0][0]["image"].shape) for part in SPLITS}
+  for part in SPLITS:
+    records, y, field = read[part]
+    _refuse(functools.partial(npz.error, part, f"y_{part}"), y, (y < 0) | (y >= num_classes),
+            f"labels outside [0, {num_classes})", f"class ids 0..{num_classes - 1} ({why})")
+    if shapes[part] != shapes["train"]:
+      raise npz.error(part, field, f"images of shape {shapes[part]} (H, W, C), the train split's "
+                      f"are {shapes['train']}; allowed: the train split's shape")
+  scale = PIXEL_SCALES[pixel_scale]
+  return tuple(ImageSplit(read[p][0], scale, shapes[p], num_classes) for p in SPLITS)
+
+
+def npz_images(path: str, split: str, *, pixel_scale: str = "uint8") -> ImageSplit:
+  """One split (``'train'``, else test) of `npz_splits`; both are read, to check them together."""
+  train, test = npz_splits(path, pixel_scale=pixel_scale)
+  return train if split == "train" else test
 
 
 def _tfds_source(name: str, split: str, data_dir: str | None, download: bool):
@@ -163,7 +321,15 @@ TEXT_HINT = ("Point data.path at a UTF-8 text file, e.g. "
 
 
 def text_file(path: str) -> str:
-  return _need_file(path, "data.path", TEXT_HINT).read_text(encoding="utf-8")
+  """A non-empty UTF-8 file's text (a bad byte is a `DataError` naming its offset)."""
+  raw = _need_file(path, "data.path", TEXT_HINT).read_bytes()
+  if not raw:
+    raise DataError(f"data.path={path!r}: the file is empty; allowed: UTF-8 text. {TEXT_HINT}")
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"data.path={path!r}: not UTF-8: byte {e.start} (0x{raw[e.start]:02x}) "
+                    f"{e.reason}; allowed: UTF-8 text. {TEXT_HINT}") from None
 
 
 def tfds_text(name: str, split: str, data_dir: str | None = None, download: bool = False) -> str:
