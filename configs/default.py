@@ -89,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Model: the schema of vlora_jax/models/__init__.py; experiment files fill the family's keys.
   c.model = ml_collections.ConfigDict()
-  c.model.name = "vit"         # vit | lm | seq2seq
+  c.model.name = "vit"         # vit | vit_registers | lm | seq2seq
   c.model.dim = 64             # width D
   c.model.depth = 4            # layers L (encoder layers for seq2seq)
   c.model.num_heads = 4        # attention heads (must divide dim)
@@ -114,6 +114,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.crop_padding = 4      # images: padding of the random crop
   c.data.mean = (0.5,)         # images: per-channel mean after scaling pixels to [0, 1]
   c.data.std = (0.5,)          # images: per-channel std
+  c.data.pixel_scale = "uint8"  # npz images: uint8 (integers 0-255) | unit (floats in [0, 1]);
+                               # checked against the file, never guessed
   c.data.eval_examples = 0     # cap on eval examples (0 = the whole eval split)
   c.data.threads = 2           # grain read-ahead threads
 

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vlora_jax import errors
 from vlora_jax import lora as lora_lib
+from vlora_jax.config_keys import Key, bad
 from vlora_jax.lora import LoRASpec
 from vlora_jax.spec import VLoRASpec
 
@@ -49,11 +49,6 @@ def dtype(name: str):
   return DTYPES[name]
 
 
-def bad(key: str, value, allowed: str) -> errors.ConfigError:
-  """The config error every check raises: the key, its value and what is allowed."""
-  return errors.ConfigError(f"{key}={value!r}: {allowed}")
-
-
 class Family:
   """One kind of model and its task. Subclasses set the class attributes and `build`.
 
@@ -61,11 +56,14 @@ class Family:
     name: the ``config.model.name`` that selects the family.
     sources: the ``config.data.source`` values whose records the family reads.
     input_keys: the batch keys passed to ``model.apply``, in order (see `inputs`).
+    config_keys: the family's own ``config.model`` keys, declared (`vlora_jax.config_keys`):
+      `train.schema` checks them with the run's other keys before anything is built.
   """
 
   name: ClassVar[str]
   sources: ClassVar[tuple[str, ...]]
   input_keys: ClassVar[tuple[str, ...]]
+  config_keys: ClassVar[dict[str, Key]] = {}
 
   # ------------------------------------------------------------------------- the model
 
@@ -135,10 +133,6 @@ class Family:
     return None
 
   # ------------------------------------------------------------------------- checks
-
-  def check_config(self, mcfg) -> None:
-    """Family-specific keys of ``config.model``, before anything is built (none by default)."""
-    del mcfg
 
   def check_data(self, mcfg, info: dict) -> None:
     """The model against what the data pipeline found (``Pipeline.info``)."""

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlora_jax import layers
+from vlora_jax.config_keys import Bool, Choice, Int
 from vlora_jax import lora as lora_lib
 from vlora_jax.models import family
 from vlora_jax.spec import VLoRASpec
@@ -124,6 +125,12 @@ class LMFamily(family.TokenFamily):
   name = "lm"
   sources = ("text", "tfds")
   input_keys = ("tokens",)
+  config_keys = {
+      "model.vocab_size": Int(required=True, lo=1, doc="token ids < vocab_size"),
+      "model.max_len": Int(required=True, lo=1, doc="context length T"),
+      "model.positions": Choice(choices=POSITIONS, doc="learned | rope"),
+      "model.tie_embeddings": Bool(doc="the head is the token embedding"),
+  }
 
   def build(self, mcfg, vlora, lora) -> LM:
     return LM(vocab_size=mcfg.vocab_size, max_len=mcfg.max_len, dim=mcfg.dim, depth=mcfg.depth,

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlora_jax import layers
+from vlora_jax.config_keys import Bool, Int, Regexes
 from vlora_jax import lora as lora_lib
 from vlora_jax.models import family
 from vlora_jax.models.lm import check_common, embed
@@ -192,6 +193,13 @@ class Seq2SeqFamily(family.TokenFamily):
   name = "seq2seq"
   sources = ("reverse",)
   input_keys = ("src", "tgt_in")
+  config_keys = {
+      "model.vocab_size": Int(required=True, lo=1, doc="token ids < vocab_size"),
+      "model.max_len": Int(required=True, lo=1, doc="source and target length"),
+      "model.dec_depth": Int(lo=1, nullable=True, doc="decoder layers (None: model.depth)"),
+      "model.tie_embeddings": Bool(doc="the head is the token embedding"),
+      "model.vlora.dec_targets": Regexes(nullable=True, doc="the decoder's VLoRA targets"),
+  }
 
   def build(self, mcfg, vlora, lora) -> Seq2Seq:
     vcfg = mcfg.get("vlora")
@@ -229,10 +237,6 @@ class Seq2SeqFamily(family.TokenFamily):
                                      / max(float(sums["examples"]), 1e-12))
     return out
 
-  def check_config(self, mcfg) -> None:
-    dec = mcfg.get("dec_depth")
-    if dec is not None and (isinstance(dec, bool) or not isinstance(dec, int) or dec < 1):
-      raise family.bad("model.dec_depth", dec, "must be an integer >= 1 (or None: model.depth)")
 
 
 FAMILY = Seq2SeqFamily()

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlora_jax import layers
+from vlora_jax.config_keys import Bool, Choice, Int
 from vlora_jax import lora as lora_lib
 from vlora_jax.models import family
 from vlora_jax.spec import VLoRASpec
@@ -113,6 +114,14 @@ class ViTFamily(family.Family):
   name = "vit"
   sources = ("digits", "npz", "tfds")
   input_keys = ("image",)
+  config_keys = {
+      "model.num_classes": Int(required=True, lo=1, doc="classes of the head"),
+      "model.img_size": Int(required=True, lo=1, doc="image height = width"),
+      "model.in_chans": Int(required=True, lo=1, doc="image channels"),
+      "model.patch_size": Int(required=True, lo=1, doc="patch height = width (divides img_size)"),
+      "model.class_token": Bool(doc="prepend a class token"),
+      "model.global_pool": Choice(choices=("token", "avg"), doc="class token or mean of patches"),
+  }
 
   def build(self, mcfg, vlora, lora) -> ViT:
     return ViT(num_classes=mcfg.num_classes, patch_size=mcfg.patch_size, dim=mcfg.dim,

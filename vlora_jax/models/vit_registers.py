@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vlora_jax import layers
+from vlora_jax.config_keys import Int
 from vlora_jax.models import family, vit
 from vlora_jax.stack import vlorafy
 
@@ -65,6 +66,8 @@ class ViTRegistersFamily(vit.ViTFamily):
   """`vit.ViTFamily`'s task and data; ``config.model.num_registers`` (default 4) on top."""
 
   name = "vit_registers"
+  config_keys = {**vit.ViTFamily.config_keys,
+                 "model.num_registers": Int(lo=0, doc="register tokens (dropped before the head)")}
 
   def build(self, mcfg, vlora, lora) -> ViTRegisters:
     return ViTRegisters(
@@ -78,12 +81,6 @@ class ViTRegistersFamily(vit.ViTFamily):
   def sequence_length(self, mcfg) -> int:
     return super().sequence_length(mcfg) + mcfg.get("num_registers", 4)
 
-  def check_config(self, mcfg) -> None:
-    n = mcfg.get("num_registers", 4)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-      raise family.bad("model.num_registers", n, "must be an integer >= 0")
-    if mcfg.get("global_pool", "token") not in ("token", "avg"):
-      raise family.bad("model.global_pool", mcfg.global_pool, "allowed are ['token', 'avg']")
 
 
 FAMILY = ViTRegistersFamily()

@@ -62,7 +62,22 @@ def groups(params, ocfg) -> tuple[Any, dict[str, tuple[float, float]]]:
     mults[name] = m
     return name
 
-  return params_lib.label_tree(params, label), mults
+  tree = params_lib.label_tree(params, label)
+  _check_patterns(list(paths(params)), ocfg)
+  return tree, mults
+
+
+def _check_patterns(all_paths: list[str], ocfg) -> None:
+  """A pattern that selects no parameter is a mistake (a typo, another model's names), as a VLoRA
+  target that matches nothing is: refused, naming the key and showing the paths there are."""
+  rules = [("optim.freeze", ocfg.get("freeze", "") or "")]
+  for key in ("lr_mults", "wd_mults"):
+    rules += [(f"optim.{key}[{i}]", pair[0]) for i, pair in enumerate(ocfg.get(key) or ())]
+  for key, pattern in rules:
+    if pattern and not any(re.fullmatch(pattern, p) for p in all_paths):
+      shown = ", ".join(all_paths[:6]) + (", ..." if len(all_paths) > 6 else "")
+      raise ValueError(f"{key}={pattern!r} matches no parameter; patterns are full-matched "
+                       f"against paths such as {shown}")
 
 
 def schedule(ocfg, total_steps: int) -> optax.Schedule:

@@ -10,17 +10,13 @@ depth) run inside ``jax.eval_shape(init)`` in the trainer, still before compilat
 from __future__ import annotations
 
 import dataclasses
-import re
 
-from vlora_jax import data as data_lib
 from vlora_jax import lora as lora_lib
 from vlora_jax import models
-from vlora_jax.models.family import Family, bad as _bad
+from vlora_jax.config_keys import bad as _bad
+from vlora_jax.models.family import Family
 from vlora_jax.spec import VLoRASpec
-from vlora_jax.train import checkpoint, optim, sharding
-
-
-RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+from vlora_jax.train import checkpoint, schema, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,94 +38,41 @@ class Plan:
     return self.family.build(mcfg, self.vlora, self.lora)
 
 
-def _positive_int(config, key: str, minimum: int = 1) -> int:
-  v = config
-  for k in key.split("."):
-    v = v[k]
-  if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-    raise _bad(key, v, f"must be an integer >= {minimum}")
-  return v
-
-
-def _regex(key: str, pattern) -> None:
-  if not isinstance(pattern, str):
-    raise _bad(key, pattern, "must be a regex string")
-  try:
-    re.compile(pattern)
-  except re.error as e:
-    raise _bad(key, pattern, f"is not a valid regex ({e})") from None
-
-
-def _rules(key: str, rules) -> None:
-  for i, pair in enumerate(rules or ()):
-    if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-      raise _bad(f"{key}[{i}]", pair, "must be a (regex, multiplier) pair")
-    _regex(f"{key}[{i}]", pair[0])
-    if not isinstance(pair[1], (int, float)) or pair[1] < 0:
-      raise _bad(f"{key}[{i}]", pair[1], "the multiplier must be a number >= 0")
-
-
 def check(config, num_devices: int, process_count: int = 1) -> Plan:
-  """Raises a `ConfigError` (a ValueError) on the first bad key; returns the run's `Plan`."""
+  """Raises a `ConfigError` (a ValueError) on the first bad key; returns the run's `Plan`.
+
+  First every key on its own (`schema.check`: type, range, choices), then the rules between keys.
+  """
+  schema.check(config)
   m = config.model
-  if m.name not in models.FAMILIES:
-    raise _bad("model.name", m.name, f"allowed are {sorted(models.FAMILIES)}")
   family = models.FAMILIES[m.name]
-  if m.get("dtype", "float32") not in models.DTYPES:
-    raise _bad("model.dtype", m.dtype, f"allowed are {list(models.DTYPES)}")
-  for key in ("model.dim", "model.depth", "model.num_heads"):
-    _positive_int(config, key)
   if m.dim % m.num_heads:
     raise _bad("model.num_heads", m.num_heads, f"must divide model.dim={m.dim}")
-  if not isinstance(m.get("mlp_ratio", 4.0), (int, float)) or not m.get("mlp_ratio", 4.0) > 0:
-    raise _bad("model.mlp_ratio", m.mlp_ratio, "must be a number > 0")
-  if not 0 <= m.get("dropout", 0.0) < 1:
-    raise _bad("model.dropout", m.dropout, "must be in [0, 1)")
-  family.check_config(m)
+  if int(m.dim * m.get("mlp_ratio", 4.0)) < 1:
+    raise _bad("model.mlp_ratio", m.mlp_ratio, f"gives an MLP of width 0 at model.dim={m.dim}")
   vlora = models.vlora_spec(m.get("vlora"))  # the specs validate themselves, naming the key
   lora = lora_lib.spec_from_config(m.get("lora"))
-
-  if config.get("rng_impl", "threefry2x32") not in RNG_IMPLS:
-    raise _bad("rng_impl", config.rng_impl, f"allowed are {list(RNG_IMPLS)}")
+  if vlora is not None and vlora.compound_size < 2 and vlora.mode != "tied":
+    raise _bad("model.vlora.compound_size", vlora.compound_size,
+               "must be >= 2: with 1 every layer is a base layer, the dense model (set "
+               "model.vlora.enabled=False for it)")
 
   d = config.data
-  if d.source not in data_lib.SOURCES:
-    raise _bad("data.source", d.source, f"allowed are {list(data_lib.SOURCES)}")
   if d.source not in family.sources:
     raise _bad("data.source", d.source, f"model.name={m.name!r} reads {list(family.sources)}")
   if d.source == "tfds" and not d.get("tfds_name"):
     raise _bad("data.tfds_name", d.get("tfds_name"), "name a TFDS dataset, e.g. 'cifar10'")
   if d.source in ("npz", "text") and not d.get("path"):
     raise _bad("data.path", d.get("path"), f"data.source={d.source!r} needs a local file path")
-
-  _positive_int(config, "num_train_steps", 0)
-  _positive_int(config, "batch_size")
-  _positive_int(config, "eval_batch_size")
-  _positive_int(config, "log_every_steps")
-  _positive_int(config, "eval_every_steps", 0)
-
-  o = config.optim
-  if not isinstance(o.lr, (int, float)) or not o.lr > 0:
-    raise _bad("optim.lr", o.lr, "must be a number > 0")
-  if o.get("weight_decay", 0.0) < 0:
-    raise _bad("optim.weight_decay", o.weight_decay, "must be >= 0")
-  for k in ("b1", "b2"):
-    if not 0 <= o.get(k, 0.9) < 1:
-      raise _bad(f"optim.{k}", o[k], "must be in [0, 1)")
-  if o.get("schedule", "cosine") not in optim.SCHEDULES:
-    raise _bad("optim.schedule", o.schedule, f"allowed are {list(optim.SCHEDULES)}")
-  _positive_int(config, "optim.warmup_steps", 0)
-  if o.get("grad_clip_norm", 0.0) < 0:
-    raise _bad("optim.grad_clip_norm", o.grad_clip_norm, "must be >= 0 (0 turns clipping off)")
-  if not 0 <= o.get("min_lr_ratio", 0.0) <= 1:
-    raise _bad("optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
-  if o.get("freeze"):
-    _regex("optim.freeze", o.freeze)
-  _rules("optim.lr_mults", o.get("lr_mults"))
-  _rules("optim.wd_mults", o.get("wd_mults"))
+  if d.source == "reverse" and d.get("min_len", 1) >= m.max_len:
+    raise _bad("data.min_len", d.min_len, f"must be < model.max_len={m.max_len} (room for EOS)")
+  if d.source == "reverse" and d.get("vocab_size", 16) > m.vocab_size:
+    raise _bad("data.vocab_size", d.vocab_size, f"must be <= model.vocab_size={m.vocab_size}")
 
   shape = sharding.mesh_shape(config.mesh, num_devices)  # names mesh.<axis> on error
   for i, pair in enumerate(config.sharding_rules):
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], str):
+      raise _bad(f"sharding_rules[{i}]", pair, "must be a (logical axis, mesh axes) pair")
     axes = pair[1]
     axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
     for a in axes:
@@ -144,11 +87,6 @@ def check(config, num_devices: int, process_count: int = 1) -> Plan:
       raise _bad(key, b, f"must be divisible by the process count {process_count}")
 
   c = config.checkpoint
-  _positive_int(config, "checkpoint.every_steps")
-  _positive_int(config, "checkpoint.keep")
-  _positive_int(config, "checkpoint.keep_best", 0)
-  if c.get("best_mode", "max") not in ("max", "min"):
-    raise _bad("checkpoint.best_mode", c.best_mode, "allowed are ['max', 'min']")
   if c.get("keep_best", 0) and not str(c.get("best_metric", "")).startswith("eval/"):
     raise _bad("checkpoint.best_metric", c.get("best_metric"),
                "keep_best needs an eval metric such as 'eval/accuracy'")

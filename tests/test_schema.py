@@ -1,0 +1,218 @@
+"""The config schema: generated bad values for every key, and the schema against configs/default.py.
+
+For every declared key (the run's and each family's), a base config where the key applies gets a
+value of the wrong type and a value out of range (`Key.bad_values`); each must be refused by
+`validate.check` (which compiles nothing) with a `ConfigError` that names the key.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+from vlora_jax import errors
+from vlora_jax.config_keys import Choice, lookup
+from vlora_jax.train import config_util, schema, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(spec: str, **changes) -> ml_collections.ConfigDict:
+  c = config_util.load(str(ROOT / spec.split(":")[0]) + (":" + spec.split(":")[1] if ":" in spec
+                                                           else ""), lock=False)
+  d = c.to_dict()
+  for k, v in changes.items():
+    _set(d, k, v)
+  return ml_collections.ConfigDict(d)
+
+
+def _set(d: dict, dotted: str, value) -> None:
+  *parents, leaf = dotted.split(".")
+  for k in parents:
+    d = d.setdefault(k, {})
+  d[leaf] = value
+
+
+LORA = {"model.lora": {"enabled": True, "targets": ("attn/qkv/kernel",), "rank": 2, "alpha": 2.0}}
+# Base configs where every declared key applies in at least one (checked below).
+BASES = {
+    "vit_digits": ("configs/vit_digits.py", {}),
+    "vit_npz": ("configs/vit_local.py", {"data.path": "/data/x.npz"}),
+    "vit_tfds": ("configs/vit_cifar10.py", {}),
+    "vit_lora": ("configs/vit_digits.py", LORA),
+    "lm_text": ("configs/lm_shakespeare.py:text", {}),
+    "seq2seq": ("configs/seq2seq_reverse.py", {}),
+    "vit_registers": ("configs/vit_registers_digits.py", {}),
+}
+
+
+def _bases():
+  out = {}
+  for name, (spec, changes) in BASES.items():
+    flat_changes = {}
+    for k, v in changes.items():
+      if isinstance(v, dict):
+        flat_changes.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+      else:
+        flat_changes[k] = v
+    out[name] = _load(spec, **flat_changes)
+  return out
+
+
+CONFIGS = _bases()
+
+
+def _base_for(key: str):
+  """The first base config whose family declares ``key`` and where it applies."""
+  for name, c in CONFIGS.items():
+    rule = schema.keys(c.model.name).get(key)
+    if rule is not None and (rule.when is None or rule.when.holds(c)):
+      if lookup(c, key, None) is not None or rule.when is None:
+        return name, c
+  return None, None
+
+
+CASES = [(key, kind, value) for key, rule in sorted(schema.keys().items())
+         for kind, value in rule.bad_values().items()]
+
+
+def test_every_key_has_a_base_config_where_it_applies():
+  missing = [k for k in schema.keys() if _base_for(k)[0] is None]
+  assert not missing, f"no base config exercises {missing}: add one to BASES"
+
+
+def test_every_key_can_be_refused():
+  # Anything (sharding_rules) is judged by its cross-field rule, tested in test_train_validate.
+  silent = [k for k, r in schema.keys().items()
+            if not r.bad_values() and type(r).__name__ != "Anything"]
+  assert not silent
+  assert len(CASES) >= 2 * (len(schema.keys()) - 1) - 20  # most keys: a type and a range case
+
+
+@pytest.mark.parametrize("key,kind,value", CASES,
+                         ids=[f"{k}:{kind}" for k, kind, _ in CASES])
+def test_bad_value_is_refused_naming_the_key(key, kind, value):
+  name, base = _base_for(key)
+  d = base.to_dict()
+  _set(d, key, value)
+  with pytest.raises(errors.ConfigError) as info:
+    validate.check(ml_collections.ConfigDict(d), num_devices=1)
+  msg = str(info.value)
+  assert re.match(rf"{re.escape(key)}(\[\d+\])?=", msg), (name, kind, msg)
+
+
+@pytest.mark.parametrize("name", sorted(BASES))
+def test_base_configs_pass(name):
+  validate.check(CONFIGS[name], num_devices=1)
+
+
+def test_a_misspelt_key_in_a_config_file_is_named_with_a_suggestion():
+  c = _load("configs/vit_digits.py", **{"optim.weight_decy": 0.1})
+  with pytest.raises(errors.ConfigError, match=r"optim.weight_decy=0.1: is not a config key; "
+                                               r"did you mean 'optim.weight_decay'\?"):
+    validate.check(c, num_devices=1)
+
+
+def test_a_required_key_that_is_missing_is_named():
+  d = _load("configs/vit_digits.py").to_dict()
+  del d["model"]["img_size"]
+  with pytest.raises(errors.ConfigError, match=r"model.img_size=None: is missing"):
+    validate.check(ml_collections.ConfigDict(d), num_devices=1)
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"model.vlora.compound_size": 1, "model.depth": 4},
+     r"model.vlora.compound_size=1: must be >= 2"),
+    ({"model.mlp_ratio": 0.001}, r"model.mlp_ratio=0.001: gives an MLP of width 0"),
+    ({"label_smoothing": 5.0}, r"label_smoothing=5.0: must be a finite number in \[0, 1\)"),
+    ({"optim.eps": -1.0}, r"optim.eps=-1.0: must be a finite number > 0"),
+    ({"data.eval_examples": -5}, r"data.eval_examples=-5: must be an integer >= 0"),
+    ({"optim.lr": math.inf}, r"optim.lr=inf: must be a finite number > 0"),
+    ({"optim.weight_decay": math.nan}, r"optim.weight_decay=nan: must be a finite number >= 0"),
+    ({"model.mlp_ratio": math.inf}, r"model.mlp_ratio=inf: must be a finite number > 0"),
+], ids=["compound_size=1", "mlp_width_0", "label_smoothing", "eps", "eval_examples", "lr_inf",
+        "wd_nan", "mlp_ratio_inf"])
+def test_the_reported_nonsense_is_refused(changes, match):
+  with pytest.raises(errors.ConfigError, match=match):
+    validate.check(_load("configs/vit_digits.py", **changes), num_devices=1)
+
+
+def test_tied_allows_one_layer_compounds():
+  validate.check(_load("configs/vit_digits.py", **{"model.vlora.compound_size": 1,
+                                                   "model.vlora.mode": "tied"}), num_devices=1)
+
+
+def test_eval_fraction_out_of_range_is_refused():
+  with pytest.raises(errors.ConfigError, match=r"data.eval_fraction=1.5: must be a finite number "
+                                               r"in \(0, 1\)"):
+    validate.check(_load("configs/lm_shakespeare.py:text", **{"data.eval_fraction": 1.5}),
+                   num_devices=1)
+
+
+# ------------------------------------------------------------------ the schema and default.py agree
+
+DEFAULT = ROOT / "configs" / "default.py"
+# Declared, but set only by the configs whose source or option needs them.
+NOT_IN_DEFAULT = {"data.eval_fraction", "data.vocab_size", "data.min_len", "model.lora.enabled",
+                  "model.lora.targets", "model.lora.rank", "model.lora.alpha"}
+
+
+def _default():
+  from configs import default
+  return default.get_config()
+
+
+def test_default_config_keys_are_exactly_the_common_schema():
+  present = set(schema.flatten(_default()))
+  declared = set(schema.COMMON)
+  assert present - declared == set(), "keys in configs/default.py missing from the schema"
+  assert declared - present == NOT_IN_DEFAULT, "schema keys missing from configs/default.py"
+
+
+def test_default_values_are_allowed():
+  for key, value in schema.flatten(_default()).items():
+    schema.COMMON[key].check(key, value)
+
+
+def test_family_keys_appear_in_a_config_file():
+  used = set()
+  for c in CONFIGS.values():
+    used |= set(schema.flatten(c))
+  for name in schema.FAMILIES:
+    assert set(schema.keys(name)) - set(schema.COMMON) - used - {"model.vlora.dec_targets"} == set()
+
+
+def _comment_of(key: str, source: list[str]) -> str | None:
+  """The comment on the line of default.py that sets ``key``, with its continuation lines."""
+  pat = re.compile(rf"^\s*c\.{re.escape(key)}\s*=.*?#(.*)$")
+  for i, line in enumerate(source):
+    m = pat.match(line)
+    if m:
+      text = [m.group(1)]
+      for nxt in source[i + 1:]:
+        if not nxt.strip().startswith("#"):
+          break
+        text.append(nxt.strip()[1:])
+      return " ".join(text)
+  return None
+
+
+def test_default_py_comments_list_every_choice():
+  source = DEFAULT.read_text().splitlines()
+  checked = 0
+  for key, rule in schema.COMMON.items():
+    comment = _comment_of(key, source)
+    if isinstance(rule, Choice) and comment is not None:
+      missing = [c for c in rule.choices if str(c) not in comment]
+      assert not missing, f"configs/default.py's comment on {key} omits {missing}"
+      checked += 1
+  assert checked >= 8
+
+
+def test_docs_config_md_is_the_schema():
+  doc = (ROOT / "docs" / "config.md").read_text()
+  assert schema.markdown() in doc, "regenerate: python -m vlora_jax.tools.config_doc (docs/config.md)"
