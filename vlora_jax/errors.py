@@ -42,3 +42,16 @@ def config_errors():
 
 class NonFiniteLossError(UserError, FloatingPointError):
   """Training stopped on a NaN/Inf loss, gradient or parameter; nothing non-finite was saved."""
+
+
+class Preempted(Exception):
+  """The run stopped on SIGTERM / SIGINT after saving a checkpoint at ``step``: rerun to resume.
+
+  Not a `UserError`: nothing is wrong with the input. The command line exits with
+  `vlora_jax.train.preemption.EXIT_PREEMPTED`.
+  """
+
+  def __init__(self, step: int, signal_name: str, checkpoint: str):
+    super().__init__(f"stopped by {signal_name} after step {step}; saved {checkpoint}. Rerun the "
+                     "same command to resume.")
+    self.step, self.signal_name, self.checkpoint = step, signal_name, checkpoint

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from vlora_jax import errors
 from vlora_jax.train import checkpoint as ckpt_lib
 from vlora_jax.train import metrics as metrics_lib
-from vlora_jax.train import sharding
+from vlora_jax.train import preemption, sharding
 from vlora_jax.train.setup import Run
 from vlora_jax.train.steps import make_eval_step
 
@@ -115,25 +115,30 @@ class Loop:
 
   def __call__(self, st):
     """Trains to the last step, then evaluates if the loop did not at that step; returns the
-    final state."""
+    final state. On SIGTERM / SIGINT it saves after the current step and raises `Preempted`."""
     config, mesh = self.run.config, self.run.mesh
     every_eval = config.eval_every_steps
     it = self.run.pipe.train_batches(self.start)
     pending = None
-    while self.step < self.run.total_steps:
-      st, m = self.train_step(st, sharding.global_batch(next(it), mesh))
-      if pending is not None:  # one step behind: the host reads step t-1 while t runs
-        self.absorb(*pending)
-      self.step += 1
-      pending = (self.step, m)
-      do_eval = bool(every_eval) and (self.step % every_eval == 0
-                                      or self.step == self.run.total_steps)
-      do_ckpt = (self.step % config.checkpoint.every_steps == 0
-                 or self.step == self.run.total_steps)
-      if do_eval or do_ckpt:
-        self.absorb(*pending)
-        pending = None
-        self.eval_and_save(st, do_eval, do_ckpt)
+    with preemption.Watcher() as watcher:
+      while self.step < self.run.total_steps:
+        st, m = self.train_step(st, sharding.global_batch(next(it), mesh))
+        if pending is not None:  # one step behind: the host reads step t-1 while t runs
+          self.absorb(*pending)
+        self.step += 1
+        pending = (self.step, m)
+        do_eval = bool(every_eval) and (self.step % every_eval == 0
+                                        or self.step == self.run.total_steps)
+        do_ckpt = (self.step % config.checkpoint.every_steps == 0
+                   or self.step == self.run.total_steps)
+        if do_eval or do_ckpt:
+          self.absorb(*pending)
+          pending = None
+          self.eval_and_save(st, do_eval, do_ckpt)
+        if self.step < self.run.total_steps and watcher.requested(self.step):
+          if pending is not None:
+            self.absorb(*pending)
+          self.stop(st, saved=do_ckpt, signal_name=watcher.signal_name)
     if pending is not None:
       self.absorb(*pending)
     if not self.eval_metrics:  # eval off, or nothing left to train
@@ -147,3 +152,15 @@ class Loop:
     self.ckpt.close()
     self.t_ckpt += time.time() - t1
     return st
+
+  def stop(self, st, saved: bool, signal_name: str):
+    """Preempted: the state after this step is saved (unless it just was) and written to disk
+    before `Preempted` leaves; the metrics so far are on disk."""
+    self.bar.close()
+    if not saved:
+      self.ckpt.save(self.step, st)
+    self.ckpt.wait()
+    where = self.ckpt.last_good()
+    self.ckpt.close()
+    self.writer.close()
+    raise errors.Preempted(self.step, signal_name, where)

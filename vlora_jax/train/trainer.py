@@ -88,6 +88,23 @@ def _once_options() -> dict:
   return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
 
 
+def params_mismatch(params, abstract_params) -> list[str]:
+  """Each leaf of ``params`` that the model lacks, needs, or has with another shape or dtype."""
+  flat = lambda t: {jax.tree_util.keystr(k): v for k, v in
+                    jax.tree_util.tree_flatten_with_path(t)[0]}
+  got, want = flat(params), flat(abstract_params)
+  out = [f"{k}: missing (the model needs {want[k].shape} {jnp.dtype(want[k].dtype)})"
+         for k in want if k not in got]
+  out += [f"{k}: not a parameter of the model" for k in got if k not in want]
+  for k in sorted(set(got) & set(want)):
+    g, w = got[k], want[k]
+    if tuple(g.shape) != tuple(w.shape):
+      out.append(f"{k}: shape {tuple(g.shape)}, the model needs {tuple(w.shape)}")
+    elif jnp.dtype(g.dtype) != jnp.dtype(w.dtype):
+      out.append(f"{k}: dtype {jnp.dtype(g.dtype)}, the model needs {jnp.dtype(w.dtype)}")
+  return out
+
+
 def start_state(run: Run, ckpt: ckpt_lib.Checkpointer,
                 init_params: Callable[..., Any] | None) -> tuple[Any, str]:
   """The starting train state, born sharded, and where it came from. The first that applies:
@@ -118,13 +135,22 @@ def start_state(run: Run, ckpt: ckpt_lib.Checkpointer,
       p = init_params(abstract_params=run.abstract_params, config=config)
       origin = "init_params callable"
     else:
-      p = ckpt_lib.init_from(config.init_from, abstract_params=run.abstract_params,
-                             config=config, meta=run.meta)
       origin = f"init_from {config.init_from}"
-    got = jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), p)
-    want = jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), run.abstract_params)
-    if got != want:
-      raise ckpt_lib.CheckpointError(f"{origin}: params do not match the model's shapes")
+      try:
+        p = ckpt_lib.init_from(config.init_from, abstract_params=run.abstract_params,
+                               config=config, meta=run.meta)
+      except errors.UserError:
+        raise
+      except (ImportError, AttributeError, LookupError, OSError, TypeError, ValueError) as e:
+        # The hook is named by the config: a module that does not import, a file it cannot
+        # read or a value it refuses is about the input.
+        raise ckpt_lib.CheckpointError(f"init_from={config.init_from!r} failed: "
+                                       f"{type(e).__name__}: {e}") from e
+    problems = params_mismatch(p, run.abstract_params)
+    if problems:
+      raise ckpt_lib.CheckpointError(f"{origin}: the params do not fit the model:\n  "
+                                     + "\n  ".join(problems[:12])
+                                     + ("\n  ..." if len(problems) > 12 else ""))
     from_params = jax.jit(lambda q: state_lib.create(q, tx, rng_data),
                           in_shardings=(run.param_shardings,), out_shardings=run.state_shardings)
     return from_params(jax.device_put(p, run.param_shardings)), origin
