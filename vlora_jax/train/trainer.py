@@ -30,6 +30,7 @@ from vlora_jax import errors
 from vlora_jax.train import checkpoint as ckpt_lib
 from vlora_jax.train import metrics as metrics_lib
 from vlora_jax.train import sharding, state as state_lib
+from vlora_jax.train import workdir as workdir_lib
 from vlora_jax.train.loop import Loop
 from vlora_jax.train.setup import Run, set_up
 from vlora_jax.train.steps import make_eval_step, make_train_step
@@ -148,9 +149,10 @@ def start_state(run: Run, ckpt: ckpt_lib.Checkpointer,
                                        f"{type(e).__name__}: {e}") from e
     problems = params_mismatch(p, run.abstract_params)
     if problems:
-      raise ckpt_lib.CheckpointError(f"{origin}: the params do not fit the model:\n  "
-                                     + "\n  ".join(problems[:12])
-                                     + ("\n  ..." if len(problems) > 12 else ""))
+      raise ckpt_lib.CheckpointError(f"{origin}: the params do not fit the model: "
+                                     + "; ".join(problems[:6])
+                                     + (f"; and {len(problems) - 6} more" if len(problems) > 6
+                                        else ""))
     from_params = jax.jit(lambda q: state_lib.create(q, tx, rng_data),
                           in_shardings=(run.param_shardings,), out_shardings=run.state_shardings)
     return from_params(jax.device_put(p, run.param_shardings)), origin
@@ -224,17 +226,33 @@ def train_and_evaluate(config, workdir: str | Path, *,
   t_start = time.time()
   sharding.maybe_initialize_distributed(config.get("distributed"))  # before any other JAX call
   run = set_up(config, Path(workdir))
-  train_step, t_compile = compile_train_step(run)
-  ckpt = ckpt_lib.Checkpointer(run.workdir, config.checkpoint, run.meta)
-  st, origin = start_state(run, ckpt, init_params)
-  start = int(jax.device_get(st["step"]))
-  logging.info("state: %s at step %d (%.1f s since start)", origin, start, time.time() - t_start)
-  if start >= run.total_steps:
-    logging.info("the run in %s is complete (step %d of %d): evaluating its final state only",
-                 run.workdir, start, run.total_steps)
-  loop = Loop(run, train_step, ckpt, start)
-  loop(st)
-  summary = summarize(run, loop, origin, t_start, t_compile)
-  loop.writer.close()
+  # From here the workdir is this run's alone (`workdir.py`): a second run is refused before it
+  # writes anything. set_up wrote only a probe file named by its pid, already deleted.
+  with workdir_lib.hold(run.workdir, run.main):
+    train_step, t_compile = compile_train_step(run)
+    ckpt = ckpt_lib.Checkpointer(run.workdir, config.checkpoint, run.meta)
+    loop = None
+    try:
+      st, origin = start_state(run, ckpt, init_params)
+      start = int(jax.device_get(st["step"]))
+      logging.info("state: %s at step %d (%.1f s since start)", origin, start,
+                   time.time() - t_start)
+      if start >= run.total_steps:
+        logging.info("the run in %s is complete (step %d of %d): evaluating its final state only",
+                     run.workdir, start, run.total_steps)
+      loop = Loop(run, train_step, ckpt, start)
+      loop(st)
+      summary = summarize(run, loop, origin, t_start, t_compile)
+    except BaseException:
+      # Before the lock goes: the save in flight finishes (its failure is logged; the error in
+      # flight is the one reported) and the files close, so no later run meets this one's writes.
+      try:
+        ckpt.close()
+      except Exception as e:  # noqa: BLE001
+        logging.error("%s", e)
+      if loop is not None:
+        loop.writer.close()
+      raise
+    loop.writer.close()
   logging.info("summary: %s", {k: v for k, v in summary.items() if k != "params_groups"})
   return summary
