@@ -12,6 +12,7 @@ The loss and metric statistics are sums, so that eval can add them over batches 
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import ClassVar
 
@@ -49,8 +50,9 @@ def dtype(name: str):
   return DTYPES[name]
 
 
-class Family:
-  """One kind of model and its task. Subclasses set the class attributes and `build`.
+class Family(abc.ABC):
+  """One kind of model and its task. Subclasses set the class attributes and implement the
+  abstract methods (a family that misses one fails when it is instantiated, at import).
 
   Attributes:
     name: the ``config.model.name`` that selects the family.
@@ -67,26 +69,26 @@ class Family:
 
   # ------------------------------------------------------------------------- the model
 
+  @abc.abstractmethod
   def build(self, mcfg, vlora: VLoRASpec | None, lora: LoRASpec | None) -> nn.Module:
     """``config.model`` and the run's specs (built once, by the caller) -> an unbound module."""
-    raise NotImplementedError
 
   def build_from_config(self, mcfg) -> nn.Module:
     return self.build(mcfg, vlora_spec(mcfg.get("vlora")),
                       lora_lib.spec_from_config(mcfg.get("lora")))
 
+  @abc.abstractmethod
   def sample_inputs(self, mcfg, batch: int = 2) -> tuple[jax.ShapeDtypeStruct, ...]:
     """Shapes of the positional inputs of ``model.apply`` / ``init`` for a batch."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def example_batch(self, mcfg, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """A synthetic training batch: the keys, shapes, dtypes and value ranges the data feeds (for
     benchmarks and tests)."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def sequence_length(self, mcfg) -> int:
     """Tokens per example that the layer stack processes (for FLOP estimates)."""
-    raise NotImplementedError
 
   def stack_specs(self, model: nn.Module) -> dict[str, tuple[VLoRASpec | None, LoRASpec | None]]:
     """``{stack name: (vlora, lora)}``: what `stack.merge` and the checkpoint layouts need."""
@@ -98,10 +100,10 @@ class Family:
     """Positional arguments of ``model.apply`` for a batch."""
     return tuple(batch[k] for k in self.input_keys)
 
+  @abc.abstractmethod
   def targets(self, batch, example_weight):
     """``(targets, weights)``: class ids and their loss weights, broadcast like the logits'
     leading axes; ``example_weight`` [B] is the batch's ``mask`` (ones in training)."""
-    raise NotImplementedError
 
   def sums(self, logits, batch, label_smoothing: float = 0.0) -> dict[str, jax.Array]:
     """``{'loss', 'correct', 'weight', 'examples', ...}``, each summed over the batch."""
@@ -134,9 +136,9 @@ class Family:
 
   # ------------------------------------------------------------------------- checks
 
+  @abc.abstractmethod
   def check_data(self, mcfg, info: dict) -> None:
     """The model against what the data pipeline found (``Pipeline.info``)."""
-    raise NotImplementedError
 
 
 class TokenFamily(Family):

@@ -45,12 +45,12 @@ class ViT(nn.Module):
     return layers.EncoderBlock(self.dim, self.num_heads, int(self.dim * self.mlp_ratio),
                                self.dropout, dtype=self.dtype, parent=None)
 
-  @nn.compact
-  def __call__(self, images, *, train: bool = False):
-    if self.global_pool not in ("token", "avg"):
-      raise ValueError(f"global_pool={self.global_pool!r}: allowed are ['token', 'avg']")
-    if self.global_pool == "token" and not self.class_token:
-      raise ValueError("global_pool='token' needs class_token=True")
+  def embed(self, images):
+    """Patch embedding, class token and learned positions: ``[B, H, W, C]`` -> ``[B, N, D]``.
+
+    Called from the compact ``__call__`` (of this class or a subclass), so its parameters are
+    the model's own: ``patch_embed``, ``cls_token``, ``pos_embed``.
+    """
     p = self.patch_size
     x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                 param_dtype=jnp.float32, name="patch_embed",
@@ -66,7 +66,16 @@ class ViT(nn.Module):
       x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.dim)).astype(x.dtype), x], axis=1)
     pos = self.param("pos_embed", nn.with_logical_partitioning(
         nn.initializers.truncated_normal(0.02), (None, None, "embed")), (1, x.shape[1], self.dim))
-    x = nn.Dropout(self.dropout)(x + pos.astype(x.dtype), deterministic=not train)
+    return x + pos.astype(x.dtype)
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    if self.global_pool not in ("token", "avg"):
+      raise ValueError(f"global_pool={self.global_pool!r}: allowed are ['token', 'avg']")
+    if self.global_pool == "token" and not self.class_token:
+      raise ValueError("global_pool='token' needs class_token=True")
+    x = self.embed(images)
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
     x = vlorafy(self.block(), self.depth, self.vlora, scan=self.scan, remat=self.remat,
                 lora=self.lora, name="blocks")(x, deterministic=not train)
     if not self.fc_norm:

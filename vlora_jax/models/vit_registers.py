@@ -30,24 +30,8 @@ class ViTRegisters(vit.ViT):
     if isinstance(self.num_registers, bool) or not isinstance(self.num_registers, int) \
         or self.num_registers < 0:
       raise ValueError(f"model.num_registers={self.num_registers!r}: must be an integer >= 0")
-    p = self.patch_size
-    x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                param_dtype=jnp.float32, name="patch_embed",
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.lecun_normal(), (None, None, None, "embed")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(
-                    images.astype(self.dtype))
-    b = x.shape[0]
-    x = x.reshape(b, -1, self.dim)
-    lead = int(self.class_token)
-    if self.class_token:
-      cls = self.param("cls_token", nn.with_logical_partitioning(
-          nn.initializers.normal(1e-6), (None, None, "embed")), (1, 1, self.dim))
-      x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.dim)).astype(x.dtype), x], axis=1)
-    pos = self.param("pos_embed", nn.with_logical_partitioning(
-        nn.initializers.truncated_normal(0.02), (None, None, "embed")), (1, x.shape[1], self.dim))
-    x = x + pos.astype(x.dtype)
-    tokens = x.shape[1]
+    x = self.embed(images)
+    b, tokens, lead = x.shape[0], x.shape[1], int(self.class_token)
     if self.num_registers:
       reg = self.param("registers", nn.with_logical_partitioning(
           nn.initializers.truncated_normal(0.02), (None, None, "embed")),
