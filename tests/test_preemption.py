@@ -163,3 +163,46 @@ def test_the_command_line_exits_75_and_the_rerun_resumes(tmp_path):
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["start_step"] == stopped and summary["step"] == stopped + 2
+
+
+TWO_HOSTS = """
+import json, os
+from helpers_train import tiny
+from vlora_jax import errors
+from vlora_jax.train import train_and_evaluate
+import jax
+try:
+  train_and_evaluate(tiny("vit", num_train_steps=100000, **{"checkpoint.every_steps": 100000}),
+                     os.environ["WORKDIR"])
+  print("RESULT " + json.dumps({"process": jax.process_index(), "step": None}), flush=True)
+except errors.Preempted as e:
+  print("RESULT " + json.dumps({"process": jax.process_index(), "step": e.step}), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_hosts_stop_at_the_same_step(tmp_path):
+  """SIGTERM to one of two jax.distributed processes: JAX's preemption service tells the other,
+  and both save at one agreed step."""
+  from helpers_train import free_port, result, run_py
+  port = free_port()
+  procs = [run_py(TWO_HOSTS, wait=False, env={
+      "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+      "JAX_PROCESS_ID": str(i), "WORKDIR": str(tmp_path)}) for i in range(2)]
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and not (metrics.exists()
+                                        and len(metrics.read_text().splitlines()) >= 3):
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)
+  steps = []
+  for p in procs:
+    try:
+      out, _ = p.communicate(timeout=240)
+    finally:
+      if p.poll() is None:
+        p.kill()
+    assert p.returncode == 0, out[-3000:]
+    steps.append(result(out)["step"])
+  assert steps[0] is not None and steps[0] == steps[1], steps
+  assert sorted(int(d.name) for d in (tmp_path / "checkpoints").iterdir()) == [steps[0]]
