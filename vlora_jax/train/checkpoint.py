@@ -28,9 +28,14 @@ Nothing is lost:
   sums of its bits, the second position-weighted: independent of the sharding, so it verifies a
   restore onto another mesh) in ``meta``. A newest checkpoint that fails to read or to match its
   fingerprint (a truncated or deleted file, a bit flip) is moved to ``<workdir>/checkpoints.bad``
-  with a warning that says why, and the run resumes from the newest good one.
+  with a warning that says why, and the run resumes from the newest good one. A ``best/`` step
+  whose small files do not read (its metrics, metadata, or a missing item) is moved to
+  ``<workdir>/best.bad`` the same way when the run starts (`Checkpointer`): Orbax reads every
+  step's metrics when it opens the directory, and one bad file would stop the run.
 * Only finite states are saved (`NonFiniteLossError` otherwise), and a save that fails (disk full,
-  permissions) is a `WorkdirError` naming the last good checkpoint, which is kept.
+  permissions) is a `WorkdirError` naming the step that failed and the last good checkpoint,
+  which is kept. Async saves are checked too: at the next save of the same kind, at `wait` and at
+  `close`.
 """
 
 from __future__ import annotations
@@ -155,9 +160,12 @@ class Checkpointer:
     async_save = ccfg.get("async_save", True)
     self.latest = _manager(self.dir / "checkpoints", keep=ccfg.get("keep", 2),
                            async_save=async_save)
-    self._writing = None  # the step of the newest save (async: it may still be writing)
+    # The steps of the newest saves (async: they may still be writing).
+    self._writing = self._writing_best = None
+    self._closed = False
     self.best = None
     if ccfg.get("keep_best", 0) and ccfg.get("best_metric"):
+      self._set_aside_bad_best(ccfg.best_metric)
       self.best = _manager(self.dir / "best", keep=ccfg.keep_best, async_save=async_save,
                            best_metric=ccfg.best_metric, best_mode=ccfg.get("best_mode", "max"))
 
@@ -165,10 +173,29 @@ class Checkpointer:
     return self.latest.latest_step()
 
   def last_good(self) -> str:
-    """For messages: the newest finished checkpoint, or 'none'."""
-    self.latest.wait_until_finished()
-    s = self.latest.latest_step()
-    return str(self.dir / "checkpoints" / str(s)) if s is not None else "none"
+    """For messages: the newest finished checkpoint, or 'none'.
+
+    Read from the directory (Orbax renames a step's temporary directory when its save is
+    complete), without waiting for a save in flight: Orbax raises a failed async save's error only
+    once, so a wait here would hide it from the wait that reports it.
+    """
+    d = self.dir / "checkpoints"
+    steps = [int(p.name) for p in d.iterdir() if p.name.isdigit()] if d.is_dir() else []
+    return str(d / str(max(steps))) if steps else "none"
+
+  def _set_aside_bad_best(self, metric: str) -> None:
+    """Moves the ``best/`` steps that Orbax could not open (or that lack an item) to
+    ``best.bad``, before the manager opens the directory; the latest checkpoints are unaffected."""
+    d = self.dir / "best"
+    if jax.process_index() == 0 and d.is_dir():
+      bad = {int(p.name): why for p in sorted(d.iterdir())
+             if p.name.isdigit() and (why := _best_problem(p, metric))}
+      if bad:
+        moved = self._move_aside("best", bad)
+        logging.warning("moved %d damaged best checkpoint(s) from %s to %s: %s", len(bad), d,
+                        moved, "; ".join(f"step {s}: {why}" for s, why in sorted(bad.items())))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("vlora_jax.checkpoint.best_checked")
 
   def _checked_meta(self, step: int, state, **extra) -> dict:
     prints, finite = fingerprint(state)
@@ -208,6 +235,14 @@ class Checkpointer:
     if self.best is None:
       return False
     meta = self._checked_meta(step, state, metrics=metrics)
+    self._guarded(f"saving best checkpoint step {self._writing_best} (in the background)",
+                  self.best.wait_until_finished)
+    if step in self.best.all_steps():
+      # Left by an earlier attempt at this step (a run that died, or that resumed from an older
+      # checkpoint): this save replaces it, as Orbax refuses to save a step twice.
+      logging.info("replacing the best checkpoint of step %d from an earlier attempt", step)
+      self._guarded(f"replacing best checkpoint step {step}", self.best.delete, step)
+    self._writing_best = step
     return self._guarded(f"saving best checkpoint step {step}", self.best.save, step,
                          args=_save_args(state, meta), metrics=metrics, force=True)
 
@@ -249,27 +284,69 @@ class Checkpointer:
     return None
 
   def _quarantine(self, steps: list[int]) -> Path:
-    """Moves bad step directories out of Orbax's sight (kept for inspection, never deleted)."""
-    bad = self.dir / "checkpoints.bad"
-    if jax.process_index() == 0:
-      bad.mkdir(exist_ok=True)
-      for s in steps:
-        shutil.move(str(self.dir / "checkpoints" / str(s)), str(bad / f"{s}-{int(time.time())}"))
+    """Moves bad step directories of ``checkpoints`` out of Orbax's sight (every process)."""
+    bad = self._move_aside("checkpoints", steps)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("vlora_jax.checkpoint.quarantine")
     self.latest.reload()
     return bad
 
+  def _move_aside(self, kind: str, steps) -> Path:
+    """Process 0 moves ``<workdir>/<kind>/<step>`` to ``<workdir>/<kind>.bad/<step>-<time>``
+    (kept for inspection, never deleted); the callers synchronize the processes."""
+    bad = self.dir / f"{kind}.bad"
+    if jax.process_index() == 0:
+      bad.mkdir(exist_ok=True)
+      for s in steps:
+        shutil.move(str(self.dir / kind / str(s)), str(bad / f"{s}-{int(time.time())}"))
+    return bad
+
   def wait(self):
+    """Waits for the saves in flight; a failed one is a `WorkdirError` naming its step."""
     self._guarded(f"saving checkpoint step {self._writing} (in the background)",
                   self.latest.wait_until_finished)
     if self.best is not None:
-      self._guarded("finishing a best-checkpoint save", self.best.wait_until_finished)
+      self._guarded(f"saving best checkpoint step {self._writing_best} (in the background)",
+                    self.best.wait_until_finished)
 
   def close(self):
-    self.latest.close()
-    if self.best is not None:
-      self.best.close()
+    """Waits for the saves in flight (checked as in `wait`), then closes; a second call does
+    nothing."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self.wait()
+    finally:  # after a failed wait too: Orbax raises a save's error once, closing does not hide it
+      self._guarded("closing the checkpoint manager", self.latest.close)
+      if self.best is not None:
+        self._guarded("closing the best-checkpoint manager", self.best.close)
+
+
+def _best_problem(step_dir: Path, metric: str) -> str | None:
+  """Why Orbax cannot open (or rank) a ``best/<step>`` directory, or None.
+
+  Reads the small JSON files: the metrics Orbax ranks the steps by, the step's metadata, and the
+  metadata of the ``meta`` and ``state`` items. The arrays are not read (that would cost a
+  restore of every best state at every start).
+  """
+  for rel in ("metrics/metrics", "_CHECKPOINT_METADATA", "meta/metadata", "state/_METADATA"):
+    path = step_dir / rel
+    if rel == "_CHECKPOINT_METADATA" and not path.exists():
+      continue  # not written by older Orbax versions
+    try:
+      obj = json.loads(path.read_text())
+      if not isinstance(obj, dict):
+        return f"{rel} holds a JSON {type(obj).__name__}, not an object"
+      if rel == "metrics/metrics":
+        float(obj[metric])
+    except FileNotFoundError:
+      return f"{rel} is missing"
+    except KeyError:
+      return f"{rel} has no {metric!r}"
+    except (OSError, ValueError, TypeError) as e:
+      return f"{rel} does not read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+  return None
 
 
 _MASK = np.uint64(2**32 - 1)

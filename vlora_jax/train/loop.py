@@ -33,8 +33,10 @@ class Loop:
   def __init__(self, run: Run, train_step, ckpt: ckpt_lib.Checkpointer, start: int):
     self.run, self.train_step, self.ckpt, self.start = run, train_step, ckpt, start
     config = run.config
+    # A resumed run first drops the rows it writes again (a finished run: its eval at `start`).
     self.writer = metrics_lib.Writer(run.workdir, enabled=run.main,
-                                     tensorboard=config.get("tensorboard", True))
+                                     tensorboard=config.get("tensorboard", True),
+                                     resume_step=start, redo_eval=start >= run.total_steps)
     if start == 0:
       self.writer.text("config", "```\n" + str(config) + "\n```")
     # A finished run that is started again only evaluates: no bar of finished steps.

@@ -7,13 +7,17 @@ tensorboardX (clu's writers import TensorFlow).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import resource
 import sys
 from pathlib import Path
 
 from absl import logging
+
+from vlora_jax import errors
 
 
 def write_json(path: Path, obj) -> None:
@@ -30,16 +34,35 @@ def peak_rss_gib() -> float:
 
 
 class Writer:
-  """Scalars to ``<workdir>/metrics.jsonl`` (one JSON object per line) and ``<workdir>/tb``."""
+  """Scalars to ``<workdir>/metrics.jsonl`` (one JSON object per line) and ``<workdir>/tb``.
 
-  def __init__(self, workdir: str | Path, enabled: bool = True, tensorboard: bool = True):
+  ``metrics.jsonl`` never holds half a line or a step twice:
+
+  * each row is one ``os.write`` of the whole line to a file opened for appending; a write that
+    fails or comes up short (disk full, a file size limit) is cut off again and raised as a
+    `WorkdirError`;
+  * a run that starts from a checkpoint at ``resume_step`` first keeps only the complete rows of
+    the steps up to it (a run that died wrote rows past its last checkpoint; they are written
+    again); a start at 0 keeps nothing. With ``redo_eval`` (a finished run started again: it
+    only evaluates) the eval rows at ``resume_step`` go too, as the fresh eval replaces them.
+    ``resume_step=None`` appends to the file as it is.
+
+  TensorBoard event files are left as they are: a resumed run adds an event file, and TensorBoard
+  shows the last value written for a step.
+  """
+
+  def __init__(self, workdir: str | Path, enabled: bool = True, tensorboard: bool = True,
+               resume_step: int | None = None, redo_eval: bool = False):
     self.enabled = enabled
-    self._jsonl = self._tb = None
+    self._fd, self._tb = -1, None
     if not enabled:
       return
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+    self.path = workdir / "metrics.jsonl"
+    if resume_step is not None:
+      _cut_back(self.path, resume_step, redo_eval)
+    self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     if tensorboard:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(str(workdir / "tb"))
@@ -48,22 +71,88 @@ class Writer:
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
-    self._jsonl.flush()
+    self._append((json.dumps({"step": int(step), **clean}) + "\n").encode(), int(step))
     if self._tb is not None:
       for k, v in clean.items():
         if math.isfinite(v):
           self._tb.add_scalar(k, v, int(step))
+
+  def _append(self, line: bytes, step: int) -> None:
+    """One write of the whole line; on failure the file is cut back to where it was."""
+    size = os.fstat(self._fd).st_size  # this process is the file's only writer (run.lock)
+    error = None
+    try:
+      n = os.write(self._fd, line)
+      if n == len(line):
+        return
+      cause = f"only {n} of {len(line)} bytes written"
+    except OSError as e:
+      error = e
+      cause = f"{errno.errorcode.get(e.errno, 'error')}: {e.strerror or e}"
+    try:
+      os.ftruncate(self._fd, size)
+      cut = "cut back to its last complete row"
+    except OSError as e:
+      cut = (f"not cut back ({e.strerror or e}); its incomplete last line is dropped when the run "
+             "resumes")
+    raise errors.WorkdirError(
+        f"{self.path}: writing the metrics of step {step} failed ({cause}); the file was {cut}. "
+        "The checkpoints are untouched: free space (or raise the file size limit), then rerun "
+        "the same command to resume.") from error
 
   def text(self, tag: str, text: str) -> None:
     if self.enabled and self._tb is not None:
       self._tb.add_text(tag, text, 0)
 
   def close(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.close()
+    if self._fd >= 0:
+      os.close(self._fd)
+      self._fd = -1
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
+
+
+def _row(line: bytes) -> dict | None:
+  """A metrics row (a JSON object with an integer step), or None."""
+  try:
+    row = json.loads(line)
+  except ValueError:
+    return None
+  ok = isinstance(row, dict) and isinstance(row.get("step"), int) \
+      and not isinstance(row["step"], bool)
+  return row if ok else None
+
+
+def _cut_back(path: Path, resume_step: int, redo_eval: bool) -> None:
+  """Rewrites ``path`` (atomically) with only the rows a run starting at ``resume_step`` keeps."""
+  try:
+    data = path.read_bytes()
+  except FileNotFoundError:
+    return
+  *lines, tail = data.split(b"\n")  # tail: what follows the last newline (half a row, or b"")
+  kept, past, redone, broken = [], 0, 0, int(bool(tail.strip()))
+  for line in lines:
+    row = _row(line)
+    if row is None:
+      broken += bool(line.strip())
+    elif row["step"] > resume_step or resume_step == 0:  # at 0 nothing was resumed
+      past += 1
+    elif redo_eval and row["step"] == resume_step and any(k.startswith("eval/") for k in row):
+      redone += 1
+    else:
+      kept.append(line + b"\n")
+  if len(kept) == len(lines) and not tail:
+    return
+  tmp = path.with_name(path.name + ".tmp")
+  with open(tmp, "wb") as f:
+    f.write(b"".join(kept))
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  logging.info("%s: starting at step %d: kept %d rows; dropped %d past that step, %d eval rows "
+               "to be redone, %d incomplete or unreadable lines", path, resume_step, len(kept),
+               past, redone, broken)
 
 
 class Progress:
