@@ -26,6 +26,7 @@ from vlora_jax.models.family import Family
 from vlora_jax.train import checkpoint as ckpt_lib
 from vlora_jax.train import metrics as metrics_lib
 from vlora_jax.train import optim, sharding, state as state_lib, validate
+from vlora_jax.train import workdir as workdir_lib
 
 
 @dataclasses.dataclass
@@ -116,9 +117,18 @@ def set_up(config, workdir: Path) -> Run:
 
 
 def _check_workdir(run: Run) -> None:
-  """Fails at start, not at the first save, when the workdir cannot take the checkpoints."""
-  if not run.main:
-    return
+  """Fails at start, not at the first save, when the workdir cannot take the checkpoints (on every
+  process: process 0 checks)."""
+  error = None
+  if run.main:
+    try:
+      _check_writable(run)
+    except errors.WorkdirError as e:
+      error = e
+  workdir_lib.raise_everywhere(error, f"workdir={str(run.workdir)!r} cannot take the run")
+
+
+def _check_writable(run: Run) -> None:
   workdir = run.workdir
   try:
     workdir.mkdir(parents=True, exist_ok=True)

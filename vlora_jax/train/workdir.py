@@ -119,6 +119,17 @@ def acquire(workdir: str | Path) -> Lock | None:
   return Lock(path, fd)
 
 
+def raise_everywhere(error: Exception | None, what: str) -> None:
+  """Raises on every process if process 0 found ``error`` (the others would otherwise wait for
+  process 0 at the next collective, forever); ``what`` says it on the other processes."""
+  if jax.process_count() > 1:
+    failed = bool(multihost_utils.broadcast_one_to_all(np.asarray(error is not None)))
+    if failed and error is None:
+      error = WorkdirError(f"{what} (process 0's log says why)")
+  if error is not None:
+    raise error
+
+
 @contextlib.contextmanager
 def hold(workdir: str | Path, main: bool = True):
   """Holds the workdir's lock for the ``with`` block; process 0 (``main``) takes it.
@@ -132,13 +143,7 @@ def hold(workdir: str | Path, main: bool = True):
       lock = acquire(workdir)
     except WorkdirError as e:
       error = e
-  if jax.process_count() > 1:
-    refused = bool(multihost_utils.broadcast_one_to_all(np.asarray(error is not None)))
-    if refused and error is None:
-      error = WorkdirError(f"workdir={str(workdir)!r}: process 0 could not take {LOCK_NAME} "
-                           "(its log says why)")
-  if error is not None:
-    raise error
+  raise_everywhere(error, f"workdir={str(workdir)!r}: process 0 could not take {LOCK_NAME}")
   try:
     yield lock
   finally:
