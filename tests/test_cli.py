@@ -35,7 +35,7 @@ def _cases(tmp):
   (tmp / "not.npz").write_text("not an npz file")
   (tmp / "afile").write_text("a file where the workdir should be")
   (tmp / "cli_hooks.py").write_text(HOOK)
-  wd = f"--workdir={tmp / 'wd'}"
+  wd = "--workdir=WORKDIR"  # each case gets its own (they run at once; a workdir holds one run)
   return {
       "typo_key": ([DIGITS, wd, "--config.modle.dim=3"], "--config.modle.dim: no config key"),
       "wrong_type": ([DIGITS, wd, "--config.model.dim=abc"], "--config.model.dim=abc"),
@@ -69,8 +69,10 @@ def _run(args, tmp):
 def outcomes(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("cli")
   cases = _cases(tmp)
+  argvs = [[a.replace("WORKDIR", str(tmp / name)) for a in args]
+           for name, (args, _) in cases.items()]
   with ThreadPoolExecutor(4) as pool:
-    procs = dict(zip(cases, pool.map(lambda c: _run(c[0], tmp), cases.values())))
+    procs = dict(zip(cases, pool.map(lambda args: _run(args, tmp), argvs)))
   return {name: (procs[name], cases[name][1]) for name in cases}
 
 

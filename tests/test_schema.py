@@ -216,3 +216,19 @@ def test_default_py_comments_list_every_choice():
 def test_docs_config_md_is_the_schema():
   doc = (ROOT / "docs" / "config.md").read_text()
   assert schema.markdown() in doc, "regenerate: python -m vlora_jax.tools.config_doc (docs/config.md)"
+
+
+@pytest.mark.parametrize("key,value,named", [
+    ("optim.freeze", "encoder/.*", "optim.freeze='encoder/.*' matches no parameter"),
+    ("optim.lr_mults", (("blocks/inc_[ab]/.*", 2.0), ("lora_.*", 3.0)),
+     "optim.lr_mults[1]='lora_.*' matches no parameter"),
+    ("optim.wd_mults", (("(.*/)?gamma", 0.0),), "optim.wd_mults[0]='(.*/)?gamma' matches no"),
+])
+def test_a_pattern_that_selects_no_parameter_is_refused(key, value, named, tmp_path):
+  # Patterns are judged against the model's parameter paths, at set-up (shapes only, no compile).
+  from helpers_train import tiny
+  from vlora_jax.train.setup import set_up
+  with pytest.raises(errors.ConfigError) as info:
+    set_up(tiny("vit", **{key: value}), tmp_path)
+  assert str(info.value).startswith(named), str(info.value)
+  assert "paths such as" in str(info.value)
