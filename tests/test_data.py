@@ -85,7 +85,8 @@ def test_npz_source_and_crop_flip_augmentation(tmp_path):
   plain = data.build(tiny("vit", **base, **{"data.augment": "none"}))
   aug = data.build(tiny("vit", **base, **{"data.augment": "crop_flip", "data.crop_padding": 2}))
   assert plain.info == {"kind": "images", "image_shape": (8, 8, 3), "num_classes": 4,
-                        "num_train": 40}
+                        "num_train": 40, "scale": 1 / 255, "mean": (0.0,) * 3, "std": (1.0,) * 3,
+                        "class_names": None}
   x, xa = plain.train_batch(0)["image"], aug.train_batch(0)["image"]
   assert np.array_equal(plain.train_batch(0)["label"], aug.train_batch(0)["label"])
   assert x.shape == xa.shape == (40, 8, 8, 3) and x.dtype == np.float32

@@ -116,7 +116,7 @@ def test_malformed_npz_is_one_error_naming_file_split_field(tmp_path, case):
   assert str(path) in msg and f"{split} split" in msg and f"{field}:" in msg, msg
 
 
-def test_label_names_set_the_class_count(tmp_path):
+def test_label_names_set_the_class_count_and_names(tmp_path):
   a = _arrays()
   a["label_names"] = np.array(["a", "b", "c"])  # 3 names, but y_train has class 3
   path = _save(tmp_path, a)
@@ -124,7 +124,8 @@ def test_label_names_set_the_class_count(tmp_path):
                                       r"len\(label_names\)"):
     _build(path)
   a["label_names"] = np.array(["a", "b", "c", "d", "e"])
-  assert _build(_save(tmp_path, a, "ok.npz")).info["num_classes"] == 5
+  info = _build(_save(tmp_path, a, "ok.npz")).info
+  assert info["num_classes"] == 5 and info["class_names"] == ("a", "b", "c", "d", "e")
 
 
 def test_jpeg_offsets_out_of_range(tmp_path):

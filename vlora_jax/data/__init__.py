@@ -11,7 +11,14 @@ it reads, ``Family.sources``):
   text     a local UTF-8 text file, character level                           -> lm
   reverse  synthetic sequence reversal, generated from (seed, index)          -> seq2seq
 
-`build` returns a `pipeline.Pipeline` for this process; see there for the order guarantees.
+`build` returns a `pipeline.Pipeline` for this process; see there for the order guarantees. Its
+``info`` describes the data: what the trainer checks the model against, and what a checkpoint
+stores for using the trained model without the data (`vlora_jax.load`):
+
+  images   image_shape (H, W, C), num_classes, class_names (or None), and the normalisation:
+           model input = (pixels * scale - mean) / std, per channel
+  text     vocab (the characters; token id = position in it), vocab_size, tokens_per_example
+  seq2seq  vocab_size, tokens_per_example, special_tokens (pad, bos, eos ids)
 """
 
 from __future__ import annotations
@@ -87,7 +94,8 @@ def build(config, *, process_index: int = 0, process_count: int = 1) -> Pipeline
     ds = (grain.MapDataset.source(train).shuffle(seed=seed).repeat()
           .random_map(train_fn, seed=seed + 1))
     info = dict(kind=k, image_shape=train.shape, num_classes=train.num_classes,
-                num_train=len(train))
+                num_train=len(train), scale=train.scale, mean=tuple(d.mean), std=tuple(d.std),
+                class_names=train.class_names)
     return Pipeline(ds, _cap(test, d.get("eval_examples", 0)), eval_fn, info=info, **common)
 
   if k == "text":
@@ -111,6 +119,7 @@ def build(config, *, process_index: int = 0, process_count: int = 1) -> Pipeline
   vocab = d.vocab_size
   mk = lambda s, n: sources.Reversal(s, n, seq_len, vocab, d.get("min_len", 1))
   ds = grain.MapDataset.source(mk(seed, 2**62))
-  info = dict(kind=k, vocab_size=vocab, num_train=None, tokens_per_example=seq_len)
+  info = dict(kind=k, vocab_size=vocab, num_train=None, tokens_per_example=seq_len,
+              special_tokens=dict(pad=sources.PAD, bos=sources.BOS, eos=sources.EOS))
   return Pipeline(ds, mk(seed + 10**6, d.get("eval_examples") or 512), lambda r: r, info=info,
                   **common)

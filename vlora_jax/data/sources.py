@@ -36,6 +36,7 @@ class ImageSplit:
   scale: float             # pixels * scale lie in [0, 1]
   shape: tuple[int, int, int]
   num_classes: int
+  class_names: tuple[str, ...] | None = None  # where the data set names its classes
 
   def __len__(self):
     return len(self.records)
@@ -101,7 +102,8 @@ def digits(split: str, test_fraction: float = 0.2) -> ImageSplit:
   n_test = int(round(len(perm) * test_fraction))
   idx = perm[:-n_test] if split == "train" else perm[-n_test:]
   images = d.images[idx].astype(np.float32)
-  return ImageSplit(_Arrays(images, d.target[idx]), 1.0 / 16.0, (8, 8, 1), 10)
+  return ImageSplit(_Arrays(images, d.target[idx]), 1.0 / 16.0, (8, 8, 1), 10,
+                    tuple(str(n) for n in d.target_names))
 
 
 NPZ_HINT = ("Point data.path at a local copy of mnist.npz, cifar10_subset.npz or cifar10_jpeg_q75.npz "
@@ -239,7 +241,8 @@ def npz_splits(path: str, *, pixel_scale: str = "uint8") -> tuple[ImageSplit, Im
   ``y_<split>``). ``pixel_scale`` declares the pixels: 'uint8' (whole numbers 0-255) or 'unit'
   (floats in [0, 1]); it sets the normalisation and the file must match it. Labels lie in
   [0, num_classes) in every split, num_classes being ``len(label_names)`` when the file has it, else
-  the train labels' max + 1. Any problem is one `DataError` naming file, split, field and values.
+  the train labels' max + 1 (``label_names`` also become the splits' ``class_names``). Any problem
+  is one `DataError` naming file, split, field and values.
   """
   if pixel_scale not in PIXEL_SCALES:
     raise DataError(f"data.pixel_scale={pixel_scale!r}: allowed are {list(PIXEL_SCALES)}")
@@ -264,7 +267,10 @@ def npz_splits(path: str, *, pixel_scale: str = "uint8") -> tuple[ImageSplit, Im
       raise npz.error(part, field, f"images of shape {shapes[part]} (H, W, C), the train split's "
                       f"are {shapes['train']}; allowed: the train split's shape")
   scale = PIXEL_SCALES[pixel_scale]
-  return tuple(ImageSplit(read[p][0], scale, shapes[p], num_classes) for p in SPLITS)
+  class_names = None if names is None else tuple(
+      n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names.tolist())
+  return tuple(ImageSplit(read[p][0], scale, shapes[p], num_classes, class_names)
+               for p in SPLITS)
 
 
 def npz_images(path: str, split: str, *, pixel_scale: str = "uint8") -> ImageSplit:
@@ -313,7 +319,9 @@ def tfds_images(name: str, split: str, data_dir: str | None = None,
   src = _tfds_source(name, split, data_dir, download)
   info = tfds.builder(name, data_dir=data_dir).info
   shape = tuple(int(s) for s in info.features["image"].shape)
-  return ImageSplit(_TfdsImages(src), 1.0 / 255.0, shape, int(info.features["label"].num_classes))
+  label = info.features["label"]
+  return ImageSplit(_TfdsImages(src), 1.0 / 255.0, shape, int(label.num_classes),
+                    tuple(label.names))
 
 
 TEXT_HINT = ("Point data.path at a UTF-8 text file, e.g. "

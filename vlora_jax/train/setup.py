@@ -99,8 +99,11 @@ def set_up(config, workdir: Path) -> Run:
     abstract_state = jax.eval_shape(lambda p, r: state_lib.create(p, opt.tx, r), abstract_params,
                                     abstract_rng)
     specs = plan.family.stack_specs(model)
+    # The data's description (vocabulary, image shape, normalisation, class names) is stored
+    # with the model: a trained run is used without its data files (`vlora_jax.load`).
     meta = {"config": json.loads(config.to_json_best_effort()),
-            "layout": ckpt_lib.layouts(abstract_params, {k: v[0] for k, v in specs.items()})}
+            "layout": ckpt_lib.layouts(abstract_params, {k: v[0] for k, v in specs.items()}),
+            "data": pipe.info}
     counts = params_lib.count(abstract_params, trainable=opt.trainable())
     meta["params_total"] = counts["total"]
     run = Run(config=config, workdir=Path(workdir), main=jax.process_index() == 0, plan=plan,
