@@ -20,6 +20,10 @@ class ConfigError(UserError, ValueError):
   """A config key with a value that is not allowed (raised before anything compiles)."""
 
 
+class CheckpointError(UserError, ValueError):
+  """A checkpoint that is missing, or does not fit the current model or config."""
+
+
 class WorkdirError(UserError, OSError):
   """The workdir cannot hold the run: not writable, not enough space, or a save that failed."""
 

@@ -53,14 +53,11 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from vlora_jax import stack as stack_lib
-from vlora_jax.errors import NonFiniteLossError, UserError, WorkdirError
+# CheckpointError lives in `errors` (importable without Orbax), and is part of this interface.
+from vlora_jax.errors import CheckpointError, NonFiniteLossError, UserError, WorkdirError
 
 InitFn = Callable[..., Any]  # (arg, *, abstract_params, config) -> params (host or device arrays)
 INIT_FROM: dict[str, InitFn] = {}
-
-
-class CheckpointError(UserError, ValueError):
-  """A checkpoint that does not fit the current model or config."""
 
 
 def register_init_from(kind: str):
@@ -479,7 +476,9 @@ def read_state(path: str, params_only: bool = True) -> dict:
   d, step = resolve(path)
   step_dir = (d / str(step) / "state").absolute()
   ckptr = ocp.PyTreeCheckpointer()
-  tree = ckptr.metadata(step_dir).item_metadata.tree
+  # The item's own metadata (the handler's): the checkpointer's would look for a step-level
+  # metadata file in the item directory and warn that there is none.
+  tree = ocp.PyTreeCheckpointHandler().metadata(step_dir).tree
   if params_only:
     tree = {"params": tree["params"]}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
