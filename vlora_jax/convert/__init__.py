@@ -1,4 +1,5 @@
-"""Maps into VLoRA parameterisations: PyTorch import (`torch_vit`), dense -> VLoRA (`compress`)."""
+"""Maps into VLoRA parameterisations: PyTorch import (`torch_vit`), dense -> VLoRA (`compress`);
+and out of them: a merged dense ViT to timm (`timm_export`, used by `vlora_jax.export`)."""
 
 from vlora_jax.convert.compress import Compressed, compress, compress_tree
 from vlora_jax.convert.torch_vit import torch_vit

@@ -1,7 +1,8 @@
 """Import a PyTorch ViT checkpoint (timm dense or the official VLoRA) without torch.
 
-`torch_vit(state_dict, **kwargs)` takes the checkpoint as ``{name: numpy array}`` (or an ``.npz``
-path) and the constructor kwargs that built it, and returns ``(module, variables)`` such that
+`torch_vit(state_dict, **kwargs)` takes the checkpoint as ``{name: numpy array}`` (or a path to an
+``.npz`` or ``.safetensors`` file: timm's hub files are safetensors) and the constructor kwargs that
+built it, and returns ``(module, variables)`` such that
 ``module.apply(variables, images_nhwc)`` gives the logits. Which kind it is comes from the keys:
 
   timm dense      ``blocks.{l}.attn.qkv.weight`` ...        -> `ViT` with a dense stack
@@ -88,18 +89,26 @@ class WeightsError(UserError, ValueError):
   """Checkpoint weights that are not finite floating-point numbers."""
 
 
+def _is_safetensors(path) -> bool:
+  return str(path).endswith(".safetensors")
+
+
 def load_state_dict(state_dict: Mapping[str, Any] | str | os.PathLike) -> dict[str, np.ndarray]:
-  """A mapping of names to arrays, or an ``.npz`` path -> ``{name: float32 numpy array}``.
+  """A mapping of names to arrays, or an ``.npz`` or ``.safetensors`` path -> ``{name: float32
+  numpy array}``.
 
   Raises `WeightsError`, listing every such key, for weights that are not floating point (an int or
   bool tensor is not a weight this model has, and a cast would hide it) or not finite as float32.
   """
-  if isinstance(state_dict, (str, os.PathLike)):
+  if isinstance(state_dict, (str, os.PathLike)) and _is_safetensors(state_dict):
+    from safetensors.numpy import load_file  # read with numpy: no torch
+    state_dict = load_file(str(state_dict))
+  elif isinstance(state_dict, (str, os.PathLike)):
     with np.load(state_dict) as f:
       state_dict = {k: f[k] for k in f.files}
   if not isinstance(state_dict, Mapping):
-    raise ValueError(f"state_dict: expected a mapping of names to arrays or an .npz path, got "
-                     f"{type(state_dict).__name__}")
+    raise ValueError("state_dict: expected a mapping of names to arrays or an .npz or "
+                     f".safetensors path, got {type(state_dict).__name__}")
   raw = {str(k): np.asarray(v) for k, v in state_dict.items()}
   not_float = sorted(f"{k}: {a.dtype}" for k, a in raw.items()
                      if not jnp.issubdtype(a.dtype, jnp.floating))
@@ -116,6 +125,20 @@ def load_state_dict(state_dict: Mapping[str, Any] | str | os.PathLike) -> dict[s
         parts.append(f"  {len(items)} {title}:\n" + "\n".join(f"    {i}" for i in items))
     raise WeightsError("\n".join(parts))
   return out
+
+
+KWARGS_KEY = "timm_kwargs"  # the safetensors metadata entry with the constructor kwargs (JSON)
+
+
+def saved_kwargs(path) -> dict:
+  """The constructor kwargs a ``.safetensors`` file carries in its metadata (`KWARGS_KEY`:
+  `vlora_jax.export` writes them), else ``{}`` (timm's hub files carry none)."""
+  if not (isinstance(path, (str, os.PathLike)) and _is_safetensors(path)):
+    return {}
+  from safetensors import safe_open
+  with safe_open(str(path), framework="np") as f:
+    raw = (f.metadata() or {}).get(KWARGS_KEY)
+  return json.loads(raw) if raw else {}
 
 
 def detect(keys) -> str:
@@ -301,7 +324,7 @@ def torch_vit(state_dict: Mapping[str, Any] | str | os.PathLike, *, dtype=jnp.fl
 
   Args:
     state_dict: ``{name: numpy array}`` (e.g. ``{k: v.numpy() for k, v in model.state_dict()
-      .items()}``) or a path to an ``.npz`` of it.
+      .items()}``) or a path to an ``.npz`` or ``.safetensors`` file of it.
     dtype: computation dtype of the module (parameters stay float32).
     scan: run the layer stack as one scan (default) or unrolled.
     **kwargs: the torch constructor kwargs: ``img_size, patch_size, in_chans, embed_dim, depth,
@@ -310,7 +333,8 @@ def torch_vit(state_dict: Mapping[str, Any] | str | os.PathLike, *, dtype=jnp.fl
       vl_enabled, vl_param_name`` (its defaults where absent; ``vl_rank`` / ``vl_alpha`` may be lists
       in the order of ``vl_param_name``, by default qkv, proj, fc1, fc2). The official ``depth``
       counts compounds; the returned ViT's ``depth`` counts layers (``depth * vl_size``).
-      Dropout-rate kwargs are accepted and ignored.
+      Dropout-rate kwargs are accepted and ignored. A ``.safetensors`` file written by
+      `vlora_jax.export` carries its kwargs (`saved_kwargs`): they are the defaults here.
 
   Returns:
     ``(module, variables)``: ``module.apply(variables, images_nhwc)`` are the logits.
@@ -323,7 +347,7 @@ def torch_vit(state_dict: Mapping[str, Any] | str | os.PathLike, *, dtype=jnp.fl
   """
   sd = load_state_dict(state_dict)
   kind = detect(sd)
-  cfg = _check_kwargs(kind, dict(kwargs))
+  cfg = _check_kwargs(kind, {**saved_kwargs(state_dict), **kwargs})
   _validate(sd, kind, cfg)
   d = cfg["embed_dim"]
   block = _block_params(d, int(d * cfg["mlp_ratio"]))
