@@ -175,8 +175,8 @@ def _step(text: str | None):
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = _Parser(prog="python -m vlora_jax.export",
-                   description="Write a trained run's merged dense weights (see the module doc).")
+  parser = _Parser(prog="python -m vlora_jax.export", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True, help="the run's workdir")
   parser.add_argument("--format", required=True, choices=FORMATS)
   parser.add_argument("--out", required=True,

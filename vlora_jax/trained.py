@@ -141,6 +141,8 @@ def load(workdir: str | Path, step: int | str | None = None) -> Trained:
   """
   step_dir, s = find_checkpoint(workdir, step)
   meta = read_meta(step_dir)
+  if not isinstance(meta.get("config"), dict):
+    raise CheckpointError(f"checkpoint {step_dir}: its meta holds no config")
   # JAX, Orbax and the models only now: the checks above are instant.
   import flax.linen as nn
   import jax
