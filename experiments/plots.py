@@ -64,7 +64,8 @@ _LINESTYLES = ("-", "--", ":", "-.")
 
 
 def load(paths: Iterable[str | Path], log=print) -> list[dict]:
-  """The rows of several ``results.json`` files, concatenated; duplicates dropped (see `dedupe`).
+  """The rows of several ``results.json`` files (or ``paper_table.json``, whose ``runs`` are such
+  rows), concatenated; duplicates dropped (see `dedupe`).
 
   A missing file is reported through ``log`` and skipped, so a partly run set of sweeps still plots.
   """
@@ -74,7 +75,8 @@ def load(paths: Iterable[str | Path], log=print) -> list[dict]:
     if not p.is_file():
       log(f"plots: {p} not found, skipped")
       continue
-    rows += json.loads(p.read_text())
+    data = json.loads(p.read_text())
+    rows += data["runs"] if isinstance(data, dict) else data  # a paper_table.json keeps its runs
   return dedupe(rows, log=log)
 
 
@@ -424,7 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   import matplotlib
   matplotlib.use("Agg")  # the CLI never needs a display
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--results", nargs="+", required=True, help="results.json files of sweeps")
+  ap.add_argument("--results", nargs="+", required=True,
+                  help="results.json files of sweeps, or a paper_table.json")
   ap.add_argument("--out", required=True, help="directory for the PNGs")
   ap.add_argument("--prefix", default="", help="prepended to every file name")
   ap.add_argument("--metric", help="plot this row key instead of each row's metric tag")
@@ -433,8 +436,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--also", action="append", default=[], metavar="KEY",
                   help="with --table: another row key as a column (mean over seeds), e.g. "
                   "train/accuracy; repeatable")
+  ap.add_argument("--datasets", nargs="+", help="only these datasets' rows")
   args = ap.parse_args(argv)
   rows = load(args.results)
+  if args.datasets:
+    rows = [r for r in rows if r.get("dataset") in args.datasets]
   if not rows:
     print("plots: no rows in " + ", ".join(args.results), file=sys.stderr)
     return 1
