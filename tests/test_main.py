@@ -45,7 +45,7 @@ def test_cli_trains_with_overrides_from_any_directory(tmp_path):
 
 @pytest.mark.parametrize("flag,match", [
     ("--config.optim.lrr=0.1", "lrr"),                # unknown key: refused by the locked config
-    ("--config.optim.lr=-1.0", "optim.lr=-1.0: must be a number > 0"),
+    ("--config.optim.lr=-1.0", "optim.lr=-1.0: must be a finite number > 0"),
 ])
 def test_cli_rejects_bad_flags(flag, match, tmp_path):
   proc = _main(["--config=configs/vit_digits.py", f"--workdir={tmp_path}", flag], cwd=ROOT)
