@@ -39,6 +39,7 @@ def _faults_per_call(tuning: str) -> int:
   return int(out.stdout.split()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator only")
 def test_import_stops_the_per_call_page_faults():
   untuned, tuned = _faults_per_call("0"), _faults_per_call("1")

@@ -10,6 +10,8 @@ from helpers_train import tiny
 from experiments import layer_drift
 from vlora_jax.train import checkpoint, train_and_evaluate
 
+pytestmark = pytest.mark.slow  # subprocesses and trained runs: `pytest -m slow`
+
 # Two compounds of 3 layers (two increments each: a cumulative layer 2 sums them), and a large
 # learning rate so that the increments move in 3 steps.
 SIZE = {"model.depth": 6, "model.vlora.compound_size": 3, "num_train_steps": 3, "optim.lr": 3e-2}

@@ -136,6 +136,7 @@ TINY_FLAGS = ["--config.model.dim=16", "--config.model.depth=2", "--config.model
               "--config.progress=False", "--config.tensorboard=False"]
 
 
+@pytest.mark.slow
 def test_the_command_line_exits_75_and_the_rerun_resumes(tmp_path):
   cmd = [sys.executable, "-m", "vlora_jax.main", "--config=configs/vit_digits.py",
          f"--workdir={tmp_path}", "--config.num_train_steps=100000", *TINY_FLAGS]

@@ -157,6 +157,7 @@ def test_materialize_builds_the_weights_the_stack_runs_with():
     _assert_trees_close(merged, want, name, tol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cumulative", "official"])
 def test_bf16_compute_chain_in_float32(name):
   """bf16 matmuls, float32 parameters and chain: the weights the stack builds are the float32

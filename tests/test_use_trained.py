@@ -31,6 +31,8 @@ from vlora_jax.errors import CheckpointError, UserError
 from vlora_jax.export import export, merged
 from vlora_jax.train import checkpoint, train_and_evaluate
 
+pytestmark = pytest.mark.slow  # subprocesses and trained runs: `pytest -m slow`
+
 FIXTURE = ROOT / "tests" / "fixtures" / "torch_timm_token.npz"
 TOL = 1e-5
 CLASSES = ("ant", "bee", "cat", "dog", "eel")
@@ -66,6 +68,7 @@ def _dense_twin_code(npz_path, export_dir, workdir) -> str:
 import json
 from test_use_trained import _vit_config
 from vlora_jax.train import train_and_evaluate
+
 twin = _vit_config({str(npz_path)!r}, **{{
     "model.vlora.enabled": False, "checkpoint.restore_from": {str(export_dir)!r},
     "checkpoint.keep_best": 0, "eval_every_steps": 0}})
