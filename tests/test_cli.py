@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from helpers_train import ROOT
 
+pytestmark = pytest.mark.slow  # subprocesses and trained runs: `pytest -m slow`
+
 DIGITS = "--config=configs/vit_digits.py"
 TINY = ["--config.model.dim=16", "--config.model.depth=2", "--config.model.num_heads=2",
         "--config.model.vlora.compound_size=2", "--config.model.vlora.rank=2",
@@ -22,7 +24,6 @@ TINY = ["--config.model.dim=16", "--config.model.depth=2", "--config.model.num_h
 HOOK = '''
 import jax, numpy as np
 
-pytestmark = pytest.mark.slow  # subprocesses and trained runs: `pytest -m slow`
 def wrong_shape(arg, *, abstract_params, config):
   p = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params)
   p["head"]["kernel"] = np.zeros((3, 3), np.float32)
