@@ -9,6 +9,7 @@ declaration that the check uses.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import re
@@ -68,7 +69,7 @@ def _interval(lo, hi, lo_open, hi_open) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class Key:
+class Key(abc.ABC):
   """One config key. Subclasses say what a value must be (`problem`) and name bad values.
 
   Attributes:
@@ -82,20 +83,29 @@ class Key:
   required: bool = False
   nullable: bool = False
 
+  @abc.abstractmethod
   def allowed(self) -> str:
-    raise NotImplementedError
+    """What the key allows, for messages and docs/config.md."""
 
+  @abc.abstractmethod
   def problem(self, value) -> bool:
     """True if ``value`` is not allowed."""
-    raise NotImplementedError
 
   def check(self, key: str, value) -> None:
     if self.problem(value):
       raise bad(key, value, f"must be {self.allowed()}")
 
+  @abc.abstractmethod
   def bad_values(self) -> dict[str, Any]:
     """``{'wrong type': v, 'out of range': v}``: values this key must refuse (tests)."""
-    raise NotImplementedError
+
+  def _refuses(self, value) -> bool:
+    """`problem` for keys whose `check` walks the value (its error names the failing item)."""
+    try:
+      self.check("", value)
+    except errors.ConfigError:
+      return True
+    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,11 +249,7 @@ class Regexes(Key):
         raise bad(f"{key}[{i}]", p, why)
 
   def problem(self, v) -> bool:
-    try:
-      self.check("", v)
-    except errors.ConfigError:
-      return True
-    return False
+    return self._refuses(v)
 
   def bad_values(self):
     return {"wrong type": 7, "out of range": ("(unclosed",)}
@@ -269,11 +275,7 @@ class Rules(Key):
         raise bad(f"{key}[{i}]", pair[1], "the multiplier must be a finite number >= 0")
 
   def problem(self, v) -> bool:
-    try:
-      self.check("", v)
-    except errors.ConfigError:
-      return True
-    return False
+    return self._refuses(v)
 
   def bad_values(self):
     return {"wrong type": "x", "out of range": ((".*", -1.0),), "bad regex": (("(x", 1.0),)}
