@@ -24,12 +24,10 @@ does not have, an ``--out`` that cannot be written), one line ``error: ...``; 1 
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-import traceback
 from pathlib import Path
 
+from vlora_jax import cli
 from vlora_jax import trained as trained_lib
 from vlora_jax.errors import UserError
 
@@ -65,17 +63,7 @@ def _prepare_out(fmt: str, out: Path) -> None:
     if out.is_dir():
       raise ExportError(f"--out={str(out)!r} is a directory; a {fmt} export is a file")
     directory = out.parent
-  above = next(p for p in (directory, *directory.parents) if p.exists())
-  if not above.is_dir():  # mkdir would say only 'File exists'
-    raise ExportError(f"--out={str(out)!r}: {str(above)!r} is a file, not a directory")
-  try:
-    directory.mkdir(parents=True, exist_ok=True)
-    probe = directory / ".export_write_test"
-    probe.write_bytes(b"")
-    probe.unlink()
-  except OSError as e:
-    raise ExportError(f"--out={str(out)!r}: cannot write in {str(directory)!r} "
-                      f"({e.strerror or e})") from None
+  cli.writable_dir(directory, f"--out={str(out)!r}", ExportError)
 
 
 def dense_twin_config(config):
@@ -156,45 +144,15 @@ def export(workdir, fmt: str, out, step: int | str | None = None) -> list[Path]:
   return write_orbax(out, run, params)
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line and exit 2, as every input error (not argparse's usage)
-    _fail(f"{message} (see --help)")
-
-
-def _fail(message: str, exc: BaseException | None = None, verbose: bool = False):
-  from vlora_jax.main import user_error  # prints 'error: ...' and exits 2
-  user_error(message, exc, verbose)
-
-
-def _step(text: str | None):
-  if text is None or text == "best":
-    return text
-  if not text.isdigit():
-    _fail(f"--step={text!r}: allowed are a step number or 'best'")
-  return int(text)
-
-
 def main(argv: list[str] | None = None) -> None:
-  parser = _Parser(prog="python -m vlora_jax.export", description=__doc__,
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", required=True, help="the run's workdir")
+  parser = cli.Parser("python -m vlora_jax.export", __doc__)
+  cli.add_run_args(parser)
   parser.add_argument("--format", required=True, choices=FORMATS)
   parser.add_argument("--out", required=True,
                       help="timm: a .safetensors file; npz: a file; orbax: a new directory")
-  parser.add_argument("--step", default=None,
-                      help="a step number, or 'best' (<workdir>/best); default: the newest")
-  parser.add_argument("--verbose", action="store_true", help="show the traceback of input errors")
   args = parser.parse_args(argv)
-  try:
-    paths = export(args.workdir, args.format, args.out, _step(args.step))
-  except UserError as e:
-    _fail("; ".join(line.strip() for line in str(e).splitlines() if line.strip()), e,
-          args.verbose)
-  except Exception:  # noqa: BLE001 -- a bug: show where, and say that it is one
-    traceback.print_exc()
-    print("vlora_jax.export: internal error (a bug in vlora_jax or a library, not in your input): "
-          "the traceback above says where; please report it", file=sys.stderr, flush=True)
-    sys.exit(1)
+  paths = cli.guarded("vlora_jax.export", args.verbose, export, args.workdir, args.format,
+                      args.out, cli.step(args.step))
   for p in paths:
     print(p)
 

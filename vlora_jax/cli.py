@@ -1,0 +1,90 @@
+"""What the command lines over a trained run share (`export`, `evaluate`, `predict`).
+
+Every one of them answers a mistake in its input (a flag, the workdir, the step, a file) with one
+line ``error: ...`` and exit status 2, no traceback (``--verbose`` adds it); anything else is a
+bug: its traceback, a line saying so, and exit status 1. This module imports no JAX: the checks
+that come before loading a run are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+from vlora_jax.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+
+
+def one_line(text) -> str:
+  """A multi-line message as one line (its lines joined by '; ')."""
+  return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def fail(message: str, exc: BaseException | None = None, verbose: bool = False) -> NoReturn:
+  """Prints ``error: <message>`` (the traceback of ``exc`` too when ``verbose``) and exits 2."""
+  from vlora_jax.main import user_error  # the training command's: one format for every command
+  user_error(message, exc, verbose)
+  raise AssertionError("unreachable")  # user_error exits
+
+
+class Parser(argparse.ArgumentParser):
+  """argparse whose errors are one line and exit 2, like every input error (not argparse's usage
+  text); the module's docstring is its ``--help``."""
+
+  def __init__(self, prog: str, doc: str | None, **kwargs):
+    super().__init__(prog=prog, description=doc,
+                     formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+  def error(self, message):
+    fail(f"{message} (see --help)")
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+  """``--workdir``, ``--step`` and ``--verbose``: which run and checkpoint, and how errors show."""
+  parser.add_argument("--workdir", required=True, help="the run's workdir")
+  parser.add_argument("--step", default=None,
+                      help="a step number, or 'best' (<workdir>/best); default: the newest")
+  parser.add_argument("--verbose", action="store_true", help="show the traceback of input errors")
+
+
+def step(text: str | None) -> int | str | None:
+  """``--step``: None (the newest), 'best', or a step number; anything else exits 2."""
+  if text is None or text == "best":
+    return text
+  if not text.isdigit():
+    fail(f"--step={text!r}: allowed are a step number or 'best'")
+  return int(text)
+
+
+def guarded(prog: str, verbose: bool, fn: Callable[..., Any], *args, **kwargs) -> Any:
+  """``fn(*args, **kwargs)``; a `UserError` exits 2 with its one line, any other exception is an
+  internal error: its traceback, a line saying it is a bug, exit 1."""
+  try:
+    return fn(*args, **kwargs)
+  except UserError as e:
+    fail(one_line(e), e, verbose)
+  except Exception:  # noqa: BLE001 -- a bug: show where, and say that it is one
+    traceback.print_exc()
+    print(f"{prog}: internal error (a bug in vlora_jax or a library, not in your input): the "
+          "traceback above says where; please report it", file=sys.stderr, flush=True)
+    sys.exit(EXIT_INTERNAL_ERROR)
+
+
+def writable_dir(directory: Path, flag: str, error: Callable[[str], UserError]) -> None:
+  """Creates ``directory`` (and its parents) and checks that a file can be written there;
+  otherwise raises ``error(message)``, the message starting with ``flag`` (``--out='...'``)."""
+  above = next(p for p in (directory, *directory.parents) if p.exists())
+  if not above.is_dir():  # mkdir would say only 'File exists'
+    raise error(f"{flag}: {str(above)!r} is a file, not a directory")
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / ".write_test"
+    probe.write_bytes(b"")
+    probe.unlink()
+  except OSError as e:
+    raise error(f"{flag}: cannot write in {str(directory)!r} ({e.strerror or e})") from None
