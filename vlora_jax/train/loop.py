@@ -6,14 +6,13 @@ import math
 import time
 
 import jax
-import jax.numpy as jnp
 
 from vlora_jax import errors
 from vlora_jax.train import checkpoint as ckpt_lib
+from vlora_jax.train import evaluation
 from vlora_jax.train import metrics as metrics_lib
 from vlora_jax.train import preemption, sharding
 from vlora_jax.train.setup import Run
-from vlora_jax.train.steps import make_eval_step
 
 NonFiniteLossError = errors.NonFiniteLossError
 
@@ -44,9 +43,7 @@ class Loop:
                                     enabled=(run.main and config.get("progress", True)
                                              and start < run.total_steps))
     self.tokens_per_example = run.family.tokens_per_example(run.pipe.info)
-    self.eval_step = jax.jit(make_eval_step(run.model, run.family),
-                             in_shardings=(run.param_shardings, sharding.batch_sharding(run.mesh)),
-                             out_shardings=sharding.replicated(run.mesh))
+    self.eval_step = evaluation.jit_step(run.model, run.family, run.mesh, run.param_shardings)
     self.window: list[dict] = []
     self.last_train: dict[str, float] = {}
     self.eval_metrics: dict[str, float] = {}
@@ -56,11 +53,8 @@ class Loop:
     self.step = start
 
   def evaluate(self, params) -> dict[str, float]:
-    acc = None
-    for local in self.run.pipe.eval_batches():
-      s = self.eval_step(params, sharding.global_batch(local, self.run.mesh))
-      acc = s if acc is None else jax.tree.map(jnp.add, acc, s)
-    return self.run.family.finalize(jax.device_get(acc), "eval")
+    return evaluation.evaluate(self.eval_step, self.run.family, params, self.run.pipe,
+                               self.run.mesh)
 
   def absorb(self, step_done: int, m_dev) -> None:
     """Host side of one finished step: NaN stop, progress, periodic logging."""

@@ -156,14 +156,16 @@ def _cut_back(path: Path, resume_step: int, redo_eval: bool) -> None:
 
 
 class Progress:
-  """A tqdm bar over the train steps (step, loss, accuracy, throughput); silent when disabled."""
+  """A tqdm bar on stderr over the train steps (step, loss, accuracy, throughput), or over other
+  units (``unit``: the eval batches of ``python -m vlora_jax.evaluate``); silent when disabled."""
 
-  def __init__(self, total: int, initial: int, enabled: bool):
+  def __init__(self, total: int, initial: int, enabled: bool, unit: str = "step",
+               desc: str | None = None):
     self.bar = None
     self.postfix: dict[str, str] = {}
     if enabled:
       from tqdm.auto import tqdm
-      self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+      self.bar = tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True,
                       file=sys.stderr, mininterval=0.5)
 
   def update(self, n: int, **postfix) -> None:

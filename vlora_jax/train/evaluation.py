@@ -1,0 +1,59 @@
+"""The eval loop: a model's metrics over a pipeline's eval set.
+
+One code path for the training loop (`loop.Loop.evaluate`, at every eval) and for a trained run's
+checkpoint (``python -m vlora_jax.evaluate``): the jitted `steps.make_eval_step`, its sums added
+over the eval batches, the family's `finalize` of the total.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from vlora_jax.data.sources import DataError
+from vlora_jax.train import sharding
+from vlora_jax.train.steps import make_eval_step
+
+
+def jit_step(model, family, mesh, param_shardings):
+  """`make_eval_step`, jitted as training runs it: the parameters laid out by
+  ``param_shardings``, the batch split over the data-parallel axes, the sums replicated."""
+  return jax.jit(make_eval_step(model, family),
+                 in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def param_shardings(model, family, config, mesh):
+  """The parameters' shardings by ``config.sharding_rules`` on ``mesh``, as set-up lays them out
+  for training (`setup.set_up`); nothing is compiled."""
+  sample = family.sample_inputs(config.model, batch=2)
+  boxed = jax.eval_shape(
+      lambda *x: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)}, *x,
+                            train=False)["params"], *sample)
+  return sharding.param_shardings(boxed, config.sharding_rules, mesh)
+
+
+def evaluate(step, family, params, pipe, mesh, progress: Any = None) -> dict[str, float]:
+  """``{'eval/loss', 'eval/accuracy', ...}`` of ``params`` over ``pipe``'s eval set.
+
+  Args:
+    step: the jitted eval step (`jit_step`), ``(params, global batch) -> sums``.
+    family: the model's `Family`, which turns the summed statistics into means.
+    params: the parameters, laid out as ``step`` takes them.
+    pipe: the data (`vlora_jax.data.Pipeline`); this process reads its part of every eval batch.
+    mesh: the device mesh the batches are spread over.
+    progress: anything with ``update(n)`` (a `metrics.Progress`), told of every batch; or None.
+  """
+  acc = None
+  for local in pipe.eval_batches():
+    s = step(params, sharding.global_batch(local, mesh))
+    acc = s if acc is None else jax.tree.map(jnp.add, acc, s)
+    if progress is not None:
+      progress.update(1)
+  if acc is None:
+    raise DataError("the eval set is empty: nothing to evaluate (see data.eval_examples and the "
+                    "data's test split)")
+  return family.finalize(jax.device_get(acc), "eval")
+
