@@ -12,7 +12,8 @@ Which checkpoint: ``step=None`` the newest in ``<workdir>/checkpoints``; ``step=
 in ``<workdir>/best`` by the run's ``checkpoint.best_metric``; an int, that step (in either).
 
 Finding the checkpoint and reading its meta need no JAX: the command lines built on this
-(`vlora_jax.export`) refuse a wrong workdir or step in a fraction of a second.
+(`vlora_jax.export`, `vlora_jax.evaluate`, `vlora_jax.predict`) refuse a wrong workdir or step in a
+fraction of a second.
 """
 
 from __future__ import annotations

@@ -1,0 +1,228 @@
+"""Evaluate a trained run's checkpoint on its eval set, as its training evaluated it.
+
+  python -m vlora_jax.evaluate --workdir DIR [--step N|best] [--out PATH] [--verbose]
+                               [--config.data.KEY=VALUE ...] [--config.eval_batch_size=N]
+                               [--config.mesh.AXIS=N ...]
+
+The model, its parameters and the config come from the checkpoint (`vlora_jax.load`); the eval data
+are built from the stored config (`vlora_jax.data.build`). ``--config.data.*`` overrides the data
+(another ``data.path``, a cap ``data.eval_examples``), ``--config.eval_batch_size`` the eval batch,
+and ``--config.mesh.*`` the device mesh (for a machine with other devices than the training's);
+no other key can change: the model and its training are the checkpoint's. The overridden config is
+checked as a training run's is (`train.schema`, `train.validate`), and the data must describe the
+inputs the model was trained on (the stored image shape, normalisation, vocabulary).
+
+The metrics are computed as the training loop computes them (`train.evaluation`: the same jitted
+`train.steps.make_eval_step`, the same sums over the same padded batches): on a finished run they
+are its final eval metrics (``metrics.jsonl``, ``summary.json``).
+
+Writes ``<workdir>/eval.json`` (or ``--out``): the metrics, the step, the checkpoint, the overrides
+and the number of eval examples. Prints the checkpoint, the metrics one per line (sorted) and the
+path written. A progress bar over the eval batches goes to stderr when stderr is a terminal.
+
+Override values are read as the training command line reads them: numbers, ``True``/``False``,
+tuples ``'(0.5, 0.5, 0.5)'``; a key whose stored value is a string takes the text as it is.
+
+Exit status: 0 done; 2 a mistake in the input (no checkpoint in the workdir, a bad ``--step``, a key
+that cannot be overridden or a value the schema refuses, data that do not read or do not fit the
+model, an ``--out`` that cannot be written), one line ``error: ...``; 1 an internal error.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+from vlora_jax import cli
+from vlora_jax import trained as trained_lib
+from vlora_jax.errors import UserError
+
+# The keys an evaluation may change: the data, the eval batch, the mesh. A prefix ends in '.'.
+OVERRIDABLE = ("data.", "eval_batch_size", "mesh.")
+# What the model was trained to read: the eval data must describe it as the stored info does.
+SAME_DATA = {"image_shape": "the model's input images", "mean": "the inputs' normalisation",
+             "std": "the inputs' normalisation", "vocab": "the token ids' characters",
+             "special_tokens": "the special token ids"}
+_MISSING = object()
+
+
+class EvalError(UserError, ValueError):
+  """An evaluation the run, the overrides or ``--out`` cannot take."""
+
+
+def _overridable(key: str) -> bool:
+  return any(key.startswith(p) if p.endswith(".") else key == p for p in OVERRIDABLE)
+
+
+def _allowed_text() -> str:
+  return ", ".join(f"--config.{p}*" if p.endswith(".") else f"--config.{p}" for p in OVERRIDABLE)
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, str]:
+  """``['--config.data.eval_examples=64', '--config.eval_batch_size', '32']`` ->
+  ``{'data.eval_examples': '64', 'eval_batch_size': '32'}``; any other token is an `EvalError`."""
+  out: dict[str, str] = {}
+  i = 0
+  while i < len(tokens):
+    token = tokens[i]
+    if not token.startswith("--config."):
+      raise EvalError(f"unrecognized argument {token!r}: the flags are --workdir, --step, --out, "
+                      f"--verbose and the overrides {_allowed_text()} (see --help)")
+    name, eq, text = token[len("--config."):].partition("=")
+    if not eq:
+      if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+        raise EvalError(f"{token}: no value; write {token}=VALUE")
+      text, i = tokens[i + 1], i + 1
+    out[name] = text
+    i += 1
+  return out
+
+
+def parse_value(text: str, current: Any) -> Any:
+  """The text of an override as the config's value: a string key takes the text; a bool key
+  true/false (any case) or 1/0; any other a Python literal (a number, a tuple, None) or, where the
+  text is none, the text itself (the schema then names the key and what it allows)."""
+  if isinstance(current, str):
+    return text
+  if isinstance(current, bool):
+    low = text.strip().lower()
+    return {"true": True, "1": True, "false": False, "0": False}.get(low, text)
+  try:
+    value = ast.literal_eval(text.strip())
+  except (ValueError, SyntaxError, MemoryError, RecursionError):
+    return text
+  if isinstance(current, (list, tuple)) and isinstance(value, (int, float)) \
+      and not isinstance(value, bool):
+    value = (value,)  # '--config.data.mean=0.5' for a one-channel mean
+  return list(value) if isinstance(value, tuple) else value
+
+
+def eval_config(stored: dict, overrides: dict[str, Any] | None):
+  """The stored config (a JSON dict) with ``overrides`` applied and checked by the schema:
+  ``(locked ConfigDict, {key: value applied})``.
+
+  ``overrides`` maps dotted keys (``'data.eval_examples'``) to values: a string is parsed
+  (`parse_value`), anything else is taken as it is.
+  """
+  import ml_collections
+  from vlora_jax.train import schema
+  tree = copy.deepcopy(stored)
+  applied = {}
+  for key, value in (overrides or {}).items():
+    if not _overridable(key):
+      raise EvalError(f"--config.{key}: cannot be overridden in an evaluation; allowed are "
+                      f"{_allowed_text()} (the model and its training are the checkpoint's)")
+    node = tree
+    *parents, leaf = key.split(".")
+    for i, k in enumerate(parents):
+      if not isinstance(node.get(k), dict):
+        raise EvalError(f"--config.{key}: {'.'.join(parents[:i + 1])} is not a group of keys in "
+                        "the run's config")
+      node = node[k]
+    current = node.get(leaf, _MISSING)
+    value = parse_value(value, None if current is _MISSING else current) \
+        if isinstance(value, str) else value
+    node[leaf] = applied[key] = value
+  config = ml_collections.ConfigDict(tree)
+  config.lock()
+  schema.check(config)  # a ConfigError naming the key, its value and what is allowed
+  return config, applied
+
+
+def _check_same_data(stored: dict, found: dict) -> None:
+  """The eval data against the data the model was trained on (the stored info)."""
+  for key, what in SAME_DATA.items():
+    if key not in stored or key not in found or stored[key] == found[key]:
+      continue
+    new, old = found[key], stored[key]
+    if key == "vocab":
+      new, old = f"{len(new)} characters {new[:40]!r}...", f"{len(old)} characters {old[:40]!r}..."
+    raise EvalError(f"the eval data's {key} is {new}, but the model was trained with {old} "
+                    f"({what}); evaluate on data that it reads as in training")
+
+
+def _check_out(out: Path) -> None:
+  if out.is_dir():
+    raise EvalError(f"--out={str(out)!r} is a directory; --out names the JSON file to write")
+  cli.writable_dir(out.parent, f"--out={str(out)!r}", EvalError)
+
+
+def evaluate(workdir, step: int | str | None = None, overrides: dict[str, Any] | None = None,
+             *, out=None, progress: bool = False) -> dict:
+  """Evaluates a run's checkpoint on its eval set (see the module doc); writes and returns the
+  result: ``{'metrics', 'step', 'checkpoint', 'workdir', 'overrides', 'eval_examples', 'out'}``.
+
+  The workdir, the step, the overrides and ``out`` are checked before anything is loaded.
+  """
+  workdir = Path(workdir).expanduser()
+  out = workdir / "eval.json" if out is None else Path(out).expanduser()
+  step_dir, resolved = trained_lib.find_checkpoint(workdir, step)
+  meta = trained_lib.read_meta(step_dir)
+  if not isinstance(meta.get("config"), dict):
+    raise EvalError(f"checkpoint {step_dir}: its meta holds no config")
+  config, applied = eval_config(meta["config"], overrides)
+  _check_out(out)
+
+  # JAX, the data and the models only now: the checks above are instant.
+  import jax
+  from vlora_jax import data as data_lib
+  from vlora_jax import errors
+  from vlora_jax.train import evaluation, metrics as metrics_lib, sharding, validate
+
+  run = trained_lib.load(workdir, resolved if step is None else step)
+  pcount = jax.process_count()
+  with errors.config_errors():
+    plan = validate.check(config, jax.device_count(), pcount)
+    mesh = sharding.make_mesh(config.mesh, shape=plan.mesh_shape)
+    pipe = data_lib.build(config, process_index=jax.process_index(), process_count=pcount)
+    plan.family.check_data(config.model, pipe.info)
+  _check_same_data(run.info, pipe.info)
+  shardings = evaluation.param_shardings(run.model, plan.family, config, mesh)
+  params = jax.device_put(run.params, shardings)
+  eval_step = evaluation.jit_step(run.model, plan.family, mesh, shardings)
+  bar = metrics_lib.Progress(pipe.num_eval_batches, 0, enabled=progress, unit="batch",
+                             desc="eval")
+  try:
+    metrics = evaluation.evaluate(eval_step, plan.family, params, pipe, mesh, progress=bar)
+  finally:
+    bar.close()
+  result = {"metrics": metrics, "step": run.step, "checkpoint": str(run.checkpoint),
+            "workdir": str(workdir), "overrides": applied, "eval_examples": pipe.num_eval,
+            "eval_batch_size": int(config.eval_batch_size)}
+  try:
+    metrics_lib.write_json(out, result)
+  except OSError as e:
+    raise EvalError(f"--out={str(out)!r}: cannot write it ({e.strerror or e})") from None
+  return {**result, "out": str(out)}
+
+
+def report(result: dict) -> str:
+  """What the command prints: the checkpoint, the metrics one per line (sorted), the path."""
+  lines = [f"checkpoint: {result['checkpoint']} (step {result['step']}, "
+           f"{result['eval_examples']} eval examples)"]
+  lines += [f"{k}={v:.6g}" for k, v in sorted(result["metrics"].items())]
+  lines.append(f"wrote {result['out']}")
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = cli.Parser("python -m vlora_jax.evaluate", __doc__, allow_abbrev=False)
+  cli.add_run_args(parser)
+  parser.add_argument("--out", default=None, help="the JSON file to write; default "
+                      "<workdir>/eval.json")
+  args, rest = parser.parse_known_args(argv)
+  step = cli.step(args.step)
+
+  def go():
+    return evaluate(args.workdir, step, parse_overrides(rest), out=args.out,
+                    progress=sys.stderr.isatty())
+
+  result = cli.guarded("vlora_jax.evaluate", args.verbose, go)
+  print(report(result), flush=True)
+
+
+if __name__ == "__main__":
+  main()
