@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from vlora_jax import models, params, stack
+from vlora_jax import decoding, models, params, stack
 from vlora_jax.models.seq2seq import CROSS_TARGETS, DEC_TARGETS, Seq2Seq, decoder_spec
 from vlora_jax.spec import VIT_TARGETS, VLoRASpec
 
@@ -149,11 +149,11 @@ def _reversal_setup():
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    optax.adam(optax.warmup_cosine_decay_schedule(3e-4, 3e-3, 20, STEPS)))
   forward = jax.jit(lambda p, s, t: model.apply({"params": p}, s, t))
-  return p, tx, _train_step(model, tx), forward
+  return model, p, tx, _train_step(model, tx), forward
 
 
 def test_one_train_step_reduces_loss():
-  p, tx, step, _ = _reversal_setup()
+  _, p, tx, step, _ = _reversal_setup()
   batch = _reversal_batch(np.random.default_rng(5), 64)
   new, _, before, _ = step(p, tx.init(p), *batch)
   _, _, after, _ = step(new, tx.init(new), *batch)  # the step reports the loss before updating
@@ -162,8 +162,9 @@ def test_one_train_step_reduces_loss():
 
 def test_reversal_is_learned():
   """VLoRA in both stacks learns to reverse variable-length sequences (masks and cross-attention
-  have to work for that), judged on fresh sequences, teacher-forced and by greedy decoding."""
-  p, tx, step, forward = _reversal_setup()
+  have to work for that), judged on fresh sequences, teacher-forced and by real decoding (greedy
+  and beam search)."""
+  model, p, tx, step, forward = _reversal_setup()
   rng, opt = np.random.default_rng(0), tx.init(p)
   for _ in range(STEPS):
     p, opt, loss, _ = step(p, opt, *_reversal_batch(rng, 64))
@@ -173,13 +174,14 @@ def test_reversal_is_learned():
   acc = (np.asarray(forward(p, src, tgt_in)).argmax(-1) == tgt)[real].mean()
   assert acc > 0.9, (float(loss), acc)
 
-  out = np.zeros_like(tgt_in)
-  out[:, 0] = BOS
-  for t in range(RS):  # greedy, one token at a time (future slots are ignored: causal)
-    out[:, t + 1] = np.asarray(forward(p, src, out)[:, t].argmax(-1))
-  decoded = np.concatenate([out[:, 1:], np.asarray(forward(p, src, out)[:, -1:].argmax(-1))], 1)
-  exact = np.mean([(decoded[i][real[i]] == tgt[i][real[i]]).all() for i in range(len(tgt))])
+  # Real decoding (`vlora_jax.decoding`): the encoder once, the cached decoder on its own outputs.
+  greedy = np.asarray(decoding.greedy(model, p, src, bos=BOS, eos=EOS))
+  exact = (greedy == tgt).all(-1).mean()
   assert exact > 0.8, exact
+  np.testing.assert_array_equal(decoding.beam_search(model, p, src, bos=BOS, eos=EOS,
+                                                     beam_size=1), greedy)
+  beam = np.asarray(decoding.beam_search(model, p, src, bos=BOS, eos=EOS, beam_size=4))
+  assert (beam == tgt).all(-1).mean() > 0.8
 
 
 def test_from_config_and_errors():

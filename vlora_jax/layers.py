@@ -71,24 +71,48 @@ def rotary(x, positions, base: float = ROPE_BASE):
   """Rotary position embedding (RoFormer, GPT-NeoX half-split form) of ``x [B, T, H, hd]``.
 
   Channel pairs ``(i, i + hd/2)`` are rotated by ``positions * base^(-2i/hd)``, so the dot product of
-  a rotated query and key depends on their positions only through the difference. No parameters.
+  a rotated query and key depends on their positions only through the difference. ``positions`` is
+  ``[T]`` (every sequence alike) or ``[B, T]`` (each its own, as in left-padded decoding). No
+  parameters.
   """
   hd = x.shape[-1]
   if hd % 2:
     raise ValueError(f"rotary embeddings need an even head dimension; got head_dim={hd}")
   freqs = base ** (-jnp.arange(0, hd // 2, dtype=jnp.float32) / (hd // 2))
-  angles = jnp.asarray(positions, jnp.float32)[:, None] * freqs  # [T, hd/2]
-  cos, sin = jnp.cos(angles)[:, None], jnp.sin(angles)[:, None]  # broadcast over heads
+  angles = jnp.asarray(positions, jnp.float32)[..., None] * freqs  # [(B,) T, hd/2]
+  cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]  # over heads
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
+
+
+# How a layer meets its KV cache (the ``decode`` argument of the attention layers and blocks):
+#   None       whole sequences, no cache: training and evaluation
+#   "prefill"  the first call of a decode: its tokens go into the cache, and cross-attention
+#              projects the encoder memory into keys and values once and keeps them
+#   "step"     every later call: its tokens are appended; cross-attention reads what it kept
+# Self-attention treats "prefill" and "step" alike: both append their tokens at the cache index.
+DECODE_MODES = (None, "prefill", "step")
+
+
+def check_decode(decode) -> None:
+  if decode not in DECODE_MODES:
+    raise ValueError(f"decode={decode!r}: allowed are {list(DECODE_MODES)}")
 
 
 class SelfAttention(nn.Module):
   """timm's Attention: one fused qkv projection, heads split as (3, heads, head_dim).
 
   ``rope=True`` rotates queries and keys by their positions (`rotary`); it adds no parameters, so
-  parameter names and shapes are the same with or without it.
+  parameter names and shapes are the same with or without it. ``positions`` (``[t]`` or ``[B, t]``)
+  are the tokens' positions; default ``arange(t)``, or ``index + arange(t)`` when decoding.
+
+  Decoding (``decode`` set; causal attention only) keeps a KV cache in the ``cache`` collection:
+  ``k`` and ``v`` ``[B, T_max, H, hd]`` and ``index``, the next free slot. The call that creates
+  the cache sizes it (``model.init(..., decode="prefill")`` on ``T_max`` tokens). Every later call
+  writes its ``t`` tokens' keys and values from ``index`` on, and query ``i`` attends to the slots
+  up to ``index + i`` that ``mask`` (``[B, 1, 1, T_max]``: which slots hold real tokens) allows:
+  the rows of the full causal pass, one at a time.
   """
   dim: int
   num_heads: int
@@ -97,30 +121,70 @@ class SelfAttention(nn.Module):
   rope: bool = False
 
   @nn.compact
-  def __call__(self, x, mask=None):
+  def __call__(self, x, mask=None, positions=None, *, decode=None):
+    check_decode(decode)
     b, t, _ = x.shape
     hd = self.dim // self.num_heads
     qkv = dense(3 * self.dim, ("embed", "qkv"), "qkv", self.dtype)(x)
     q, k, v = (y.reshape(b, t, self.num_heads, hd) for y in jnp.split(qkv, 3, axis=-1))
+    if decode is None:
+      if self.rope:
+        pos = jnp.arange(t) if positions is None else positions
+        q, k = rotary(q, pos), rotary(k, pos)
+      out = attend(q, k, v, mask, self.causal)
+    else:
+      out = self._attend_cached(q, k, v, mask, positions)
+    return dense(self.dim, ("heads", "embed"), "proj", self.dtype)(out.reshape(b, t, self.dim))
+
+  def _attend_cached(self, q, k, v, mask, positions):
+    if not self.causal:
+      raise ValueError("decoding with a KV cache needs causal self-attention (causal=True)")
+    t = q.shape[1]
+    cached_k = self.variable("cache", "k", jnp.zeros, k.shape, k.dtype)
+    cached_v = self.variable("cache", "v", jnp.zeros, v.shape, v.dtype)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    start = index.value
     if self.rope:
-      q, k = rotary(q, jnp.arange(t)), rotary(k, jnp.arange(t))
-    out = attend(q, k, v, mask, self.causal).reshape(b, t, self.dim)
-    return dense(self.dim, ("heads", "embed"), "proj", self.dtype)(out)
+      pos = start + jnp.arange(t) if positions is None else positions
+      q, k = rotary(q, pos), rotary(k, pos)
+    for cached, new in ((cached_k, k), (cached_v, v)):
+      cached.value = jax.lax.dynamic_update_slice(cached.value, new.astype(cached.value.dtype),
+                                                  (0, start, 0, 0))
+    index.value = start + t
+    slots = jnp.arange(cached_k.value.shape[1])
+    allowed = (slots[None, :] <= start + jnp.arange(t)[:, None])[None, None]  # [1, 1, t, T_max]
+    if mask is not None:
+      allowed = allowed & mask
+    return attend(q, cached_k.value, cached_v.value, allowed)
 
 
 class CrossAttention(nn.Module):
-  """Queries from x, keys and values (fused ``kv``) from the encoder memory."""
+  """Queries from x, keys and values (fused ``kv``) from the encoder memory.
+
+  Decoding keeps the memory's keys and values in the ``cache`` collection: projected once, by the
+  ``"prefill"`` call, and read by every ``"step"`` (which ignores ``memory``).
+  """
   dim: int
   num_heads: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, memory, mask=None):
+  def __call__(self, x, memory, mask=None, *, decode=None):
+    check_decode(decode)
     b, t, _ = x.shape
     hd = self.dim // self.num_heads
     q = dense(self.dim, ("embed", "heads"), "q", self.dtype)(x).reshape(b, t, self.num_heads, hd)
-    kv = dense(2 * self.dim, ("embed", "qkv"), "kv", self.dtype)(memory)
-    k, v = (y.reshape(b, memory.shape[1], self.num_heads, hd) for y in jnp.split(kv, 2, axis=-1))
+    kv_proj = dense(2 * self.dim, ("embed", "qkv"), "kv", self.dtype)
+    heads = lambda y: y.reshape(b, memory.shape[1], self.num_heads, hd)
+    if decode is None:
+      k, v = (heads(y) for y in jnp.split(kv_proj(memory), 2, axis=-1))
+    else:
+      kept_k = self.variable("cache", "k", lambda: heads(jnp.zeros_like(memory, self.dtype)))
+      kept_v = self.variable("cache", "v", lambda: heads(jnp.zeros_like(memory, self.dtype)))
+      if decode == "prefill":
+        k, v = (heads(y) for y in jnp.split(kv_proj(memory), 2, axis=-1))
+        kept_k.value, kept_v.value = k.astype(kept_k.value.dtype), v.astype(kept_v.value.dtype)
+      k, v = kept_k.value, kept_v.value
     out = attend(q, k, v, mask).reshape(b, t, self.dim)
     return dense(self.dim, ("heads", "embed"), "proj", self.dtype)(out)
 
@@ -140,7 +204,11 @@ class Mlp(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-  """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)). ViT, and causal for LMs."""
+  """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)). ViT, and causal for LMs.
+
+  ``positions`` and ``decode`` go to the self-attention (`SelfAttention`: rotary positions, the KV
+  cache of a causal block).
+  """
   dim: int
   num_heads: int
   mlp_dim: int
@@ -150,10 +218,10 @@ class EncoderBlock(nn.Module):
   rope: bool = False  # rotary positions in self-attention (LMs); no extra parameters
 
   @nn.compact
-  def __call__(self, x, mask=None, *, deterministic: bool = True):
+  def __call__(self, x, mask=None, positions=None, *, deterministic: bool = True, decode=None):
     drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=deterministic)
     h = SelfAttention(self.dim, self.num_heads, self.causal, self.dtype, self.rope, name="attn")(
-        layer_norm("norm1", self.dtype)(x), mask)
+        layer_norm("norm1", self.dtype)(x), mask, positions, decode=decode)
     x = x + drop(h)
     h = Mlp(self.dim, self.mlp_dim, self.dropout, self.dtype, name="mlp")(
         layer_norm("norm2", self.dtype)(x), deterministic)
@@ -161,7 +229,10 @@ class EncoderBlock(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-  """Pre-norm decoder block: causal self-attention, cross-attention to memory, MLP."""
+  """Pre-norm decoder block: causal self-attention, cross-attention to memory, MLP.
+
+  ``decode``: both attentions keep a cache (`SelfAttention`, `CrossAttention`).
+  """
   dim: int
   num_heads: int
   mlp_dim: int
@@ -169,13 +240,14 @@ class DecoderBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, memory, self_mask=None, cross_mask=None, *, deterministic: bool = True):
+  def __call__(self, x, memory, self_mask=None, cross_mask=None, *, deterministic: bool = True,
+               decode=None):
     drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=deterministic)
     h = SelfAttention(self.dim, self.num_heads, True, self.dtype, name="attn")(
-        layer_norm("norm1", self.dtype)(x), self_mask)
+        layer_norm("norm1", self.dtype)(x), self_mask, decode=decode)
     x = x + drop(h)
     h = CrossAttention(self.dim, self.num_heads, self.dtype, name="cross")(
-        layer_norm("norm_cross", self.dtype)(x), memory, cross_mask)
+        layer_norm("norm_cross", self.dtype)(x), memory, cross_mask, decode=decode)
     x = x + drop(h)
     h = Mlp(self.dim, self.mlp_dim, self.dropout, self.dtype, name="mlp")(
         layer_norm("norm2", self.dtype)(x), deterministic)

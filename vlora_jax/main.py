@@ -102,7 +102,7 @@ def main(argv):
 
 
 SUMMARY_KEYS = ("step", "eval/accuracy", "eval/loss", "eval/perplexity", "eval/seq_accuracy",
-                "params_total", "params_trainable", "wall_time_s", "examples_per_sec")
+                "eval/seq_accuracy_teacher_forced", "params_total", "params_trainable", "wall_time_s", "examples_per_sec")
 
 
 def format_summary(summary: dict, workdir: str) -> str:

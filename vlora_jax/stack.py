@@ -195,9 +195,22 @@ class LayerStack(nn.Module):
     return self.vlora.layout(shapes, self.num_layers), names
 
   @nn.compact
-  def __call__(self, x, *args, deterministic: bool = True, **kwargs):
+  def __call__(self, x, *args, deterministic: bool = True, decode=None, **kwargs):
+    """``x`` through every layer: ``block(x, *args, deterministic=..., **kwargs)``, in order.
+
+    ``decode`` (see `layers.DECODE_MODES`) is passed to the block, whose per-layer ``cache``
+    variables the stack keeps stacked, ``[L, ...]``, as its own ``cache/layers`` and threads
+    through the scan beside the weights (call with ``mutable=["cache"]``).
+    """
     block = self._block()
-    layout, names = self.layout_for(x, *args, **kwargs)
+    # A decode call's arguments (a few tokens, a mask over the whole cache) are no whole-sequence
+    # call to infer the block's shapes from: the params, which exist, say the layout.
+    stored = decode is not None and not self.is_initializing()
+    if stored:
+      layout = layout_from_params(nn.unbox(self.variables["params"]), self.vlora)
+      names = {e.path: (None,) * len(e.shape) for e in layout.entries}
+    else:
+      layout, names = self.layout_for(x, *args, **kwargs)
     axis_names = stack_axis_names(layout, names)
 
     cache = {}
@@ -212,7 +225,10 @@ class LayerStack(nn.Module):
                             is_leaf=lambda n: isinstance(n, tuple))
       return init_fn
 
-    params = {g: _flat(self.param(g, fresh(g))) for g in axis_names}
+    if stored:  # (`self.param` would check their shapes against an init from these arguments)
+      params = {g: _flat(nn.unbox(self.get_variable("params", g))) for g in axis_names}
+    else:
+      params = {g: _flat(self.param(g, fresh(g))) for g in axis_names}
 
     adapters, lora_entries = None, ()
     if self.lora is not None:
@@ -238,13 +254,38 @@ class LayerStack(nn.Module):
       rngs = jax.random.split(self.make_rng("dropout"), self.num_layers)
 
     mode = _mode(block, deterministic)
+    cache = None
+    if decode is not None:
+      mode["decode"] = decode
+      cache = self.variable("cache", "layers", self._fresh_cache, block, x, args,
+                            dict(mode, **kwargs))
 
-    def apply_block(h, weights, rng):
-      return block.apply({"params": _nest(weights)}, h, *args, **mode,
-                         rngs={"dropout": rng} if rng is not None else None, **kwargs)
+    def apply_block(h, weights, rng, cache_i):
+      variables = {"params": _nest(weights)}
+      rngs = {"dropout": rng} if rng is not None else None
+      if cache_i is None:
+        return block.apply(variables, h, *args, **mode, rngs=rngs, **kwargs), None
+      h, updated = block.apply(dict(variables, cache=cache_i), h, *args, **mode, rngs=rngs,
+                               mutable=["cache"], **kwargs)
+      return h, updated["cache"]
 
-    return run_layers(apply_block, x, layout, params, rngs=rngs, adapters=adapters,
-                      lora_entries=lora_entries, scan=self.scan, remat=self.remat)
+    x, new_cache = run_layers(apply_block, x, layout, params, rngs=rngs, adapters=adapters,
+                              lora_entries=lora_entries, scan=self.scan, remat=self.remat,
+                              state=None if cache is None else cache.value)
+    if cache is not None:
+      cache.value = new_cache
+    return x
+
+  def _fresh_cache(self, block, x, args, kwargs):
+    """Zeros shaped as ``num_layers`` of the block's ``cache`` collection for these inputs."""
+    structs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)),
+                           (x, args))
+    one = jax.eval_shape(lambda x, args: block.init(jax.random.key(0), x, *args, **kwargs),
+                         *structs)
+    if "cache" not in one:
+      raise ValueError(f"decode: the block {type(block).__name__} keeps no cache (no layer of it "
+                       "decodes)")
+    return jax.tree.map(lambda a: jnp.zeros((self.num_layers,) + a.shape, a.dtype), one["cache"])
 
 
 def weight_policy(remat: str, weight_shapes=frozenset()):
@@ -323,8 +364,9 @@ def layer_params(layout: Layout, shared, per_layer, position, adapters=None, lor
 
 
 def run_layers(apply_block, x, layout: Layout, params, *, rngs=None, adapters=None,
-               lora_entries=(), scan: bool = True, remat: str = "none"):
-  """Runs the stack: ``x = apply_block(x, layer_params(...), rng)`` for every layer in order.
+               lora_entries=(), scan: bool = True, remat: str = "none", state=None):
+  """Runs the stack: ``x, state_l = apply_block(x, layer_params(...), rng, state_l)`` for every
+  layer ``l`` in order; returns ``(x, new state)``.
 
   ONE scan over the layers, dense or VLoRA, so the program grows with neither the depth nor the
   compound size. Each layer's weights are built inside the layer from its compound's slice of the
@@ -333,17 +375,19 @@ def run_layers(apply_block, x, layout: Layout, params, *, rngs=None, adapters=No
   one ``[C, ...]`` buffer. ``scan=False`` runs the same layer function in a Python loop.
 
   Args:
-    apply_block: ``(h, weights {path: array}, rng or None) -> h``.
+    apply_block: ``(h, weights {path: array}, rng or None, state or None) -> (h, state)``.
     params: the stack's groups, flat: ``{group: {path: array}}``.
     rngs: ``[L]`` dropout keys, or None.
     adapters: ``({path: A [L, ...]}, {path: B [L, ...]})`` horizontal LoRA factors, or None.
+    state: a pytree of ``[L, ...]`` arrays that each layer reads its slice of and replaces (a KV
+      cache), or None.
   """
   shared = {g: params[g] for g in SHARED_GROUPS if g in params}
 
   def layer(h, shared, xs):
-    position, per_layer, rng, adapters_i = xs
+    position, per_layer, rng, adapters_i, state_i = xs
     weights = layer_params(layout, shared, per_layer, position, adapters_i, lora_entries)
-    return apply_block(h, weights, rng)
+    return apply_block(h, weights, rng, state_i)
 
   # A dense float32 stack keeps nothing it could rebuild, and skips the checkpoint (whose
   # residual bookkeeping costs XLA:CPU ~2% of the CIFAR step); a narrower activation dtype means
@@ -352,12 +396,14 @@ def run_layers(apply_block, x, layout: Layout, params, *, rngs=None, adapters=No
   if rebuilds or remat != "none" or jnp.dtype(x.dtype) != jnp.float32:
     weight_shapes = frozenset(e.shape for e in layout.entries if len(e.shape) > 1)
     layer = jax.checkpoint(layer, policy=weight_policy(remat, weight_shapes), prevent_cse=not scan)
-  xs = (positions(layout), params.get("per_layer", {}), rngs, adapters)
+  xs = (positions(layout), params.get("per_layer", {}), rngs, adapters, state)
   if scan:
-    return jax.lax.scan(lambda h, xs_i: (layer(h, shared, xs_i), None), x, xs)[0]
+    return jax.lax.scan(lambda h, xs_i: layer(h, shared, xs_i), x, xs)
+  states = []
   for i in range(layout.num_layers):
-    x = layer(x, shared, jax.tree.map(lambda a: a[i], xs))
-  return x
+    x, state_i = layer(x, shared, jax.tree.map(lambda a: a[i], xs))
+    states.append(state_i)
+  return x, None if state is None else jax.tree.map(lambda *a: jnp.stack(a), *states)
 
 
 def vlorafy(block: nn.Module | BlockFactory, num_layers: int, vlora: VLoRASpec | None = None,
@@ -433,3 +479,18 @@ def _merge_stack(params, spec, lora):
       raise ValueError(f"merge: adapters {sorted(a)} (ranks {[v.shape[-1] for v in a.values()]}) "
                        f"do not match lora targets {list(lora.targets)} at rank {lora.rank}")
   return {"per_layer": materialize(params, layout, entries)}
+
+
+def to_dense(model: nn.Module, variables):
+  """``(dense_model, dense_variables)``: adapters and VLoRA folded into plain per-layer weights.
+
+  ``dense_model.apply(dense_variables, ...)`` computes what ``model.apply(variables, ...)`` does
+  (up to float rounding), with no adapter or increment math at inference. ``model`` is any model
+  with ``stack_specs()`` (every family's: ``{stack name: (vlora, lora)}``); ``variables`` may be
+  boxed, as ``init`` returns them.
+  """
+  specs = model.stack_specs()
+  variables = dict(nn.unbox(variables))
+  variables["params"] = merge(variables["params"], {k: v[0] for k, v in specs.items()},
+                              lora={k: v[1] for k, v in specs.items()})
+  return model.clone(vlora=None, lora=None), variables

@@ -45,15 +45,4 @@ def sample_inputs(mcfg, batch: int = 2) -> tuple[jax.ShapeDtypeStruct, ...]:
   return family(mcfg.name).sample_inputs(mcfg, batch)
 
 
-def to_dense(model: nn.Module, variables):
-  """``(dense_model, dense_variables)``: adapters and VLoRA folded into plain per-layer weights.
-
-  ``dense_model.apply(dense_variables, ...)`` computes what ``model.apply(variables, ...)`` does
-  (up to float rounding), with no adapter or increment math at inference. ``model`` is any model
-  of a family (it has ``stack_specs()``); ``variables`` may be boxed, as ``init`` returns them.
-  """
-  specs = model.stack_specs()
-  variables = dict(nn.unbox(variables))
-  variables["params"] = stack.merge(variables["params"], {k: v[0] for k, v in specs.items()},
-                                    lora={k: v[1] for k, v in specs.items()})
-  return model.clone(vlora=None, lora=None), variables
+to_dense = stack.to_dense  # the dense twin of any family's model: see there

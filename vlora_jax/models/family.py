@@ -118,6 +118,11 @@ class Family(abc.ABC):
     return {"loss": jnp.sum(ce * w), "correct": jnp.sum(hit * w), "weight": jnp.sum(w),
             "examples": jnp.sum(ex_w), **self.extra_sums(hit, w, ex_w)}
 
+  def eval_sums(self, model, params, batch) -> dict[str, jax.Array]:
+    """The eval statistics of a batch (`sums` of the model's logits; a family may add more, such
+    as the encoder-decoder's real decoding)."""
+    return self.sums(model.apply({"params": params}, *self.inputs(batch), train=False), batch)
+
   def extra_sums(self, hit, weight, example_weight) -> dict[str, jax.Array]:
     """Family-specific statistics beside the loss and accuracy (none by default)."""
     del hit, weight, example_weight

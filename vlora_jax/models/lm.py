@@ -93,22 +93,43 @@ class LM(nn.Module):
                                rope=self.positions == "rope", parent=None)
 
   @nn.compact
-  def __call__(self, tokens, *, train: bool = False):
+  def __call__(self, tokens, position_ids=None, mask=None, *, train: bool = False,
+               decode=None):
+    """Logits ``[B, T, V]`` (float32) of ``tokens [B, T]``.
+
+    Args:
+      position_ids: ``[B, T]`` position of every token (default ``arange(T)``): the learned table's
+        row, or the rotary angle. Left-padded prompts start their positions at their first real
+        token.
+      mask: ``[B, 1, 1, T_keys]`` bool, the keys that hold real tokens (None: all); causality is
+        added inside attention. When decoding, ``T_keys`` is the cache length.
+      decode: None (whole sequences), or ``"prefill"`` / ``"step"``: append the tokens to the KV
+        cache (`layers.SelfAttention`), which is sized by ``init(..., decode="prefill")`` on
+        ``[B, T_max]`` tokens; apply with ``mutable=["cache"]``. `vlora_jax.decoding` drives it.
+    """
     self.check()
+    layers.check_decode(decode)
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, time] token ids; got shape {tokens.shape}")
     t = tokens.shape[1]
     if t > self.max_len:
       raise ValueError(f"sequence length {t} exceeds model.max_len={self.max_len}")
+    if decode is not None and position_ids is None and self.positions == "learned":
+      raise ValueError("decoding with learned positions needs position_ids (the tokens' places "
+                       "in the sequence: the cache does not know them)")
     emb = embed(self.vocab_size, self.dim, self.dtype)
     x = emb(tokens)
     if self.positions == "learned":
       pos = self.param("pos_embed", nn.with_logical_partitioning(
           nn.initializers.normal(0.02), (None, None, "embed")), (1, self.max_len, self.dim))
-      x = x + pos[:, :t].astype(x.dtype)
+      rows = (pos[0, :t][None] if position_ids is None
+              else jnp.take(pos[0], position_ids, axis=0))
+      x = x + rows.astype(x.dtype)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    rope_positions = position_ids if self.positions == "rope" else None
     x = vlorafy(self.block(), self.depth, self.vlora, scan=self.scan, remat=self.remat,
-                lora=self.lora, name="blocks")(x, deterministic=not train)
+                lora=self.lora, name="blocks")(x, mask, rope_positions, deterministic=not train,
+                                               decode=decode)
     x = layers.layer_norm("norm", self.dtype)(x).astype(jnp.float32)
     if self.tie_embeddings:
       return x @ emb.embedding.astype(jnp.float32).T  # logits = h @ E^T, in float32

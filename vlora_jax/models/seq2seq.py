@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlora_jax import layers
+from vlora_jax import decoding, layers
 from vlora_jax.config_keys import Bool, Int, Regexes
 from vlora_jax import lora as lora_lib
 from vlora_jax.models import family
@@ -33,6 +33,7 @@ from vlora_jax.spec import VIT_TARGETS, VLoRASpec
 from vlora_jax.stack import block_param_shapes, vlorafy
 
 PAD_ID = 0
+BOS_ID, EOS_ID = 1, 2  # the reversal task's (`data.sources.Reversal`); decoding starts and ends there
 CROSS_TARGETS = (r"cross/q/kernel", r"cross/kv/kernel", r"cross/proj/kernel")
 DEC_TARGETS = VIT_TARGETS + CROSS_TARGETS
 # Where a cross-attention target takes its rank/alpha from when they are given per target.
@@ -74,6 +75,9 @@ def padding_mask(tokens):
 
 class Seq2Seq(nn.Module):
   """``apply(variables, src [B, S], tgt_in [B, T], train=False) -> logits [B, T, V]``.
+
+  Decoding runs the parts: ``apply(..., src, method="encode")`` once, then
+  ``method="decode_logits"`` with a KV cache (`vlora_jax.decoding`).
 
   Attributes:
     vocab_size: V (shared by source and target; id 0 is padding).
@@ -151,40 +155,63 @@ class Seq2Seq(nn.Module):
     if src.shape[0] != tgt_in.shape[0]:
       raise ValueError(f"src batch {src.shape[0]} != tgt_in batch {tgt_in.shape[0]}")
 
-  def _positions(self, name: str, x):
-    pos = self.param(name, nn.with_logical_partitioning(
+  def setup(self):
+    specs = self.stack_specs()
+    self.embed = embed(self.vocab_size, self.dim, self.dtype)
+    table = lambda name: self.param(name, nn.with_logical_partitioning(
         nn.initializers.normal(0.02), (None, None, "embed")), (1, self.max_len, self.dim))
-    return x + pos[:, :x.shape[1]].astype(x.dtype)
+    self.enc_pos_embed, self.dec_pos_embed = table("enc_pos_embed"), table("dec_pos_embed")
+    self.drop = nn.Dropout(self.dropout)
+    self.encoder = vlorafy(self.encoder_block(), self.depth, specs["encoder"][0], scan=self.scan,
+                           remat=self.remat, lora=specs["encoder"][1], name="encoder")
+    self.encoder_norm = layers.layer_norm("encoder_norm", self.dtype)
+    self.decoder = vlorafy(self.decoder_block(), self.decoder_depth, specs["decoder"][0],
+                           scan=self.scan, remat=self.remat, lora=specs["decoder"][1],
+                           name="decoder")
+    self.decoder_norm = layers.layer_norm("decoder_norm", self.dtype)
+    if not self.tie_embeddings:
+      self.head = layers.dense(self.vocab_size, ("embed", "vocab"), "head", jnp.float32)
 
-  @nn.compact
+  def encode(self, src, *, train: bool = False):
+    """The encoder memory ``[B, S, D]`` of ``src [B, S]`` (run once per decode)."""
+    x = self.embed(src)
+    x = self.drop(x + self.enc_pos_embed[:, :x.shape[1]].astype(x.dtype), deterministic=not train)
+    x = self.encoder(x, padding_mask(src), deterministic=not train)
+    return self.encoder_norm(x)
+
+  def decode_logits(self, tgt_in, memory, src, position_ids=None, *, train: bool = False,
+                    decode=None):
+    """Logits ``[B, T, V]`` of the decoder reading ``tgt_in [B, T]`` against ``memory``.
+
+    ``src`` masks the memory's padding. ``decode`` (``"prefill"`` on the first call, ``"step"``
+    after it) appends ``tgt_in`` to the decoder's KV cache instead of reading whole targets
+    (apply with ``mutable=["cache"]``); ``position_ids`` ``[B, T]`` then says where the tokens
+    are. `vlora_jax.decoding` drives it.
+    """
+    y = self.embed(tgt_in)
+    rows = (self.dec_pos_embed[:, :y.shape[1]] if position_ids is None
+            else jnp.take(self.dec_pos_embed[0], position_ids, axis=0))
+    y = self.drop(y + rows.astype(y.dtype), deterministic=not train)
+    # Self-attention is causal inside the block; without a cache the mask adds target padding
+    # (a decode writes no padding: every sequence is at the same place).
+    self_mask = padding_mask(tgt_in) if decode is None else None
+    y = self.decoder(y, memory, self_mask, padding_mask(src), deterministic=not train,
+                     decode=decode)
+    y = self.decoder_norm(y).astype(jnp.float32)
+    if self.tie_embeddings:
+      return y @ self.embed.embedding.astype(jnp.float32).T
+    return self.head(y)
+
   def __call__(self, src, tgt_in, *, train: bool = False):
     self.check(src, tgt_in)
-    specs = self.stack_specs()
-    drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=not train)
-    emb = embed(self.vocab_size, self.dim, self.dtype)
-    src_keys = padding_mask(src)
-
-    x = drop(self._positions("enc_pos_embed", emb(src)))
-    x = vlorafy(self.encoder_block(), self.depth, specs["encoder"][0], scan=self.scan,
-                remat=self.remat, lora=specs["encoder"][1], name="encoder")(
-                    x, src_keys, deterministic=not train)
-    memory = layers.layer_norm("encoder_norm", self.dtype)(x)
-
-    y = drop(self._positions("dec_pos_embed", emb(tgt_in)))
-    # The decoder's self-attention is causal inside the block; the mask adds target padding.
-    y = vlorafy(self.decoder_block(), self.decoder_depth, specs["decoder"][0], scan=self.scan,
-                remat=self.remat, lora=specs["decoder"][1], name="decoder")(
-                    y, memory, padding_mask(tgt_in), src_keys, deterministic=not train)
-    y = layers.layer_norm("decoder_norm", self.dtype)(y).astype(jnp.float32)
-    if self.tie_embeddings:
-      return y @ emb.embedding.astype(jnp.float32).T
-    return layers.dense(self.vocab_size, ("embed", "vocab"), "head", jnp.float32)(y)
+    return self.decode_logits(tgt_in, self.encode(src, train=train), src, train=train)
 
 
 class Seq2SeqFamily(family.TokenFamily):
   """Sequence to sequence: ``src [B,S]``, ``tgt_in [B,T]`` (BOS + target), ``tgt_out [B,T]``
-  (target + EOS); pad id 0 is masked out of the loss and the metrics. ``seq_accuracy`` counts a
-  sequence whose every non-pad token is right under teacher forcing.
+  (target + EOS); pad id 0 is masked out of the loss and the metrics. Eval reports two sequence
+  accuracies: ``seq_accuracy``, from real greedy decoding, and ``seq_accuracy_teacher_forced``,
+  every token right when the decoder reads the true prefix.
 
   ``config.model``: vocab_size, max_len, dec_depth (``depth`` is the encoder's), tie_embeddings;
   ``vlora.dec_targets``: the decoder's targets (default: the encoder's and the cross-attention's).
@@ -229,14 +256,26 @@ class Seq2SeqFamily(family.TokenFamily):
 
   def extra_sums(self, hit, weight, example_weight):
     seq_ok = jnp.all((hit > 0) | (weight == 0), axis=-1).astype(jnp.float32)
-    return {"seq_correct": jnp.sum(seq_ok * example_weight)}
+    return {"seq_correct_teacher_forced": jnp.sum(seq_ok * example_weight)}
+
+  def eval_sums(self, model, params, batch):
+    """Adds ``seq_correct``: sequences that greedy decoding (`decoding.greedy`, the encoder run
+    once, the decoder on its own outputs) gets exactly right, EOS and padding included."""
+    sums = super().eval_sums(model, params, batch)
+    decoded = decoding.greedy(model, params, batch["src"], bos=BOS_ID, eos=EOS_ID)
+    ok = jnp.all(decoded == batch["tgt_out"], axis=-1).astype(jnp.float32)
+    ex_w = batch.get("mask", jnp.ones(ok.shape, jnp.float32)).astype(jnp.float32)
+    return dict(sums, seq_correct=jnp.sum(ok * ex_w))
 
   def finalize(self, sums: dict, prefix: str) -> dict[str, float]:
+    """Adds ``seq_accuracy`` (real greedy decoding, in eval) and ``seq_accuracy_teacher_forced``
+    (every token right when the decoder reads the true target)."""
     out = super().finalize(sums, prefix)
-    out[f"{prefix}/seq_accuracy"] = (float(sums["seq_correct"])
-                                     / max(float(sums["examples"]), 1e-12))
+    n = max(float(sums["examples"]), 1e-12)
+    out[f"{prefix}/seq_accuracy_teacher_forced"] = float(sums["seq_correct_teacher_forced"]) / n
+    if "seq_correct" in sums:
+      out[f"{prefix}/seq_accuracy"] = float(sums["seq_correct"]) / n
     return out
-
 
 
 FAMILY = Seq2SeqFamily()

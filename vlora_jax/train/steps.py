@@ -38,7 +38,7 @@ def make_train_step(model, family: Family, opt: optim.Optimizer, label_smoothing
 
 
 def make_eval_step(model, family: Family):
+  """The pure eval step: ``(params, batch) -> sums`` (`Family.eval_sums`)."""
   def eval_fn(p, batch):
-    logits = model.apply({"params": p}, *family.inputs(batch), train=False)
-    return family.sums(logits, batch)
+    return family.eval_sums(model, p, batch)
   return eval_fn
