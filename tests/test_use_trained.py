@@ -244,3 +244,50 @@ def test_export_command_line(runs):
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), \
         (name, stderr)
     assert says[name] in lines[0], (name, lines[0])
+
+
+def _command(module, *args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_sample_in_process_and_as_a_command(runs):
+  """Greedy samples are the same on every call; seeded samples repeat with their seed; the
+  command prints the prompt and its continuation, samples separated by '----'."""
+  from vlora_jax.sample import SEPARATOR, sample
+  greedy = sample(runs.lm, "First", max_new_tokens=20, temperature=0.0, num_samples=2)
+  assert len(greedy) == 2 and greedy[0] == greedy[1] and len(greedy[0]) == 20
+  hot = dict(max_new_tokens=20, temperature=1.0, top_k=10, num_samples=3)
+  assert sample(runs.lm, "First", seed=1, **hot) == sample(runs.lm, "First", seed=1, **hot)
+  assert sample(runs.lm, "First", seed=1, **hot) != sample(runs.lm, "First", seed=2, **hot)
+
+  done = _command("vlora_jax.sample", "--workdir", runs.lm, "--prompt", "First",
+                  "--max_new_tokens", 20, "--temperature", 0, "--num_samples", 2)
+  assert done.returncode == 0, done.stderr[-4000:]
+  assert done.stdout.split(SEPARATOR + "\n") == ["First" + greedy[0] + "\n"] * 2
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--prompt", "Fi\u03a9st"], "characters the vocabulary lacks"),
+    (["--prompt", ""], "--prompt is empty"),
+    (["--prompt", "F", "--temperature", "-1"], "temperature=-1.0"),
+    (["--prompt", "F", "--top_p", "0"], "top_p=0.0"),
+    (["--prompt", "F", "--max_new_tokens", "0"], "max_new_tokens=0"),
+    (["--prompt", "F", "--num_samples", "0"], "--num_samples=0"),
+    (["--prompt", "F", "--stop", "ab"], "--stop='ab'"),
+    (["--prompt", "F", "--step", "x"], "--step='x'"),
+    (["--prompt", "F", "--top_k", "1.5"], "--top_k"),
+    ("vit", "sampling serves model.name in ['lm']"),
+    ("empty", "holds no checkpoint")])
+def test_sample_bad_input_exits_2_with_one_line(runs, args, says):
+  if args in ("vit", "empty"):
+    workdir = runs.vit if args == "vit" else runs.tmp / "empty"
+    args = ["--workdir", workdir, "--prompt", "F"]
+  else:
+    args = ["--workdir", runs.lm, *args]
+  done = _command("vlora_jax.sample", *args)
+  lines = [line for line in done.stderr.splitlines() if line.strip()]
+  assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+  assert says in lines[0], lines[0]
+  assert not done.stdout

@@ -193,6 +193,11 @@ def _lm_chunk(model, params, context, pad, done, key, *, new: int, sampler: Samp
   return out, count, done, key
 
 
+def check_count(name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name}={value!r}: must be an integer >= 1")
+
+
 def check_prompts(prompts, vocab_size: int) -> list[list[int]]:
   """Each prompt a non-empty list of ids in ``[0, vocab_size)``; a ValueError naming the first
   that is not."""
@@ -222,8 +227,7 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
   """
   vocab = model.vocab_size
   sampler.check(vocab)
-  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
+  check_count("max_new_tokens", max_new_tokens)
   if stop_token is not None and not 0 <= stop_token < vocab:
     raise ValueError(f"stop_token={stop_token!r}: must be a token id in [0, {vocab})")
   seqs = check_prompts(prompts, vocab)

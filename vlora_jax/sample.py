@@ -1,0 +1,121 @@
+"""Sample text from a trained language model.
+
+  python -m vlora_jax.sample --workdir DIR --prompt TEXT [--max_new_tokens N] [--temperature T]
+                             [--top_k K] [--top_p P] [--seed S] [--num_samples N] [--stop TEXT]
+                             [--step N|best] [--verbose]
+
+The model, its parameters and its tokenizer come from the checkpoint (`vlora_jax.load`; the
+character vocabulary is stored with the run, so no data file is read). Generation uses the KV cache
+with VLoRA merged once (`vlora_jax.decoding.generate`); ``--temperature 0`` is greedy. The
+``--num_samples`` continuations of the prompt are drawn together, in one batch. Past the model's
+context (``model.max_len``) the window slides: the last half window is read again and generation
+goes on.
+
+Prints each sample as the prompt followed by its continuation, samples separated by a line
+``----``; a progress bar over the tokens goes to stderr when stderr is a terminal.
+
+Exit status: 0 done; 2 a mistake in the input (no checkpoint in the workdir, a run that is not a
+language model, a prompt with characters the vocabulary lacks, a bad sampling value), one line
+``error: ...``; 1 an internal error.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from vlora_jax import cli
+from vlora_jax import trained as trained_lib
+from vlora_jax.errors import UserError
+
+FAMILIES = ("lm",)
+SEPARATOR = "----"
+
+
+class SampleError(UserError, ValueError):
+  """A sampling request the run cannot serve."""
+
+
+def _model_config(workdir, step) -> dict:
+  """The run's ``config.model``, read from the checkpoint's meta (no JAX); a run of another family
+  is refused here, before anything is loaded."""
+  step_dir, _ = trained_lib.find_checkpoint(workdir, step)
+  mcfg = trained_lib.read_meta(step_dir).get("config", {}).get("model", {})
+  name = mcfg.get("name")
+  if name not in FAMILIES:
+    raise SampleError(f"--workdir={str(workdir)!r} is a model.name={name!r} run; sampling serves "
+                      f"model.name in {list(FAMILIES)} (for a ViT: python -m vlora_jax.predict; "
+                      "for seq2seq: python -m vlora_jax.evaluate)")
+  return mcfg
+
+
+def sample(workdir, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
+           top_k: int = 0, top_p: float = 1.0, seed: int = 0, num_samples: int = 1,
+           stop: str | None = None, step=None, progress: bool = False) -> list[str]:
+  """The ``num_samples`` continuations of ``prompt`` (text, without the prompt)."""
+  from vlora_jax import decoding
+  from vlora_jax.tokenizer import CharTokenizer, TokenizerError
+
+  if num_samples < 1:
+    raise SampleError(f"--num_samples={num_samples}: must be >= 1")
+  if not prompt:
+    raise SampleError("--prompt is empty: give at least one character to continue")
+  if stop is not None and len(stop) != 1:
+    raise SampleError(f"--stop={stop!r}: must be one character (a token of the vocabulary)")
+  mcfg = _model_config(workdir, step)
+  sampler = decoding.Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
+  try:  # every value before the run loads
+    sampler.check(int(mcfg.get("vocab_size", 1)))
+    decoding.check_count("max_new_tokens", max_new_tokens)
+  except ValueError as e:
+    raise SampleError(f"--{e}") from None
+  run = trained_lib.load(workdir, step)
+  try:
+    tokenizer = CharTokenizer.from_info(run.info)
+    ids = tokenizer.encode(prompt)
+    stop_ids = tokenizer.encode(stop) if stop is not None else None
+  except TokenizerError as e:
+    raise SampleError(f"--prompt/--stop: {e}") from None
+  bar = _bar(max_new_tokens, progress)
+  try:
+    out = decoding.generate(run.model, run.params, [ids] * num_samples,
+                            max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
+                            stop_token=stop_ids[0] if stop_ids else None,
+                            on_chunk=bar.update if bar else None)
+  finally:
+    if bar:
+      bar.close()
+  return [tokenizer.decode(row) for row in out]
+
+
+def _bar(total: int, enabled: bool):
+  if not enabled:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=total, unit="tok", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = cli.Parser("python -m vlora_jax.sample", __doc__)
+  cli.add_run_args(parser)
+  parser.add_argument("--prompt", required=True, help="the text to continue")
+  parser.add_argument("--max_new_tokens", type=int, default=200)
+  parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+  parser.add_argument("--top_k", type=int, default=0, help="keep the k most likely (0: all)")
+  parser.add_argument("--top_p", type=float, default=1.0, help="nucleus mass to keep (1: all)")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--num_samples", type=int, default=1)
+  parser.add_argument("--stop", default=None, help="a character that ends a sample")
+  args = parser.parse_args(argv)
+  samples = cli.guarded(
+      "vlora_jax.sample", args.verbose, sample, args.workdir, args.prompt,
+      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+      top_p=args.top_p, seed=args.seed, num_samples=args.num_samples, stop=args.stop,
+      step=cli.step(args.step), progress=sys.stderr.isatty())
+  for i, text in enumerate(samples):
+    if i:
+      print(SEPARATOR)
+    print(args.prompt + text)
+
+
+if __name__ == "__main__":
+  main()
