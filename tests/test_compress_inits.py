@@ -327,3 +327,8 @@ def test_bad_arguments():
     budget_ranks(dense, dataclasses.replace(spec, mode="tied"), 0.5)
   with pytest.raises(ValueError, match=r"covariances\['mlp/fc2/kernel'\] has shape"):
     budget_ranks(dense, spec, 0.5, bad)
+  other = spec_of()
+  object.__setattr__(other, "mode", "relaxed")  # a mode whose tree this module does not make
+  for call in (lambda: compress(dense, other), lambda: budget_ranks(dense, other, 0.5)):
+    with pytest.raises(ValueError, match="spec.mode='relaxed' is not supported"):
+      call()

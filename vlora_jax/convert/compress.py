@@ -96,6 +96,7 @@ from vlora_jax.spec import Entry, Layout, VLoRASpec, match_targets
 
 BASES = ("first", "mean", "auto")
 INCREMENTS = ("svd", "whitened", "zero")
+MODES = ("cumulative", "anchored", "tied")  # the modes whose trees (s - 1 steps) this module makes
 
 
 class Compressed(NamedTuple):
@@ -260,6 +261,9 @@ def _check(dense_stack_params, spec: VLoRASpec, base, who: str = "compress", inc
   """Validates everything before any work: ``(layout, {path: covariance} or None)``."""
   if not isinstance(spec, VLoRASpec):
     raise ValueError(f"{who}: spec={spec!r} must be a VLoRASpec")
+  if spec.mode not in MODES:
+    raise ValueError(f"{who}: spec.mode={spec.mode!r} is not supported here yet: allowed are "
+                     f"{list(MODES)}")
   if not (isinstance(dense_stack_params, dict) and set(dense_stack_params) == {"per_layer"}):
     keys = sorted(dense_stack_params) if isinstance(dense_stack_params, dict) else \
         type(dense_stack_params).__name__
@@ -565,6 +569,9 @@ def _check_budget(spec, fraction, base, step, who: str):
     raise ValueError(f"{who}: base='auto' picks a base per rank, so it cannot price ranks; "
                      "allowed are 'first', 'mean' or a layer index")
   if isinstance(spec, VLoRASpec):
+    if spec.mode not in MODES:
+      raise ValueError(f"{who}: spec.mode={spec.mode!r} is not supported here yet: allowed are "
+                       f"{list(MODES)}")
     if spec.mode == "tied":
       raise ValueError(f"{who}: spec.mode='tied' has no increments: ranks change no count")
     if spec.compound_size == 1:
