@@ -43,14 +43,15 @@ def main(argv=None) -> None:
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--tokens", type=int, default=256, help="new tokens for vlora / dense")
-  parser.add_argument("--lengths", default="64,256,1024", help="new tokens, cached / uncached")
+  parser.add_argument("--lengths", default="64,256,1024",
+                      help="new tokens, cached / uncached ('' skips them)")
   parser.add_argument("--out", default=str(harness.RESULTS / "bench_sampling.json"))
   args = parser.parse_args(argv)
   env = harness.environment()
   import numpy as np
   from vlora_jax import decoding
 
-  lengths = [int(n) for n in args.lengths.split(",")]
+  lengths = [int(n) for n in args.lengths.split(",") if n]  # "": the ratios only
   max_len = PROMPT + max(lengths + [args.tokens])
   prompts = np.random.default_rng(0).integers(0, 65, (args.batch, PROMPT)).tolist()
   vlora, dense = build(max_len, True), build(max_len, False)

@@ -34,6 +34,7 @@ that are not allowed), one line ``error: ...``; 1 an internal error.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -181,7 +182,7 @@ def _class_name(i: int, names) -> str:
 
 
 def predict(workdir, files, step: int | str | None = None, top: int = 5,
-            batch_size: int | None = None) -> list[dict]:
+            batch_size: int | None = None, progress: bool = False) -> list[dict]:
   """The top ``top`` classes of each file: ``[{'file', 'probs' (all classes), 'top': [(class id,
   name, probability), ...]}]``, in the order of ``files``.
 
@@ -215,6 +216,9 @@ def predict(workdir, files, step: int | str | None = None, top: int = 5,
 
   params = jax.device_put(run.params)
   b = min(len(images), int(batch_size or run.config.eval_batch_size))
+  from vlora_jax.train import metrics as metrics_lib
+  bar = metrics_lib.Progress(-(-len(images) // b), 0, enabled=progress, unit="batch",
+                             desc="predict")
   probs = []
   for i in range(0, len(images), b):
     chunk = np.stack(images[i:i + b])
@@ -222,6 +226,8 @@ def predict(workdir, files, step: int | str | None = None, top: int = 5,
     if n < b:  # one shape, one compile: the last batch is padded, the padding dropped
       chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), chunk.dtype)])
     probs.extend(np.asarray(probabilities(params, chunk))[:n])
+    bar.update(1)
+  bar.close()
   names = run.info.get("class_names")
   out = []
   for f, p in zip(files, probs):
@@ -248,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   step = cli.step(args.step)
   predictions = cli.guarded("vlora_jax.predict", args.verbose, predict, args.workdir, args.files,
-                            step, args.top)
+                            step, args.top, progress=sys.stderr.isatty())
   print(report(predictions), flush=True)
 
 

@@ -11,14 +11,16 @@ builds every layer's weights at once, for merged inference and export.
 Parameters of a stack (leading axes named for sharding rules):
 
   per_layer/<path>  [L, *shape]            ('layers', ...)  non-targeted params, full in every layer
-  base/<path>       [C, *shape]            ('compound', ...) layer 0 of each compound
-  inc_a/<path>      [C, s-1, d_in, r]      ('compound', 'step', ..., 'rank')
-  inc_b/<path>      [C, s-1, r, d_out]     ('compound', 'step', 'rank', ...)
-  inc_vec/<path>    [C, s-1, d]            full-vector increments of targeted 1-D params
+  base/<path>       [C, *shape]            ('compound', ...) layer 0 of each compound (relaxed:
+                                           the shared weight every layer adds its increment to)
+  inc_a/<path>      [C, S, d_in, r]        ('compound', 'step', ..., 'rank')
+  inc_b/<path>      [C, S, r, d_out]       ('compound', 'step', 'rank', ...)
+  inc_vec/<path>    [C, S, d]              full-vector increments of targeted 1-D params
   lora_a/<path>     [L, d_in, r_h]         ('layers', ..., 'rank')  horizontal LoRA (`lora.py`),
   lora_b/<path>     [L, r_h, d_out]        ('layers', 'rank', ...)  only with ``lora=LoRASpec``
 
-These group names are reserved: `params.py` groups counts by them and optimizer rules
+``S`` is the number of increments a compound has (`Layout.steps`): ``s - 1``, or ``s`` in the
+relaxed mode. These group names are reserved: `params.py` groups counts by them and optimizer rules
 (e.g. ``.*/inc_[ab]/.*``, ``.*/lora_[ab]/.*``) select by them.
 """
 
@@ -128,9 +130,9 @@ def init_stack_params(key, block: nn.Module, layout: Layout, sample_args, kwargs
   for i, e in enumerate(layout.entries):
     dtype = groups["base"][e.path].dtype if e.role != "full" else None
     if e.role == "vector":  # official: full-vector increments start at zero
-      groups["inc_vec"][e.path] = jnp.zeros((c, s - 1) + e.shape, dtype)
+      groups["inc_vec"][e.path] = jnp.zeros((c, layout.steps) + e.shape, dtype)
     elif e.role == "lowrank":
-      a, b = chain.init_factors(jax.random.fold_in(k_factors, i), compounds=c, steps=s - 1,
+      a, b = chain.init_factors(jax.random.fold_in(k_factors, i), compounds=c, steps=layout.steps,
                                 d_in=e.d_in, d_out=e.d_out, rank=e.rank, init=layout.spec.init,
                                 dtype=dtype)
       groups["inc_a"][e.path], groups["inc_b"][e.path] = a, b
@@ -254,11 +256,11 @@ class LayerStack(nn.Module):
       rngs = jax.random.split(self.make_rng("dropout"), self.num_layers)
 
     mode = _mode(block, deterministic)
-    cache = None
+    layer_cache = None
     if decode is not None:
       mode["decode"] = decode
-      cache = self.variable("cache", "layers", self._fresh_cache, block, x, args,
-                            dict(mode, **kwargs))
+      layer_cache = self.variable("cache", "layers", self._fresh_cache, block, x, args,
+                                  dict(mode, **kwargs))
 
     def apply_block(h, weights, rng, cache_i):
       variables = {"params": _nest(weights)}
@@ -271,9 +273,9 @@ class LayerStack(nn.Module):
 
     x, new_cache = run_layers(apply_block, x, layout, params, rngs=rngs, adapters=adapters,
                               lora_entries=lora_entries, scan=self.scan, remat=self.remat,
-                              state=None if cache is None else cache.value)
-    if cache is not None:
-      cache.value = new_cache
+                              state=None if layer_cache is None else layer_cache.value)
+    if layer_cache is not None:
+      layer_cache.value = new_cache
     return x
 
   def _fresh_cache(self, block, x, args, kwargs):
@@ -324,7 +326,7 @@ def layer_params(layout: Layout, shared, per_layer, position, adapters=None, lor
   Args:
     layout: the stack's layout.
     shared: the stack's compound-level groups, flat: ``{"base": {path: [C, *shape]},
-      "inc_a": {path: [C, s-1, d_in, r]}, "inc_b": ..., "inc_vec": ...}`` (empty when dense).
+      "inc_a": {path: [C, S, d_in, r]}, "inc_b": ..., "inc_vec": ...}`` (empty when dense).
     per_layer: this layer's non-targeted parameters ``{path: [*shape]}``.
     position: the layer's ``(compound, step)`` (`positions`; traced ints are fine).
     adapters: this layer's horizontal LoRA factors ``({path: A}, {path: B})``, or None.
@@ -338,8 +340,8 @@ def layer_params(layout: Layout, shared, per_layer, position, adapters=None, lor
   weights = dict(per_layer)
   terms = {e.path: [] for e in layout.entries}  # path -> [(static description, inputs)]
   c, k = position if spec else (None, None)
-  increments = layout.by_role("vector", "lowrank") if layout.compound_size > 1 else ()
-  for e in increments:  # (one layer a compound: bases only)
+  increments = layout.by_role("vector", "lowrank") if layout.steps else ()
+  for e in increments:  # (no steps, as one layer a compound has: bases only)
     if e.role == "vector":
       terms[e.path].append((("vector", (("mode", spec.mode),)),
                             (shared["inc_vec"][e.path], c, k)))
@@ -350,7 +352,7 @@ def layer_params(layout: Layout, shared, per_layer, position, adapters=None, lor
     terms[e.path].append((("adapter", (("scale", e.scale),)),
                           (adapters[0][e.path], adapters[1][e.path])))
   # The official stop-gradient: W0 learns from layer 0 of its compound alone (tied layers are W0
-  # itself, which learns from all of them).
+  # itself, which learns from all of them; a relaxed spec refuses it).
   gate = None
   if spec is not None and spec.stop_gradient_base and spec.mode != "tied":
     gate = (k == 0).astype(jnp.float32)
