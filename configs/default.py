@@ -64,7 +64,9 @@ def vlora(enabled: bool = True, compound_size: int = 4, rank=8) -> ml_collection
     compound_size  layers per compound s; must divide model.depth
     targets        regexes over block param paths: the four big matrices
     rank, alpha    LoRA rank r and scale numerator of each increment (one value, or one per target)
-    mode           anchored (official: W_k = W_0 + dW_k) | cumulative (paper) | tied
+    mode           anchored (official: W_k = W_0 + dW_k) | cumulative (paper) | tied |
+                   relaxed (W_k = W_0 + dW_k for every k, W_0 shared and no layer: set
+                   stop_gradient_base=False)
     stop_gradient_base  detach W_0 in layers k >= 1 (official)
     scaling        standard (alpha / r) | rslora (alpha / sqrt r)
     init           official (kaiming-uniform A and B) | zero_b (B = 0: starts tied)

@@ -50,8 +50,9 @@ def chain(
 
   Args:
     base: ``[C, *shape]``, layer 0 of each compound.
-    deltas: ``[C, s-1, *shape]``, the increments ``Delta_k`` (already scaled), or ``None`` for tied.
-    mode: ``cumulative``, ``anchored`` or ``tied``.
+    deltas: ``[C, s-1, *shape]``, the increments ``Delta_k`` (already scaled; ``[C, s, ...]`` for
+      relaxed), or ``None`` for tied.
+    mode: ``cumulative``, ``anchored``, ``tied`` or ``relaxed``.
     stop_gradient_base: detach ``W0`` in layers ``k >= 1`` (official behaviour).
 
   Returns:
@@ -63,6 +64,8 @@ def chain(
     if deltas is not None:
       raise ValueError("mode='tied' takes no increments")
     return base32[:, None]  # broadcast over the compound by the caller (see `expand`)
+  if mode == "relaxed":  # every layer, the first included, is the shared base plus its own step
+    return base32[:, None] + deltas.astype(jnp.float32)
   if mode not in ("cumulative", "anchored"):
     raise ValueError(f"mode={mode!r} is not one of {chain_lib.MODES}")
   start = jax.lax.stop_gradient(base32) if stop_gradient_base else base32
@@ -161,6 +164,14 @@ def layer_weights_x64(stack_params, spec, num_layers, lora=None, xp=jnp):
         continue
       i = next(i for i, t in enumerate(spec.targets) if re.fullmatch(t, path))
       w0 = f64(p["base"][path][c])
+      scale = chain_lib.lora_scale(spec.alphas[i], spec.ranks[i], spec.scaling)
+      if spec.mode == "relaxed":  # step k is layer k's own increment on the shared base
+        if path in p["inc_vec"]:
+          weights[path] = w0 + f64(p["inc_vec"][path][c, k])
+        else:
+          d = scale * (f64(p["inc_a"][path][c, k]) @ f64(p["inc_b"][path][c, k]))
+          weights[path] = w0 + d.reshape(w0.shape)
+        continue
       if k == 0 or spec.mode == "tied":
         weights[path] = w0
         continue
@@ -169,7 +180,6 @@ def layer_weights_x64(stack_params, spec, num_layers, lora=None, xp=jnp):
         if path in p["inc_vec"]:
           deltas.append(f64(p["inc_vec"][path][c, j]))
         else:
-          scale = chain_lib.lora_scale(spec.alphas[i], spec.ranks[i], spec.scaling)
           d = scale * (f64(p["inc_a"][path][c, j]) @ f64(p["inc_b"][path][c, j]))
           deltas.append(d.reshape(w0.shape))
       start = sg(w0) if spec.stop_gradient_base else w0

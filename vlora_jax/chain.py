@@ -7,6 +7,12 @@ For one targeted weight of a compound of ``s`` layers, with base ``W0`` and fact
   anchored   (official code): W_k = W0      + scale * A_k @ B_k
   tied       (official ``vl_enabled=False``): W_k = W0
 
+and, for ``k = 0 .. s-1`` (``s`` steps, the first layer included):
+
+  relaxed    (Relaxed Recursive Transformers): W_k = W0 + scale * A_k @ B_k, where ``W0`` is a
+             shared weight that is not itself a layer (compression starts it at the compound's
+             mean); every layer of the compound, the first included, has its own increment
+
 With ``stop_gradient_base`` the ``W0`` seen by layers ``k >= 1`` is detached, so ``W0`` gets gradient
 from the base layer only (what the official code does). A 1-D target (bias, norm scale) carries a
 full-vector increment ``delta_k [d]`` in place of ``A_k @ B_k`` and no scale.
@@ -36,11 +42,18 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-Mode = Literal["cumulative", "anchored", "tied"]
+Mode = Literal["cumulative", "anchored", "tied", "relaxed"]
 Scaling = Literal["standard", "rslora"]
-MODES = ("cumulative", "anchored", "tied")
+MODES = ("cumulative", "anchored", "tied", "relaxed")
 SCALINGS = ("standard", "rslora")
 INITS = ("official", "zero_b")
+
+
+def num_steps(mode: Mode, compound_size: int) -> int:
+  """Increments per compound: one per layer after the base, or one per layer (``relaxed``)."""
+  if mode == "tied":
+    return 0
+  return compound_size if mode == "relaxed" else compound_size - 1
 
 
 def lora_scale(alpha: float, rank: int, scaling: Scaling = "standard") -> float:
@@ -65,9 +78,12 @@ def step_mask(k: jax.Array, steps: int, mode: Mode) -> jax.Array:
   """Which of a compound's ``steps`` increments layer ``k`` sums, as float32 ``[steps]``.
 
   Increment ``j`` (0-based) is that of layer ``j + 1``: cumulative layer ``k`` sums ``j < k``,
-  anchored layer ``k`` takes ``j = k - 1`` alone, and layer 0 (the base) takes none.
+  anchored layer ``k`` takes ``j = k - 1`` alone, and layer 0 (the base) takes none. In
+  ``relaxed`` increment ``j`` is layer ``j``'s, and layer ``k`` takes ``j = k``.
   """
   j = jnp.arange(steps)
+  if mode == "relaxed":
+    return (j == k).astype(jnp.float32)
   return (j < k if mode == "cumulative" else j == k - 1).astype(jnp.float32)
 
 
@@ -76,20 +92,23 @@ def layer_factors(a: jax.Array, b: jax.Array, c: jax.Array, k: jax.Array, *, mod
   """``(lhs, rhs)`` in float32 with ``lhs @ rhs`` = the increments of layer ``k`` of compound ``c``.
 
   Args:
-    a: ``[C, s-1, d_in, r]`` and ``b``: ``[C, s-1, r, d_out]``, the stacked factors.
+    a: ``[C, steps, d_in, r]`` and ``b``: ``[C, steps, r, d_out]``, the stacked factors
+      (`num_steps`).
     c, k: the layer's compound and its index in it (traced ints).
     mode: ``cumulative``: every step of the compound side by side (rank ``(s-1) r``), the steps
       after ``k`` masked to zero in ``lhs``, so no running weight is carried from layer to layer;
-      ``anchored``: step ``k - 1`` alone (rank ``r``), zero for the base layer.
+      ``anchored``: step ``k - 1`` alone (rank ``r``), zero for the base layer; ``relaxed``: step
+      ``k`` alone.
     scale: the LoRA scale, folded into ``lhs``.
   """
   f32 = jnp.float32
   steps, d_in, r = a.shape[1:]
-  if mode == "anchored":  # one slice each: a[c, k - 1], b[c, k - 1]
-    j = jnp.maximum(k - 1, 0)
+  if mode in ("anchored", "relaxed"):  # one slice each: a[c, j], b[c, j]
+    j = k if mode == "relaxed" else jnp.maximum(k - 1, 0)
     a = jax.lax.dynamic_slice(a, (c, j, 0, 0), (1, 1) + a.shape[2:]).reshape(d_in, r)
     b = jax.lax.dynamic_slice(b, (c, j, 0, 0), (1, 1) + b.shape[2:]).reshape(r, -1)
-    return a.astype(f32) * (scale * (k > 0)), b.astype(f32)
+    live = scale if mode == "relaxed" else scale * (k > 0)
+    return a.astype(f32) * live, b.astype(f32)
   a, b = jax.lax.dynamic_index_in_dim(a, c, 0, False), jax.lax.dynamic_index_in_dim(b, c, 0, False)
   live = step_mask(k, steps, mode) * scale
   lhs = (a.astype(f32) * live[:, None, None]).transpose(1, 0, 2).reshape(d_in, steps * r)
@@ -97,7 +116,8 @@ def layer_factors(a: jax.Array, b: jax.Array, c: jax.Array, k: jax.Array, *, mod
 
 
 def vector_factors(deltas: jax.Array, c: jax.Array, k: jax.Array, *, mode: Mode):
-  """``(lhs [1, s-1], rhs [s-1, d])`` for a 1-D target's full-vector increments ``[C, s-1, d]``."""
+  """``(lhs [1, steps], rhs [steps, d])`` for a 1-D target's full-vector increments
+  ``[C, steps, d]``."""
   deltas = jax.lax.dynamic_index_in_dim(deltas, c, 0, False)
   return step_mask(k, deltas.shape[0], mode)[None], deltas.astype(jnp.float32)
 
@@ -197,7 +217,7 @@ def kaiming_uniform_a_sqrt5(key: jax.Array, shape, fan_in: int, dtype=jnp.float3
 
 def init_factors(key, *, compounds: int, steps: int, d_in: int, d_out: int, rank: int,
                  init: str = "official", dtype=jnp.float32):
-  """Stacked factors ``A [C, s-1, d_in, r]`` and ``B [C, s-1, r, d_out]``.
+  """Stacked factors ``A [C, steps, d_in, r]`` and ``B [C, steps, r, d_out]``.
 
   ``official``: both kaiming-uniform(a=sqrt(5)) as in the official code, whose torch tensors are
   ``A [r, d_in]`` (fan_in d_in) and ``B [r, d_out]`` (fan_in d_out): increments are non-zero at init.

@@ -75,8 +75,11 @@ class VLoRASpec:
       ``{pattern: rank}`` dict.
     alpha: the increment scale numerator, same forms as ``rank`` (official default 1).
     mode: ``cumulative`` (the paper: W_k = W_{k-1} + dW_k), ``anchored`` (the official code:
-      W_k = W_0 + dW_k) or ``tied`` (no increments: weight sharing inside a compound).
-    stop_gradient_base: detach W_0 in layers k >= 1 (the official code does).
+      W_k = W_0 + dW_k), ``tied`` (no increments: weight sharing inside a compound) or
+      ``relaxed`` (Relaxed Recursive Transformers: W_k = W_0 + dW_k for every layer, the first
+      included, with W_0 a shared weight that is no layer of its own).
+    stop_gradient_base: detach W_0 in layers k >= 1 (the official code does; not ``relaxed``,
+      whose W_0 is no layer that could keep its gradient).
     scaling: ``standard`` (alpha / r) or ``rslora`` (alpha / sqrt(r)).
     init: ``official`` (kaiming-uniform(a=sqrt 5) on A and B) or ``zero_b`` (B = 0).
   """
@@ -105,6 +108,10 @@ class VLoRASpec:
                          "a Python regex full-matched against block parameter paths") from None
     if self.mode not in chain.MODES:
       raise ValueError(f"vlora.mode={self.mode!r}: allowed are {list(chain.MODES)}")
+    if self.mode == "relaxed" and self.stop_gradient_base:
+      raise ValueError("vlora.stop_gradient_base=True with vlora.mode='relaxed': the relaxed base "
+                       "is no layer of its own, so detaching it would leave it untrained; set "
+                       "stop_gradient_base=False")
     if self.scaling not in chain.SCALINGS:
       raise ValueError(f"vlora.scaling={self.scaling!r}: allowed are {list(chain.SCALINGS)}")
     if self.init not in chain.INITS:
@@ -195,6 +202,11 @@ class Layout:
   @property
   def compound_size(self) -> int:
     return self.spec.compound_size if self.spec else 1
+
+  @property
+  def steps(self) -> int:
+    """Increments per compound and targeted parameter (`chain.num_steps`; 0 when dense)."""
+    return chain.num_steps(self.spec.mode, self.compound_size) if self.spec else 0
 
   def by_role(self, *roles: str) -> list[Entry]:
     return [e for e in self.entries if e.role in roles]
