@@ -140,3 +140,46 @@ def test_relaxed_refuses_the_official_stop_gradient():
   with pytest.raises(ValueError, match="stop_gradient_base=True with vlora.mode='relaxed'"):
     VLoRASpec(mode="relaxed", stop_gradient_base=True)
   assert chain.num_steps("relaxed", 4) == 4 and chain.num_steps("anchored", 4) == 3
+
+
+# ------------------------------------------------------------------------ compression (dense -> relaxed)
+
+
+def _dense_stack(seed=0):
+  """A trained-looking dense ToyBlock stack: layers share a component, plus their own parts."""
+  model = stack.vlorafy(ToyBlock(), 6)
+  x, gate = jax.random.normal(jax.random.key(0), (3, 5, 8)), jnp.full((1, 1, 16), 0.5)
+  p = nn.unbox(model.init(jax.random.key(seed), x, gate))["params"]
+  rng = np.random.default_rng(seed)
+  shared = lambda a: np.asarray(a[:1]) + 0.3 * rng.standard_normal(a.shape).astype(np.float32)
+  return model, jax.tree.map(shared, p), x, gate
+
+
+def test_compress_into_relaxed_loads_and_is_exact_at_full_rank():
+  from vlora_jax.convert.compress import compress
+  dense_model, dense, x, gate = _dense_stack()
+  spec = VLoRASpec(compound_size=3, targets=("up/kernel", "down/kernel", "ln/scale"), rank=8,
+                   mode="relaxed")
+  out = compress(dense, spec, base="mean")
+  relaxed = stack.vlorafy(ToyBlock(), 6, spec)
+  want = jax.tree.map(jnp.shape, nn.unbox(relaxed.init(jax.random.key(0), x, gate))["params"])
+  assert jax.tree.map(jnp.shape, out.params) == want  # the model's own tree: s steps a compound
+  assert float(out.total.max()) < 1e-5  # rank 8 = min(d_in, d_out): every layer exact
+  np.testing.assert_allclose(relaxed.apply({"params": out.params}, x, gate),
+                             dense_model.apply({"params": dense}, x, gate), rtol=1e-4, atol=1e-4)
+  bases = out.params["base"]["up"]["kernel"]
+  np.testing.assert_allclose(bases[0], dense["per_layer"]["up"]["kernel"][:3].mean(0), atol=1e-6)
+
+
+def test_relaxed_zero_increments_and_budget_count():
+  from vlora_jax.convert.compress import budget_ranks, compress
+  _, dense, _, _ = _dense_stack(1)
+  spec = VLoRASpec(compound_size=3, targets=("up/kernel", "down/kernel"), rank=2, mode="relaxed")
+  zero = compress(dense, spec, base="mean", increments="zero")
+  w = stack.materialize(zero.params, stack.layout_from_params(zero.params, spec))["up"]["kernel"]
+  for layer in range(6):  # every layer, the first included, is its compound's mean
+    np.testing.assert_allclose(w[layer], zero.params["base"]["up"]["kernel"][layer // 3],
+                               atol=1e-6)
+  budget = budget_ranks(dense, spec, 0.7, base="mean")
+  assert budget.count == params_lib.count(compress(dense, budget.spec, base="mean").params)["total"]
+  assert budget.count <= 0.7 * budget.dense

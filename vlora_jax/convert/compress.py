@@ -12,6 +12,8 @@ compound IS the base in the model: ``Ŵ_0 = b``):
   cumulative   Ŵ_k = Ŵ_{k-1} + T_r(W_k - Ŵ_{k-1})   (the *reconstructed* predecessor: errors do
                                                      not accumulate along the compound)
   tied         Ŵ_k = b
+  relaxed      Ŵ_k = b + T_r(W_k - b) for every k, the first included: the base is a shared
+               weight, no layer (``base='mean'``, RRT's "Average", is the natural one here)
   1-D targets  exact full-vector increments (W_k - b, or W_k - W_{k-1})
 
 where ``T_r`` is a rank-r truncation of the increment, chosen by ``increments=``:
@@ -96,7 +98,7 @@ from vlora_jax.spec import Entry, Layout, VLoRASpec, match_targets
 
 BASES = ("first", "mean", "auto")
 INCREMENTS = ("svd", "whitened", "zero")
-MODES = ("cumulative", "anchored", "tied")  # the modes whose trees (s - 1 steps) this module makes
+MODES = ("cumulative", "anchored", "tied", "relaxed")  # every mode of `chain.MODES`
 
 
 class Compressed(NamedTuple):
@@ -199,7 +201,8 @@ def _compress_compound(w: np.ndarray, b: np.ndarray, e: Entry, mode: str, increm
                        whites=None):
   """One compound ``w [s, *shape]`` from base ``b``: (reconstruction [s, *shape], increments).
 
-  Increments: ``(A [s-1, d_in, r], B [s-1, r, d_out])`` for low-rank, ``[s-1, *shape]`` for 1-D,
+  Increments: ``(A [S, d_in, r], B [S, r, d_out])`` for low-rank, ``[S, *shape]`` for 1-D (``S``
+  steps: ``s - 1``, or ``s`` in the relaxed mode),
   None for tied and for zero low-rank increments (`compress` draws their A). ``whites``: one
   `whitener` per layer of the compound for ``increments='whitened'``.
   """
@@ -207,17 +210,19 @@ def _compress_compound(w: np.ndarray, b: np.ndarray, e: Entry, mode: str, increm
   if mode == "tied" or (increments == "zero" and e.role == "lowrank"):
     return np.stack([b] * s), None
   if increments == "zero":
-    return np.stack([b] * s), np.zeros((s - 1,) + e.shape)
-  rec = [b]
+    return np.stack([b] * s), np.zeros((chain.num_steps(mode, s),) + e.shape)
+  # Layer 0 is the base itself, except in the relaxed mode, where it has an increment too.
+  first = 0 if mode == "relaxed" else 1
+  rec = [b] * first
   if e.role == "vector":
     incs = []
-    for k in range(1, s):
+    for k in range(first, s):
       prev = rec[-1] if mode == "cumulative" else b
       incs.append(w[k] - prev)
       rec.append(w[k].copy())
     return np.stack(rec), np.stack(incs)
   a_s, b_s = [], []
-  for k in range(1, s):
+  for k in range(first, s):
     prev = rec[-1] if mode == "cumulative" else b
     a_k, b_k = _factors(w[k] - prev, e, None if whites is None else whites[k])
     a_s.append(a_k)
@@ -350,7 +355,7 @@ def compress(dense_stack_params, spec: VLoRASpec, base: str | int = "first", *,
     elif e.role == "lowrank" and increments == "zero":
       key = jax.random.fold_in(jax.random.key(seed), i)  # as the model's init: one key per entry
       groups["inc_a"][e.path], groups["inc_b"][e.path] = chain.init_factors(
-          key, compounds=n_c, steps=s - 1, d_in=e.d_in, d_out=e.d_out, rank=e.rank,
+          key, compounds=n_c, steps=layout.steps, d_in=e.d_in, d_out=e.d_out, rank=e.rank,
           init="zero_b", dtype=dtype)
     elif e.role == "lowrank":
       groups["inc_a"][e.path] = jnp.asarray(np.stack([i[0] for _, i in per_c]), dtype)
@@ -491,6 +496,7 @@ def _summarise(dense_stack_params, spec: VLoRASpec, covariances, base, damping,
   shapes = {p: tuple(a.shape[1:]) for p, a in flat.items()}
   hits = {p: h for p, _, h in match_targets("vlora.targets", spec.targets, shapes)}
   s, n_c, n_l = layout.compound_size, layout.compounds, layout.num_layers
+  steps, first = layout.steps, s - layout.steps  # first: the first layer with an increment
   fixed = dense = 0
   cost, max_rank, energy = {}, {}, {}
   for e in layout.entries:
@@ -499,17 +505,17 @@ def _summarise(dense_stack_params, spec: VLoRASpec, covariances, base, damping,
     if e.role == "full":
       fixed += n_l * n
       continue
-    fixed += n_c * n + (n_c * (s - 1) * n if e.role == "vector" else 0)  # base (+ full vectors)
+    fixed += n_c * n + (n_c * steps * n if e.role == "vector" else 0)  # base (+ full vectors)
     if e.role != "lowrank":
       continue
     t = hits[e.path]
-    cost[t] = cost.get(t, 0) + n_c * (s - 1) * (e.d_in + e.d_out)
+    cost[t] = cost.get(t, 0) + n_c * steps * (e.d_in + e.d_out)
     w = np.asarray(flat[e.path], np.float64).reshape(n_c, s, e.d_in, e.d_out)
     c_cov = None if covs is None else covs[e.path].reshape(n_c, s, e.d_in, e.d_in)
     gain = np.zeros(min(e.d_in, e.d_out))
     for c in range(n_c):
       b = _candidates(w[c], base)[0][1].reshape(e.d_in, e.d_out)
-      for k in range(1, s):
+      for k in range(first, s):
         prev = w[c, k - 1] if spec.mode == "cumulative" and k > 1 else b
         delta, ref = w[c, k] - prev, w[c, k]
         if c_cov is not None:
