@@ -158,7 +158,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint.restore_from = ""    # explicit checkpoint (precedence 2; the workdir's own wins)
   c.init_from = ""                  # '<kind>:<arg>' params-only init (precedence 3), e.g.
                                     # 'checkpoint:/path/to/workdir' or
-                                    # 'py:<module>.<function>:<arg>' (any converter)
+                                    # 'py:<module>.<function>:<arg>' (any converter) or
+                                    # 'compress:<workdir of a trained dense run>'
+  c.compress = ml_collections.ConfigDict()  # how init_from='compress:...' compresses
+  c.compress.base = "first"         # first | mean | auto: each compound's base
+  c.compress.increments = "svd"     # svd | whitened (activation-aware) | zero
+  c.compress.calibration_batches = 8  # whitened: train batches whose inputs weigh the SVD
+  c.compress.damping = 1e-6         # whitened: relative floor on the inputs' eigenvalues
 
   c.log_every_steps = 50       # metrics.jsonl / TensorBoard interval
   c.eval_every_steps = 500     # periodic eval (0 = only at the end)

@@ -7,9 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
-from vlora_jax import layers
 from vlora_jax.convert import calibrate
 from vlora_jax.convert.compress import compress_tree
 from vlora_jax.models.lm import LM

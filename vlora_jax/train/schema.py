@@ -114,6 +114,11 @@ COMMON: dict[str, Key] = {
     "checkpoint.async_save": Bool(doc="write in the background"),
     "checkpoint.restore_from": Str(doc="explicit checkpoint to restore"),
     "init_from": Str(doc="'<kind>:<arg>' params-only init"),
+    "compress.base": Choice(choices=("first", "mean", "auto"), doc="compress: each compound's base"),
+    "compress.increments": Choice(choices=("svd", "whitened", "zero"),
+                                  doc="compress: the rank-r increments"),
+    "compress.calibration_batches": Int(lo=1, doc="compress (whitened): calibration train batches"),
+    "compress.damping": Float(lo=0, lo_open=True, doc="compress (whitened): eigenvalue floor"),
 
     "log_every_steps": Int(required=True, lo=1, doc="metrics interval"),
     "eval_every_steps": Int(lo=0, doc="periodic eval (0 = at the end)"),

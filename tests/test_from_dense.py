@@ -1,0 +1,54 @@
+"""``init_from='compress:<dense run>'``: a VLoRA run started from a trained dense run's checkpoint,
+compressed into its spec (plain or whitened SVD, calibrated on the run's own train batches)."""
+
+import numpy as np
+import pytest
+from helpers_train import tiny
+
+import vlora_jax
+from vlora_jax import data as data_lib, models
+from vlora_jax.errors import CheckpointError
+from vlora_jax.train import train_and_evaluate
+from vlora_jax.train.from_dense import params_from_dense_run
+
+pytestmark = pytest.mark.slow  # two trained runs
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("from_dense") / "dense"
+  train_and_evaluate(tiny("vit", **{"model.vlora.enabled": False, "num_train_steps": 3}), workdir)
+  return workdir
+
+
+def _student(dense_run, **overrides):
+  return tiny("vit", **{"init_from": f"compress:{dense_run}", **overrides})
+
+
+@pytest.mark.parametrize("increments", ["svd", "whitened"])
+def test_full_rank_compression_computes_the_dense_function(dense_run, increments):
+  config = _student(dense_run, **{"model.vlora.rank": 16, "compress.increments": increments})
+  params = params_from_dense_run(str(dense_run), abstract_params=None, config=config)
+  student = models.build(config.model)
+  dense_model, dense_params, _, _ = vlora_jax.load(dense_run)
+  batch = data_lib.build(config).train_batch(0)
+  got = student.apply({"params": params}, batch["image"])
+  want = dense_model.apply({"params": dense_params}, batch["image"])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_run_starts_from_the_compressed_dense_model(dense_run, tmp_path):
+  config = _student(dense_run, **{"compress.increments": "whitened", "num_train_steps": 1,
+                                  "compress.calibration_batches": 2})
+  summary = train_and_evaluate(config, tmp_path / "student")
+  assert summary["origin"] == f"init_from compress:{dense_run}"
+  assert np.isfinite(summary["eval/loss"])
+
+
+def test_a_model_that_is_not_the_dense_twin_is_refused(dense_run):
+  config = _student(dense_run, **{"model.dim": 32})
+  with pytest.raises(CheckpointError, match="not this run's dense twin"):
+    params_from_dense_run(str(dense_run), abstract_params=None, config=config)
+  with pytest.raises(CheckpointError, match="no VLoRA stack"):
+    params_from_dense_run(str(dense_run), abstract_params=None,
+                          config=_student(dense_run, **{"model.vlora.enabled": False}))

@@ -1,0 +1,88 @@
+"""``init_from='compress:<workdir of a trained run>'``: a VLoRA run that starts from a dense model.
+
+The trained run's newest checkpoint (`vlora_jax.load`; a VLoRA or LoRA run is merged to its dense
+weights first) is compressed into this run's VLoRA spec, stack by stack (`convert.compress`: each
+stack under its own spec, e.g. a decoder's with cross-attention targets). ``config.compress``
+chooses how:
+
+  base                 first | mean | auto: each compound's base
+  increments           svd | whitened | zero: the rank-r increments
+  calibration_batches  for ``whitened``: this run's first train batches, run through the dense
+                       model to get every targeted matrix's input second moment
+                       (`convert.calibrate`)
+  damping              for ``whitened``: the relative floor on that second moment's eigenvalues
+
+The dense model must be this run's dense twin: the same family and the same parameter shapes, or
+the error names the first leaves that differ.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import logging
+
+from vlora_jax import errors, stack
+from vlora_jax.train import checkpoint as ckpt_lib
+
+
+@ckpt_lib.register_init_from("compress")
+def params_from_dense_run(arg: str, *, abstract_params, config):
+  """The VLoRA params of ``config``'s model, compressed from the run in workdir ``arg``."""
+  del abstract_params  # the trainer checks the result against it
+  from vlora_jax import data as data_lib, models
+  from vlora_jax import trained as trained_lib
+  from vlora_jax.convert import calibrate
+  from vlora_jax.convert.compress import compress
+  from vlora_jax.train.trainer import params_mismatch
+
+  where = f"init_from='compress:{arg}'"
+  teacher = trained_lib.load(arg)
+  fam = models.family(config.model.name)
+  if teacher.config.model.name != config.model.name:
+    raise errors.CheckpointError(f"{where}: that run is a model.name="
+                                 f"{teacher.config.model.name!r}, this one a "
+                                 f"model.name={config.model.name!r}")
+  student = fam.build_from_config(config.model)
+  specs = {name: s for name, (s, _) in student.stack_specs().items()}
+  if not any(specs.values()):
+    raise errors.CheckpointError(f"{where}: this run's model has no VLoRA stack "
+                                 "(model.vlora.enabled=False): there is nothing to compress into")
+  if student.lora is not None:
+    raise errors.CheckpointError(f"{where}: model.lora is enabled; compression makes the VLoRA "
+                                 "parameters only, so start without LoRA adapters")
+  dense_model, variables = stack.to_dense(teacher.model, {"params": teacher.params})
+  dense = jax.device_get(variables["params"])
+  twin = student.clone(vlora=None, lora=None)
+  want = jax.eval_shape(lambda *x: nn.unbox(twin.init(jax.random.key(0), *x))["params"],
+                        *fam.sample_inputs(config.model, batch=1))
+  problems = params_mismatch(dense, want)
+  if problems:
+    raise errors.CheckpointError(f"{where}: that run's model is not this run's dense twin: "
+                                 + "; ".join(problems[:6]))
+
+  how = config.get("compress", {})
+  increments = how.get("increments", "svd")
+  covariances = {}
+  if increments == "whitened":
+    pipe = data_lib.build(config)
+    batches = [fam.inputs(pipe.train_batch(i))
+               for i in range(int(how.get("calibration_batches", 8)))]
+    targets = tuple({t for s in specs.values() if s is not None for t in s.targets})
+    covariances = calibrate.input_covariances(dense_model, dense, batches, targets=targets)
+
+  out = dict(dense)
+  for name, spec in specs.items():
+    if spec is None:
+      continue
+    done = compress(dense[name], spec, base=how.get("base", "first"), increments=increments,
+                    covariances=covariances.get(name), damping=how.get("damping", 1e-6),
+                    seed=int(config.get("seed", 0)))
+    out[name] = done.params
+    said = f"weight error {np.mean(done.total):.4f}"
+    if done.out_total is not None:
+      said += f", output error {np.mean(done.out_total):.4f}"
+    logging.info("%s: stack %r compressed (%s increments, base %s): mean relative %s", where,
+                 name, increments, how.get("base", "first"), said)
+  return out
