@@ -160,6 +160,10 @@ def get_config() -> ml_collections.ConfigDict:
                                     # 'checkpoint:/path/to/workdir' or
                                     # 'py:<module>.<function>:<arg>' (any converter) or
                                     # 'compress:<workdir of a trained dense run>'
+  c.distill = ml_collections.ConfigDict()  # knowledge distillation (vlora_jax/train/teacher.py)
+  c.distill.teacher = ""            # workdir of a trained run of the same family ('' = off)
+  c.distill.weight = 0.5            # w: loss = (1 - w) task + w T^2 KL(teacher || student)
+  c.distill.temperature = 2.0       # T: softens both distributions
   c.compress = ml_collections.ConfigDict()  # how init_from='compress:...' compresses
   c.compress.base = "first"         # first | mean | auto: each compound's base
   c.compress.increments = "svd"     # svd | whitened (activation-aware) | zero

@@ -1,6 +1,8 @@
 """``init_from='compress:<dense run>'``: a VLoRA run started from a trained dense run's checkpoint,
 compressed into its spec (plain or whitened SVD, calibrated on the run's own train batches)."""
 
+import json
+
 import numpy as np
 import pytest
 from helpers_train import tiny
@@ -52,3 +54,23 @@ def test_a_model_that_is_not_the_dense_twin_is_refused(dense_run):
   with pytest.raises(CheckpointError, match="no VLoRA stack"):
     params_from_dense_run(str(dense_run), abstract_params=None,
                           config=_student(dense_run, **{"model.vlora.enabled": False}))
+
+
+def test_compress_and_heal_with_distillation_resumes_and_saves_no_teacher(dense_run, tmp_path):
+  """Start from the compressed dense run, distil from it, stop after 2 steps; the rerun to 4
+  resumes (the teacher loaded again from its workdir), and no checkpoint holds the teacher."""
+  from vlora_jax.train import checkpoint
+  workdir = tmp_path / "heal"
+  config = lambda steps: _student(dense_run, **{
+      "compress.increments": "whitened", "compress.calibration_batches": 2,
+      "distill.teacher": str(dense_run), "distill.weight": 0.7, "distill.temperature": 2.0,
+      "num_train_steps": steps, "checkpoint.every_steps": 2})
+  first = train_and_evaluate(config(2), workdir)
+  assert first["origin"] == f"init_from compress:{dense_run}"
+  second = train_and_evaluate(config(4), workdir)
+  assert second["start_step"] == 2 and second["step"] == 4 and second["origin"].startswith(
+      "resumed")
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert any("train/kl" in r for r in rows)
+  state = checkpoint.read_state(str(workdir / "checkpoints" / "4"), params_only=False)
+  assert set(state) == {"step", "params", "opt_state", "rng"}

@@ -26,6 +26,7 @@ from vlora_jax.models.family import Family
 from vlora_jax.train import checkpoint as ckpt_lib
 from vlora_jax.train import metrics as metrics_lib
 from vlora_jax.train import optim, sharding, state as state_lib, validate
+from vlora_jax.train import teacher as teacher_lib
 from vlora_jax.train import workdir as workdir_lib
 
 
@@ -48,6 +49,7 @@ class Run:
   counts: dict
   dense_counts: dict | None
   meta: dict  # what every checkpoint records and every restore checks
+  teacher: teacher_lib.Teacher | None = None  # config.distill: checked, its params not loaded
 
   @property
   def family(self) -> Family:
@@ -86,6 +88,7 @@ def set_up(config, workdir: Path) -> Run:
     plan.family.check_data(config.model, pipe.info)
 
     model = plan.build_model(config.model)
+    teacher = teacher_lib.check(config, plan.family, model, mesh)
     sample = plan.family.sample_inputs(config.model, batch=2)
     init_fn = lambda rng: model.init({"params": rng, "dropout": rng}, *_zeros(sample),
                                      train=False)["params"]
@@ -111,7 +114,7 @@ def set_up(config, workdir: Path) -> Run:
               abstract_params=abstract_params, param_shardings=p_shard, opt=opt,
               abstract_state=abstract_state,
               state_shardings=state_lib.shardings(abstract_state, p_shard, mesh), counts=counts,
-              dense_counts=_dense_count(model, sample, plan.vlora), meta=meta)
+              dense_counts=_dense_count(model, sample, plan.vlora), meta=meta, teacher=teacher)
   logging.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), jax.device_count(),
                pcount)
   metrics_lib.log(metrics_lib.overview(counts, run.dense_counts))

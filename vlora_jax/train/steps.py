@@ -3,24 +3,43 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from vlora_jax.models.family import Family
 from vlora_jax.train import optim
+from vlora_jax.train import teacher as teacher_lib
 
 
 def make_train_step(model, family: Family, opt: optim.Optimizer, label_smoothing: float,
-                    rng_impl: str = "threefry2x32"):
-  """The pure train step: ``(state, batch) -> (state, metrics)``."""
+                    rng_impl: str = "threefry2x32", teacher=None):
+  """The pure train step: ``(state, batch) -> (state, metrics)``.
 
-  def step_fn(st, batch):
+  With a ``teacher`` (`train.teacher.Teacher`: its dense model, ``weight`` and ``temperature``)
+  the step is ``(state, batch, teacher_params) -> (state, metrics)`` and its loss is
+  ``(1 - weight) * task + weight * T^2 * KL(teacher || student)`` over the positions the task
+  weighs; the teacher runs without dropout and gets no gradient.
+  """
+
+  def step_fn(st, batch, teacher_params=None):
     rng, drop = jax.random.split(jax.random.wrap_key_data(st["rng"], impl=rng_impl))
+    inputs = family.inputs(batch)
+    if teacher is not None:
+      teacher_logits = jax.lax.stop_gradient(
+          teacher.model.apply({"params": teacher_params}, *inputs, train=False))
 
     def loss_fn(p):
-      logits = model.apply({"params": p}, *family.inputs(batch), train=True,
-                           rngs={"dropout": drop})
+      logits = model.apply({"params": p}, *inputs, train=True, rngs={"dropout": drop})
       s = family.sums(logits, batch, label_smoothing)
-      return s["loss"] / s["weight"], s
+      loss = s["loss"] / s["weight"]
+      if teacher is None:
+        return loss, s
+      ex_w = batch.get("mask", jnp.ones((logits.shape[0],), jnp.float32)).astype(jnp.float32)
+      _, w = family.targets(batch, ex_w)
+      t = teacher.temperature
+      kl = teacher_lib.kl_sum(logits, teacher_logits, w, t) / s["weight"]
+      s = dict(s, kl=kl, task_loss=loss)
+      return (1 - teacher.weight) * loss + teacher.weight * t * t * kl, s
 
     (loss, s), grads = jax.value_and_grad(loss_fn, has_aux=True)(st["params"])
     updates, opt_state = opt.tx.update(grads, st["opt_state"], st["params"])
@@ -30,6 +49,8 @@ def make_train_step(model, family: Family, opt: optim.Optimizer, label_smoothing
          "train/update_norm": optax.global_norm(updates),
          "train/param_norm": optax.global_norm(new_params),
          "train/lr": opt.schedule(st["step"])}
+    if teacher is not None:  # the loss above is the mix; these are its parts
+      m.update({"train/kl": s["kl"], "train/task_loss": s["task_loss"]})
     new = {"step": st["step"] + 1, "params": new_params, "opt_state": opt_state,
            "rng": jax.random.key_data(rng)}
     return new, m

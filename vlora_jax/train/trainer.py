@@ -63,11 +63,15 @@ def compile_train_step(run: Run):
                                      sharding=b_shard),
       run.pipe.train_batch(0))
   step_fn = make_train_step(run.model, run.family, run.opt,
-                            run.config.get("label_smoothing", 0.0), run.rng_impl)
+                            run.config.get("label_smoothing", 0.0), run.rng_impl, run.teacher)
+  in_shardings, args = (run.state_shardings, b_shard), (_state_target(run), batch_struct)
+  if run.teacher is not None:  # the teacher's params: an argument, never a part of the state
+    in_shardings += (run.teacher.shardings,)
+    args += (ckpt_lib.abstract(run.teacher.abstract_params, run.teacher.shardings),)
   t0 = time.time()
-  step = jax.jit(step_fn, in_shardings=(run.state_shardings, b_shard),
+  step = jax.jit(step_fn, in_shardings=in_shardings,
                  out_shardings=(run.state_shardings, sharding.replicated(run.mesh)),
-                 donate_argnums=(0,)).lower(_state_target(run), batch_struct).compile()
+                 donate_argnums=(0,)).lower(*args).compile()
   seconds = time.time() - t0
   step_bytes = _compiled_bytes(step)
   logging.info("train step compiled in %.1f s (%.2f GiB a step)", seconds, step_bytes / 2**30)
@@ -241,6 +245,12 @@ def train_and_evaluate(config, workdir: str | Path, *,
       if start >= run.total_steps:
         logging.info("the run in %s is complete (step %d of %d): evaluating its final state only",
                      run.workdir, start, run.total_steps)
+      if run.teacher is not None:
+        teacher_params = run.teacher.load()
+        logging.info("distilling from %s (weight %g, temperature %g)", run.teacher.checkpoint,
+                     run.teacher.weight, run.teacher.temperature)
+        compiled = train_step
+        train_step = lambda st, batch: compiled(st, batch, teacher_params)
       loop = Loop(run, train_step, ckpt, start)
       loop(st)
       summary = summarize(run, loop, origin, t_start, t_compile)
