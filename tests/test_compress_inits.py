@@ -328,7 +328,7 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match=r"covariances\['mlp/fc2/kernel'\] has shape"):
     budget_ranks(dense, spec, 0.5, bad)
   other = spec_of()
-  object.__setattr__(other, "mode", "relaxed")  # a mode whose tree this module does not make
+  object.__setattr__(other, "mode", "spiral")  # a mode whose tree this module does not make
   for call in (lambda: compress(dense, other), lambda: budget_ranks(dense, other, 0.5)):
-    with pytest.raises(ValueError, match="spec.mode='relaxed' is not supported"):
+    with pytest.raises(ValueError, match="spec.mode='spiral' is not supported"):
       call()

@@ -27,9 +27,10 @@ def one_line(text) -> str:
 
 def fail(message: str, exc: BaseException | None = None, verbose: bool = False) -> NoReturn:
   """Prints ``error: <message>`` (the traceback of ``exc`` too when ``verbose``) and exits 2."""
-  from vlora_jax.main import user_error  # the training command's: one format for every command
-  user_error(message, exc, verbose)
-  raise AssertionError("unreachable")  # user_error exits
+  if verbose and exc is not None:
+    traceback.print_exception(exc)
+  print(f"error: {message}", file=sys.stderr, flush=True)  # the training command's format too
+  sys.exit(EXIT_USER_ERROR)
 
 
 class Parser(argparse.ArgumentParser):

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -104,3 +105,20 @@ def format_table(t: dict[str, Any]) -> str:
            ("ratio", f"{t['ratio']:.4f}", "1.0000")]
   w = [max(len(r[i]) for r in rows) for i in range(3)]
   return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}" for a, b, c in rows)
+
+
+def params_mismatch(params, abstract_params) -> list[str]:
+  """Each leaf of ``params`` that the model lacks, needs, or has with another shape or dtype."""
+  flat = lambda t: {jax.tree_util.keystr(k): v for k, v in
+                    jax.tree_util.tree_flatten_with_path(t)[0]}
+  got, want = flat(params), flat(abstract_params)
+  out = [f"{k}: missing (the model needs {want[k].shape} {jnp.dtype(want[k].dtype)})"
+         for k in want if k not in got]
+  out += [f"{k}: not a parameter of the model" for k in got if k not in want]
+  for k in sorted(set(got) & set(want)):
+    g, w = got[k], want[k]
+    if tuple(g.shape) != tuple(w.shape):
+      out.append(f"{k}: shape {tuple(g.shape)}, the model needs {tuple(w.shape)}")
+    elif jnp.dtype(g.dtype) != jnp.dtype(w.dtype):
+      out.append(f"{k}: dtype {jnp.dtype(g.dtype)}, the model needs {jnp.dtype(w.dtype)}")
+  return out

@@ -152,7 +152,7 @@ def load(workdir: str | Path, step: int | str | None = None) -> Trained:
 
   from vlora_jax import models
   from vlora_jax.train import checkpoint as ckpt_lib
-  from vlora_jax.train.trainer import params_mismatch
+  from vlora_jax.params import params_mismatch
 
   config = ml_collections.ConfigDict(meta["config"])
   config.lock()

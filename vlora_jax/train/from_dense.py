@@ -35,7 +35,7 @@ def params_from_dense_run(arg: str, *, abstract_params, config):
   from vlora_jax import trained as trained_lib
   from vlora_jax.convert import calibrate
   from vlora_jax.convert.compress import compress
-  from vlora_jax.train.trainer import params_mismatch
+  from vlora_jax.params import params_mismatch
 
   where = f"init_from='compress:{arg}'"
   teacher = trained_lib.load(arg)

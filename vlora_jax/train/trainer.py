@@ -22,11 +22,11 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from absl import logging
 
 from vlora_jax import cpu_malloc
 from vlora_jax import errors
+from vlora_jax.params import params_mismatch
 from vlora_jax.train import checkpoint as ckpt_lib
 from vlora_jax.train import from_dense  # noqa: F401 -- registers init_from='compress:...'
 from vlora_jax.train import metrics as metrics_lib
@@ -92,23 +92,6 @@ def _once_options() -> dict:
   """XLA options for programs that run once (init): on CPU, skipping LLVM's optimisations cuts
   the compile of a threefry-heavy init from ~15 s to ~3 s for a 4-layer ViT; run time is nil."""
   return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
-
-
-def params_mismatch(params, abstract_params) -> list[str]:
-  """Each leaf of ``params`` that the model lacks, needs, or has with another shape or dtype."""
-  flat = lambda t: {jax.tree_util.keystr(k): v for k, v in
-                    jax.tree_util.tree_flatten_with_path(t)[0]}
-  got, want = flat(params), flat(abstract_params)
-  out = [f"{k}: missing (the model needs {want[k].shape} {jnp.dtype(want[k].dtype)})"
-         for k in want if k not in got]
-  out += [f"{k}: not a parameter of the model" for k in got if k not in want]
-  for k in sorted(set(got) & set(want)):
-    g, w = got[k], want[k]
-    if tuple(g.shape) != tuple(w.shape):
-      out.append(f"{k}: shape {tuple(g.shape)}, the model needs {tuple(w.shape)}")
-    elif jnp.dtype(g.dtype) != jnp.dtype(w.dtype):
-      out.append(f"{k}: dtype {jnp.dtype(g.dtype)}, the model needs {jnp.dtype(w.dtype)}")
-  return out
 
 
 def start_state(run: Run, ckpt: ckpt_lib.Checkpointer,
