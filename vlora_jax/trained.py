@@ -128,6 +128,23 @@ def find_checkpoint(workdir: str | Path, step: int | str | None = None) -> tuple
   raise _no_checkpoint(workdir, f"no checkpoint of step {step}")
 
 
+def read_step_state(step_dir: Path, params_only: bool = True) -> dict:
+  """A checkpoint step's state (or only ``{'params': ...}``) as host numpy arrays, on any device
+  count (`train.checkpoint.read_state` finds the step; here it is given)."""
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+  item = (Path(step_dir) / "state").absolute()
+  # The item's own metadata (the handler's): the checkpointer's would look for a step-level
+  # metadata file in the item directory and warn that there is none.
+  tree = ocp.PyTreeCheckpointHandler().metadata(item).tree
+  if params_only:
+    tree = {"params": tree["params"]}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
+      item=tree, restore_args=restore_args, partial_restore=params_only))
+
+
 def _as_tuples(info: dict) -> dict:
   """JSON lists back to the tuples the pipeline's info holds (image_shape, mean, class_names)."""
   return {k: tuple(v) if isinstance(v, list) else v for k, v in info.items()}
@@ -151,7 +168,6 @@ def load(workdir: str | Path, step: int | str | None = None) -> Trained:
   from absl import logging
 
   from vlora_jax import models
-  from vlora_jax.train import checkpoint as ckpt_lib
   from vlora_jax.params import params_mismatch
 
   config = ml_collections.ConfigDict(meta["config"])
@@ -162,7 +178,7 @@ def load(workdir: str | Path, step: int | str | None = None) -> Trained:
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     raise CheckpointError(f"checkpoint {step_dir}: its config does not build a model "
                           f"({type(e).__name__}: {e})") from e
-  params = ckpt_lib.read_state(str(step_dir))["params"]
+  params = read_step_state(step_dir)["params"]
   # The stored params must fit the model this version builds from the stored config.
   init = lambda *x: nn.unbox(model.init(jax.random.key(0), *x, train=False)["params"])
   want = jax.eval_shape(init, *fam.sample_inputs(config.model, batch=1))

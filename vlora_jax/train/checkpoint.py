@@ -53,6 +53,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from vlora_jax import stack as stack_lib
+from vlora_jax import trained as trained_lib
 # CheckpointError lives in `errors` (importable without Orbax), and is part of this interface.
 from vlora_jax.errors import CheckpointError, NonFiniteLossError, UserError, WorkdirError
 
@@ -474,16 +475,7 @@ def read_state(path: str, params_only: bool = True) -> dict:
   For export, comparisons and params-only init: no target and no mesh are needed.
   """
   d, step = resolve(path)
-  step_dir = (d / str(step) / "state").absolute()
-  ckptr = ocp.PyTreeCheckpointer()
-  # The item's own metadata (the handler's): the checkpointer's would look for a step-level
-  # metadata file in the item directory and warn that there is none.
-  tree = ocp.PyTreeCheckpointHandler().metadata(step_dir).tree
-  if params_only:
-    tree = {"params": tree["params"]}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return ckptr.restore(step_dir, args=ocp.args.PyTreeRestore(
-      item=tree, restore_args=restore_args, partial_restore=params_only))
+  return trained_lib.read_step_state(d / str(step), params_only)
 
 
 @register_init_from("checkpoint")

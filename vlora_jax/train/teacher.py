@@ -43,8 +43,7 @@ class Teacher:
   def load(self):
     """The teacher's dense parameters, on the devices, sharded."""
     from vlora_jax import stack
-    from vlora_jax.train import checkpoint as ckpt_lib
-    params = ckpt_lib.read_state(str(self.checkpoint))["params"]
+    params = trained_lib.read_step_state(self.checkpoint)["params"]
     merged = stack.to_dense(self.source_model, {"params": params})[1]["params"]
     return jax.device_put(merged, self.shardings)
 
