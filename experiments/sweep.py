@@ -122,7 +122,7 @@ def parse_override(text: str) -> tuple[str, object]:
 def run(name: str, root: Path, extra: dict | None = None, only: str | None = None,
         log=print) -> list[dict]:
   """Trains every unfinished point of sweep ``name``; returns the collected rows."""
-  from vlora_jax.train import metrics, train_and_evaluate
+  from vlora_jax.train import metrics
   metrics.quiet_libraries()
   points = [p for p in sweeps.get(name) if only is None or only in p["id"]]
   revision = code_revision()  # the code this sweep runs, whatever is committed meanwhile
@@ -140,16 +140,25 @@ def run(name: str, root: Path, extra: dict | None = None, only: str | None = Non
       log(f"[{i + 1}/{len(points)}] {p['id']}: SKIPPED: {e}")
       continue
     log(f"[{i + 1}/{len(points)}] {p['id']}")
-    t0 = time.time()
-    try:
-      train_and_evaluate(config, wd)
-      (wd / "point.json").write_text(json.dumps(
-          {"revision": revision, "config_hash": config_hash(config)}, indent=1))
-    except Exception as e:  # noqa: BLE001 -- record it, keep sweeping
-      (wd / "error.txt").parent.mkdir(parents=True, exist_ok=True)
-      (wd / "error.txt").write_text(traceback.format_exc())
-      log(f"  FAILED after {time.time() - t0:.0f} s: {type(e).__name__}: {e}")
+    train_point(config, wd, revision, log)
   return collect(name, root, extra)
+
+
+def train_point(config, wd: Path, revision: str, log=print) -> bool:
+  """Trains one point in ``wd`` and records what trained it (``point.json``); a failure is written
+  to ``wd/error.txt`` and logged, not raised, so that a sweep goes on. True if it finished."""
+  from vlora_jax.train import train_and_evaluate
+  t0 = time.time()
+  try:
+    train_and_evaluate(config, wd)
+    (wd / "point.json").write_text(json.dumps(
+        {"revision": revision, "config_hash": config_hash(config)}, indent=1))
+    return True
+  except Exception as e:  # noqa: BLE001 -- record it, keep sweeping
+    (wd / "error.txt").parent.mkdir(parents=True, exist_ok=True)
+    (wd / "error.txt").write_text(traceback.format_exc())
+    log(f"  FAILED after {time.time() - t0:.0f} s: {type(e).__name__}: {e}")
+    return False
 
 
 def collect(name: str, root: Path, extra: dict | None = None) -> list[dict]:

@@ -168,17 +168,10 @@ def evaluate(workdir, step: int | str | None = None, overrides: dict[str, Any] |
 
   # JAX, the data and the models only now: the checks above are instant.
   import jax
-  from vlora_jax import data as data_lib
-  from vlora_jax import errors
-  from vlora_jax.train import evaluation, metrics as metrics_lib, sharding, validate
+  from vlora_jax.train import evaluation, metrics as metrics_lib, setup
 
   run = trained_lib.load(workdir, resolved if step is None else step)
-  pcount = jax.process_count()
-  with errors.config_errors():
-    plan = validate.check(config, jax.device_count(), pcount)
-    mesh = sharding.make_mesh(config.mesh, shape=plan.mesh_shape)
-    pipe = data_lib.build(config, process_index=jax.process_index(), process_count=pcount)
-    plan.family.check_data(config.model, pipe.info)
+  plan, mesh, pipe = setup.mesh_and_data(config)
   _check_same_data(run.info, pipe.info)
   shardings = evaluation.param_shardings(run.model, plan.family, config, mesh)
   params = jax.device_put(run.params, shardings)

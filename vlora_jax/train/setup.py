@@ -75,10 +75,12 @@ def _dense_count(model, sample, vlora) -> dict | None:
                                                   train=False))
 
 
-def set_up(config, workdir: Path) -> Run:
-  """Checks the config, builds the mesh, the data and the model's shapes (no compile).
+def mesh_and_data(config):
+  """``(plan, mesh, pipe)``: the config checked (`validate.check`), its device mesh, this
+  process's part of its data, and the data checked against the model: where every command that
+  runs a model on a config's data starts (training, ``evaluate``).
 
-  Every ValueError raised here is about the input: it leaves as a `ConfigError` or `DataError`.
+  A ValueError raised here is about the input: it leaves as a `ConfigError` or `DataError`.
   """
   pcount = jax.process_count()
   with errors.config_errors():
@@ -86,7 +88,16 @@ def set_up(config, workdir: Path) -> Run:
     mesh = sharding.make_mesh(config.mesh, shape=plan.mesh_shape)
     pipe = data_lib.build(config, process_index=jax.process_index(), process_count=pcount)
     plan.family.check_data(config.model, pipe.info)
+  return plan, mesh, pipe
 
+
+def set_up(config, workdir: Path) -> Run:
+  """Checks the config, builds the mesh, the data and the model's shapes (no compile).
+
+  Every ValueError raised here is about the input: it leaves as a `ConfigError` or `DataError`.
+  """
+  plan, mesh, pipe = mesh_and_data(config)
+  with errors.config_errors():
     model = plan.build_model(config.model)
     teacher = teacher_lib.check(config, plan.family, model, mesh)
     sample = plan.family.sample_inputs(config.model, batch=2)
@@ -116,7 +127,7 @@ def set_up(config, workdir: Path) -> Run:
               state_shardings=state_lib.shardings(abstract_state, p_shard, mesh), counts=counts,
               dense_counts=_dense_count(model, sample, plan.vlora), meta=meta, teacher=teacher)
   logging.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), jax.device_count(),
-               pcount)
+               jax.process_count())
   metrics_lib.log(metrics_lib.overview(counts, run.dense_counts))
   _check_workdir(run)
   return run
