@@ -164,6 +164,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.teacher = ""            # workdir of a trained run of the same family ('' = off)
   c.distill.weight = 0.5            # w: loss = (1 - w) task + w T^2 KL(teacher || student)
   c.distill.temperature = 2.0       # T: softens both distributions
+  c.distill.hidden_weight = 0.0     # h: + h * the per-compound output loss (same depth/width)
   c.compress = ml_collections.ConfigDict()  # how init_from='compress:...' compresses
   c.compress.base = "first"         # first | mean | auto: each compound's base
   c.compress.increments = "svd"     # svd | whitened (activation-aware) | zero

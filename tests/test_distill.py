@@ -2,6 +2,7 @@
 anything compiles."""
 
 import json
+from dataclasses import replace as dataclasses_replace
 
 import flax.linen as nn
 import jax
@@ -99,3 +100,68 @@ def test_a_teacher_of_another_family_or_without_checkpoint_is_refused(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(UserError, match="holds no checkpoint"):
     set_up(tiny("vit", **{"distill.teacher": str(tmp_path / "empty")}), tmp_path / "s2")
+
+
+# --- the per-compound loss (distill.hidden_weight) ----------------------------------------------
+
+def _streams(model, params, x):
+  _, v = model.apply({"params": params}, x, train=False, mutable=["intermediates"])
+  return teacher_lib.layer_outputs(v["intermediates"])
+
+
+def test_layer_outputs_are_every_layers_output_scanned_or_not():
+  """The sown [L, ...] outputs: the same scanned and unrolled, the last one the stack's output,
+  and sowing changes no logits."""
+  config = tiny("vit")
+  x = models.family("vit").example_batch(config.model, 3, np.random.default_rng(0))["image"]
+  scanned = models.build(config.model)
+  unrolled = scanned.clone(scan=False)
+  p = nn.unbox(scanned.init(jax.random.key(0), x))["params"]
+  a, b = _streams(scanned, p, x)["blocks"], _streams(unrolled, p, x)["blocks"]
+  assert a.shape[0] == config.model.depth
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  logits, v = scanned.apply({"params": p}, x, train=False, mutable=["intermediates"])
+  np.testing.assert_array_equal(logits, scanned.apply({"params": p}, x, train=False))
+
+
+def test_hidden_loss_against_float64_numpy():
+  rng = np.random.default_rng(0)
+  s, t = rng.normal(size=(2, 6, 4, 5, 8)).astype(np.float32)  # [L, B, T, D]
+  w = np.array([1.0, 1.0, 0.0, 1.0])  # a padding example weighs nothing
+  ends = {"blocks": (2, 5)}  # compounds of 3
+  want = []
+  for e in ends["blocks"]:
+    d, n = ((s[e] - t[e]).astype(np.float64) ** 2).sum((1, 2)), (t[e].astype(np.float64) ** 2).sum((1, 2))
+    want.append((d / n * w).sum() / w.sum())
+  got = teacher_lib.hidden_loss({"blocks": jnp.asarray(s)}, {"blocks": jnp.asarray(t)}, ends,
+                                jnp.asarray(w, jnp.float32))
+  assert float(got) == pytest.approx(np.mean(want), rel=1e-5)
+
+
+def test_hidden_loss_in_the_train_step(parts):
+  """A student equal to its teacher has zero hidden loss; another one a positive one, which the
+  step adds to its loss with its weight (w = 0: task + h * hidden)."""
+  config, fam, student, dense, batch, p, tp, opt, st = parts
+  ends = {"blocks": (1,)}  # tiny: one compound of 2
+  t = dataclasses_replace(_teacher(dense, 0.0), hidden_weight=0.5, ends=ends)
+  _, m = jax.jit(make_train_step(student, fam, opt, 0.0, teacher=t))(st, batch, tp)
+  assert float(m["train/hidden"]) > 0
+  assert float(m["train/loss"]) == pytest.approx(
+      float(m["train/task_loss"]) + 0.5 * float(m["train/hidden"]), rel=1e-5)
+  opt_d = optim.build(config.optim, tp, 10)
+  same = state_lib.create(tp, opt_d.tx, st["rng"])
+  _, m = jax.jit(make_train_step(dense, fam, opt_d, 0.0, teacher=t))(same, batch, tp)
+  assert abs(float(m["train/hidden"])) < 1e-10
+
+
+def test_a_teacher_of_another_depth_is_refused_only_for_the_hidden_loss(tmp_path):
+  teacher = _fake_run(tmp_path, tiny("vit", **{"model.vlora.enabled": False, "model.depth": 4}))
+  run = set_up(tiny("vit", **{"distill.teacher": teacher}), tmp_path / "s0")
+  assert run.teacher is not None and run.teacher.ends == {}
+  with pytest.raises(UserError, match="needs a teacher of the student's depth and width"):
+    set_up(tiny("vit", **{"distill.teacher": teacher, "distill.hidden_weight": 1.0}),
+           tmp_path / "s1")
+  same = _fake_run(tmp_path / "same", tiny("vit", **{"model.vlora.enabled": False}))
+  run = set_up(tiny("vit", **{"distill.teacher": same, "distill.hidden_weight": 1.0}),
+               tmp_path / "s2")
+  assert run.teacher.ends == {"blocks": (1,)}  # tiny: 2 layers, one compound of 2

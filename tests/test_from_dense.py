@@ -13,7 +13,7 @@ from vlora_jax.errors import CheckpointError
 from vlora_jax.train import train_and_evaluate
 from vlora_jax.train.from_dense import params_from_dense_run
 
-pytestmark = pytest.mark.slow  # two trained runs
+slow = pytest.mark.slow  # the tests on a trained dense run
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +27,7 @@ def _student(dense_run, **overrides):
   return tiny("vit", **{"init_from": f"compress:{dense_run}", **overrides})
 
 
+@slow
 @pytest.mark.parametrize("increments", ["svd", "whitened"])
 def test_full_rank_compression_computes_the_dense_function(dense_run, increments):
   config = _student(dense_run, **{"model.vlora.rank": 16, "compress.increments": increments})
@@ -39,6 +40,7 @@ def test_full_rank_compression_computes_the_dense_function(dense_run, increments
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@slow
 def test_a_run_starts_from_the_compressed_dense_model(dense_run, tmp_path):
   config = _student(dense_run, **{"compress.increments": "whitened", "num_train_steps": 1,
                                   "compress.calibration_batches": 2})
@@ -47,6 +49,7 @@ def test_a_run_starts_from_the_compressed_dense_model(dense_run, tmp_path):
   assert np.isfinite(summary["eval/loss"])
 
 
+@slow
 def test_a_model_that_is_not_the_dense_twin_is_refused(dense_run):
   config = _student(dense_run, **{"model.dim": 32})
   with pytest.raises(CheckpointError, match="not this run's dense twin"):
@@ -56,6 +59,7 @@ def test_a_model_that_is_not_the_dense_twin_is_refused(dense_run):
                           config=_student(dense_run, **{"model.vlora.enabled": False}))
 
 
+@slow
 def test_compress_and_heal_with_distillation_resumes_and_saves_no_teacher(dense_run, tmp_path):
   """Start from the compressed dense run, distil from it, stop after 2 steps; the rerun to 4
   resumes (the teacher loaded again from its workdir), and no checkpoint holds the teacher."""
@@ -74,3 +78,16 @@ def test_compress_and_heal_with_distillation_resumes_and_saves_no_teacher(dense_
   assert any("train/kl" in r for r in rows)
   state = checkpoint.read_state(str(workdir / "checkpoints" / "4"), params_only=False)
   assert set(state) == {"step", "params", "opt_state", "rng"}
+
+
+def test_a_dense_run_that_does_not_fit_is_refused_in_set_up_before_compile(tmp_path):
+  """From the dense run's stored config alone (its checkpoint holds only the meta here)."""
+  from test_distill import _fake_run
+  from vlora_jax.train.setup import set_up
+  dense = _fake_run(tmp_path / "dense", tiny("vit", **{"model.vlora.enabled": False,
+                                                        "model.dim": 32}))
+  with pytest.raises(CheckpointError, match="not this run's dense twin.*blocks"):
+    set_up(_student(dense), tmp_path / "student")
+  lm = _fake_run(tmp_path / "lm", tiny("lm"))
+  with pytest.raises(CheckpointError, match="that run is a model.name='lm'"):
+    set_up(_student(lm), tmp_path / "student2")

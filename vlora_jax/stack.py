@@ -271,9 +271,17 @@ class LayerStack(nn.Module):
                                mutable=["cache"], **kwargs)
       return h, updated["cache"]
 
-    x, new_cache = run_layers(apply_block, x, layout, params, rngs=rngs, adapters=adapters,
-                              lora_entries=lora_entries, scan=self.scan, remat=self.remat,
-                              state=None if layer_cache is None else layer_cache.value)
+    # Every layer's output, [L, ...], is sown into the 'intermediates' collection when it is
+    # mutable: a loss on intermediate outputs (`train.teacher`) reads the compounds' ends there.
+    keep_outputs = self.is_mutable_collection("intermediates")
+    run_block = _with_output(apply_block) if keep_outputs else apply_block
+    x, ys = run_layers(run_block, x, layout, params, rngs=rngs, adapters=adapters,
+                       lora_entries=lora_entries, scan=self.scan, remat=self.remat,
+                       state=None if layer_cache is None else layer_cache.value)
+    new_cache = ys
+    if keep_outputs:
+      new_cache, outputs = ys
+      self.sow("intermediates", "layer_outputs", outputs)
     if layer_cache is not None:
       layer_cache.value = new_cache
     return x
@@ -288,6 +296,14 @@ class LayerStack(nn.Module):
       raise ValueError(f"decode: the block {type(block).__name__} keeps no cache (no layer of it "
                        "decodes)")
     return jax.tree.map(lambda a: jnp.zeros((self.num_layers,) + a.shape, a.dtype), one["cache"])
+
+
+def _with_output(apply_block):
+  """``apply_block`` that returns its layer's output beside its state: the scan stacks both."""
+  def run(h, weights, rng, state_i):
+    h, state_i = apply_block(h, weights, rng, state_i)
+    return h, (state_i, h)
+  return run
 
 
 def weight_policy(remat: str, weight_shapes=frozenset()):
@@ -405,7 +421,7 @@ def run_layers(apply_block, x, layout: Layout, params, *, rngs=None, adapters=No
   for i in range(layout.num_layers):
     x, state_i = layer(x, shared, jax.tree.map(lambda a: a[i], xs))
     states.append(state_i)
-  return x, None if state is None else jax.tree.map(lambda *a: jnp.stack(a), *states)
+  return x, jax.tree.map(lambda *a: jnp.stack(a), *states)  # None when every layer's is
 
 
 def vlorafy(block: nn.Module | BlockFactory, num_layers: int, vlora: VLoRASpec | None = None,

@@ -59,14 +59,29 @@ from vlora_jax.errors import CheckpointError, NonFiniteLossError, UserError, Wor
 
 InitFn = Callable[..., Any]  # (arg, *, abstract_params, config) -> params (host or device arrays)
 INIT_FROM: dict[str, InitFn] = {}
+# (arg, *, config, model) -> None: what a kind can check from files' metadata before compiling.
+INIT_CHECKS: dict[str, Callable[..., None]] = {}
 
 
-def register_init_from(kind: str):
-  """Decorator: ``config.init_from='<kind>:<arg>'`` calls ``fn(arg, abstract_params=, config=)``."""
+def register_init_from(kind: str, check: Callable[..., None] | None = None):
+  """Decorator: ``config.init_from='<kind>:<arg>'`` calls ``fn(arg, abstract_params=, config=)``.
+
+  ``check(arg, config=, model=)``, if given, runs in set-up, before anything compiles
+  (`check_init_from`): it refuses a source that cannot fit ``model`` with a `UserError`.
+  """
   def deco(fn: InitFn) -> InitFn:
     INIT_FROM[kind] = fn
+    if check is not None:
+      INIT_CHECKS[kind] = check
     return fn
   return deco
+
+
+def check_init_from(config, model) -> None:
+  """Runs the set-up check of ``config.init_from``'s kind, if it has one."""
+  kind, _, arg = (config.get("init_from", "") or "").partition(":")
+  if kind in INIT_CHECKS:
+    INIT_CHECKS[kind](arg, config=config, model=model)
 
 
 def layouts(params, spec) -> dict[str, Any]:

@@ -13,13 +13,15 @@ chooses how:
   damping              for ``whitened``: the relative floor on that second moment's eigenvalues
 
 The dense model must be this run's dense twin: the same family and the same parameter shapes, or
-the error names the first leaves that differ.
+the error names the first leaves that differ; `check_dense_run` checks it in set-up, from the
+dense run's stored config, before anything compiles.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -27,7 +29,43 @@ from vlora_jax import errors, stack
 from vlora_jax.train import checkpoint as ckpt_lib
 
 
-@ckpt_lib.register_init_from("compress")
+def check_dense_run(arg: str, *, config, model) -> None:
+  """Refuses, from its stored config alone, a run that ``model`` (this run's VLoRA model) cannot be
+  compressed from: another family, no VLoRA stack here, LoRA here, or not this model's dense twin
+  (the first differing parameter shapes are named)."""
+  from vlora_jax import models
+  from vlora_jax import trained as trained_lib
+  from vlora_jax.params import params_mismatch
+
+  where = f"init_from='compress:{arg}'"
+  try:
+    step_dir, _ = trained_lib.find_checkpoint(arg)
+  except errors.CheckpointError as e:
+    raise errors.CheckpointError(f"{where}: {e}") from None
+  source = ml_collections.ConfigDict(trained_lib.read_meta(step_dir).get("config", {}))
+  name = source.get("model", {}).get("name")
+  if name != config.model.name:
+    raise errors.CheckpointError(f"{where}: that run is a model.name={name!r}, this one a "
+                                 f"model.name={config.model.name!r}")
+  if not any(s for s, _ in model.stack_specs().values()):
+    raise errors.CheckpointError(f"{where}: this run's model has no VLoRA stack "
+                                 "(model.vlora.enabled=False): there is nothing to compress into")
+  if model.lora is not None:
+    raise errors.CheckpointError(f"{where}: model.lora is enabled; compression makes the VLoRA "
+                                 "parameters only, so start without LoRA adapters")
+  fam = models.family(name)
+  sample = fam.sample_inputs(config.model, batch=1)
+  dense_shapes = lambda m: jax.eval_shape(  # noqa: E731
+      lambda *x: nn.unbox(m.clone(vlora=None, lora=None).init(jax.random.key(0), *x))["params"],
+      *sample)
+  problems = params_mismatch(dense_shapes(fam.build_from_config(source.model)),
+                             dense_shapes(model))
+  if problems:
+    raise errors.CheckpointError(f"{where}: that run's model is not this run's dense twin: "
+                                 + "; ".join(problems[:6]))
+
+
+@ckpt_lib.register_init_from("compress", check=check_dense_run)
 def params_from_dense_run(arg: str, *, abstract_params, config):
   """The VLoRA params of ``config``'s model, compressed from the run in workdir ``arg``."""
   del abstract_params  # the trainer checks the result against it
@@ -35,32 +73,15 @@ def params_from_dense_run(arg: str, *, abstract_params, config):
   from vlora_jax import trained as trained_lib
   from vlora_jax.convert import calibrate
   from vlora_jax.convert.compress import compress
-  from vlora_jax.params import params_mismatch
 
-  where = f"init_from='compress:{arg}'"
-  teacher = trained_lib.load(arg)
   fam = models.family(config.model.name)
-  if teacher.config.model.name != config.model.name:
-    raise errors.CheckpointError(f"{where}: that run is a model.name="
-                                 f"{teacher.config.model.name!r}, this one a "
-                                 f"model.name={config.model.name!r}")
   student = fam.build_from_config(config.model)
+  check_dense_run(arg, config=config, model=student)
   specs = {name: s for name, (s, _) in student.stack_specs().items()}
-  if not any(specs.values()):
-    raise errors.CheckpointError(f"{where}: this run's model has no VLoRA stack "
-                                 "(model.vlora.enabled=False): there is nothing to compress into")
-  if student.lora is not None:
-    raise errors.CheckpointError(f"{where}: model.lora is enabled; compression makes the VLoRA "
-                                 "parameters only, so start without LoRA adapters")
+  teacher = trained_lib.load(arg)
   dense_model, variables = stack.to_dense(teacher.model, {"params": teacher.params})
   dense = jax.device_get(variables["params"])
-  twin = student.clone(vlora=None, lora=None)
-  want = jax.eval_shape(lambda *x: nn.unbox(twin.init(jax.random.key(0), *x))["params"],
-                        *fam.sample_inputs(config.model, batch=1))
-  problems = params_mismatch(dense, want)
-  if problems:
-    raise errors.CheckpointError(f"{where}: that run's model is not this run's dense twin: "
-                                 + "; ".join(problems[:6]))
+  where = f"init_from='compress:{arg}'"
 
   how = config.get("compress", {})
   increments = how.get("increments", "svd")

@@ -117,6 +117,7 @@ COMMON: dict[str, Key] = {
     "distill.teacher": Str(doc="workdir of the teacher run ('' = no distillation)"),
     "distill.weight": Float(lo=0, hi=1, doc="KL weight w in (1 - w) task + w T^2 KL"),
     "distill.temperature": Float(lo=0, lo_open=True, doc="softmax temperature T"),
+    "distill.hidden_weight": Float(lo=0, doc="weight of the per-compound output loss"),
     "compress.base": Choice(choices=("first", "mean", "auto"), doc="compress: each compound's base"),
     "compress.increments": Choice(choices=("svd", "whitened", "zero"),
                                   doc="compress: the rank-r increments"),

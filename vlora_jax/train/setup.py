@@ -100,6 +100,7 @@ def set_up(config, workdir: Path) -> Run:
   with errors.config_errors():
     model = plan.build_model(config.model)
     teacher = teacher_lib.check(config, plan.family, model, mesh)
+    ckpt_lib.check_init_from(config, model)
     sample = plan.family.sample_inputs(config.model, batch=2)
     init_fn = lambda rng: model.init({"params": rng, "dropout": rng}, *_zeros(sample),
                                      train=False)["params"]

@@ -18,18 +18,27 @@ def make_train_step(model, family: Family, opt: optim.Optimizer, label_smoothing
   With a ``teacher`` (`train.teacher.Teacher`: its dense model, ``weight`` and ``temperature``)
   the step is ``(state, batch, teacher_params) -> (state, metrics)`` and its loss is
   ``(1 - weight) * task + weight * T^2 * KL(teacher || student)`` over the positions the task
-  weighs; the teacher runs without dropout and gets no gradient.
+  weighs, plus ``hidden_weight * hidden_loss`` on the compounds' outputs when that weight is not
+  0; the teacher runs without dropout and gets no gradient.
   """
+
+  hidden = teacher is not None and teacher.hidden_weight > 0
+  # The layers' outputs are collected only for the hidden loss: otherwise nothing is sown.
+  mutable = ["intermediates"] if hidden else False
 
   def step_fn(st, batch, teacher_params=None):
     rng, drop = jax.random.split(jax.random.wrap_key_data(st["rng"], impl=rng_impl))
     inputs = family.inputs(batch)
     if teacher is not None:
-      teacher_logits = jax.lax.stop_gradient(
-          teacher.model.apply({"params": teacher_params}, *inputs, train=False))
+      out = teacher.model.apply({"params": teacher_params}, *inputs, train=False,
+                                mutable=mutable)
+      teacher_logits, t_vars = out if hidden else (out, None)
+      teacher_logits, t_vars = jax.lax.stop_gradient((teacher_logits, t_vars))
 
     def loss_fn(p):
-      logits = model.apply({"params": p}, *inputs, train=True, rngs={"dropout": drop})
+      out = model.apply({"params": p}, *inputs, train=True, rngs={"dropout": drop},
+                        mutable=mutable)
+      logits, s_vars = out if hidden else (out, None)
       s = family.sums(logits, batch, label_smoothing)
       loss = s["loss"] / s["weight"]
       if teacher is None:
@@ -39,7 +48,14 @@ def make_train_step(model, family: Family, opt: optim.Optimizer, label_smoothing
       t = teacher.temperature
       kl = teacher_lib.kl_sum(logits, teacher_logits, w, t) / s["weight"]
       s = dict(s, kl=kl, task_loss=loss)
-      return (1 - teacher.weight) * loss + teacher.weight * t * t * kl, s
+      total = (1 - teacher.weight) * loss + teacher.weight * t * t * kl
+      if hidden:
+        h = teacher_lib.hidden_loss(teacher_lib.layer_outputs(s_vars["intermediates"]),
+                                    teacher_lib.layer_outputs(t_vars["intermediates"]),
+                                    teacher.ends, ex_w)
+        s["hidden"] = h
+        total = total + teacher.hidden_weight * h
+      return total, s
 
     (loss, s), grads = jax.value_and_grad(loss_fn, has_aux=True)(st["params"])
     updates, opt_state = opt.tx.update(grads, st["opt_state"], st["params"])
@@ -51,6 +67,8 @@ def make_train_step(model, family: Family, opt: optim.Optimizer, label_smoothing
          "train/lr": opt.schedule(st["step"])}
     if teacher is not None:  # the loss above is the mix; these are its parts
       m.update({"train/kl": s["kl"], "train/task_loss": s["task_loss"]})
+    if hidden:
+      m["train/hidden"] = s["hidden"]
     new = {"step": st["step"] + 1, "params": new_params, "opt_state": opt_state,
            "rng": jax.random.key_data(rng)}
     return new, m

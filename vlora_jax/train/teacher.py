@@ -4,6 +4,10 @@
   distill.weight        w: loss = (1 - w) * task loss + w * T^2 * KL(teacher || student)
   distill.temperature   T: both distributions are softened by it (Hinton et al. 2015; the T^2
                         keeps the gradient's scale as T changes)
+  distill.hidden_weight  h: adds h * (the students' and the teacher's residual streams at every
+                        compound's end, compared: `hidden_loss`), the per-compound loss of
+                        compress-and-heal; the teacher must then have the student's depth and
+                        width (checked in set-up)
 
 The teacher is the trained run's newest checkpoint, merged to dense weights (`stack.to_dense`),
 frozen, and sharded by the run's own sharding rules. It is an argument of the train step, not a
@@ -39,6 +43,10 @@ class Teacher:
   shardings: Any
   weight: float
   temperature: float
+  hidden_weight: float = 0.0
+  # {stack name: indices of the layers whose outputs the hidden loss compares}: each compound's
+  # last layer (every layer of a dense stack).
+  ends: dict = dataclasses.field(default_factory=dict)
 
   def load(self):
     """The teacher's dense parameters, on the devices, sharded."""
@@ -81,11 +89,73 @@ def check(config, family, student, mesh) -> Teacher | None:
   if t_out.shape != s_out.shape:
     raise errors.ConfigError(f"{where} predicts logits of shape {t_out.shape}; the student "
                              f"{s_out.shape}: the teacher must predict the same classes")
+  hidden_weight = float(dcfg.get("hidden_weight", 0.0))
+  ends = {}
+  if hidden_weight > 0:
+    ends = _check_streams(where, dense, nn.unbox(boxed), student, inputs)
   return Teacher(workdir=dcfg.teacher, checkpoint=step_dir, model=dense, source_model=source,
                  abstract_params=nn.unbox(boxed),
                  shardings=sharding.param_shardings(boxed, config.sharding_rules, mesh),
                  weight=float(dcfg.get("weight", 0.5)),
-                 temperature=float(dcfg.get("temperature", 1.0)))
+                 temperature=float(dcfg.get("temperature", 1.0)), hidden_weight=hidden_weight,
+                 ends=ends)
+
+
+def layer_outputs(intermediates) -> dict[str, jax.Array]:
+  """``{stack name: [L, ...] every layer's output}`` from a model's ``intermediates`` collection
+  (`stack.LayerStack` sows them there when that collection is mutable)."""
+  found = {}
+
+  def walk(tree, path):
+    for k, v in tree.items():
+      if k == "layer_outputs":
+        found["/".join(path)] = v[-1]
+      elif isinstance(v, dict):
+        walk(v, path + (k,))
+
+  walk(intermediates, ())
+  return found
+
+
+def _check_streams(where, dense, dense_params, student, inputs) -> dict[str, tuple[int, ...]]:
+  """The compound ends of every student stack, once the teacher's streams match it in shape."""
+  def streams(model, params, *x):
+    if params is None:
+      params = nn.unbox(model.init(jax.random.key(0), *x, train=False)["params"])
+    _, v = model.apply({"params": params}, *x, train=False, mutable=["intermediates"])
+    return layer_outputs(v["intermediates"])
+
+  t = jax.eval_shape(lambda p, *x: streams(dense, p, *x), dense_params, *inputs)
+  s = jax.eval_shape(lambda *x: streams(student, None, *x), *inputs)
+  if set(t) != set(s) or any(t[k].shape != s[k].shape for k in s):
+    shapes = lambda d: {k: tuple(v.shape) for k, v in d.items()}  # noqa: E731
+    raise errors.ConfigError(
+        f"{where} with distill.hidden_weight>0: the teacher's layer outputs {shapes(t)} "
+        f"[layers, batch, ...] differ from the student's {shapes(s)}: the per-compound loss "
+        "needs a teacher of the student's depth and width (or distill.hidden_weight=0)")
+  specs = student.stack_specs()
+  ends = {}
+  for name, out in s.items():
+    size = specs[name][0].compound_size if specs.get(name, (None,))[0] is not None else 1
+    ends[name] = tuple(range(size - 1, out.shape[0], size))
+  return ends
+
+
+def hidden_loss(student_outputs, teacher_outputs, ends, example_weight):
+  """The per-compound loss: at every compound's last layer, the squared distance between the
+  student's and the teacher's outputs relative to the teacher's squared norm, per example
+  (scale-free across widths and depths), averaged over the examples by ``example_weight`` [B],
+  then over the compound ends of every stack. In float32."""
+  terms = []
+  for name, idx in ends.items():
+    idx = jnp.asarray(idx)
+    s = student_outputs[name][idx].astype(jnp.float32)  # [E, B, ...]
+    t = teacher_outputs[name][idx].astype(jnp.float32)
+    axes = tuple(range(2, s.ndim))
+    rel = jnp.sum((s - t) ** 2, axis=axes) / jnp.maximum(jnp.sum(t ** 2, axis=axes), 1e-12)
+    terms.append(jnp.sum(rel * example_weight, axis=1) / jnp.maximum(jnp.sum(example_weight),
+                                                                      1e-12))
+  return jnp.mean(jnp.concatenate(terms))
 
 
 def kl_sum(student_logits, teacher_logits, weight, temperature: float):
