@@ -170,6 +170,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.compress.increments = "svd"     # svd | whitened (activation-aware) | zero
   c.compress.calibration_batches = 8  # whitened: train batches whose inputs weigh the SVD
   c.compress.damping = 1e-6         # whitened: relative floor on the inputs' eigenvalues
+  c.compress.budget = 0.0           # > 0: model.vlora.rank becomes one rank per target, chosen
+                                    # by residual energy for this fraction of the dense params
 
   c.log_every_steps = 50       # metrics.jsonl / TensorBoard interval
   c.eval_every_steps = 500     # periodic eval (0 = only at the end)

@@ -4,6 +4,7 @@ against VLoRA trained from scratch for the same total steps at the same size.
   python experiments/compress_heal.py                          # run (resumes) + table + plot
   python experiments/compress_heal.py --datasets mnist --seeds 0
   python experiments/compress_heal.py --collect                # table + plot from finished rows
+  python experiments/compress_heal.py --variants               # + bases and modes, 0 steps
 
 Per data set (the paper-table recipes of ``configs/sweeps.py``: D 64, 4 layers, one compound of 4)
 and seed:
@@ -44,7 +45,8 @@ BUDGETS = (0.35, 0.40, 0.50)
 INITS = ("svd", "whitened", "zero")
 HEALED_INITS = ("svd", "whitened")  # zero (RRT's weakest init) is measured at 0 steps only
 # From-scratch runs are the costliest points (T + N steps each): every budget on the CIFAR-10
-# subset, where the issue compares them, the middle budget elsewhere (the CPU budget of one session).
+# subset, where the issue compares them, the smallest (35%) elsewhere (the CPU budget of one
+# session).
 SCRATCH_BUDGETS = {"cifar10_subset": BUDGETS}
 MODE = "cumulative"          # the paper's reading of VLoRA
 BASE = "first"               # compress's default base for the cumulative chain
@@ -91,7 +93,7 @@ def _train(config, wd: Path, revision: str) -> dict | None:
   return done
 
 
-def budget_ranks(teacher_wd: Path, config, fraction: float):
+def budget_ranks(teacher_wd: Path, config, fraction: float, base: str = BASE):
   """The `Budget` (one rank per target) of ``config``'s VLoRA spec at ``fraction`` of the
   teacher's parameters."""
   from vlora_jax import models, trained
@@ -99,7 +101,7 @@ def budget_ranks(teacher_wd: Path, config, fraction: float):
   teacher = trained.load(teacher_wd)
   fam = models.family(config.model.name)
   (spec, _), = fam.build_from_config(config.model).stack_specs().values()
-  return budget_ranks_tree(teacher.params, spec, fraction, base=BASE)
+  return budget_ranks_tree(teacher.params, spec, fraction, base=base)
 
 
 def evaluate_compressed(teacher_wd: Path, config) -> dict:
@@ -174,6 +176,61 @@ def run_one(root: Path, dataset: str, seed: int, revision: str, budgets=BUDGETS,
   return rows
 
 
+# Bases and modes, at 0 healing steps only: (mode, base). "first" / "mean" / "auto" are
+# `compress`'s bases; the cumulative chain's increments are the stepwise ones (each layer from the
+# reconstructed previous layer), anchored's from the base, relaxed's from a base that is no layer.
+VARIANTS = (("cumulative", "first"), ("cumulative", "mean"), ("cumulative", "auto"),
+            ("anchored", "first"), ("anchored", "mean"), ("relaxed", "mean"))
+VARIANT_BUDGET = 0.35
+
+
+def run_variants(root: Path, dataset: str, seed: int) -> list[dict]:
+  """Every (mode, base) of VARIANTS with plain and whitened increments at VARIANT_BUDGET, 0 steps;
+  the ranks are chosen for each mode (a relaxed compound has one more increment to pay for)."""
+  _, _, metric, _ = sweeps.DATASETS[dataset]
+  t_wd = teacher_dir(root, dataset, seed)
+  if not (t_wd / "summary.json").exists():
+    return []
+  rows = []
+  for mode, base in VARIANTS:
+    def overrides(ranks):
+      relaxed = {"model.vlora.stop_gradient_base": False} if mode == "relaxed" else {}
+      return {**_student_overrides(dataset, seed, ranks), "model.vlora.mode": mode, **relaxed}
+    b = budget_ranks(t_wd, _config(dataset, overrides(1)), VARIANT_BUDGET,
+                     base="first" if base == "auto" else base)
+    ranks = tuple(b.ranks[t] for t in b.spec.targets)
+    for init in ("svd", "whitened"):
+      f = root / dataset / f"seed{seed}" / "variants" / f"{mode}_{base}_{init}.json"
+      if not f.exists():
+        how = {"init_from": f"compress:{t_wd}", "compress.base": base,
+               "compress.increments": init, "compress.calibration_batches": CALIBRATION_BATCHES}
+        m = evaluate_compressed(t_wd, _config(dataset, {**overrides(ranks), **how}))
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps({"metrics": m}, indent=1))
+      rows.append({"dataset": dataset, "seed": seed, "metric": metric, "kind": "variant",
+                   "mode": mode, "base": base, "init": init, "budget": VARIANT_BUDGET,
+                   "fraction": b.fraction, "params": b.count, "ranks": list(ranks), "steps": 0,
+                   "value": json.loads(f.read_text())["metrics"][metric]})
+  return rows
+
+
+def variants_table(rows: list[dict]) -> str:
+  out = ["| data set (metric) | mode | base | params | ranks | plain SVD | whitened |",
+         "|---|---|---|---:|---|---:|---:|"]
+  for ds in DATASETS:
+    for mode, base in VARIANTS:
+      sel = [r for r in rows if r["dataset"] == ds and r["mode"] == mode and r["base"] == base]
+      if not sel:
+        continue
+      acc = sel[0]["metric"] == "eval/accuracy"
+      fmt = (lambda v: f"{100 * v:.1f}") if acc else (lambda v: f"{v:.3f}")
+      val = {r["init"]: fmt(r["value"]) for r in sel}
+      out.append(f"| {ds} ({'accuracy %' if acc else 'loss'}) | {mode} | {base} | "
+                 f"{100 * sel[0]['fraction']:.1f}% | {tuple(sel[0]['ranks'])} | "
+                 f"{val.get('svd', '')} | {val.get('whitened', '')} |")
+  return "\n".join(out)
+
+
 # --- the table ----------------------------------------------------------------------------------
 
 def _stats(values):
@@ -224,6 +281,36 @@ def table(rows: list[dict]) -> str:
         out.append(f"| {ds} | {round(100 * b)}% | {sel[0]['params']:,} "
                    f"({100 * sel[0]['fraction']:.1f}%) | {tuple(seed0[0]['ranks'])} | {name} | "
                    f"{sel[0]['steps']} | {_fmt(*s, metric)} | {gap(s[0])} | {s[2]} |")
+  return "\n".join(out)
+
+
+def wide_table(rows: list[dict]) -> str:
+  """Markdown, one line per data set and budget: the teacher, each init at 0 steps and healed,
+  and from scratch, as means over seeds (accuracy in %, loss in nats)."""
+  conds = [("compressed", i) for i in INITS] + [("healed", i) for i in HEALED_INITS] + [
+      ("scratch", None)]
+  head = ["plain SVD", "whitened", "zero"][:len(INITS)] + [
+      f"{'plain SVD' if i == 'svd' else i} + heal" for i in HEALED_INITS] + ["from scratch"]
+  out = ["| data set (metric) | params | dense teacher | " + " | ".join(head) + " |",
+         "|---|---:|---:|" + "---:|" * len(head)]
+  for ds in DATASETS:
+    rs = [r for r in rows if r["dataset"] == ds]
+    if not rs:
+      continue
+    acc = rs[0]["metric"] == "eval/accuracy"
+    fmt = (lambda v: f"{100 * v:.1f}") if acc else (lambda v: f"{v:.3f}")
+    teach = fmt(_stats([r["value"] for r in rs if r["kind"] == "teacher"])[0])
+    for b in BUDGETS:
+      at = [r for r in rs if r.get("budget") == b and r["kind"] != "teacher"]
+      if not at:
+        continue
+      cells = []
+      for kind, init in conds:
+        sel = [r for r in at if r["kind"] == kind and r.get("init") == init]
+        cells.append(fmt(_stats([r["value"] for r in sel])[0]) if sel else "")
+      name = f"{ds} ({'accuracy %' if acc else 'loss'})"
+      out.append(f"| {name} | {100 * at[0]['fraction']:.1f}% | {teach} | " + " | ".join(cells)
+                 + " |")
   return "\n".join(out)
 
 
@@ -327,10 +414,14 @@ def write(rows: list[dict], out: Path):
               "machine": platform.processor() or platform.machine()}
   out.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
   png = out.parent / "plots" / (out.stem + ".png")
+  rows, variants = ([r for r in rows if (r["kind"] == "variant") == v] for v in (False, True))
   plot(rows, png)
+  more = (f"## Bases and modes at 0 healing steps (seed 0, {VARIANT_BUDGET:.0%} budget)\n\n"
+          f"{variants_table(variants)}\n\n") if variants else ""
   md = out.with_suffix(".md")
   md.write_text(f"# Compress and heal\n\n`python experiments/compress_heal.py --out {out.name}` "
-                f"(settings in `{out.name}`)\n\n{table(rows)}\n\n## Targets\n\n{targets(rows)}\n\n"
+                f"(settings in `{out.name}`)\n\n## Means over seeds\n\n{wide_table(rows)}\n\n"
+                f"## Every condition\n\n{table(rows)}\n\n{more}## Targets\n\n{targets(rows)}\n\n"
                 f"![compress and heal](plots/{png.name})\n")
   print(md.read_text(), flush=True)
 
@@ -342,11 +433,19 @@ def main():
   ap.add_argument("--root", default=str(ROOT / "runs" / "compress_heal"))
   ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "compress_heal.json"))
   ap.add_argument("--collect", action="store_true", help="train nothing; table the rows on disk")
+  ap.add_argument("--variants", action="store_true",
+                  help=f"only the bases and modes at 0 steps ({100 * VARIANT_BUDGET:.0f}%% budget, seed 0), "
+                  "from the teachers on disk; then the table of everything on disk")
   args = ap.parse_args()
   root = Path(args.root)
   from vlora_jax.train import metrics
   metrics.quiet_libraries()
-  if not args.collect:
+  if args.variants:
+    for ds in args.datasets.split(","):
+      (root / ds / "seed0").mkdir(parents=True, exist_ok=True)
+      (root / ds / "seed0" / "variants.json").write_text(
+          json.dumps(run_variants(root, ds, 0), indent=1))
+  elif not args.collect:
     revision = sweep.code_revision()
     for seed in [int(s) for s in args.seeds.split(",")]:  # seed-major: a cut-short run still
       for ds in args.datasets.split(","):                  # covers every data set
@@ -355,6 +454,7 @@ def main():
         (root / ds / f"seed{seed}" / "rows.json").write_text(json.dumps(rows, indent=1))
   # Every finished (data set, seed) on disk, so that processes sharing the work table it all.
   rows = [r for f in sorted(root.glob("*/seed*/rows.json")) for r in json.loads(f.read_text())]
+  rows += [r for f in sorted(root.glob("*/seed0/variants.json")) for r in json.loads(f.read_text())]
   write(rows, Path(args.out))
 
 

@@ -76,3 +76,13 @@ def test_bad_calls(lm):
     calibrate.input_covariances(model, params, [], targets=VIT_TARGETS)
   with pytest.raises(ValueError, match="match no Dense kernel"):
     calibrate.input_covariances(model, params, batches, targets=(r"nothing/kernel",))
+
+
+def test_a_bfloat16_model_is_calibrated_in_float32(lm):
+  """A bf16 model's layers would run under jax.checkpoint (its inputs tracers): calibration runs
+  the same params in float32, so it gives the float32 model's covariances."""
+  model, params, _, batches, covs = lm
+  got = calibrate.input_covariances(model.clone(dtype=jnp.bfloat16), params, batches,
+                                    targets=VIT_TARGETS)
+  for path in VIT_TARGETS:
+    np.testing.assert_array_equal(got["blocks"][path], covs["blocks"][path])

@@ -9,7 +9,7 @@ from helpers_train import tiny
 
 import vlora_jax
 from vlora_jax import data as data_lib, models
-from vlora_jax.errors import CheckpointError
+from vlora_jax.errors import CheckpointError, ConfigError
 from vlora_jax.train import train_and_evaluate
 from vlora_jax.train.from_dense import params_from_dense_run
 
@@ -91,3 +91,23 @@ def test_a_dense_run_that_does_not_fit_is_refused_in_set_up_before_compile(tmp_p
   lm = _fake_run(tmp_path / "lm", tiny("lm"))
   with pytest.raises(CheckpointError, match="that run is a model.name='lm'"):
     set_up(_student(lm), tmp_path / "student2")
+
+
+@slow
+def test_a_budget_chooses_the_ranks_and_a_resumed_run_keeps_them(dense_run, tmp_path):
+  config = _student(dense_run, **{"compress.budget": 0.75, "num_train_steps": 1})
+  summary = train_and_evaluate(config, tmp_path / "student")
+  dense = json.loads((dense_run / "summary.json").read_text())["params_total"]
+  assert summary["params_total"] <= 0.75 * dense
+  ranks = vlora_jax.load(tmp_path / "student").config.model.vlora.rank
+  assert isinstance(ranks, (list, tuple)) and len(ranks) == 4
+  again = _student(dense_run, **{"compress.budget": 0.75, "num_train_steps": 2})
+  assert train_and_evaluate(again, tmp_path / "student")["step"] == 2  # same ranks: resumes
+  with pytest.raises(ConfigError, match="compress.budget=0.5: .*below the smallest"):
+    train_and_evaluate(_student(dense_run, **{"compress.budget": 0.5}), tmp_path / "small")
+
+
+def test_a_budget_without_a_compress_init_is_refused_in_set_up(tmp_path):
+  from vlora_jax.train.setup import set_up
+  with pytest.raises(ConfigError, match=r"compress.budget=0.3: .* set init_from='compress:"):
+    set_up(tiny("vit", **{"compress.budget": 0.3}), tmp_path / "run")

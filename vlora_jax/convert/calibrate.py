@@ -44,7 +44,11 @@ def input_covariances(model: nn.Module, params, batches: Iterable[Sequence], *,
   if getattr(model, "vlora", None) is not None or getattr(model, "lora", None) is not None:
     raise ValueError("input_covariances: give the dense model (vlora=None, lora=None); merge a "
                      "VLoRA or LoRA model first with stack.to_dense")
-  model = model.clone(scan=False, remat="none")
+  # Unrolled, so that the interceptor sees each layer's inputs as arrays; in float32, so that no
+  # layer runs under the jax.checkpoint a narrower activation dtype wraps it in (which would make
+  # them tracers) and the statistics are accurate.
+  model = model.clone(scan=False, remat="none",
+                      **({"dtype": jnp.float32} if hasattr(model, "dtype") else {}))
   params = nn.unbox(params)
   apply_kwargs = {"train": False, **apply_kwargs}
   sums: dict[tuple[str, str], list[np.ndarray]] = {}

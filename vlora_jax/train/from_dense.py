@@ -11,6 +11,8 @@ chooses how:
                        model to get every targeted matrix's input second moment
                        (`convert.calibrate`)
   damping              for ``whitened``: the relative floor on that second moment's eigenvalues
+  budget               > 0: ``model.vlora.rank`` is replaced, in set-up, by one rank per target
+                       that fits this fraction of the dense parameters (`resolve_budget`)
 
 The dense model must be this run's dense twin: the same family and the same parameter shapes, or
 the error names the first leaves that differ; `check_dense_run` checks it in set-up, from the
@@ -63,6 +65,49 @@ def check_dense_run(arg: str, *, config, model) -> None:
   if problems:
     raise errors.CheckpointError(f"{where}: that run's model is not this run's dense twin: "
                                  + "; ".join(problems[:6]))
+
+
+def resolve_budget(config) -> bool:
+  """``compress.budget`` f > 0: sets ``config.model.vlora.rank`` to one rank per target, the
+  largest whose model has at most f of the dense run's parameters, given by residual energy
+  (`convert.compress.budget_ranks_tree`, plain energies from the compress base). The resolved
+  ranks are what the run's checkpoints store; a resumed run resolves the same ones. True if it
+  set them.
+
+  Runs in set-up, before the model is built. Raises ValueError (a config error) when the budget
+  is set without a compress init, for a model whose stacks do not share one spec, or when no
+  ranks fit it.
+  """
+  fraction = float(config.get("compress", {}).get("budget", 0.0) or 0.0)
+  if not fraction:
+    return False
+  from vlora_jax import models
+  from vlora_jax import trained as trained_lib
+  from vlora_jax.convert.compress import budget_ranks_tree
+  kind, _, arg = (config.get("init_from", "") or "").partition(":")
+  if kind != "compress":
+    raise ValueError(f"compress.budget={fraction}: it chooses the ranks of a compressed dense "
+                     "run; set init_from='compress:<workdir of a trained dense run>', or "
+                     "compress.budget=0")
+  student = models.family(config.model.name).build_from_config(config.model)
+  check_dense_run(arg, config=config, model=student)
+  specs = {s for s, _ in student.stack_specs().values() if s is not None}
+  if len(specs) != 1:
+    raise ValueError(f"compress.budget={fraction}: the model's stacks have different VLoRA specs "
+                     "(e.g. a decoder's cross-attention targets); give model.vlora.rank instead")
+  teacher = trained_lib.load(arg)
+  dense = jax.device_get(stack.to_dense(teacher.model, {"params": teacher.params})[1]["params"])
+  base = config.compress.get("base", "first")
+  try:
+    budget = budget_ranks_tree(dense, specs.pop(), fraction,
+                               base="first" if base == "auto" else base)
+  except ValueError as e:
+    raise ValueError(f"compress.budget={fraction}: {e}") from None
+  ranks = tuple(int(budget.ranks[t]) for t in budget.spec.targets)
+  config.model.vlora.rank = ranks
+  logging.info("compress.budget=%s: model.vlora.rank=%s (%d params, %.1f%% of the dense %d)",
+               fraction, ranks, budget.count, 100 * budget.fraction, budget.dense)
+  return True
 
 
 @ckpt_lib.register_init_from("compress", check=check_dense_run)

@@ -123,6 +123,8 @@ COMMON: dict[str, Key] = {
                                   doc="compress: the rank-r increments"),
     "compress.calibration_batches": Int(lo=1, doc="compress (whitened): calibration train batches"),
     "compress.damping": Float(lo=0, lo_open=True, doc="compress (whitened): eigenvalue floor"),
+    "compress.budget": Float(lo=0, hi=1, doc="compress: ranks for this fraction of the dense "
+                             "params (0 = model.vlora.rank)"),
 
     "log_every_steps": Int(required=True, lo=1, doc="metrics interval"),
     "eval_every_steps": Int(lo=0, doc="periodic eval (0 = at the end)"),

@@ -24,6 +24,7 @@ from vlora_jax import params as params_lib
 from vlora_jax.data.pipeline import Pipeline
 from vlora_jax.models.family import Family
 from vlora_jax.train import checkpoint as ckpt_lib
+from vlora_jax.train import from_dense
 from vlora_jax.train import metrics as metrics_lib
 from vlora_jax.train import optim, sharding, state as state_lib, validate
 from vlora_jax.train import teacher as teacher_lib
@@ -98,6 +99,8 @@ def set_up(config, workdir: Path) -> Run:
   """
   plan, mesh, pipe = mesh_and_data(config)
   with errors.config_errors():
+    if from_dense.resolve_budget(config):  # it set model.vlora.rank: plan the model again
+      plan = validate.check(config, jax.device_count(), jax.process_count())
     model = plan.build_model(config.model)
     teacher = teacher_lib.check(config, plan.family, model, mesh)
     ckpt_lib.check_init_from(config, model)
