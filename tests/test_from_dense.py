@@ -111,3 +111,28 @@ def test_a_budget_without_a_compress_init_is_refused_in_set_up(tmp_path):
   from vlora_jax.train.setup import set_up
   with pytest.raises(ConfigError, match=r"compress.budget=0.3: .* set init_from='compress:"):
     set_up(tiny("vit", **{"compress.budget": 0.3}), tmp_path / "run")
+
+
+@slow
+def test_a_resumed_run_keeps_its_teacher_and_needs_no_dense_run(dense_run, tmp_path):
+  """The student's meta pins the teacher checkpoint it started with: a newer teacher checkpoint
+  is not picked up on resume, and once the dense run is gone, a compressed run without a teacher
+  still resumes (its ranks from its own checkpoint) while one with a teacher says what is gone."""
+  import shutil
+  from vlora_jax.train.setup import set_up
+  source = tmp_path / "dense"
+  shutil.copytree(dense_run, source)
+  plain = _student(source, **{"compress.budget": 0.75, "num_train_steps": 1})
+  train_and_evaluate(plain, tmp_path / "plain")
+  healed = _student(source, **{"distill.teacher": str(source), "num_train_steps": 1})
+  train_and_evaluate(healed, tmp_path / "healed")
+  first = source / "checkpoints" / "3"
+  shutil.copytree(first, source / "checkpoints" / "9")  # the teacher trains on
+  assert set_up(_student(source, **{"distill.teacher": str(source), "num_train_steps": 2}),
+                tmp_path / "healed").teacher.checkpoint == first
+  shutil.rmtree(source)
+  again = _student(source, **{"compress.budget": 0.75, "num_train_steps": 2})
+  assert train_and_evaluate(again, tmp_path / "plain")["step"] == 2
+  with pytest.raises(CheckpointError, match="which is gone; a resumed run keeps its teacher"):
+    train_and_evaluate(_student(source, **{"distill.teacher": str(source),
+                                           "num_train_steps": 2}), tmp_path / "healed")

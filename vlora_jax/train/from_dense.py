@@ -67,12 +67,12 @@ def check_dense_run(arg: str, *, config, model) -> None:
                                  + "; ".join(problems[:6]))
 
 
-def resolve_budget(config) -> bool:
+def resolve_budget(config, previous: dict | None = None) -> bool:
   """``compress.budget`` f > 0: sets ``config.model.vlora.rank`` to one rank per target, the
   largest whose model has at most f of the dense run's parameters, given by residual energy
   (`convert.compress.budget_ranks_tree`, plain energies from the compress base). The resolved
-  ranks are what the run's checkpoints store; a resumed run resolves the same ones. True if it
-  set them.
+  ranks are what the run's checkpoints store: a resumed run (``previous``: the meta of its newest
+  checkpoint) takes them from there, without reading the dense run again. True if it set them.
 
   Runs in set-up, before the model is built. Raises ValueError (a config error) when the budget
   is set without a compress init, for a model whose stacks do not share one spec, or when no
@@ -85,6 +85,10 @@ def resolve_budget(config) -> bool:
   from vlora_jax import trained as trained_lib
   from vlora_jax.convert.compress import budget_ranks_tree
   kind, _, arg = (config.get("init_from", "") or "").partition(":")
+  stored = ((previous or {}).get("config") or {}).get("model", {}).get("vlora", {}).get("rank")
+  if kind == "compress" and stored is not None:
+    config.model.vlora.rank = tuple(stored) if isinstance(stored, list) else stored
+    return True
   if kind != "compress":
     raise ValueError(f"compress.budget={fraction}: it chooses the ranks of a compressed dense "
                      "run; set init_from='compress:<workdir of a trained dense run>', or "

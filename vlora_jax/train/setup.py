@@ -21,6 +21,7 @@ from absl import logging
 from vlora_jax import data as data_lib
 from vlora_jax import errors
 from vlora_jax import params as params_lib
+from vlora_jax import trained as trained_lib
 from vlora_jax.data.pipeline import Pipeline
 from vlora_jax.models.family import Family
 from vlora_jax.train import checkpoint as ckpt_lib
@@ -92,18 +93,29 @@ def mesh_and_data(config):
   return plan, mesh, pipe
 
 
+def _previous_meta(workdir: Path) -> dict | None:
+  """The meta of the workdir's newest checkpoint (a resume), or None."""
+  try:
+    return trained_lib.read_meta(trained_lib.find_checkpoint(workdir)[0])
+  except (errors.CheckpointError, OSError, ValueError):
+    return None
+
+
 def set_up(config, workdir: Path) -> Run:
   """Checks the config, builds the mesh, the data and the model's shapes (no compile).
 
   Every ValueError raised here is about the input: it leaves as a `ConfigError` or `DataError`.
   """
   plan, mesh, pipe = mesh_and_data(config)
+  previous = _previous_meta(workdir)
   with errors.config_errors():
-    if from_dense.resolve_budget(config):  # it set model.vlora.rank: plan the model again
+    if from_dense.resolve_budget(config, previous):  # it set model.vlora.rank: plan again
       plan = validate.check(config, jax.device_count(), jax.process_count())
     model = plan.build_model(config.model)
-    teacher = teacher_lib.check(config, plan.family, model, mesh)
-    ckpt_lib.check_init_from(config, model)
+    teacher = teacher_lib.check(config, plan.family, model, mesh,
+                                pinned=(previous or {}).get("distill_teacher"))
+    if previous is None and not config.checkpoint.get("restore_from"):
+      ckpt_lib.check_init_from(config, model)  # a resumed run reads its init source no more
     sample = plan.family.sample_inputs(config.model, batch=2)
     init_fn = lambda rng: model.init({"params": rng, "dropout": rng}, *_zeros(sample),
                                      train=False)["params"]
@@ -122,6 +134,8 @@ def set_up(config, workdir: Path) -> Run:
     meta = {"config": json.loads(config.to_json_best_effort()),
             "layout": ckpt_lib.layouts(abstract_params, {k: v[0] for k, v in specs.items()}),
             "data": pipe.info}
+    if teacher is not None:
+      meta["distill_teacher"] = str(teacher.checkpoint)
     counts = params_lib.count(abstract_params, trainable=opt.trainable())
     meta["params_total"] = counts["total"]
     run = Run(config=config, workdir=Path(workdir), main=jax.process_index() == 0, plan=plan,

@@ -11,8 +11,8 @@
 
 The teacher is the trained run's newest checkpoint, merged to dense weights (`stack.to_dense`),
 frozen, and sharded by the run's own sharding rules. It is an argument of the train step, not a
-part of the train state, so it is never saved in the student's checkpoints: a resumed run loads it
-again from its workdir. `check` runs in the set-up phase, from the teacher's stored config and
+part of the train state, so it is never saved in the student's checkpoints: the student's meta
+records which checkpoint it is (``distill_teacher``), and a resumed run loads that one again. `check` runs in the set-up phase, from the teacher's stored config and
 shapes alone: a teacher of another family, or one that reads other inputs or predicts other
 classes, is refused before anything is compiled.
 """
@@ -20,6 +20,7 @@ classes, is refused before anything is compiled.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -56,18 +57,33 @@ class Teacher:
     return jax.device_put(merged, self.shardings)
 
 
-def check(config, family, student, mesh) -> Teacher | None:
-  """The run's `Teacher` from ``config.distill`` (None when off), checked against the student."""
+def check(config, family, student, mesh, pinned: str | None = None) -> Teacher | None:
+  """The run's `Teacher` from ``config.distill`` (None when off), checked against the student.
+
+  ``pinned``: the teacher checkpoint a resumed run started with (its meta's ``distill_teacher``).
+  While it lies in the configured teacher's workdir it is used again, even if that run has trained
+  on or rotated it away (then the error says so): a resumed student never changes teachers
+  silently. A teacher set to another workdir is taken at its newest checkpoint.
+  """
   from vlora_jax import models
   from vlora_jax.train import sharding
   dcfg = config.get("distill")
   if dcfg is None or not dcfg.get("teacher"):
     return None
   where = f"distill.teacher={dcfg.teacher!r}"
-  try:
-    step_dir, _ = trained_lib.find_checkpoint(dcfg.teacher)
-  except errors.CheckpointError as e:
-    raise errors.CheckpointError(f"{where}: {e}") from None
+  teacher_dir = Path(dcfg.teacher).expanduser().resolve()
+  if pinned and teacher_dir in Path(pinned).resolve().parents:
+    step_dir = Path(pinned)
+    if not step_dir.is_dir():
+      raise errors.CheckpointError(
+          f"{where}: this run started distilling from {pinned}, which is gone; a resumed run "
+          "keeps its teacher. Start in a fresh workdir to distil from that run's newest "
+          "checkpoint")
+  else:
+    try:
+      step_dir, _ = trained_lib.find_checkpoint(dcfg.teacher)
+    except errors.CheckpointError as e:
+      raise errors.CheckpointError(f"{where}: {e}") from None
   tcfg = ml_collections.ConfigDict(trained_lib.read_meta(step_dir).get("config", {}))
   name = tcfg.get("model", {}).get("name")
   if name != config.model.name:

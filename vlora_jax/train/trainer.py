@@ -228,7 +228,7 @@ def train_and_evaluate(config, workdir: str | Path, *,
       if start >= run.total_steps:
         logging.info("the run in %s is complete (step %d of %d): evaluating its final state only",
                      run.workdir, start, run.total_steps)
-      if run.teacher is not None:
+      if run.teacher is not None and start < run.total_steps:  # a finished run only evaluates
         teacher_params = run.teacher.load()
         logging.info("distilling from %s (weight %g, temperature %g)", run.teacher.checkpoint,
                      run.teacher.weight, run.teacher.temperature)
