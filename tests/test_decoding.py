@@ -244,3 +244,14 @@ def test_char_tokenizer_round_trips_and_refuses_unknown_text():
     tok.decode([99])
   with pytest.raises(TokenizerError, match="no character vocabulary"):
     CharTokenizer.from_info({"kind": "seq2seq"})
+
+
+def test_num_tokens_keeps_ids_without_a_token_out():
+  """A model with more output ids than its vocabulary has tokens never emits the extra ones."""
+  logits = jnp.asarray([[0.0, 0.0, 0.0, 9.0, 9.0]] * 64)
+  for sampler in (decoding.Sampler(temperature=1.0, num_tokens=3),
+                  decoding.Sampler(temperature=0.0, num_tokens=3)):
+    ids = np.asarray(sampler(logits, jax.random.key(0)))
+    assert ids.max() < 3
+  with pytest.raises(ValueError, match=r"num_tokens=6: must be in \[1, 5\]"):
+    decoding.Sampler(num_tokens=6).check(5)

@@ -35,7 +35,7 @@ def parts():
 
 
 def _teacher(dense, weight, temperature=2.0):
-  return teacher_lib.Teacher(workdir="", checkpoint=None, model=dense, source_model=dense,
+  return teacher_lib.Teacher(workdir="", checkpoint=None, model=dense,
                              abstract_params=None, shardings=None, weight=weight,
                              temperature=temperature)
 

@@ -1,4 +1,4 @@
-"""What the command lines over a trained run share (`export`, `evaluate`, `predict`).
+"""What the command lines over a trained run share (`sample`, `evaluate`, `predict`, `export`).
 
 Every one of them answers a mistake in its input (a flag, the workdir, the step, a file) with one
 line ``error: ...`` and exit status 2, no traceback (``--verbose`` adds it); anything else is a

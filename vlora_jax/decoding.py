@@ -15,8 +15,8 @@ Prompts of different lengths are left-padded: every sequence writes the same cac
 step, its positions count from its own first token, and its padding slots are masked out of
 attention. An LM whose context (``model.max_len``) is shorter than prompt plus output slides its
 window: when the cache is full, the last half window is prefilled again and generation goes on
-(prompts are then batched with those of their own length, so that a prompt's continuation does
-not depend on the prompts beside it).
+(prompts are then batched with those of their own length, so that a greedy continuation does
+not depend on the prompts beside it; a sampled one draws its noise for the batch it is in).
 """
 
 from __future__ import annotations
@@ -46,12 +46,19 @@ class Sampler:
     temperature: 0 is greedy (argmax); otherwise the logits are divided by it.
     top_k: keep the k most likely tokens (0: all).
     top_p: keep the smallest set of most likely tokens whose probability reaches p (1: all).
+    num_tokens: only ids below it are ever chosen (None: every id of the model's output). A
+      model may have more output ids than its vocabulary has tokens (``model.vocab_size`` rounded
+      up); those ids mean nothing.
   """
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
+  num_tokens: int | None = None
 
   def check(self, vocab_size: int) -> None:
+    if self.num_tokens is not None and not 1 <= self.num_tokens <= vocab_size:
+      raise ValueError(f"num_tokens={self.num_tokens!r}: must be in [1, {vocab_size}] (the "
+                       "model's output ids)")
     if not (math.isfinite(self.temperature) and self.temperature >= 0):
       raise ValueError(f"temperature={self.temperature!r}: must be >= 0 (0 is greedy)")
     if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not (
@@ -64,6 +71,8 @@ class Sampler:
   def __call__(self, logits, key):
     """``logits [B, V]`` -> token ids ``[B]`` (int32)."""
     logits = logits.astype(jnp.float32)
+    if self.num_tokens is not None:
+      logits = jnp.where(jnp.arange(logits.shape[-1]) < self.num_tokens, logits, -jnp.inf)
     if self.temperature == 0:
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / self.temperature
@@ -238,8 +247,12 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
                           on_chunk=on_chunk)
   if max(map(len, seqs)) + max_new_tokens <= model.max_len:  # one window: one batch
     return run(seqs, jax.random.key(seed))
+  if model.max_len < 2:
+    raise ValueError(f"model.max_len={model.max_len}: prompt plus max_new_tokens="
+                     f"{max_new_tokens} exceed it, and a sliding window needs room for a context "
+                     "token and a new one (max_len >= 2)")
   # A sliding window refills at a sequence's own lengths; sequences batch only with their kind,
-  # so that what a prompt gives does not depend on the prompts beside it.
+  # so that what a greedy prompt gives does not depend on the prompts beside it.
   out: list[list[int]] = [[] for _ in seqs]
   for n, length in enumerate(sorted(set(map(len, seqs)))):
     group = [i for i, s in enumerate(seqs) if len(s) == length]
@@ -345,8 +358,8 @@ def beam_search(model, params, src, *, bos: int, eos: int, beam_size: int,
                 length_penalty: float = 0.0, merge: bool = True):
   """Beam search over ``src [B, S]``; the best beam of each, ``[B, model.max_len]`` int32.
 
-  Beams are ranked by their summed log-probability divided by ``length ** length_penalty`` (0:
-  no normalisation). A beam that emitted ``eos`` is kept as it is, and continues with `PAD_ID` at
+  The search keeps the beams of highest summed log-probability; the final choice among them
+  divides that sum by ``length ** length_penalty`` (0: no normalisation). A beam that emitted ``eos`` is kept as it is, and continues with `PAD_ID` at
   no cost. ``beam_size=1`` is `greedy`.
   """
   if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:

@@ -104,7 +104,8 @@ def _read_image(path: Path) -> tuple[np.ndarray, float]:
     from PIL import Image, UnidentifiedImageError
   except ImportError:
     raise PredictError(f"{path}: image files are read with Pillow, which is not installed "
-                       "(pip install pillow); a .npy array needs none") from None
+                       "(pip install pillow); a .npy array of the model's size needs none"
+                       ) from None
   try:
     with Image.open(path) as img:
       img.load()
@@ -152,7 +153,12 @@ def _channels(pixels: np.ndarray, c: int, path) -> np.ndarray:
 
 def _resize(pixels: np.ndarray, h: int, w: int) -> np.ndarray:
   """Bilinear (antialiased when shrinking), per channel, in float: the pixels' scale stays."""
-  from PIL import Image
+  try:
+    from PIL import Image
+  except ImportError:
+    raise PredictError(f"an input of {pixels.shape[0]}x{pixels.shape[1]} must be resized to the "
+                       f"model's {h}x{w}, which needs Pillow, not installed (pip install pillow)"
+                       ) from None
   x = pixels.astype(np.float32)
   return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(x[..., i]))  # mode 'F'
                               .resize((w, h), Image.Resampling.BILINEAR))

@@ -21,6 +21,8 @@ language model, a prompt with characters the vocabulary lacks, a bad sampling va
 
 from __future__ import annotations
 
+import dataclasses
+
 import sys
 
 from vlora_jax import cli
@@ -75,6 +77,8 @@ def sample(workdir, prompt: str, *, max_new_tokens: int = 200, temperature: floa
     stop_ids = tokenizer.encode(stop) if stop is not None else None
   except TokenizerError as e:
     raise SampleError(f"--prompt/--stop: {e}") from None
+  # Ids beyond the stored vocabulary (a model.vocab_size rounded up) have no character.
+  sampler = dataclasses.replace(sampler, num_tokens=min(len(tokenizer), run.model.vocab_size))
   bar = _bar(max_new_tokens, progress)
   try:
     out = decoding.generate(run.model, run.params, [ids] * num_samples,

@@ -49,6 +49,14 @@ class Trained:
   def __iter__(self):  # model, params, config, info = load(workdir): the four a user needs
     return iter((self.model, self.params, self.config, self.info))
 
+  def dense(self) -> tuple[Any, Any]:
+    """``(dense model, dense params)``: VLoRA and LoRA merged into plain per-layer weights
+    (`stack.to_dense`), as host arrays; a dense run's own."""
+    import jax
+    from vlora_jax import stack
+    model, variables = stack.to_dense(self.model, {"params": self.params})
+    return model, jax.device_get(variables["params"])
+
 
 def _finished_steps(directory: Path) -> list[int]:
   """The steps whose save completed (Orbax renames a step's temporary directory when done)."""

@@ -5,8 +5,8 @@ returns the VLoRA stack params of the same block under ``spec`` (``per_layer`` f
 ``base``, ``inc_a``, ``inc_b`` for targeted matrices, ``inc_vec`` for targeted vectors): exactly
 the tree ``LayerStack.init`` makes for that spec, so it loads into the VLoRA model.
 
-Per targeted weight and compound (layers ``W_0 .. W_{s-1}``), with base ``b`` (layer 0 of the
-compound IS the base in the model: ``Ŵ_0 = b``):
+Per targeted weight and compound (layers ``W_0 .. W_{s-1}``), with base ``b`` (except in
+``relaxed``, layer 0 of the compound IS the base in the model: ``Ŵ_0 = b``):
 
   anchored     Ŵ_k = b + T_r(W_k - b)
   cumulative   Ŵ_k = Ŵ_{k-1} + T_r(W_k - Ŵ_{k-1})   (the *reconstructed* predecessor: errors do
@@ -23,9 +23,9 @@ where ``T_r`` is a rank-r truncation of the increment, chosen by ``increments=``
   ``'whitened'``            activation-aware (SVD-LLM, Basis Sharing): the smallest *output* error
                             ``||X (Δ - Δ̂)||_F`` on the layer's calibration inputs ``X``. With the
                             inputs' second moment ``C = E[x x^T] = S S^T``, that is
-                            ``S^{-T} T_r(S^T Δ)``. The covariances ``{path: [L, d_in, d_in]}`` are
-                            supplied by the caller for now (``covariances=``): computing them from
-                            calibration batches is not this module's job.
+                            ``S^{-T} T_r(S^T Δ)``. The covariances ``{path: [L, d_in, d_in]}``
+                            come from the caller (``covariances=``), e.g. from
+                            `convert.calibrate.input_covariances`.
   ``'zero'``                no increment: every layer of a compound equals its base (RRT's zero
                             init). The factors are what the model's ``init='zero_b'`` makes: A
                             kaiming-uniform from ``seed``, B = 0, so that training moves them at
@@ -67,7 +67,8 @@ measurement: ``python -m experiments.compare_bases`` (``experiments/results/comp
 Rank per target from a parameter budget (`budget_ranks`, `budget_ranks_tree`): a `VLoRASpec` has
 one rank per target pattern, shared by every layer and compound, so the budget picks one rank per
 target. The VLoRA count is exactly what ``LayerStack.init`` makes (untargeted params per layer,
-one base per compound, ``(s-1)(d_in + d_out) r`` factor entries per compound and matrix, full
+one base per compound, ``steps (d_in + d_out) r`` factor entries per compound and matrix
+(``Layout.steps``: s - 1, or s for ``relaxed``), full
 vector increments), and it must be at most ``fraction`` of the dense count. Greedy: every target
 starts at one rank step; the next step goes to the target that removes the most residual energy
 per parameter it adds, among those whose step still fits; it stops when no step fits (steps
@@ -98,7 +99,9 @@ from vlora_jax.spec import Entry, Layout, VLoRASpec, match_targets
 
 BASES = ("first", "mean", "auto")
 INCREMENTS = ("svd", "whitened", "zero")
-MODES = ("cumulative", "anchored", "tied", "relaxed")  # every mode of `chain.MODES`
+# The modes whose trees this module makes: a mode added to `chain.MODES` is refused here until
+# its compression is written, rather than given another mode's tree.
+MODES = ("cumulative", "anchored", "tied", "relaxed")
 
 
 class Compressed(NamedTuple):
@@ -267,8 +270,8 @@ def _check(dense_stack_params, spec: VLoRASpec, base, who: str = "compress", inc
   if not isinstance(spec, VLoRASpec):
     raise ValueError(f"{who}: spec={spec!r} must be a VLoRASpec")
   if spec.mode not in MODES:
-    raise ValueError(f"{who}: spec.mode={spec.mode!r} is not supported here yet: allowed are "
-                     f"{list(MODES)}")
+    raise ValueError(f"{who}: spec.mode={spec.mode!r} is not a mode it compresses into: "
+                     f"allowed are {list(MODES)}")
   if not (isinstance(dense_stack_params, dict) and set(dense_stack_params) == {"per_layer"}):
     keys = sorted(dense_stack_params) if isinstance(dense_stack_params, dict) else \
         type(dense_stack_params).__name__
@@ -576,11 +579,11 @@ def _check_budget(spec, fraction, base, step, who: str):
                      "allowed are 'first', 'mean' or a layer index")
   if isinstance(spec, VLoRASpec):
     if spec.mode not in MODES:
-      raise ValueError(f"{who}: spec.mode={spec.mode!r} is not supported here yet: allowed are "
-                       f"{list(MODES)}")
+      raise ValueError(f"{who}: spec.mode={spec.mode!r} is not a mode it compresses into: "
+                       f"allowed are {list(MODES)}")
     if spec.mode == "tied":
       raise ValueError(f"{who}: spec.mode='tied' has no increments: ranks change no count")
-    if spec.compound_size == 1:
+    if spec.compound_size == 1 and spec.mode != "relaxed":
       raise ValueError(f"{who}: spec.compound_size=1 has no increments: ranks change no count")
 
 

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vlora_jax import errors, stack
+from vlora_jax import errors
 from vlora_jax.train import checkpoint as ckpt_lib
 
 
@@ -99,8 +99,7 @@ def resolve_budget(config, previous: dict | None = None) -> bool:
   if len(specs) != 1:
     raise ValueError(f"compress.budget={fraction}: the model's stacks have different VLoRA specs "
                      "(e.g. a decoder's cross-attention targets); give model.vlora.rank instead")
-  teacher = trained_lib.load(arg)
-  dense = jax.device_get(stack.to_dense(teacher.model, {"params": teacher.params})[1]["params"])
+  _, dense = trained_lib.load(arg).dense()
   base = config.compress.get("base", "first")
   try:
     budget = budget_ranks_tree(dense, specs.pop(), fraction,
@@ -127,9 +126,7 @@ def params_from_dense_run(arg: str, *, abstract_params, config):
   student = fam.build_from_config(config.model)
   check_dense_run(arg, config=config, model=student)
   specs = {name: s for name, (s, _) in student.stack_specs().items()}
-  teacher = trained_lib.load(arg)
-  dense_model, variables = stack.to_dense(teacher.model, {"params": teacher.params})
-  dense = jax.device_get(variables["params"])
+  dense_model, dense = trained_lib.load(arg).dense()
   where = f"init_from='compress:{arg}'"
 
   how = config.get("compress", {})

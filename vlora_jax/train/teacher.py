@@ -39,7 +39,6 @@ class Teacher:
   workdir: str
   checkpoint: Any  # its step directory
   model: nn.Module  # the dense model (VLoRA / LoRA merged)
-  source_model: nn.Module  # the model as trained, whose params the checkpoint holds
   abstract_params: Any
   shardings: Any
   weight: float
@@ -50,11 +49,10 @@ class Teacher:
   ends: dict = dataclasses.field(default_factory=dict)
 
   def load(self):
-    """The teacher's dense parameters, on the devices, sharded."""
-    from vlora_jax import stack
-    params = trained_lib.read_step_state(self.checkpoint)["params"]
-    merged = stack.to_dense(self.source_model, {"params": params})[1]["params"]
-    return jax.device_put(merged, self.shardings)
+    """The teacher's dense parameters (its checkpoint's, checked against its stored config),
+    on the devices, sharded."""
+    run = trained_lib.load(self.workdir, int(Path(self.checkpoint).name))
+    return jax.device_put(run.dense()[1], self.shardings)
 
 
 def check(config, family, student, mesh, pinned: str | None = None) -> Teacher | None:
@@ -109,11 +107,11 @@ def check(config, family, student, mesh, pinned: str | None = None) -> Teacher |
   ends = {}
   if hidden_weight > 0:
     ends = _check_streams(where, dense, nn.unbox(boxed), student, inputs)
-  return Teacher(workdir=dcfg.teacher, checkpoint=step_dir, model=dense, source_model=source,
+  return Teacher(workdir=dcfg.teacher, checkpoint=step_dir, model=dense,
                  abstract_params=nn.unbox(boxed),
                  shardings=sharding.param_shardings(boxed, config.sharding_rules, mesh),
                  weight=float(dcfg.get("weight", 0.5)),
-                 temperature=float(dcfg.get("temperature", 1.0)), hidden_weight=hidden_weight,
+                 temperature=float(dcfg.get("temperature", 2.0)), hidden_weight=hidden_weight,
                  ends=ends)
 
 
@@ -161,7 +159,11 @@ def hidden_loss(student_outputs, teacher_outputs, ends, example_weight):
   """The per-compound loss: at every compound's last layer, the squared distance between the
   student's and the teacher's outputs relative to the teacher's squared norm, per example
   (scale-free across widths and depths), averaged over the examples by ``example_weight`` [B],
-  then over the compound ends of every stack. In float32."""
+  then over the compound ends of every stack. In float32.
+
+  Every position of an example counts: right for the ViT and the LM, whose positions are all real,
+  while a seq2seq batch's padding positions (source and target) count too.
+  """
   terms = []
   for name, idx in ends.items():
     idx = jnp.asarray(idx)

@@ -54,8 +54,8 @@ def check(config, num_devices: int, process_count: int = 1) -> Plan:
   lora = lora_lib.spec_from_config(m.get("lora"))
   if vlora is not None and vlora.compound_size < 2 and vlora.mode != "tied":
     raise _bad("model.vlora.compound_size", vlora.compound_size,
-               "must be >= 2: with 1 every layer is a base layer, the dense model (set "
-               "model.vlora.enabled=False for it)")
+               "must be >= 2: with 1 every layer has a full weight of its own, the dense model "
+               "(relaxed would add an increment to it); set model.vlora.enabled=False for it")
 
   d = config.data
   if d.source not in family.sources:
