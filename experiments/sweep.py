@@ -86,6 +86,30 @@ def _recorded_hash(workdir: Path) -> str | None:
   return _hash_json(saved)
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def _same_but_new_keys(workdir: Path, config) -> bool:
+  """True if the config the point's checkpoint stores equals ``config`` on every key it has: the
+  declared config differs only by keys added to the defaults since, which the run did not know
+  (a new option, off by default, computes what the run computed)."""
+  try:
+    from vlora_jax.train import checkpoint
+    saved = _flat(checkpoint.read_meta(str(workdir))["config"])
+  except (OSError, ValueError, KeyError):
+    return False
+  now = _flat(json.loads(config.to_json_best_effort()))
+  where = {f"data.{k}" for k in _LOCATIONS}
+  return all(k in now and (k in where or now[k] == v) for k, v in saved.items())
+
+
 def _finished(workdir: Path, config) -> dict | None:
   """The summary of a point that ran to the end with ``config``; None if it did not finish.
 
@@ -97,7 +121,7 @@ def _finished(workdir: Path, config) -> dict | None:
   s = json.loads(f.read_text())
   if s.get("step") != config.num_train_steps:
     return None
-  if _recorded_hash(workdir) != config_hash(config):
+  if _recorded_hash(workdir) != config_hash(config) and not _same_but_new_keys(workdir, config):
     raise StalePoint(f"{workdir}: finished with a config other than the one declared now; move "
                      "the workdir away to rerun the point")
   record = workdir / "point.json"
