@@ -445,8 +445,9 @@ def write(rows: list[dict], out: Path):
   more = (f"## Bases and modes at 0 healing steps (seed 0, {VARIANT_BUDGET:.0%} budget)\n\n"
           f"{variants_table(variants)}\n\n") if variants else ""
   md = out.with_suffix(".md")
-  md.write_text(f"# Compress and heal\n\n`python experiments/compress_heal.py --out {out.name}` "
-                f"(settings in `{out.name}`)\n\n## Means over seeds\n\n{wide_table(rows)}\n\n"
+  md.write_text(f"# Compress and heal\n\n`python experiments/compress_heal.py`, then "
+                f"`python experiments/compress_heal.py --variants` (settings in `{out.name}`; "
+                f"the module doc says what each row is)\n\n## Means over seeds\n\n{wide_table(rows)}\n\n"
                 f"## Every condition\n\n{table(rows)}\n\n{more}## Targets\n\n{targets(rows)}\n\n"
                 f"![compress and heal](plots/{png.name})\n")
   print(md.read_text(), flush=True)
