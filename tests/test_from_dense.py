@@ -136,3 +136,48 @@ def test_a_resumed_run_keeps_its_teacher_and_needs_no_dense_run(dense_run, tmp_p
   with pytest.raises(CheckpointError, match="which is gone; a resumed run keeps its teacher"):
     train_and_evaluate(_student(source, **{"distill.teacher": str(source),
                                            "num_train_steps": 2}), tmp_path / "healed")
+
+
+@slow
+def test_compress_and_heal_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
+  """``python -m vlora_jax.main`` compressing a dense run and distilling from it, SIGKILLed after
+  its first checkpoint and rerun, ends bitwise where the same command run uninterrupted ends."""
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+  from experiments import kill_trials
+
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(kill_trials.ROOT),
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  config = kill_trials.FLAGS[0].split(":")[0]
+  dense = tmp_path / "dense"
+  heal = [f"{config}:vlora,r=2,s=2,steps=12", *kill_trials.FLAGS[1:],
+          f"--config.init_from=compress:{dense}", "--config.compress.increments=whitened",
+          "--config.compress.calibration_batches=2", f"--config.distill.teacher={dense}",
+          "--config.distill.hidden_weight=0.5"]
+
+  def launch(workdir, flags):
+    return subprocess.Popen([sys.executable, "-m", "vlora_jax.main", f"--workdir={workdir}",
+                             *flags], cwd=kill_trials.ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+  def finish(workdir, flags):
+    out = launch(workdir, flags).communicate(timeout=600)[0]
+    assert (workdir / "summary.json").exists(), out[-3000:]
+
+  finish(dense, [f"{config}:dense,steps=8", *kill_trials.FLAGS[1:]])
+  finish(tmp_path / "reference", heal)
+  victim = tmp_path / "victim"
+  proc = launch(victim, heal)
+  deadline = time.time() + 300
+  while not (victim / "checkpoints" / "4").exists() and proc.poll() is None:
+    assert time.time() < deadline, "no checkpoint of step 4 within 300 s"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  assert not (victim / "summary.json").exists(), "the run finished before its kill"
+  finish(victim, heal)
+  assert "resumed" in json.loads((victim / "summary.json").read_text())["origin"]
+  assert kill_trials.compare(victim, tmp_path / "reference") == []
