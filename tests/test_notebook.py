@@ -115,6 +115,8 @@ DENSE = True
 SEED = 0
 WORKDIR = {workdir!r}
 OUT_DIR = {out_dir!r}
+HEAL_BUDGET = 0.5
+HEAL_STEPS = 5
 """
 
 
