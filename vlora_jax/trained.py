@@ -136,6 +136,19 @@ def find_checkpoint(workdir: str | Path, step: int | str | None = None) -> tuple
   raise _no_checkpoint(workdir, f"no checkpoint of step {step}")
 
 
+def source_run(workdir: str | Path, where: str, step_dir: Path | None = None):
+  """``(step directory, stored config)`` of another run that a run starts from or learns from
+  (a compressed dense run, a teacher): its newest checkpoint, or ``step_dir``. Nothing but the
+  meta is read; a missing checkpoint is a `CheckpointError` prefixed by ``where``."""
+  import ml_collections
+  if step_dir is None:
+    try:
+      step_dir, _ = find_checkpoint(workdir)
+    except CheckpointError as e:
+      raise CheckpointError(f"{where}: {e}") from None
+  return step_dir, ml_collections.ConfigDict(read_meta(step_dir).get("config", {}))
+
+
 def read_step_state(step_dir: Path, params_only: bool = True) -> dict:
   """A checkpoint step's state (or only ``{'params': ...}``) as host numpy arrays, on any device
   count (`train.checkpoint.read_state` finds the step; here it is given)."""

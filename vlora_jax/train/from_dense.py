@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 
@@ -40,11 +39,7 @@ def check_dense_run(arg: str, *, config, model) -> None:
   from vlora_jax.params import params_mismatch
 
   where = f"init_from='compress:{arg}'"
-  try:
-    step_dir, _ = trained_lib.find_checkpoint(arg)
-  except errors.CheckpointError as e:
-    raise errors.CheckpointError(f"{where}: {e}") from None
-  source = ml_collections.ConfigDict(trained_lib.read_meta(step_dir).get("config", {}))
+  _, source = trained_lib.source_run(arg, where)
   name = source.get("model", {}).get("name")
   if name != config.model.name:
     raise errors.CheckpointError(f"{where}: that run is a model.name={name!r}, this one a "

@@ -26,7 +26,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from vlora_jax import errors
 from vlora_jax import trained as trained_lib
@@ -70,6 +69,7 @@ def check(config, family, student, mesh, pinned: str | None = None) -> Teacher |
     return None
   where = f"distill.teacher={dcfg.teacher!r}"
   teacher_dir = Path(dcfg.teacher).expanduser().resolve()
+  step_dir = None
   if pinned and teacher_dir in Path(pinned).resolve().parents:
     step_dir = Path(pinned)
     if not step_dir.is_dir():
@@ -77,12 +77,7 @@ def check(config, family, student, mesh, pinned: str | None = None) -> Teacher |
           f"{where}: this run started distilling from {pinned}, which is gone; a resumed run "
           "keeps its teacher. Start in a fresh workdir to distil from that run's newest "
           "checkpoint")
-  else:
-    try:
-      step_dir, _ = trained_lib.find_checkpoint(dcfg.teacher)
-    except errors.CheckpointError as e:
-      raise errors.CheckpointError(f"{where}: {e}") from None
-  tcfg = ml_collections.ConfigDict(trained_lib.read_meta(step_dir).get("config", {}))
+  step_dir, tcfg = trained_lib.source_run(dcfg.teacher, where, step_dir)
   name = tcfg.get("model", {}).get("name")
   if name != config.model.name:
     raise errors.ConfigError(f"{where} is a model.name={name!r} run; the student is a "
