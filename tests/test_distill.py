@@ -128,14 +128,29 @@ def test_hidden_loss_against_float64_numpy():
   rng = np.random.default_rng(0)
   s, t = rng.normal(size=(2, 6, 4, 5, 8)).astype(np.float32)  # [L, B, T, D]
   w = np.array([1.0, 1.0, 0.0, 1.0])  # a padding example weighs nothing
+  pos = np.ones((4, 5))
+  pos[1, 3:] = 0.0  # the last two positions of example 1 are padding
   ends = {"blocks": (2, 5)}  # compounds of 3
-  want = []
-  for e in ends["blocks"]:
-    d, n = ((s[e] - t[e]).astype(np.float64) ** 2).sum((1, 2)), (t[e].astype(np.float64) ** 2).sum((1, 2))
-    want.append((d / n * w).sum() / w.sum())
-  got = teacher_lib.hidden_loss({"blocks": jnp.asarray(s)}, {"blocks": jnp.asarray(t)}, ends,
-                                jnp.asarray(w, jnp.float32))
-  assert float(got) == pytest.approx(np.mean(want), rel=1e-5)
+  for position_weights in (None, pos):
+    p = np.ones((4, 5)) if position_weights is None else pos
+    want = []
+    for e in ends["blocks"]:
+      d = ((s[e] - t[e]).astype(np.float64) ** 2).sum(-1)
+      n = (t[e].astype(np.float64) ** 2).sum(-1)
+      want.append(((d * p).sum(1) / (n * p).sum(1) * w).sum() / w.sum())
+    got = teacher_lib.hidden_loss(
+        {"blocks": jnp.asarray(s)}, {"blocks": jnp.asarray(t)}, ends, jnp.asarray(w, jnp.float32),
+        None if position_weights is None else {"blocks": jnp.asarray(pos, jnp.float32)})
+    assert float(got) == pytest.approx(np.mean(want), rel=1e-5)
+
+
+def test_seq2seq_streams_weigh_only_real_positions():
+  fam = models.family("seq2seq")
+  batch = {"src": np.array([[5, 6, 0, 0]]), "tgt_in": np.array([[1, 7, 8, 0]]),
+           "tgt_out": np.array([[7, 8, 2, 0]])}
+  w = fam.stream_weights(batch, jnp.ones((1,)))
+  np.testing.assert_array_equal(w["encoder"], [[1, 1, 0, 0]])
+  np.testing.assert_array_equal(w["decoder"], [[1, 1, 1, 0]])
 
 
 def test_hidden_loss_in_the_train_step(parts):

@@ -105,6 +105,12 @@ class Family(abc.ABC):
     """``(targets, weights)``: class ids and their loss weights, broadcast like the logits'
     leading axes; ``example_weight`` [B] is the batch's ``mask`` (ones in training)."""
 
+  def stream_weights(self, batch, example_weight) -> dict[str, jax.Array]:
+    """``{stack name: [B, T]}``: the weights of a stack's positions for a loss on its residual
+    stream (distillation's per-compound loss); a stack left out counts every position."""
+    del batch, example_weight
+    return {}
+
   def sums(self, logits, batch, label_smoothing: float = 0.0) -> dict[str, jax.Array]:
     """``{'loss', 'correct', 'weight', 'examples', ...}``, each summed over the batch."""
     logits = logits.astype(jnp.float32)

@@ -247,6 +247,13 @@ class Seq2SeqFamily(family.TokenFamily):
     targets = batch["tgt_out"]
     return targets, (targets != PAD_ID).astype(jnp.float32) * example_weight[:, None]
 
+  def stream_weights(self, batch, example_weight):
+    # The encoder's real positions are the source's; the decoder's are the targets' (tgt_in's
+    # BOS + tokens line up with tgt_out's tokens + EOS).
+    _, w = self.targets(batch, example_weight)
+    src = (batch["src"] != PAD_ID).astype(jnp.float32) * example_weight[:, None]
+    return {"encoder": src, "decoder": w}
+
   def example_batch(self, mcfg, batch: int, rng):
     draw = lambda: rng.integers(1, mcfg.vocab_size, (batch, mcfg.max_len)).astype(np.int32)
     return {"src": draw(), "tgt_in": draw(), "tgt_out": draw()}

@@ -52,7 +52,7 @@ def make_train_step(model, family: Family, opt: optim.Optimizer, label_smoothing
       if hidden:
         h = teacher_lib.hidden_loss(teacher_lib.layer_outputs(s_vars["intermediates"]),
                                     teacher_lib.layer_outputs(t_vars["intermediates"]),
-                                    teacher.ends, ex_w)
+                                    teacher.ends, ex_w, family.stream_weights(batch, ex_w))
         s["hidden"] = h
         total = total + teacher.hidden_weight * h
       return total, s

@@ -150,22 +150,26 @@ def _check_streams(where, dense, dense_params, student, inputs) -> dict[str, tup
   return ends
 
 
-def hidden_loss(student_outputs, teacher_outputs, ends, example_weight):
+def hidden_loss(student_outputs, teacher_outputs, ends, example_weight, position_weights=None):
   """The per-compound loss: at every compound's last layer, the squared distance between the
   student's and the teacher's outputs relative to the teacher's squared norm, per example
   (scale-free across widths and depths), averaged over the examples by ``example_weight`` [B],
   then over the compound ends of every stack. In float32.
 
-  Every position of an example counts: right for the ViT and the LM, whose positions are all real,
-  while a seq2seq batch's padding positions (source and target) count too.
+  ``position_weights``: ``{stack name: [B, T]}`` weights of a stack's positions (the family's
+  `stream_weights`: a seq2seq batch's padding weighs 0); a stack not in it counts every position.
   """
+  position_weights = position_weights or {}
   terms = []
   for name, idx in ends.items():
     idx = jnp.asarray(idx)
-    s = student_outputs[name][idx].astype(jnp.float32)  # [E, B, ...]
+    s = student_outputs[name][idx].astype(jnp.float32)  # [E, B, T, ..., D]
     t = teacher_outputs[name][idx].astype(jnp.float32)
-    axes = tuple(range(2, s.ndim))
-    rel = jnp.sum((s - t) ** 2, axis=axes) / jnp.maximum(jnp.sum(t ** 2, axis=axes), 1e-12)
+    d = jnp.sum((s - t) ** 2, axis=tuple(range(3, s.ndim)))  # [E, B, T]
+    n = jnp.sum(t ** 2, axis=tuple(range(3, s.ndim)))
+    w = position_weights.get(name)
+    w = jnp.ones(d.shape[1:], jnp.float32) if w is None else w.astype(jnp.float32)
+    rel = jnp.sum(d * w, axis=2) / jnp.maximum(jnp.sum(n * w, axis=2), 1e-12)  # [E, B]
     terms.append(jnp.sum(rel * example_weight, axis=1) / jnp.maximum(jnp.sum(example_weight),
                                                                       1e-12))
   return jnp.mean(jnp.concatenate(terms))
