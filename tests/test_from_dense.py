@@ -103,6 +103,10 @@ def test_a_budget_chooses_the_ranks_and_a_resumed_run_keeps_them(dense_run, tmp_
   assert isinstance(ranks, (list, tuple)) and len(ranks) == 4
   again = _student(dense_run, **{"compress.budget": 0.75, "num_train_steps": 2})
   assert train_and_evaluate(again, tmp_path / "student")["step"] == 2  # same ranks: resumes
+  whitened = _student(dense_run, **{"compress.budget": 0.75, "num_train_steps": 1,
+                                    "compress.increments": "whitened",
+                                    "compress.calibration_batches": 2})
+  assert train_and_evaluate(whitened, tmp_path / "whitened")["params_total"] <= 0.75 * dense
   with pytest.raises(ConfigError, match="compress.budget=0.5: .*below the smallest"):
     train_and_evaluate(_student(dense_run, **{"compress.budget": 0.5}), tmp_path / "small")
 
