@@ -28,7 +28,6 @@ from vlora_jax import cpu_malloc
 from vlora_jax import errors
 from vlora_jax.params import params_mismatch
 from vlora_jax.train import checkpoint as ckpt_lib
-from vlora_jax.train import from_dense  # noqa: F401 -- registers init_from='compress:...'
 from vlora_jax.train import metrics as metrics_lib
 from vlora_jax.train import sharding, state as state_lib
 from vlora_jax.train import workdir as workdir_lib
