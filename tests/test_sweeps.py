@@ -10,7 +10,7 @@ from configs import sweeps
 from experiments import sweep
 from vlora_jax import models
 from vlora_jax import params as params_lib
-from vlora_jax.train import optim, validate
+from vlora_jax.train import load_config, optim, validate
 
 
 @pytest.mark.parametrize("name", sorted(sweeps.SWEEPS))
@@ -46,6 +46,12 @@ def test_factor_lr_multiplies_the_low_rank_factors_only():
   assert p["id"] == "digits/cumulative_r2_s4_flr4/seed0" and p["tags"]["factor_lr"] == 4.0
 
 
+def _with_new_key(config):
+  with config.unlocked():
+    config.distill.some_new_option = 0.0
+  return config
+
+
 def test_a_finished_point_is_reused_only_for_its_own_config(tmp_path, monkeypatch):
   tiny = {"model.dim": 16, "model.depth": 2, "model.num_heads": 2,
           "model.vlora.compound_size": 2, "model.vlora.rank": 2, "batch_size": 16,
@@ -64,6 +70,14 @@ def test_a_finished_point_is_reused_only_for_its_own_config(tmp_path, monkeypatc
   assert logged == ["[1/1] toy/cumulative/seed0"]
   (tmp_path / "toy" / point["id"] / "point.json").unlink()  # a run from before the record:
   assert [r["step"] for r in sweep.collect("toy", tmp_path)] == [2]  # its checkpoint's config
+
+  # The defaults gained a key since (a new option): the stored config still equals the declared
+  # one on every key it has, so the point stays finished.
+  monkeypatch.setattr(sweep, "_config", lambda p, extra: _with_new_key(load_config(
+      str(sweep.ROOT / p["config"]), **p["overrides"])))
+  assert [r["step"] for r in sweep.collect("toy", tmp_path)] == [2]
+  monkeypatch.undo()
+  monkeypatch.setattr(sweeps, "get", lambda name: [point])
 
   point["overrides"] = {**tiny, "optim.lr": 0.5}  # the declaration changed: the row is refused
   assert sweep.collect("toy", tmp_path) == []
