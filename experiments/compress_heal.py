@@ -262,7 +262,8 @@ def _fmt(mean, std, n, metric):
 def table(rows: list[dict]) -> str:
   """Markdown: per data set, teacher and every (budget, condition), mean ± std over seeds, and
   the gap to the teacher (points for accuracy, % of the teacher's loss for loss)."""
-  out = ["| data set | budget | params (of dense) | ranks (seed 0) | condition | steps | test metric "
+  out = ["| data set | budget | params (of dense) | ranks (seed 0) | condition | steps "
+         "| test metric "
          "(mean ± std) | vs teacher | seeds |", "|---|---:|---:|---|---|---:|---:|---:|---:|"]
   for ds in DATASETS:
     rs = [r for r in rows if r["dataset"] == ds]
@@ -447,7 +448,8 @@ def write(rows: list[dict], out: Path):
   md = out.with_suffix(".md")
   md.write_text(f"# Compress and heal\n\n`python experiments/compress_heal.py`, then "
                 f"`python experiments/compress_heal.py --variants` (settings in `{out.name}`; "
-                f"the module doc says what each row is)\n\n## Means over seeds\n\n{wide_table(rows)}\n\n"
+                f"the module doc says what each row is)\n\n"
+                f"## Means over seeds\n\n{wide_table(rows)}\n\n"
                 f"## Every condition\n\n{table(rows)}\n\n{more}## Targets\n\n{targets(rows)}\n\n"
                 f"![compress and heal](plots/{png.name})\n")
   print(md.read_text(), flush=True)
@@ -461,7 +463,8 @@ def main():
   ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "compress_heal.json"))
   ap.add_argument("--collect", action="store_true", help="train nothing; table the rows on disk")
   ap.add_argument("--variants", action="store_true",
-                  help=f"only the bases and modes at 0 steps ({100 * VARIANT_BUDGET:.0f}%% budget, seed 0), "
+                  help=f"only the bases and modes at 0 steps ({100 * VARIANT_BUDGET:.0f}%% "
+                  "budget, seed 0), "
                   "from the teachers on disk; then the table of everything on disk")
   args = ap.parse_args()
   root = Path(args.root)

@@ -359,8 +359,8 @@ def beam_search(model, params, src, *, bos: int, eos: int, beam_size: int,
   """Beam search over ``src [B, S]``; the best beam of each, ``[B, model.max_len]`` int32.
 
   The search keeps the beams of highest summed log-probability; the final choice among them
-  divides that sum by ``length ** length_penalty`` (0: no normalisation). A beam that emitted ``eos`` is kept as it is, and continues with `PAD_ID` at
-  no cost. ``beam_size=1`` is `greedy`.
+  divides that sum by ``length ** length_penalty`` (0: no normalisation). A beam that emitted
+  ``eos`` is kept as it is, and continues with `PAD_ID` at no cost. ``beam_size=1`` is `greedy`.
   """
   if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
     raise ValueError(f"beam_size={beam_size!r}: must be an integer >= 1")

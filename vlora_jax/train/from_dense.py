@@ -71,8 +71,8 @@ def resolve_budget(config, previous: dict | None = None) -> bool:
   ranks are what the run's checkpoints store: a resumed run (``previous``: the meta of its newest
   checkpoint) takes them from there, without reading the dense run again. True if it set them.
 
-  Runs in set-up, before the model is built. Raises ValueError (a config error) when the budget
-  is set without a compress init, for a model whose stacks do not share one spec, or when no
+  Runs in set-up, after the dense run is checked and before the model is built at its ranks.
+  Raises ValueError (a config error) when the budget is set without a compress init, for a model whose stacks do not share one spec, or when no
   ranks fit it.
   """
   fraction = float(config.get("compress", {}).get("budget", 0.0) or 0.0)
@@ -90,8 +90,8 @@ def resolve_budget(config, previous: dict | None = None) -> bool:
     raise ValueError(f"compress.budget={fraction}: it chooses the ranks of a compressed dense "
                      "run; set init_from='compress:<workdir of a trained dense run>', or "
                      "compress.budget=0")
+  # Set-up has checked the dense run already (`check_dense_run`, registered with the kind).
   student = models.family(config.model.name).build_from_config(config.model)
-  check_dense_run(arg, config=config, model=student)
   specs = {s for s, _ in student.stack_specs().values() if s is not None}
   if len(specs) != 1:
     raise ValueError(f"compress.budget={fraction}: the model's stacks have different VLoRA specs "

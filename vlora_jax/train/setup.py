@@ -109,13 +109,16 @@ def set_up(config, workdir: Path) -> Run:
   plan, mesh, pipe = mesh_and_data(config)
   previous = _previous_meta(workdir)
   with errors.config_errors():
+    model = plan.build_model(config.model)
+    if previous is None and not config.checkpoint.get("restore_from"):
+      # A resumed run reads its init source no more. The check holds at any ranks: it runs
+      # before compress.budget chooses them.
+      ckpt_lib.check_init_from(config, model)
     if from_dense.resolve_budget(config, previous):  # it set model.vlora.rank: plan again
       plan = validate.check(config, jax.device_count(), jax.process_count())
-    model = plan.build_model(config.model)
+      model = plan.build_model(config.model)
     teacher = teacher_lib.check(config, plan.family, model, mesh,
                                 pinned=(previous or {}).get("distill_teacher"))
-    if previous is None and not config.checkpoint.get("restore_from"):
-      ckpt_lib.check_init_from(config, model)  # a resumed run reads its init source no more
     sample = plan.family.sample_inputs(config.model, batch=2)
     init_fn = lambda rng: model.init({"params": rng, "dropout": rng}, *_zeros(sample),
                                      train=False)["params"]

@@ -12,8 +12,8 @@
 The teacher is the trained run's newest checkpoint, merged to dense weights (`stack.to_dense`),
 frozen, and sharded by the run's own sharding rules. It is an argument of the train step, not a
 part of the train state, so it is never saved in the student's checkpoints: the student's meta
-records which checkpoint it is (``distill_teacher``), and a resumed run loads that one again. `check` runs in the set-up phase, from the teacher's stored config and
-shapes alone: a teacher of another family, or one that reads other inputs or predicts other
+records which checkpoint it is (``distill_teacher``), and a resumed run loads that one again.
+`check` runs in the set-up phase, from the teacher's stored config and shapes alone: a teacher of another family, or one that reads other inputs or predicts other
 classes, is refused before anything is compiled.
 """
 
