@@ -26,6 +26,20 @@ SHARDING_RULES = (
     ("rank", None),               # VLoRA / LoRA rank: always replicated
 )
 
+# Logical axis -> mesh axis for activations (vlora_jax/partitioning.py): every device keeps the
+# activations of its own sequences (batch over data and fsdp, so that per-device cost stays flat
+# as the pod grows), and tensor parallelism splits heads, MLP and vocabulary. The residual
+# stream's width stays whole: FSDP gathers weights, not activations.
+ACTIVATION_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", None),
+    ("heads", "tensor"),
+    ("kv", None),                 # head dim
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+)
+
 # Weight decay off for norms, biases, position embeddings and the class token (timm's habit).
 NO_DECAY = ((r"(.*/)?(bias|scale|pos_embed|cls_token)", 0.0),)
 
@@ -101,6 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
                                # VLoRA chain stay float32)
   c.model.scan = True          # one scan over layers (False: unrolled reference path)
   c.model.remat = "none"       # none | full | dots | dots_no_batch (activation rematerialisation)
+  c.model.attention = "xla"    # xla | cudnn (fused attention on NVIDIA GPUs, bfloat16)
   c.model.vlora = vlora()
 
   # Data: see vlora_jax/data/__init__.py for the sources.
@@ -147,6 +162,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.sharding_rules = SHARDING_RULES
+  c.activation_rules = ACTIVATION_RULES
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500    # save interval (the last step is always saved)

@@ -175,7 +175,8 @@ def evaluate(workdir, step: int | str | None = None, overrides: dict[str, Any] |
   _check_same_data(run.info, pipe.info)
   shardings = evaluation.param_shardings(run.model, plan.family, config, mesh)
   params = jax.device_put(run.params, shardings)
-  eval_step = evaluation.jit_step(run.model, plan.family, mesh, shardings)
+  eval_step = evaluation.jit_step(run.model, plan.family, mesh, shardings,
+                                  config.get("activation_rules", ()))
   bar = metrics_lib.Progress(pipe.num_eval_batches, 0, enabled=progress, unit="batch",
                              desc="eval")
   try:

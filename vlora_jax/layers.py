@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlora_jax.partitioning import ATTENTION_HEADS, BATCH, LENGTH, MLP, RESIDUAL, constrain
+
 Dtype = Any
 LN_EPS = 1e-6  # timm's ViT LayerNorm eps
 ROPE_BASE = 10000.0  # RoFormer / GPT-NeoX frequency base
@@ -59,12 +61,25 @@ def layer_norm(name: str, dtype: Dtype):
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
 
 
-def attend(q, k, v, mask=None, causal: bool = False):
-  """Scaled dot-product attention over [B, T, H, hd] (softmax in float32)."""
-  dtype = q.dtype
-  out = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32),
-                                     v.astype(jnp.float32), mask=mask, is_causal=causal)
-  return out.astype(dtype)
+# ``model.attention``: the kernel behind `attend`. 'xla' runs anywhere; 'cudnn' is cuDNN's fused
+# (flash) attention on NVIDIA GPUs, for bfloat16 inputs.
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+def attend(q, k, v, mask=None, causal: bool = False, implementation: str = "xla"):
+  """Scaled dot-product attention over ``[B, T, H, hd]`` queries and ``[B, S, K, hd]`` keys and
+  values (``K`` divides ``H``: grouped-query attention).
+
+  q, k and v stay in the compute dtype, so bfloat16 reaches the fused kernels and the MXU; the
+  logits and the softmax are float32 (``jax.nn.dot_product_attention`` computes them so for
+  bfloat16 inputs).
+  """
+  if implementation not in ATTENTION_IMPLS:
+    raise ValueError(f"model.attention={implementation!r}: allowed are {list(ATTENTION_IMPLS)}")
+  out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
+                                     is_causal=causal,
+                                     implementation=implementation)
+  return constrain(out, ATTENTION_HEADS)
 
 
 def rotary(x, positions, base: float = ROPE_BASE):
@@ -119,6 +134,7 @@ class SelfAttention(nn.Module):
   causal: bool = False
   dtype: Dtype = jnp.float32
   rope: bool = False
+  attention: str = "xla"  # `ATTENTION_IMPLS`
 
   @nn.compact
   def __call__(self, x, mask=None, positions=None, *, decode=None):
@@ -126,12 +142,13 @@ class SelfAttention(nn.Module):
     b, t, _ = x.shape
     hd = self.dim // self.num_heads
     qkv = dense(3 * self.dim, ("embed", "qkv"), "qkv", self.dtype)(x)
-    q, k, v = (y.reshape(b, t, self.num_heads, hd) for y in jnp.split(qkv, 3, axis=-1))
+    q, k, v = (constrain(y.reshape(b, t, self.num_heads, hd), ATTENTION_HEADS)
+               for y in jnp.split(qkv, 3, axis=-1))
     if decode is None:
       if self.rope:
         pos = jnp.arange(t) if positions is None else positions
         q, k = rotary(q, pos), rotary(k, pos)
-      out = attend(q, k, v, mask, self.causal)
+      out = attend(q, k, v, mask, self.causal, self.attention)
     else:
       out = self._attend_cached(q, k, v, mask, positions)
     return dense(self.dim, ("heads", "embed"), "proj", self.dtype)(out.reshape(b, t, self.dim))
@@ -148,14 +165,14 @@ class SelfAttention(nn.Module):
       pos = start + jnp.arange(t) if positions is None else positions
       q, k = rotary(q, pos), rotary(k, pos)
     for cached, new in ((cached_k, k), (cached_v, v)):
-      cached.value = jax.lax.dynamic_update_slice(cached.value, new.astype(cached.value.dtype),
-                                                  (0, start, 0, 0))
+      cached.value = constrain(jax.lax.dynamic_update_slice(
+          cached.value, new.astype(cached.value.dtype), (0, start, 0, 0)), ATTENTION_HEADS)
     index.value = start + t
     slots = jnp.arange(cached_k.value.shape[1])
     allowed = (slots[None, :] <= start + jnp.arange(t)[:, None])[None, None]  # [1, 1, t, T_max]
     if mask is not None:
       allowed = allowed & mask
-    return attend(q, cached_k.value, cached_v.value, allowed)
+    return attend(q, cached_k.value, cached_v.value, allowed, implementation=self.attention)
 
 
 class CrossAttention(nn.Module):
@@ -167,15 +184,18 @@ class CrossAttention(nn.Module):
   dim: int
   num_heads: int
   dtype: Dtype = jnp.float32
+  attention: str = "xla"  # `ATTENTION_IMPLS`
 
   @nn.compact
   def __call__(self, x, memory, mask=None, *, decode=None):
     check_decode(decode)
     b, t, _ = x.shape
     hd = self.dim // self.num_heads
-    q = dense(self.dim, ("embed", "heads"), "q", self.dtype)(x).reshape(b, t, self.num_heads, hd)
+    q = constrain(dense(self.dim, ("embed", "heads"), "q", self.dtype)(x).reshape(
+        b, t, self.num_heads, hd), ATTENTION_HEADS)
     kv_proj = dense(2 * self.dim, ("embed", "qkv"), "kv", self.dtype)
-    heads = lambda y: y.reshape(b, memory.shape[1], self.num_heads, hd)
+    heads = lambda y: constrain(y.reshape(b, memory.shape[1], self.num_heads, hd),
+                                ATTENTION_HEADS)
     if decode is None:
       k, v = (heads(y) for y in jnp.split(kv_proj(memory), 2, axis=-1))
     else:
@@ -185,7 +205,7 @@ class CrossAttention(nn.Module):
         k, v = (heads(y) for y in jnp.split(kv_proj(memory), 2, axis=-1))
         kept_k.value, kept_v.value = k.astype(kept_k.value.dtype), v.astype(kept_v.value.dtype)
       k, v = kept_k.value, kept_v.value
-    out = attend(q, k, v, mask).reshape(b, t, self.dim)
+    out = attend(q, k, v, mask, implementation=self.attention).reshape(b, t, self.dim)
     return dense(self.dim, ("heads", "embed"), "proj", self.dtype)(out)
 
 
@@ -199,6 +219,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     h = nn.gelu(dense(self.hidden, ("embed", "mlp"), "fc1", self.dtype)(x), approximate=False)
+    h = constrain(h, (BATCH, LENGTH, MLP))
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     return dense(self.dim, ("mlp", "embed"), "fc2", self.dtype)(h)
 
@@ -216,16 +237,19 @@ class EncoderBlock(nn.Module):
   causal: bool = False
   dtype: Dtype = jnp.float32
   rope: bool = False  # rotary positions in self-attention (LMs); no extra parameters
+  attention: str = "xla"  # `ATTENTION_IMPLS`
 
   @nn.compact
   def __call__(self, x, mask=None, positions=None, *, deterministic: bool = True, decode=None):
     drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=deterministic)
-    h = SelfAttention(self.dim, self.num_heads, self.causal, self.dtype, self.rope, name="attn")(
+    x = constrain(x, RESIDUAL)
+    h = SelfAttention(self.dim, self.num_heads, self.causal, self.dtype, self.rope,
+                      self.attention, name="attn")(
         layer_norm("norm1", self.dtype)(x), mask, positions, decode=decode)
-    x = x + drop(h)
+    x = constrain(x + drop(h), RESIDUAL)
     h = Mlp(self.dim, self.mlp_dim, self.dropout, self.dtype, name="mlp")(
         layer_norm("norm2", self.dtype)(x), deterministic)
-    return x + drop(h)
+    return constrain(x + drop(h), RESIDUAL)
 
 
 class DecoderBlock(nn.Module):
@@ -238,17 +262,19 @@ class DecoderBlock(nn.Module):
   mlp_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  attention: str = "xla"  # `ATTENTION_IMPLS`
 
   @nn.compact
   def __call__(self, x, memory, self_mask=None, cross_mask=None, *, deterministic: bool = True,
                decode=None):
     drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=deterministic)
-    h = SelfAttention(self.dim, self.num_heads, True, self.dtype, name="attn")(
-        layer_norm("norm1", self.dtype)(x), self_mask, decode=decode)
-    x = x + drop(h)
-    h = CrossAttention(self.dim, self.num_heads, self.dtype, name="cross")(
+    x = constrain(x, RESIDUAL)
+    h = SelfAttention(self.dim, self.num_heads, True, self.dtype, attention=self.attention,
+                      name="attn")(layer_norm("norm1", self.dtype)(x), self_mask, decode=decode)
+    x = constrain(x + drop(h), RESIDUAL)
+    h = CrossAttention(self.dim, self.num_heads, self.dtype, self.attention, name="cross")(
         layer_norm("norm_cross", self.dtype)(x), memory, cross_mask, decode=decode)
-    x = x + drop(h)
+    x = constrain(x + drop(h), RESIDUAL)
     h = Mlp(self.dim, self.mlp_dim, self.dropout, self.dtype, name="mlp")(
         layer_norm("norm2", self.dtype)(x), deterministic)
-    return x + drop(h)
+    return constrain(x + drop(h), RESIDUAL)

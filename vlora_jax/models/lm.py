@@ -17,6 +17,7 @@ from vlora_jax import layers
 from vlora_jax.config_keys import Bool, Choice, Int
 from vlora_jax import lora as lora_lib
 from vlora_jax.models import family
+from vlora_jax.partitioning import BATCH, LENGTH, RESIDUAL, VOCAB, constrain
 from vlora_jax.spec import VLoRASpec
 from vlora_jax.stack import vlorafy
 
@@ -73,6 +74,7 @@ class LM(nn.Module):
   remat: str = "none"
   dtype: jnp.dtype = jnp.float32
   lora: lora_lib.LoRASpec | None = None
+  attention: str = "xla"  # `layers.ATTENTION_IMPLS`
 
   def check(self) -> None:
     check_common(vocab_size=self.vocab_size, max_len=self.max_len, dim=self.dim,
@@ -90,7 +92,8 @@ class LM(nn.Module):
   def block(self) -> layers.EncoderBlock:
     return layers.EncoderBlock(self.dim, self.num_heads, int(self.dim * self.mlp_ratio),
                                self.dropout, causal=True, dtype=self.dtype,
-                               rope=self.positions == "rope", parent=None)
+                               rope=self.positions == "rope", attention=self.attention,
+                               parent=None)
 
   @nn.compact
   def __call__(self, tokens, position_ids=None, mask=None, *, train: bool = False,
@@ -125,15 +128,17 @@ class LM(nn.Module):
       rows = (pos[0, :t][None] if position_ids is None
               else jnp.take(pos[0], position_ids, axis=0))
       x = x + rows.astype(x.dtype)
-    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    x = constrain(nn.Dropout(self.dropout)(x, deterministic=not train), RESIDUAL)
     rope_positions = position_ids if self.positions == "rope" else None
     x = vlorafy(self.block(), self.depth, self.vlora, scan=self.scan, remat=self.remat,
                 lora=self.lora, name="blocks")(x, mask, rope_positions, deterministic=not train,
                                                decode=decode)
     x = layers.layer_norm("norm", self.dtype)(x).astype(jnp.float32)
     if self.tie_embeddings:
-      return x @ emb.embedding.astype(jnp.float32).T  # logits = h @ E^T, in float32
-    return layers.dense(self.vocab_size, ("embed", "vocab"), "head", jnp.float32)(x)
+      logits = x @ emb.embedding.astype(jnp.float32).T  # logits = h @ E^T, in float32
+    else:
+      logits = layers.dense(self.vocab_size, ("embed", "vocab"), "head", jnp.float32)(x)
+    return constrain(logits, (BATCH, LENGTH, VOCAB))
 
 
 class LMFamily(family.TokenFamily):
@@ -159,7 +164,8 @@ class LMFamily(family.TokenFamily):
               dropout=mcfg.get("dropout", 0.0), positions=mcfg.get("positions", "learned"),
               tie_embeddings=mcfg.get("tie_embeddings", False), vlora=vlora,
               scan=mcfg.get("scan", True), remat=mcfg.get("remat", "none"),
-              dtype=family.dtype(mcfg.get("dtype", "float32")), lora=lora)
+              dtype=family.dtype(mcfg.get("dtype", "float32")), lora=lora,
+              attention=mcfg.get("attention", "xla"))
 
   def sample_inputs(self, mcfg, batch: int = 2):
     return (jax.ShapeDtypeStruct((batch, mcfg.max_len), jnp.int32),)

@@ -29,6 +29,7 @@ from vlora_jax.config_keys import Bool, Int, Regexes
 from vlora_jax import lora as lora_lib
 from vlora_jax.models import family
 from vlora_jax.models.lm import check_common, embed
+from vlora_jax.partitioning import BATCH, LENGTH, RESIDUAL, VOCAB, constrain
 from vlora_jax.spec import VIT_TARGETS, VLoRASpec
 from vlora_jax.stack import block_param_shapes, vlorafy
 
@@ -107,6 +108,7 @@ class Seq2Seq(nn.Module):
   remat: str = "none"
   dtype: jnp.dtype = jnp.float32
   lora: lora_lib.LoRASpec | None = None
+  attention: str = "xla"  # `layers.ATTENTION_IMPLS`
 
   @property
   def decoder_depth(self) -> int:
@@ -114,11 +116,13 @@ class Seq2Seq(nn.Module):
 
   def encoder_block(self) -> layers.EncoderBlock:
     return layers.EncoderBlock(self.dim, self.num_heads, int(self.dim * self.mlp_ratio),
-                               self.dropout, dtype=self.dtype, parent=None)
+                               self.dropout, dtype=self.dtype, attention=self.attention,
+                               parent=None)
 
   def decoder_block(self) -> layers.DecoderBlock:
     return layers.DecoderBlock(self.dim, self.num_heads, int(self.dim * self.mlp_ratio),
-                               self.dropout, dtype=self.dtype, parent=None)
+                               self.dropout, dtype=self.dtype, attention=self.attention,
+                               parent=None)
 
   def _block_paths(self):
     """Parameter paths of one encoder and one decoder block (shapes only, tiny inputs)."""
@@ -176,8 +180,8 @@ class Seq2Seq(nn.Module):
     """The encoder memory ``[B, S, D]`` of ``src [B, S]`` (run once per decode)."""
     x = self.embed(src)
     x = self.drop(x + self.enc_pos_embed[:, :x.shape[1]].astype(x.dtype), deterministic=not train)
-    x = self.encoder(x, padding_mask(src), deterministic=not train)
-    return self.encoder_norm(x)
+    x = self.encoder(constrain(x, RESIDUAL), padding_mask(src), deterministic=not train)
+    return constrain(self.encoder_norm(x), RESIDUAL)
 
   def decode_logits(self, tgt_in, memory, src, position_ids=None, *, train: bool = False,
                     decode=None):
@@ -191,16 +195,16 @@ class Seq2Seq(nn.Module):
     y = self.embed(tgt_in)
     rows = (self.dec_pos_embed[:, :y.shape[1]] if position_ids is None
             else jnp.take(self.dec_pos_embed[0], position_ids, axis=0))
-    y = self.drop(y + rows.astype(y.dtype), deterministic=not train)
+    y = constrain(self.drop(y + rows.astype(y.dtype), deterministic=not train), RESIDUAL)
     # Self-attention is causal inside the block; without a cache the mask adds target padding
     # (a decode writes no padding: every sequence is at the same place).
     self_mask = padding_mask(tgt_in) if decode is None else None
     y = self.decoder(y, memory, self_mask, padding_mask(src), deterministic=not train,
                      decode=decode)
     y = self.decoder_norm(y).astype(jnp.float32)
-    if self.tie_embeddings:
-      return y @ self.embed.embedding.astype(jnp.float32).T
-    return self.head(y)
+    logits = (y @ self.embed.embedding.astype(jnp.float32).T if self.tie_embeddings
+              else self.head(y))
+    return constrain(logits, (BATCH, LENGTH, VOCAB))
 
   def __call__(self, src, tgt_in, *, train: bool = False):
     self.check(src, tgt_in)
@@ -237,7 +241,8 @@ class Seq2SeqFamily(family.TokenFamily):
                    tie_embeddings=mcfg.get("tie_embeddings", False), vlora=vlora,
                    dec_targets=tuple(dec_targets) if dec_targets is not None else None,
                    scan=mcfg.get("scan", True), remat=mcfg.get("remat", "none"),
-                   dtype=family.dtype(mcfg.get("dtype", "float32")), lora=lora)
+                   dtype=family.dtype(mcfg.get("dtype", "float32")), lora=lora,
+                   attention=mcfg.get("attention", "xla"))
 
   def sample_inputs(self, mcfg, batch: int = 2):
     tok = jax.ShapeDtypeStruct((batch, mcfg.max_len), jnp.int32)

@@ -16,6 +16,7 @@ from vlora_jax import layers
 from vlora_jax.config_keys import Bool, Choice, Int
 from vlora_jax import lora as lora_lib
 from vlora_jax.models import family
+from vlora_jax.partitioning import BATCH, RESIDUAL, VOCAB, constrain
 from vlora_jax.spec import VLoRASpec
 from vlora_jax.stack import vlorafy
 
@@ -36,6 +37,7 @@ class ViT(nn.Module):
   remat: str = "none"
   dtype: jnp.dtype = jnp.float32
   lora: lora_lib.LoRASpec | None = None  # horizontal LoRA adapters on every block
+  attention: str = "xla"  # `layers.ATTENTION_IMPLS`
 
   def stack_specs(self):
     """``{stack name: (vlora, lora)}``: one stack."""
@@ -43,7 +45,8 @@ class ViT(nn.Module):
 
   def block(self) -> layers.EncoderBlock:
     return layers.EncoderBlock(self.dim, self.num_heads, int(self.dim * self.mlp_ratio),
-                               self.dropout, dtype=self.dtype, parent=None)
+                               self.dropout, dtype=self.dtype, attention=self.attention,
+                               parent=None)
 
   def embed(self, images):
     """Patch embedding, class token and learned positions: ``[B, H, W, C]`` -> ``[B, N, D]``.
@@ -66,7 +69,7 @@ class ViT(nn.Module):
       x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.dim)).astype(x.dtype), x], axis=1)
     pos = self.param("pos_embed", nn.with_logical_partitioning(
         nn.initializers.truncated_normal(0.02), (None, None, "embed")), (1, x.shape[1], self.dim))
-    return x + pos.astype(x.dtype)
+    return constrain(x + pos.astype(x.dtype), RESIDUAL)
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -84,7 +87,7 @@ class ViT(nn.Module):
     if self.fc_norm:
       x = layers.layer_norm("fc_norm", self.dtype)(x)
     head = layers.dense(self.num_classes, ("embed", "vocab"), "head", jnp.float32)
-    return head(x.astype(jnp.float32))
+    return constrain(head(x.astype(jnp.float32)), (BATCH, VOCAB))
 
 
 def vit_param_count(*, img_size: int, patch_size: int, in_chans: int, dim: int, depth: int,
@@ -138,7 +141,8 @@ class ViTFamily(family.Family):
                class_token=mcfg.get("class_token", True),
                global_pool=mcfg.get("global_pool", "token"), dropout=mcfg.get("dropout", 0.0),
                vlora=vlora, scan=mcfg.get("scan", True), remat=mcfg.get("remat", "none"),
-               dtype=family.dtype(mcfg.get("dtype", "float32")), lora=lora)
+               dtype=family.dtype(mcfg.get("dtype", "float32")), lora=lora,
+               attention=mcfg.get("attention", "xla"))
 
   def sample_inputs(self, mcfg, batch: int = 2):
     return (jax.ShapeDtypeStruct((batch, mcfg.img_size, mcfg.img_size, mcfg.in_chans),

@@ -60,7 +60,8 @@ class ViTRegistersFamily(vit.ViTFamily):
         class_token=mcfg.get("class_token", True), global_pool=mcfg.get("global_pool", "token"),
         dropout=mcfg.get("dropout", 0.0), vlora=vlora, scan=mcfg.get("scan", True),
         remat=mcfg.get("remat", "none"), dtype=family.dtype(mcfg.get("dtype", "float32")),
-        lora=lora, num_registers=mcfg.get("num_registers", 4))
+        lora=lora, num_registers=mcfg.get("num_registers", 4),
+        attention=mcfg.get("attention", "xla"))
 
   def sequence_length(self, mcfg) -> int:
     return super().sequence_length(mcfg) + mcfg.get("num_registers", 4)

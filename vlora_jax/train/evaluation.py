@@ -12,15 +12,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from vlora_jax import partitioning
 from vlora_jax.data.sources import DataError
 from vlora_jax.train import sharding
 from vlora_jax.train.steps import make_eval_step
 
 
-def jit_step(model, family, mesh, param_shardings):
+def jit_step(model, family, mesh, param_shardings, activation_rules):
   """`make_eval_step`, jitted as training runs it: the parameters laid out by
-  ``param_shardings``, the batch split over the data-parallel axes, the sums replicated."""
-  return jax.jit(make_eval_step(model, family),
+  ``param_shardings``, the batch split over the data-parallel axes, the activations by
+  ``activation_rules``, the sums replicated."""
+  step = partitioning.traced_with(make_eval_step(model, family), mesh, activation_rules)
+  return jax.jit(step,
                  in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
 

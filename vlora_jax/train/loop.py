@@ -43,7 +43,8 @@ class Loop:
                                     enabled=(run.main and config.get("progress", True)
                                              and start < run.total_steps))
     self.tokens_per_example = run.family.tokens_per_example(run.pipe.info)
-    self.eval_step = evaluation.jit_step(run.model, run.family, run.mesh, run.param_shardings)
+    self.eval_step = evaluation.jit_step(run.model, run.family, run.mesh, run.param_shardings,
+                                         run.config.activation_rules)
     self.window: list[dict] = []
     self.last_train: dict[str, float] = {}
     self.eval_metrics: dict[str, float] = {}

@@ -17,7 +17,7 @@ import difflib
 
 import ml_collections
 
-from vlora_jax import chain, data as data_lib, stack
+from vlora_jax import chain, data as data_lib, layers, stack
 from vlora_jax.config_keys import (Anything, Bool, Choice, Float, Int, Key, Numbers, Regex,
                                    Regexes, Rules, Str, When, bad, lookup, when_in)
 from vlora_jax.models import DTYPES, FAMILIES
@@ -42,6 +42,7 @@ COMMON: dict[str, Key] = {
     "model.dtype": Choice(choices=tuple(DTYPES), doc="compute dtype"),
     "model.scan": Bool(doc="one scan over layers (False: unrolled)"),
     "model.remat": Choice(choices=tuple(stack.REMAT_POLICIES), doc="rematerialisation policy"),
+    "model.attention": Choice(choices=layers.ATTENTION_IMPLS, doc="attention kernel"),
     "model.vlora.enabled": Bool(doc="False: the dense model"),
     "model.vlora.compound_size": Int(lo=1, when=VLORA_ON, doc="layers per compound s"),
     "model.vlora.targets": Regexes(when=VLORA_ON, doc="block parameter paths with increments"),
@@ -104,7 +105,8 @@ COMMON: dict[str, Key] = {
     "mesh.data": Int(lo=-1, doc="data-parallel devices (-1 fills)"),
     "mesh.fsdp": Int(lo=-1, doc="FSDP devices (-1 fills)"),
     "mesh.tensor": Int(lo=-1, doc="tensor-parallel devices (-1 fills)"),
-    "sharding_rules": Anything(doc="logical axis -> mesh axes"),
+    "sharding_rules": Anything(doc="parameters: logical axis -> mesh axes"),
+    "activation_rules": Anything(doc="activations: logical axis -> mesh axes"),
 
     "checkpoint.every_steps": Int(required=True, lo=1, doc="save interval"),
     "checkpoint.keep": Int(lo=1, doc="newest checkpoints kept"),

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from vlora_jax import data as data_lib
@@ -36,11 +37,11 @@ from vlora_jax.train import workdir as workdir_lib
 class Run:
   """What `set_up` built from the config: read by every later phase."""
   config: Any
-  workdir: Path
+  workdir: Path | None  # None: a run built to compile only (`without_data`)
   main: bool  # process 0: writes metrics and the summary
   plan: validate.Plan
   mesh: jax.sharding.Mesh
-  pipe: Pipeline
+  pipe: Pipeline | None
   model: nn.Module
   init_fn: Callable[[jax.Array], Any]  # key -> boxed params
   abstract_params: Any
@@ -119,39 +120,64 @@ def set_up(config, workdir: Path) -> Run:
       model = plan.build_model(config.model)
     teacher = teacher_lib.check(config, plan.family, model, mesh,
                                 pinned=(previous or {}).get("distill_teacher"))
-    sample = plan.family.sample_inputs(config.model, batch=2)
-    init_fn = lambda rng: model.init({"params": rng, "dropout": rng}, *_zeros(sample),
-                                     train=False)["params"]
-    # Keys are made inside eval_shape too: nothing runs (or compiles) until every check passed.
-    boxed = jax.eval_shape(lambda: init_fn(jax.random.key(config.seed)))
-    p_shard = sharding.param_shardings(boxed, config.sharding_rules, mesh)
-    abstract_params = nn.unbox(boxed)
-    opt = optim.build(config.optim, abstract_params, int(config.num_train_steps))
-    rng_impl = config.get("rng_impl", "threefry2x32")
-    abstract_rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=rng_impl)))
-    abstract_state = jax.eval_shape(lambda p, r: state_lib.create(p, opt.tx, r), abstract_params,
-                                    abstract_rng)
-    specs = plan.family.stack_specs(model)
-    # The data's description (vocabulary, image shape, normalisation, class names) is stored
-    # with the model: a trained run is used without its data files (`vlora_jax.load`).
-    meta = {"config": json.loads(config.to_json_best_effort()),
-            "layout": ckpt_lib.layouts(abstract_params, {k: v[0] for k, v in specs.items()}),
-            "data": pipe.info}
-    if teacher is not None:
-      meta["distill_teacher"] = str(teacher.checkpoint)
-    counts = params_lib.count(abstract_params, trainable=opt.trainable())
-    meta["params_total"] = counts["total"]
-    run = Run(config=config, workdir=Path(workdir), main=jax.process_index() == 0, plan=plan,
-              mesh=mesh, pipe=pipe, model=model, init_fn=init_fn,
-              abstract_params=abstract_params, param_shardings=p_shard, opt=opt,
-              abstract_state=abstract_state,
-              state_shardings=state_lib.shardings(abstract_state, p_shard, mesh), counts=counts,
-              dense_counts=_dense_count(model, sample, plan.vlora), meta=meta, teacher=teacher)
+    run = _assemble(config, plan, mesh, model, pipe, teacher, Path(workdir))
   logging.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), jax.device_count(),
                jax.process_count())
-  metrics_lib.log(metrics_lib.overview(counts, run.dense_counts))
+  metrics_lib.log(metrics_lib.overview(run.counts, run.dense_counts))
   _check_workdir(run)
   return run
+
+
+def without_data(config, devices) -> Run:
+  """The `Run` of ``config`` on ``devices`` (any: a TPU topology's too) with no data, workdir or
+  teacher: what compiling the train step ahead of time needs (`vlora_jax.compile`). Nothing is
+  read from disk; the batch comes from the family's shapes (`batch_shapes`)."""
+  with errors.config_errors():
+    plan = validate.check(config, len(devices), 1)
+    mesh = sharding.make_mesh(config.mesh, devices, shape=plan.mesh_shape)
+    return _assemble(config, plan, mesh, plan.build_model(config.model), None, None, None)
+
+
+def _assemble(config, plan, mesh, model, pipe, teacher, workdir) -> Run:
+  """The model's shapes, shardings, optimizer and state: no compute, nothing compiled."""
+  sample = plan.family.sample_inputs(config.model, batch=2)
+  init_fn = lambda rng: model.init({"params": rng, "dropout": rng}, *_zeros(sample),
+                                   train=False)["params"]
+  # Keys are made inside eval_shape too: nothing runs (or compiles) until every check passed.
+  boxed = jax.eval_shape(lambda: init_fn(jax.random.key(config.seed)))
+  p_shard = sharding.param_shardings(boxed, config.sharding_rules, mesh)
+  abstract_params = nn.unbox(boxed)
+  opt = optim.build(config.optim, abstract_params, int(config.num_train_steps))
+  rng_impl = config.get("rng_impl", "threefry2x32")
+  abstract_rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=rng_impl)))
+  abstract_state = jax.eval_shape(lambda p, r: state_lib.create(p, opt.tx, r), abstract_params,
+                                  abstract_rng)
+  specs = plan.family.stack_specs(model)
+  # The data's description (vocabulary, image shape, normalisation, class names) is stored
+  # with the model: a trained run is used without its data files (`vlora_jax.load`).
+  meta = {"config": json.loads(config.to_json_best_effort()),
+          "layout": ckpt_lib.layouts(abstract_params, {k: v[0] for k, v in specs.items()}),
+          "data": pipe.info if pipe is not None else None}
+  if teacher is not None:
+    meta["distill_teacher"] = str(teacher.checkpoint)
+  counts = params_lib.count(abstract_params, trainable=opt.trainable())
+  meta["params_total"] = counts["total"]
+  return Run(config=config, workdir=workdir, main=jax.process_index() == 0, plan=plan,
+             mesh=mesh, pipe=pipe, model=model, init_fn=init_fn,
+             abstract_params=abstract_params, param_shardings=p_shard, opt=opt,
+             abstract_state=abstract_state,
+             state_shardings=state_lib.shardings(abstract_state, p_shard, mesh), counts=counts,
+             dense_counts=_dense_count(model, sample, plan.vlora), meta=meta, teacher=teacher)
+
+
+def batch_shapes(run: Run) -> dict[str, jax.ShapeDtypeStruct]:
+  """A global train batch's shapes, split over the data-parallel axes: the pipeline's when the
+  run has data, else the family's (`Family.example_batch`)."""
+  b_shard = sharding.batch_sharding(run.mesh)
+  one = (run.pipe.train_batch(0) if run.pipe is not None
+         else run.family.example_batch(run.config.model, 1, np.random.default_rng(0)))
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct((run.config.batch_size,) + a.shape[1:],
+                                                     a.dtype, sharding=b_shard), one)
 
 
 def _check_workdir(run: Run) -> None:

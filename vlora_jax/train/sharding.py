@@ -1,10 +1,10 @@
-"""The device mesh, logical-axis rules -> shardings, and multi-host start-up.
+"""The device mesh, the parameters' shardings, and multi-host start-up.
 
-Models name every parameter axis (``embed``, ``mlp``, ``qkv``, ``heads``, ``vocab``; the layer
-stack adds ``layers``, ``compound``, ``step``, ``rank``): see `vlora_jax.layers` and
-`vlora_jax.stack`. The config maps names to mesh axes (``config.sharding_rules``), so the same model
-runs data-parallel on a laptop, FSDP on a pod, or with tensor parallelism, by changing config only.
-A dimension that a mesh axis does not divide evenly is replicated rather than padded.
+Models name every parameter axis and every large activation's (`vlora_jax.partitioning`); the
+config maps the names to mesh axes (``config.sharding_rules`` for parameters,
+``config.activation_rules`` for activations), so the same model runs data-parallel on a laptop,
+FSDP on a pod, or with tensor parallelism, by changing config only. A dimension that a mesh axis
+does not divide evenly is replicated rather than padded.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from absl import logging
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from vlora_jax.partitioning import rules_dict, spec_for
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both: FSDP is data parallelism too
@@ -55,47 +56,6 @@ def make_mesh(mesh_cfg, devices: Sequence[Any] | None = None, *,
   shape = shape or mesh_shape(mesh_cfg, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
-
-
-def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
-  return math.prod(mesh.shape[a] for a in BATCH_AXES)
-
-
-def _mesh_axes(rules: dict[str, Any], names: Sequence[str | None]):
-  """Logical names of one array -> mesh axes per dimension (each mesh axis used at most once)."""
-  used, out = set(), []
-  for n in names:
-    axes = rules.get(n) if n is not None else None
-    axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-    axes = tuple(a for a in axes if a not in used)
-    used.update(axes)
-    out.append(axes)
-  return out
-
-
-def spec_for(shape: Sequence[int], names: Sequence[str | None] | None, rules: dict[str, Any],
-             mesh: jax.sharding.Mesh) -> P:
-  """A PartitionSpec for one array; dims a mesh axis does not divide stay replicated."""
-  if not names:
-    return P()
-  parts = []
-  for dim, axes in zip(shape, _mesh_axes(rules, names)):
-    axes = tuple(a for a in axes if mesh.shape[a] > 1)
-    size = math.prod(mesh.shape[a] for a in axes)
-    if axes and dim % size:
-      logging.info("sharding: dim %d not divisible by mesh axes %s (%d): replicated", dim, axes, size)
-      axes = ()
-    parts.append(None if not axes else (axes[0] if len(axes) == 1 else axes))
-  return P(*parts)
-
-
-def rules_dict(rules) -> dict[str, Any]:
-  """``config.sharding_rules`` (pairs of logical name -> mesh axis / axes / None) -> a dict."""
-  out = {}
-  for pair in rules:
-    name, axes = pair
-    out[name] = None if axes is None else (axes if isinstance(axes, str) else tuple(axes))
-  return out
 
 
 def param_shardings(boxed_abstract, rules, mesh):

@@ -26,12 +26,14 @@ from absl import logging
 
 from vlora_jax import cpu_malloc
 from vlora_jax import errors
+from vlora_jax import partitioning
 from vlora_jax.params import params_mismatch
 from vlora_jax.train import checkpoint as ckpt_lib
 from vlora_jax.train import metrics as metrics_lib
 from vlora_jax.train import sharding, state as state_lib
 from vlora_jax.train import workdir as workdir_lib
 from vlora_jax.train.loop import Loop
+from vlora_jax.train import setup as setup_lib
 from vlora_jax.train.setup import Run, set_up
 from vlora_jax.train.steps import make_eval_step, make_train_step
 
@@ -53,24 +55,29 @@ def _compiled_bytes(compiled) -> int:
           - m.alias_size_in_bytes)
 
 
+def lower_train_step(run: Run) -> jax.stages.Lowered:
+  """The train step as training runs it, traced and lowered for the run's mesh: donated state,
+  the state's and the batch's shardings, the activations pinned by ``config.activation_rules``;
+  the teacher's params (distillation) an argument, never a part of the state."""
+  step_fn = make_train_step(run.model, run.family, run.opt,
+                            run.config.get("label_smoothing", 0.0), run.rng_impl, run.teacher)
+  batch = setup_lib.batch_shapes(run)
+  in_shardings = (run.state_shardings, sharding.batch_sharding(run.mesh))
+  args = (_state_target(run), batch)
+  if run.teacher is not None:
+    in_shardings += (run.teacher.shardings,)
+    args += (ckpt_lib.abstract(run.teacher.abstract_params, run.teacher.shardings),)
+  step_fn = partitioning.traced_with(step_fn, run.mesh, run.config.activation_rules)
+  return jax.jit(step_fn, in_shardings=in_shardings,
+                 out_shardings=(run.state_shardings, sharding.replicated(run.mesh)),
+                 donate_argnums=(0,)).lower(*args)
+
+
 def compile_train_step(run: Run):
   """The donated, sharded train step, compiled; on a CPU the allocator is fitted to its size
   (`vlora_jax/cpu_malloc.py`). Returns ``(compiled step, compile seconds)``."""
-  b_shard = sharding.batch_sharding(run.mesh)
-  batch_struct = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct((run.config.batch_size,) + a.shape[1:], a.dtype,
-                                     sharding=b_shard),
-      run.pipe.train_batch(0))
-  step_fn = make_train_step(run.model, run.family, run.opt,
-                            run.config.get("label_smoothing", 0.0), run.rng_impl, run.teacher)
-  in_shardings, args = (run.state_shardings, b_shard), (_state_target(run), batch_struct)
-  if run.teacher is not None:  # the teacher's params: an argument, never a part of the state
-    in_shardings += (run.teacher.shardings,)
-    args += (ckpt_lib.abstract(run.teacher.abstract_params, run.teacher.shardings),)
   t0 = time.time()
-  step = jax.jit(step_fn, in_shardings=in_shardings,
-                 out_shardings=(run.state_shardings, sharding.replicated(run.mesh)),
-                 donate_argnums=(0,)).lower(*args).compile()
+  step = lower_train_step(run).compile()
   seconds = time.time() - t0
   step_bytes = _compiled_bytes(step)
   logging.info("train step compiled in %.1f s (%.2f GiB a step)", seconds, step_bytes / 2**30)

@@ -70,14 +70,15 @@ def check(config, num_devices: int, process_count: int = 1) -> Plan:
     raise _bad("data.vocab_size", d.vocab_size, f"must be <= model.vocab_size={m.vocab_size}")
 
   shape = sharding.mesh_shape(config.mesh, num_devices)  # names mesh.<axis> on error
-  for i, pair in enumerate(config.sharding_rules):
-    if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], str):
-      raise _bad(f"sharding_rules[{i}]", pair, "must be a (logical axis, mesh axes) pair")
-    axes = pair[1]
-    axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-    for a in axes:
-      if a not in sharding.MESH_AXES:
-        raise _bad(f"sharding_rules[{i}]", tuple(pair), f"mesh axes are {list(sharding.MESH_AXES)}")
+  for table in ("sharding_rules", "activation_rules"):
+    for i, pair in enumerate(config.get(table, ())):
+      if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], str):
+        raise _bad(f"{table}[{i}]", pair, "must be a (logical axis, mesh axes) pair")
+      axes = pair[1]
+      axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+      for a in axes:
+        if a not in sharding.MESH_AXES:
+          raise _bad(f"{table}[{i}]", tuple(pair), f"mesh axes are {list(sharding.MESH_AXES)}")
   dp = shape[0] * shape[1]
   for key in ("batch_size", "eval_batch_size"):
     b = config[key]
