@@ -114,7 +114,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"    # compute dtype: float32 | bfloat16 (mixed precision; params and the
                                # VLoRA chain stay float32)
   c.model.scan = True          # one scan over layers (False: unrolled reference path)
-  c.model.remat = "none"       # none | full | dots | dots_no_batch (activation rematerialisation)
+  c.model.remat = "none"       # what the backward pass keeps (vlora_jax/remat.py): none | full |
+                               # dots | dots_no_batch | save_qkv_proj | save_proj |
+                               # offload_qkv_proj | offload_dots_no_batch
   c.model.attention = "xla"    # xla | cudnn (fused attention on NVIDIA GPUs, bfloat16)
   c.model.vlora = vlora()
 
@@ -137,6 +139,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.threads = 2           # grain read-ahead threads
 
   c.batch_size = 128           # global batch (all processes); divisible by mesh.data * mesh.fsdp
+  c.grad_accum_steps = 1       # microbatches a step runs one after another, one update from their
+                               # summed gradients: a step's memory is a batch_size /
+                               # grad_accum_steps batch's (divisible by it times the data devices)
   c.eval_batch_size = 256      # global eval batch; the eval set is padded (and masked) to it
   c.num_train_steps = 1000     # optimizer steps
   c.label_smoothing = 0.0      # classification only

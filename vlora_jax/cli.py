@@ -20,6 +20,40 @@ EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 
 
+def describe_flag_error(e: BaseException, argv: list[str]) -> str:
+  """An absl flag or config-file error as one line that names the flag or the file."""
+  from absl import flags
+  if "Error whilst parsing config file" in str(e):
+    while e.__context__ is not None:  # the config file's own error (a bad ':arg', a raise
+      e = e.__context__               # inside get_config), under absl's and ml_collections'
+  if isinstance(e, SyntaxError):
+    return f"--config: {e.filename}, line {e.lineno}: syntax error: {e.msg}"
+  if isinstance(e, KeyError) and "Did you mean" in str(e.args[0] if e.args else ""):
+    name = str(e.args[0]).splitlines()[0].strip("'\"")
+    override = next((a.split("=")[0] for a in argv if a.startswith("--config.")
+                     and name in a.split("=")[0].split(".")), "--config.*")
+    return f"{override}: no config key {name!r}; {one_line(str(e.args[0]).split(chr(10), 1)[-1])}"
+  if isinstance(e, OSError) and "Configuration is not available" in str(e):
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    return f"--config: {lines[-1]}"
+  if isinstance(e, flags.Error):
+    return one_line(e)
+  return f"--config: {type(e).__name__}: {one_line(e)}"
+
+
+def parse_config_flags(flag_values, argv: list[str]) -> list[str]:
+  """absl's parsing of ``--config FILE[:ARG] --config.KEY=VALUE ...`` and the other flags, with
+  every error (a flag, the config file, its overrides) as one line and exit status 2."""
+  try:
+    rest = flag_values(argv)
+    getattr(flag_values.config, "model", None)  # a config file that failed to load raises here
+    return rest
+  except SystemExit:
+    raise
+  except Exception as e:  # noqa: BLE001 -- everything here comes from the command line
+    fail(describe_flag_error(e, argv), e, verbose="--verbose" in argv)
+
+
 def one_line(text) -> str:
   """A multi-line message as one line (its lines joined by '; ')."""
   return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())

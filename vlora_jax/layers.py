@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from vlora_jax.partitioning import ATTENTION_HEADS, BATCH, LENGTH, MLP, RESIDUAL, constrain
+from vlora_jax.remat import OUT_PROJ, QKV_PROJ, tag
 
 Dtype = Any
 LN_EPS = 1e-6  # timm's ViT LayerNorm eps
@@ -141,7 +142,7 @@ class SelfAttention(nn.Module):
     check_decode(decode)
     b, t, _ = x.shape
     hd = self.dim // self.num_heads
-    qkv = dense(3 * self.dim, ("embed", "qkv"), "qkv", self.dtype)(x)
+    qkv = tag(dense(3 * self.dim, ("embed", "qkv"), "qkv", self.dtype)(x), QKV_PROJ)
     q, k, v = (constrain(y.reshape(b, t, self.num_heads, hd), ATTENTION_HEADS)
                for y in jnp.split(qkv, 3, axis=-1))
     if decode is None:
@@ -151,7 +152,8 @@ class SelfAttention(nn.Module):
       out = attend(q, k, v, mask, self.causal, self.attention)
     else:
       out = self._attend_cached(q, k, v, mask, positions)
-    return dense(self.dim, ("heads", "embed"), "proj", self.dtype)(out.reshape(b, t, self.dim))
+    out = dense(self.dim, ("heads", "embed"), "proj", self.dtype)(out.reshape(b, t, self.dim))
+    return tag(out, OUT_PROJ)
 
   def _attend_cached(self, q, k, v, mask, positions):
     if not self.causal:
@@ -191,13 +193,13 @@ class CrossAttention(nn.Module):
     check_decode(decode)
     b, t, _ = x.shape
     hd = self.dim // self.num_heads
-    q = constrain(dense(self.dim, ("embed", "heads"), "q", self.dtype)(x).reshape(
-        b, t, self.num_heads, hd), ATTENTION_HEADS)
+    q = tag(dense(self.dim, ("embed", "heads"), "q", self.dtype)(x), QKV_PROJ)
+    q = constrain(q.reshape(b, t, self.num_heads, hd), ATTENTION_HEADS)
     kv_proj = dense(2 * self.dim, ("embed", "qkv"), "kv", self.dtype)
     heads = lambda y: constrain(y.reshape(b, memory.shape[1], self.num_heads, hd),
                                 ATTENTION_HEADS)
     if decode is None:
-      k, v = (heads(y) for y in jnp.split(kv_proj(memory), 2, axis=-1))
+      k, v = (heads(y) for y in jnp.split(tag(kv_proj(memory), QKV_PROJ), 2, axis=-1))
     else:
       kept_k = self.variable("cache", "k", lambda: heads(jnp.zeros_like(memory, self.dtype)))
       kept_v = self.variable("cache", "v", lambda: heads(jnp.zeros_like(memory, self.dtype)))
@@ -206,7 +208,7 @@ class CrossAttention(nn.Module):
         kept_k.value, kept_v.value = k.astype(kept_k.value.dtype), v.astype(kept_v.value.dtype)
       k, v = kept_k.value, kept_v.value
     out = attend(q, k, v, mask, implementation=self.attention).reshape(b, t, self.dim)
-    return dense(self.dim, ("heads", "embed"), "proj", self.dtype)(out)
+    return tag(dense(self.dim, ("heads", "embed"), "proj", self.dtype)(out), OUT_PROJ)
 
 
 class Mlp(nn.Module):

@@ -26,6 +26,8 @@ relaxed mode. These group names are reserved: `params.py` groups counts by them 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import inspect
 from typing import Any, Callable, Mapping
@@ -38,21 +40,33 @@ from flax import traverse_util
 
 from vlora_jax import chain
 from vlora_jax import lora as lora_lib
+from vlora_jax import remat as remat_lib
 from vlora_jax.spec import Layout, VLoRASpec, dense_layout
 
 # The groups every layer of a compound reads (leading axis ``compound``), and all of them.
 SHARED_GROUPS = ("base", "inc_a", "inc_b", "inc_vec")
 GROUPS = ("per_layer",) + SHARED_GROUPS + lora_lib.ADAPTER_GROUPS
 
-# Named remat policies (jax.checkpoint_policies); "none" = no rematerialisation.
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+REMAT_POLICIES = remat_lib.POLICIES  # by name: see vlora_jax/remat.py
 
 BlockFactory = Callable[..., nn.Module]
+
+# {stack module name: unroll factor of its layer scan}; see `unrolled`.
+_UNROLL: contextvars.ContextVar[Mapping[str, int]] = contextvars.ContextVar(
+    "vlora_jax_unroll_layers", default={})
+
+
+@contextlib.contextmanager
+def unrolled(by_stack: Mapping[str, int]):
+  """Within this context (while tracing), the layer scan of each named stack is unrolled by its
+  factor: the same results, a loop body that holds that many layers. XLA's cost analysis counts a
+  loop body once, so the difference between an unrolled and a plain compile is one layer's cost
+  (`vlora_jax.compile` counts a whole step so)."""
+  token = _UNROLL.set(dict(by_stack))
+  try:
+    yield
+  finally:
+    _UNROLL.reset(token)
 
 
 def _flat(tree) -> dict[str, Any]:
@@ -277,7 +291,8 @@ class LayerStack(nn.Module):
     run_block = _with_output(apply_block) if keep_outputs else apply_block
     x, ys = run_layers(run_block, x, layout, params, rngs=rngs, adapters=adapters,
                        lora_entries=lora_entries, scan=self.scan, remat=self.remat,
-                       state=None if layer_cache is None else layer_cache.value)
+                       state=None if layer_cache is None else layer_cache.value,
+                       unroll=_UNROLL.get().get(self.name, 1))
     new_cache = ys
     if keep_outputs:
       new_cache, outputs = ys
@@ -382,7 +397,8 @@ def layer_params(layout: Layout, shared, per_layer, position, adapters=None, lor
 
 
 def run_layers(apply_block, x, layout: Layout, params, *, rngs=None, adapters=None,
-               lora_entries=(), scan: bool = True, remat: str = "none", state=None):
+               lora_entries=(), scan: bool = True, remat: str = "none", state=None,
+               unroll: int = 1):
   """Runs the stack: ``x, state_l = apply_block(x, layer_params(...), rng, state_l)`` for every
   layer ``l`` in order; returns ``(x, new state)``.
 
@@ -399,6 +415,7 @@ def run_layers(apply_block, x, layout: Layout, params, *, rngs=None, adapters=No
     adapters: ``({path: A [L, ...]}, {path: B [L, ...]})`` horizontal LoRA factors, or None.
     state: a pytree of ``[L, ...]`` arrays that each layer reads its slice of and replaces (a KV
       cache), or None.
+    unroll: layers per iteration of the scan (``jax.lax.scan``'s ``unroll``).
   """
   shared = {g: params[g] for g in SHARED_GROUPS if g in params}
 
@@ -416,7 +433,7 @@ def run_layers(apply_block, x, layout: Layout, params, *, rngs=None, adapters=No
     layer = jax.checkpoint(layer, policy=weight_policy(remat, weight_shapes), prevent_cse=not scan)
   xs = (positions(layout), params.get("per_layer", {}), rngs, adapters, state)
   if scan:
-    return jax.lax.scan(lambda h, xs_i: layer(h, shared, xs_i), x, xs)
+    return jax.lax.scan(lambda h, xs_i: layer(h, shared, xs_i), x, xs, unroll=unroll)
   states = []
   for i in range(layout.num_layers):
     x, state_i = layer(x, shared, jax.tree.map(lambda a: a[i], xs))

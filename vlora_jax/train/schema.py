@@ -85,6 +85,7 @@ COMMON: dict[str, Key] = {
     "data.threads": Int(lo=0, doc="grain read-ahead threads"),
 
     "batch_size": Int(required=True, lo=1, doc="global batch"),
+    "grad_accum_steps": Int(lo=1, doc="microbatches per step (gradient accumulation)"),
     "eval_batch_size": Int(required=True, lo=1, doc="global eval batch"),
     "num_train_steps": Int(required=True, lo=0, doc="optimizer steps"),
     "label_smoothing": Float(lo=0, hi=1, hi_open=True, doc="classification only"),

@@ -60,7 +60,8 @@ def lower_train_step(run: Run) -> jax.stages.Lowered:
   the state's and the batch's shardings, the activations pinned by ``config.activation_rules``;
   the teacher's params (distillation) an argument, never a part of the state."""
   step_fn = make_train_step(run.model, run.family, run.opt,
-                            run.config.get("label_smoothing", 0.0), run.rng_impl, run.teacher)
+                            run.config.get("label_smoothing", 0.0), run.rng_impl, run.teacher,
+                            run.config.grad_accum_steps)
   batch = setup_lib.batch_shapes(run)
   in_shardings = (run.state_shardings, sharding.batch_sharding(run.mesh))
   args = (_state_target(run), batch)
