@@ -76,9 +76,9 @@ def hf_config(reader, where: str) -> dict:
   if rotary != head_dim:
     raise ConvertError(f"{where}: {arch}.rope.dimension_count={rotary} but the heads are "
                        f"{head_dim} wide; allowed: rotary positions on the whole head")
-  names = {t.name for t in reader.tensors}
-  tokens = value(reader, "tokenizer.ggml.tokens") or ()
-  vocab = get("vocab_size", len(tokens) or None)
+  names = {t.name: t for t in reader.tensors}
+  embedding = names.get("token_embd.weight")  # [dim, vocab] in GGUF's order of dimensions
+  vocab = get("vocab_size", None if embedding is None else int(embedding.shape[-1]))
   return {
       "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
       "vocab_size": int(vocab), "hidden_size": dim, "num_hidden_layers": int(get("block_count")),
