@@ -38,7 +38,9 @@ def _tiny(c, a) -> None:
   m.dim, m.depth, m.num_heads, m.num_kv_heads, m.head_dim = 128, 4, 4, 2, 32
   m.mlp_dim = 352
   m.rope_base = 10000.0
+  m.norm_eps = 1e-5
   m.tie_embeddings = True
+  m.attention_bias = m.mlp_bias = False
   m.dropout = 0.1
   c.data.path = a["file"]
   if a["data"] == "text":

@@ -63,7 +63,7 @@ COMMON: dict[str, Key] = {
     "data.source": Choice(required=True, choices=data_lib.SOURCES, doc="where the records come from"),
     "data.path": Str(when=when_in("data.source", "npz", "text", "tokenized"),
                      doc="npz / text / tokenized: a local file"),
-    "data.tokenizer": Str(nonempty=True, when=TOKENIZED, doc="tokenized: a tokenizer.json, .gguf, "
+    "data.tokenizer": Str(when=TOKENIZED, doc="tokenized: a tokenizer.json, .gguf, "
                           "Hugging Face model directory or run that stores one"),
     "data.split_blocks": Int(lo=2, when=TOKENIZED, doc="tokenized: contiguous blocks the token "
                              "stream is cut into"),
