@@ -1,4 +1,4 @@
-"""Llama-family language models: a tiny one trained from scratch, or one shaped as an imported model.
+"""Llama-family LMs: a tiny one trained from scratch, or one shaped as an imported model.
 
 ``tiny`` (default): D 128, 4 layers, 4 query heads sharing 2 key/value heads of width 32, SwiGLU
 MLP 352, RMSNorm, rotary positions (base 10,000), tied embeddings, context 64; VLoRA: one compound
@@ -7,6 +7,10 @@ Batch 32, AdamW lr 2e-3, cosine, 1,000 steps. Data (``text``, default): Tiny Sha
 character level, the first 90% trains, the last 10% evaluates; ``bpe``: the same file tokenized by
 a byte-level BPE (``tok=``: a tokenizer.json, .gguf, Hugging Face directory or run; default the
 test fixture's 320-token Shakespeare BPE), held-out blocks for validation and test.
+
+Measured (``tiny``, VLoRA, text; 2 shared CPU cores): 249,856 parameters (the dense model's:
+746,752), eval loss from ln(65) = 4.17 to 2.08 / 1.91 / 1.83 / 1.81 nats/char at steps 250 / 500
+/ 750 / 1,000 (eval accuracy 45%), 3 min 20 s in all at ~11,300 tokens/s.
 
 ``from=<workdir>``: the architecture, vocabulary and tokenizer of another run, e.g. a model
 imported by ``python -m vlora_jax.convert`` (SmolLM2-135M), on the ``tokenized`` text of ``file=``

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama 2/3, SmolLM2, TinyLlama...), dense or VLoRA from one field (``vlora``).
+"""Llama-family decoder (Llama 2/3, SmolLM2...), dense or VLoRA from one field (``vlora``).
 
 Token embedding, a stack of pre-norm blocks run by `vlorafy` (RMSNorm, grouped-query attention with
 rotary positions, RMSNorm, SwiGLU MLP), a final RMSNorm and a head that is its own ``lm_head`` or
