@@ -12,9 +12,9 @@ Measured (``tiny``, VLoRA, text; 2 shared CPU cores): 249,856 parameters (the de
 746,752), eval loss from ln(65) = 4.17 to 2.08 / 1.91 / 1.83 / 1.81 nats/char at steps 250 / 500
 / 750 / 1,000 (eval accuracy 45%), 3 min 20 s in all at ~11,300 tokens/s.
 
-``from=<workdir>``: the architecture, vocabulary and tokenizer of another run, e.g. a model
-imported by ``python -m vlora_jax.convert`` (SmolLM2-135M), on the ``tokenized`` text of ``file=``
-(context 256): the config of a compress-and-heal student (``--config.init_from=compress:<workdir>``,
+``from=<workdir>``: the architecture, context, vocabulary and tokenizer of another run, e.g. a
+model imported by ``python -m vlora_jax.convert`` (SmolLM2-135M), on the ``tokenized`` text of
+``file=``: the config of a compress-and-heal student (``--config.init_from=compress:<workdir>``,
 ``--config.distill.teacher=<workdir>``) or of fine-tuning it (``dense``).
 
   python -m vlora_jax.main --config configs/llama.py --workdir runs/llama_tiny
@@ -63,10 +63,9 @@ def _like_run(c, a) -> None:
   from vlora_jax import trained
   step_dir, _ = trained.find_checkpoint(a["from"])
   source = trained.read_meta(step_dir)["config"]["model"]
-  for key in ("vocab_size", "dim", "depth", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-              "rope_base", "norm_eps", "tie_embeddings", "attention_bias", "mlp_bias"):
-    c.model[key] = source[key]
-  c.model.max_len = 256
+  for key in ("vocab_size", "max_len", "dim", "depth", "num_heads", "num_kv_heads", "head_dim",
+              "mlp_dim", "rope_base", "norm_eps", "tie_embeddings", "attention_bias", "mlp_bias"):
+    c.model[key] = source[key]  # max_len too: a teacher reads the student's windows
   c.model.dropout = 0.0
   c.data.source = "tokenized"
   c.data.path = a["file"]

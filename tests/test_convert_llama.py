@@ -212,9 +212,14 @@ def test_bad_model_files_are_refused_naming_them(tmp_path):
     assert "\n" not in str(e.value), name
 
 
-def test_a_workdir_with_checkpoints_is_refused(runs):
+def test_a_workdir_with_checkpoints_a_missing_text_and_a_bad_context_are_refused(runs, tmp_path):
   with pytest.raises(ConvertError, match="already holds checkpoints"):
     convert(str(SOURCES["hf_gqa"]), str(runs["hf_gqa"]))
+  with pytest.raises(ConvertError, match="--data='/no/text.txt': no such file"):
+    convert(str(SOURCES["hf_gqa"]), str(tmp_path / "a"), data="/no/text.txt")
+  with pytest.raises(ConvertError, match="--max_len=0: must be an integer >= 1"):
+    convert(str(SOURCES["hf_gqa"]), str(tmp_path / "b"), max_len=0)
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize("case", ["not_a_model", "unreadable_quantisation"])

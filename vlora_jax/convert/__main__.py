@@ -37,6 +37,7 @@ def convert(source: str, workdir: str, data: str = "",
             max_len: int = pretrained.DEFAULT_MAX_LEN) -> dict:
   """Reads ``source`` and writes the run; returns what the command prints."""
   start = time.perf_counter()
+  pretrained.check_request(workdir, data, max_len)
   pre = pretrained.read(source)
   step_dir = pretrained.write_run(pre, workdir, data=data, max_len=max_len)
   m = pre.model

@@ -136,7 +136,11 @@ def data_info(pre: Pretrained, max_len: int) -> dict:
               num_train=None, context_length=pre.context, **pre.tokenizer.to_info())
 
 
-def _check_workdir(workdir: Path, where: str) -> None:
+def check_request(workdir, data: str = "", max_len: int = DEFAULT_MAX_LEN) -> None:
+  """Refuses, before any file is read, a workdir that holds checkpoints (or is a file), a
+  ``data`` file that is not there and a ``max_len`` below 1."""
+  workdir = Path(workdir).expanduser()
+  where = f"--workdir={str(workdir)!r}"
   if workdir.exists() and not workdir.is_dir():
     raise ConvertError(f"{where}: a file; the workdir is a directory")
   held = [p.name for p in (workdir / "checkpoints").iterdir()] if (
@@ -144,6 +148,11 @@ def _check_workdir(workdir: Path, where: str) -> None:
   if held:
     raise ConvertError(f"{where} already holds checkpoints {sorted(held)[:4]}; a converted model "
                        "goes into a new workdir")
+  if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+    raise ConvertError(f"--max_len={max_len!r}: must be an integer >= 1")
+  if data and not Path(data).expanduser().is_file():
+    raise ConvertError(f"--data={data!r}: no such file; allowed: a UTF-8 text file (the run's "
+                       "eval and training text)")
 
 
 def write_run(pre: Pretrained, workdir, *, data: str = "",
@@ -156,14 +165,9 @@ def write_run(pre: Pretrained, workdir, *, data: str = "",
   from vlora_jax.train import checkpoint as ckpt_lib, optim, schema
   from vlora_jax.train import workdir as workdir_lib
 
+  check_request(workdir, data, max_len)
   workdir = Path(workdir).expanduser()
   where = f"--workdir={str(workdir)!r}"
-  _check_workdir(workdir, where)
-  if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-    raise ConvertError(f"--max_len={max_len!r}: must be an integer >= 1")
-  if data and not Path(data).expanduser().is_file():
-    raise ConvertError(f"--data={data!r}: no such file; allowed: a UTF-8 text file (the run's "
-                       "eval and training text)")
   config = run_config(pre, workdir=workdir, data=data, max_len=max_len)
   schema.check(config)
   _check_fits(pre, config)
