@@ -105,5 +105,5 @@ def get_config(arg: str = "vlora"):
     c.batch_size, c.eval_batch_size, c.data.eval_examples = 8, 8, 32
     c.optim.lr, c.optim.warmup_steps = 1e-4, 20
     c.num_train_steps = int(a["steps"] or 200)
-    c.eval_every_steps = c.checkpoint.every_steps = c.num_train_steps
+    c.eval_every_steps = c.checkpoint.every_steps = max(1, c.num_train_steps)
   return c
