@@ -68,10 +68,10 @@ def test_greedy_continuations_equal_transformers(smollm2_run):
   assert new == [p["greedy_ids"] for p in prompts]
   assert [tok.decode(n) for n in new] == [p["greedy_text"] for p in prompts]
   assert tok.decode(new[0]).startswith(" Paris.")
-  # the next token's logits, where transformers' are largest
-  logits = run.model.apply({"params": run.params}, jnp.asarray([prompts[0]["ids"]]))[0, -1]
-  gap = np.abs(np.asarray(logits)[prompts[0]["top_ids"]] - prompts[0]["top_logits"]).max()
-  assert gap < 1e-3, gap
+  # the next token's logits, where transformers' are largest (up to 34: float32 rounding)
+  for p in prompts:
+    logits = run.model.apply({"params": run.params}, jnp.asarray([p["ids"]]))[0, -1]
+    assert np.abs(np.asarray(logits)[p["top_ids"]] - p["top_logits"]).max() <= 1e-4
 
 
 def test_perplexity_within_one_percent_of_transformers(smollm2_run, tmp_path):
