@@ -19,6 +19,7 @@ SHARDING_RULES = (
     ("mlp", "tensor"),            # MLP hidden width: tensor parallelism
     ("qkv", "tensor"),            # fused q/k/v outputs
     ("heads", "tensor"),          # attention output projection's input (heads x head_dim)
+    ("kv_heads", "tensor"),       # grouped-query key/value projections' outputs (llama)
     ("vocab", "tensor"),          # classifier / LM head outputs, token embeddings
     ("layers", None),             # per-layer stack axis [L, ...]
     ("compound", None),           # VLoRA: one entry per compound [C, ...]
@@ -105,7 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Model: the schema of vlora_jax/models/__init__.py; experiment files fill the family's keys.
   c.model = ml_collections.ConfigDict()
-  c.model.name = "vit"         # vit | vit_registers | lm | seq2seq
+  c.model.name = "vit"         # vit | vit_registers | lm | llama | seq2seq
   c.model.dim = 64             # width D
   c.model.depth = 4            # layers L (encoder layers for seq2seq)
   c.model.num_heads = 4        # attention heads (must divide dim)
@@ -122,13 +123,20 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Data: see vlora_jax/data/__init__.py for the sources.
   c.data = ml_collections.ConfigDict()
-  c.data.source = "digits"     # digits | npz | tfds | text | reverse
-  c.data.path = ""             # npz / text: a local file
+  c.data.source = "digits"     # digits | npz | tfds | text | tokenized | reverse
+  c.data.path = ""             # npz / text / tokenized: a local file
+  c.data.tokenizer = ""        # tokenized: a tokenizer.json, a .gguf, a Hugging Face model
+                               # directory, or a run's workdir whose checkpoints store one
+  c.data.split_blocks = 20     # tokenized: the token stream is cut into this many equal blocks,
+  c.data.validation_fraction = 0.05  # and this share of them validates,
+  c.data.test_fraction = 0.05  # this share tests (the rest trains)
+  c.data.split_seed = None     # tokenized: None holds out the file's last blocks; an int picks
+                               # the held-out blocks at random by this seed
   c.data.tfds_name = ""        # tfds: dataset name (cifar10, mnist, tiny_shakespeare)
   c.data.data_dir = ""         # tfds: data directory ('' = TFDS default, ~/tensorflow_datasets)
   c.data.download = False      # tfds: download and prepare when missing (needs network)
   c.data.train_split = "train"  # tfds split names
-  c.data.eval_split = "test"
+  c.data.eval_split = "test"   # tokenized: validation | test
   c.data.augment = "none"      # images: none | crop | crop_flip (random crop with zero padding)
   c.data.crop_padding = 4      # images: padding of the random crop
   c.data.mean = (0.5,)         # images: per-channel mean after scaling pixels to [0, 1]

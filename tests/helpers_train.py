@@ -28,12 +28,13 @@ def need_shared(name: str) -> Path:
 def tiny(family: str = "vit", **overrides):
   """A seconds-sized config of a model family, from the real config files.
 
-  vit: digits, D 16, 2 layers (one VLoRA compound of 2, rank 2); lm: a text file; seq2seq: reversal.
+  vit: digits, D 16, 2 layers (one VLoRA compound of 2, rank 2); lm, llama: a text file; seq2seq:
+  reversal.
   ``overrides`` are dotted keys (``{'optim.lr': 1e-2}``) applied after the tiny sizes.
   """
   from vlora_jax.train import load_config
   spec = {"vit": "configs/vit_digits.py", "lm": "configs/lm_shakespeare.py",
-          "seq2seq": "configs/seq2seq_reverse.py"}[family]
+          "llama": "configs/llama.py", "seq2seq": "configs/seq2seq_reverse.py"}[family]
   c = load_config(str(ROOT / spec), lock=True)
   sizes = {"model.dim": 16, "model.depth": 2, "model.num_heads": 2, "model.dropout": 0.0,
            "model.vlora.compound_size": 2, "model.vlora.rank": 2,
@@ -43,7 +44,9 @@ def tiny(family: str = "vit", **overrides):
            "progress": False, "tensorboard": False, "data.threads": 1}
   if family == "vit":
     sizes["data.eval_examples"] = 64
-  if family == "lm":
+  if family == "llama":
+    sizes.update({"model.num_kv_heads": 1, "model.head_dim": 8, "model.mlp_dim": 24})
+  if family in ("lm", "llama"):
     sizes.update({"model.max_len": 16, "data.eval_examples": 32})
     text = DATA / "tiny_shakespeare.txt"
     if not text.is_file():  # a user's clone has no shared/: any text file exercises the same path

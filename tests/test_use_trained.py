@@ -278,7 +278,7 @@ def test_sample_in_process_and_as_a_command(runs):
     (["--prompt", "F", "--stop", "ab"], "--stop='ab'"),
     (["--prompt", "F", "--step", "x"], "--step='x'"),
     (["--prompt", "F", "--top_k", "1.5"], "--top_k"),
-    ("vit", "sampling serves model.name in ['lm']"),
+    ("vit", "sampling serves model.name in ['llama', 'lm']"),
     ("empty", "holds no checkpoint")])
 def test_sample_bad_input_exits_2_with_one_line(runs, args, says):
   if args in ("vit", "empty"):

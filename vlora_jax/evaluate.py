@@ -10,7 +10,9 @@ are built from the stored config (`vlora_jax.data.build`). ``--config.data.*`` o
 and ``--config.mesh.*`` the device mesh (for a machine with other devices than the training's);
 no other key can change: the model and its training are the checkpoint's. The overridden config is
 checked as a training run's is (`train.schema`, `train.validate`), and the data must describe the
-inputs the model was trained on (the stored image shape, normalisation, vocabulary).
+inputs the model was trained on (the stored image shape, normalisation, vocabulary, tokenizer).
+A run whose checkpoint stores a subword tokenizer (``data.source='tokenized'``, an imported model)
+reads its text with that one: ``data.tokenizer`` need not point at a file that still exists.
 
 The metrics are computed as the training loop computes them (`train.evaluation`: the same jitted
 `train.steps.make_eval_step`, the same sums over the same padded batches): on a finished run they
@@ -45,7 +47,7 @@ OVERRIDABLE = ("data.", "eval_batch_size", "mesh.")
 # What the model was trained to read: the eval data must describe it as the stored info does.
 SAME_DATA = {"image_shape": "the model's input images", "mean": "the inputs' normalisation",
              "std": "the inputs' normalisation", "vocab": "the token ids' characters",
-             "special_tokens": "the special token ids"}
+             "tokenizer": "the token ids' text", "special_tokens": "the special token ids"}
 _MISSING = object()
 
 
@@ -138,10 +140,20 @@ def _check_same_data(stored: dict, found: dict) -> None:
     if key not in stored or key not in found or stored[key] == found[key]:
       continue
     new, old = found[key], stored[key]
-    if key == "vocab":
+    if key in ("vocab", "tokenizer"):
       new, old = f"{len(new)} characters {new[:40]!r}...", f"{len(old)} characters {old[:40]!r}..."
     raise EvalError(f"the eval data's {key} is {new}, but the model was trained with {old} "
                     f"({what}); evaluate on data that it reads as in training")
+
+
+def _own_tokenizer(meta: dict, step_dir: Path, overrides: dict | None) -> dict:
+  """The stored config, its text read by the tokenizer that the checkpoint stores (unless
+  ``--config.data.tokenizer`` names another): a run evaluates without the file it came from."""
+  config = meta["config"]
+  if (meta.get("data") or {}).get("tokenizer") and "data.tokenizer" not in (overrides or {}):
+    config = copy.deepcopy(config)
+    config.setdefault("data", {})["tokenizer"] = str(step_dir)
+  return config
 
 
 def _check_out(out: Path) -> None:
@@ -163,7 +175,7 @@ def evaluate(workdir, step: int | str | None = None, overrides: dict[str, Any] |
   meta = trained_lib.read_meta(step_dir)
   if not isinstance(meta.get("config"), dict):
     raise EvalError(f"checkpoint {step_dir}: its meta holds no config")
-  config, applied = eval_config(meta["config"], overrides)
+  config, applied = eval_config(_own_tokenizer(meta, step_dir, overrides), overrides)
   _check_out(out)
 
   # JAX, the data and the models only now: the checks above are instant.

@@ -1,6 +1,6 @@
 """Export a trained run's merged dense weights.
 
-  python -m vlora_jax.export --workdir DIR --format {timm,npz,orbax} --out PATH [--step N|best]
+  python -m vlora_jax.export --workdir DIR --format {timm,hf,npz,orbax} --out PATH [--step N|best]
 
 VLoRA increments and LoRA adapters are folded into plain per-layer weights once
 (`vlora_jax.models.to_dense`): what is written is the weights of the run's dense twin, the same
@@ -11,6 +11,12 @@ architecture with every stack dense, computing the same function.
          metadata, and ``<out minus .safetensors>.json`` with those kwargs and the data info (the
          normalisation, the class names). In Python: ``convert.torch_vit(PATH)``; in PyTorch:
          ``VisionTransformer(**kw).load_state_dict(safetensors.torch.load_file(PATH))``.
+  hf     a family with a Hugging Face twin (``model.name='llama'``: ``LlamaForCausalLM``) only: a
+         Hugging Face model directory (`convert.hf_llama`, no torch): ``config.json``,
+         ``model.safetensors`` (float32) and, for a run with a subword tokenizer,
+         ``tokenizer.json`` and ``tokenizer_config.json``. In PyTorch:
+         ``AutoModelForCausalLM.from_pretrained(OUT)``, ``AutoTokenizer.from_pretrained(OUT)``;
+         ``python -m vlora_jax.convert --from OUT`` imports it back, exactly.
   npz    ``{'/'-joined parameter path: array}`` of the dense parameters.
   orbax  a workdir-like directory whose ``checkpoints/<step>`` is in this project's checkpoint
          format for the dense twin's config (``model.vlora.enabled=False``, and
@@ -31,7 +37,7 @@ from vlora_jax import cli
 from vlora_jax import trained as trained_lib
 from vlora_jax.errors import UserError
 
-FORMATS = ("timm", "npz", "orbax")
+FORMATS = ("timm", "hf", "npz", "orbax")
 TIMM_FAMILIES = ("vit",)  # vit_registers: convert.torch_vit does not import register tokens yet
 
 
@@ -46,6 +52,13 @@ def _check_format(fmt: str, meta: dict) -> None:
   if fmt == "timm" and name not in TIMM_FAMILIES:
     raise ExportError(f"--format=timm: the run's model.name={name!r} has no timm equivalent; timm "
                       f"serves model.name in {list(TIMM_FAMILIES)}; use --format npz or orbax")
+  if fmt == "hf":
+    from vlora_jax import models
+    if name not in models.FAMILIES or models.family(name).hf_architecture is None:
+      serves = sorted(n for n, f in models.FAMILIES.items() if f.hf_architecture)
+      raise ExportError(f"--format=hf: the run's model.name={name!r} has no Hugging Face "
+                        f"equivalent; hf serves model.name in {serves}; use --format npz or "
+                        "orbax")
 
 
 def _prepare_out(fmt: str, out: Path) -> None:
@@ -53,7 +66,13 @@ def _prepare_out(fmt: str, out: Path) -> None:
   if fmt == "timm" and out.suffix != ".safetensors":
     raise ExportError(f"--out={str(out)!r}: a timm export is a .safetensors file; end --out in "
                       ".safetensors")
-  if fmt == "orbax":
+  if fmt == "hf":
+    if out.exists() and not out.is_dir():
+      raise ExportError(f"--out={str(out)!r} is a file; an hf export is a directory")
+    if (out / "config.json").exists() or (out / "model.safetensors").exists():
+      raise ExportError(f"--out={str(out)!r} already holds a model; choose a new directory")
+    directory = out
+  elif fmt == "orbax":
     if out.exists() and not out.is_dir():
       raise ExportError(f"--out={str(out)!r} is a file; an orbax export is a directory")
     if (out / "checkpoints").exists():
@@ -103,6 +122,18 @@ def write_timm(out: Path, run: trained_lib.Trained, dense_model, params) -> list
   return [out, side]
 
 
+def write_hf(out: Path, run: trained_lib.Trained, dense_model, params) -> list[Path]:
+  """A Hugging Face Llama directory of the dense twin, with the run's subword tokenizer."""
+  from vlora_jax.convert import hf_llama
+  from vlora_jax.tokenizer import SubwordTokenizer
+  keys = ("vocab_size", "dim", "depth", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+          "rope_base", "norm_eps", "tie_embeddings", "attention_bias", "mlp_bias")
+  mcfg = {k: getattr(dense_model, k) for k in keys}  # resolved: num_kv_heads, head_dim set
+  tokenizer = SubwordTokenizer.from_info(run.info) if run.info.get("tokenizer") else None
+  context = int(run.info.get("context_length") or dense_model.max_len)
+  return hf_llama.write_dir(out, params, mcfg, context=context, tokenizer=tokenizer)
+
+
 def write_orbax(out: Path, run: trained_lib.Trained, params) -> list[Path]:
   """``out/checkpoints/<step>``: the dense twin's train state, saved as the trainer saves it."""
   from vlora_jax import params as params_lib
@@ -141,6 +172,8 @@ def export(workdir, fmt: str, out, step: int | str | None = None) -> list[Path]:
     return write_npz(out, params)
   if fmt == "timm":
     return write_timm(out, run, dense_model, params)
+  if fmt == "hf":
+    return write_hf(out, run, dense_model, params)
   return write_orbax(out, run, params)
 
 
@@ -149,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
   cli.add_run_args(parser)
   parser.add_argument("--format", required=True, choices=FORMATS)
   parser.add_argument("--out", required=True,
-                      help="timm: a .safetensors file; npz: a file; orbax: a new directory")
+                      help="timm: a .safetensors file; npz: a file; hf, orbax: a new directory")
   args = parser.parse_args(argv)
   paths = cli.guarded("vlora_jax.export", args.verbose, export, args.workdir, args.format,
                       args.out, cli.step(args.step))

@@ -136,6 +136,7 @@ class SelfAttention(nn.Module):
   dtype: Dtype = jnp.float32
   rope: bool = False
   attention: str = "xla"  # `ATTENTION_IMPLS`
+  rope_base: float = ROPE_BASE  # the rotary frequency base (`rotary`)
 
   @nn.compact
   def __call__(self, x, mask=None, positions=None, *, decode=None):
@@ -148,7 +149,7 @@ class SelfAttention(nn.Module):
     if decode is None:
       if self.rope:
         pos = jnp.arange(t) if positions is None else positions
-        q, k = rotary(q, pos), rotary(k, pos)
+        q, k = rotary(q, pos, self.rope_base), rotary(k, pos, self.rope_base)
       out = attend(q, k, v, mask, self.causal, self.attention)
     else:
       out = self._attend_cached(q, k, v, mask, positions)
@@ -165,7 +166,7 @@ class SelfAttention(nn.Module):
     start = index.value
     if self.rope:
       pos = start + jnp.arange(t) if positions is None else positions
-      q, k = rotary(q, pos), rotary(k, pos)
+      q, k = rotary(q, pos, self.rope_base), rotary(k, pos, self.rope_base)
     for cached, new in ((cached_k, k), (cached_v, v)):
       cached.value = constrain(jax.lax.dynamic_update_slice(
           cached.value, new.astype(cached.value.dtype), (0, start, 0, 0)), ATTENTION_HEADS)

@@ -5,7 +5,10 @@
                              [--step N|best] [--verbose]
 
 The model, its parameters and its tokenizer come from the checkpoint (`vlora_jax.load`; the
-character vocabulary is stored with the run, so no data file is read). Generation uses the KV cache
+character vocabulary or the subword tokenizer is stored with the run, so no data file is read). A
+subword tokenizer encodes the prompt as Hugging Face's ``tokenizer(prompt)`` does (with the BOS its
+post-processor adds, if any), and a sample ends at its EOS token unless ``--stop`` names another
+token. Generation uses the KV cache
 with VLoRA merged once (`vlora_jax.decoding.generate`); ``--temperature 0`` is greedy. The
 ``--num_samples`` continuations of the prompt are drawn together, in one batch. Past the model's
 context (``model.max_len``) the window slides: the last half window is read again and generation
@@ -15,7 +18,8 @@ Prints each sample as the prompt followed by its continuation, samples separated
 ``----``; a progress bar over the tokens goes to stderr when stderr is a terminal.
 
 Exit status: 0 done; 2 a mistake in the input (no checkpoint in the workdir, a run that is not a
-language model, a prompt with characters the vocabulary lacks, a bad sampling value), one line
+language model, a prompt with characters the vocabulary lacks, a ``--stop`` that is not one token,
+a bad sampling value), one line
 ``error: ...``; 1 an internal error.
 """
 
@@ -29,7 +33,6 @@ from vlora_jax import cli
 from vlora_jax import trained as trained_lib
 from vlora_jax.errors import UserError
 
-FAMILIES = ("lm",)
 SEPARATOR = "----"
 
 
@@ -40,14 +43,28 @@ class SampleError(UserError, ValueError):
 def _model_config(workdir, step) -> dict:
   """The run's ``config.model``, read from the checkpoint's meta (no JAX); a run of another family
   is refused here, before anything is loaded."""
+  from vlora_jax import models
   step_dir, _ = trained_lib.find_checkpoint(workdir, step)
   mcfg = trained_lib.read_meta(step_dir).get("config", {}).get("model", {})
   name = mcfg.get("name")
-  if name not in FAMILIES:
+  if name not in models.FAMILIES or not models.family(name).generates:
+    serves = sorted(n for n, f in models.FAMILIES.items() if f.generates)
     raise SampleError(f"--workdir={str(workdir)!r} is a model.name={name!r} run; sampling serves "
-                      f"model.name in {list(FAMILIES)} (for a ViT: python -m vlora_jax.predict; "
+                      f"model.name in {serves} (for a ViT: python -m vlora_jax.predict; "
                       "for seq2seq: python -m vlora_jax.evaluate)")
   return mcfg
+
+
+def _stop_id(tokenizer, stop: str | None) -> int | None:
+  """The token that ends a sample: ``--stop``'s (one token of the vocabulary), else the
+  tokenizer's EOS (None for a character vocabulary: no stop)."""
+  if stop is None:
+    return tokenizer.eos_id
+  token = tokenizer.token_id(stop)
+  if token is None:
+    raise SampleError(f"--stop={stop!r}: not one token of the run's vocabulary; give a text that "
+                      "is one token (a character of a character vocabulary)")
+  return token
 
 
 def sample(workdir, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
@@ -55,14 +72,14 @@ def sample(workdir, prompt: str, *, max_new_tokens: int = 200, temperature: floa
            stop: str | None = None, step=None, progress: bool = False) -> list[str]:
   """The ``num_samples`` continuations of ``prompt`` (text, without the prompt)."""
   from vlora_jax import decoding
-  from vlora_jax.tokenizer import CharTokenizer, TokenizerError
+  from vlora_jax import tokenizer as tokenizer_lib
 
   if num_samples < 1:
     raise SampleError(f"--num_samples={num_samples}: must be >= 1")
   if not prompt:
     raise SampleError("--prompt is empty: give at least one character to continue")
-  if stop is not None and len(stop) != 1:
-    raise SampleError(f"--stop={stop!r}: must be one character (a token of the vocabulary)")
+  if stop is not None and not stop:
+    raise SampleError("--stop is empty: give the text of one token of the vocabulary")
   mcfg = _model_config(workdir, step)
   sampler = decoding.Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
   try:  # every value before the run loads
@@ -72,10 +89,10 @@ def sample(workdir, prompt: str, *, max_new_tokens: int = 200, temperature: floa
     raise SampleError(f"--{e}") from None
   run = trained_lib.load(workdir, step)
   try:
-    tokenizer = CharTokenizer.from_info(run.info)
+    tokenizer = tokenizer_lib.from_info(run.info)
     ids = tokenizer.encode(prompt)
-    stop_ids = tokenizer.encode(stop) if stop is not None else None
-  except TokenizerError as e:
+    stop_id = _stop_id(tokenizer, stop)
+  except tokenizer_lib.TokenizerError as e:
     raise SampleError(f"--prompt/--stop: {e}") from None
   # Ids beyond the stored vocabulary (a model.vocab_size rounded up) have no character.
   sampler = dataclasses.replace(sampler, num_tokens=min(len(tokenizer), run.model.vocab_size))
@@ -83,7 +100,7 @@ def sample(workdir, prompt: str, *, max_new_tokens: int = 200, temperature: floa
   try:
     out = decoding.generate(run.model, run.params, [ids] * num_samples,
                             max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
-                            stop_token=stop_ids[0] if stop_ids else None,
+                            stop_token=stop_id,
                             on_chunk=bar.update if bar else None)
   finally:
     if bar:
@@ -108,7 +125,10 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--top_p", type=float, default=1.0, help="nucleus mass to keep (1: all)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--num_samples", type=int, default=1)
-  parser.add_argument("--stop", default=None, help="a character that ends a sample")
+  parser.add_argument("--stop", default=None,
+                      help="a token that ends a sample: one character of a character vocabulary, "
+                      "the text of one token of a subword one (default: its EOS; none for "
+                      "characters)")
   args = parser.parse_args(argv)
   samples = cli.guarded(
       "vlora_jax.sample", args.verbose, sample, args.workdir, args.prompt,

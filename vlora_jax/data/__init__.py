@@ -8,7 +8,9 @@ it reads, ``Family.sources``):
            pixels on the scale ``data.pixel_scale`` declares (uint8 | unit)
   tfds     ``tfds.data_source(data.tfds_name)``: images (cifar10, mnist) -> vit,
            text (tiny_shakespeare) -> lm
-  text     a local UTF-8 text file, character level                           -> lm
+  text     a local UTF-8 text file, character level                           -> lm, llama
+  tokenized  a local UTF-8 text file, tokenized by a subword tokenizer, with train / validation /
+           test splits (`tokenized.py`)                                      -> llama
   reverse  synthetic sequence reversal, generated from (seed, index)          -> seq2seq
 
 `build` returns a `pipeline.Pipeline` for this process; see there for the order guarantees. Its
@@ -17,7 +19,9 @@ stores for using the trained model without the data (`vlora_jax.load`):
 
   images   image_shape (H, W, C), num_classes, class_names (or None), and the normalisation:
            model input = (pixels * scale - mean) / std, per channel
-  text     vocab (the characters; token id = position in it), vocab_size, tokens_per_example
+  text     vocab (the characters; token id = position in it), vocab_size, tokens_per_example;
+           tokenized: tokenizer (its JSON), bos_id, eos_id, eval_split and split (the blocks of
+           each held-out split) in place of vocab
   seq2seq  vocab_size, tokens_per_example, special_tokens (pad, bos, eos ids)
 """
 
@@ -26,11 +30,11 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from vlora_jax.data import sources
+from vlora_jax.data import sources, tokenized
 from vlora_jax.data.pipeline import Pipeline, Windows, image_fns
 from vlora_jax.data.sources import DataError
 
-SOURCES = ("digits", "npz", "tfds", "text", "reverse")
+SOURCES = ("digits", "npz", "tfds", "text", "tokenized", "reverse")
 TEXT_TFDS = ("tiny_shakespeare",)  # TFDS names read as text; any other TFDS name is images
 AUGMENTS = ("none", "crop", "crop_flip")
 
@@ -68,7 +72,7 @@ def kind(d) -> str:
   """'images' | 'text' | 'seq2seq': what the source yields."""
   if d.source in ("digits", "npz") or (d.source == "tfds" and d.tfds_name not in TEXT_TFDS):
     return "images"
-  return "text" if d.source in ("text", "tfds") else "seq2seq"
+  return "text" if d.source in ("text", "tfds", "tokenized") else "seq2seq"
 
 
 def build(config, *, process_index: int = 0, process_count: int = 1) -> Pipeline:
@@ -97,6 +101,11 @@ def build(config, *, process_index: int = 0, process_count: int = 1) -> Pipeline
                 num_train=len(train), scale=train.scale, mean=tuple(d.mean), std=tuple(d.std),
                 class_names=train.class_names)
     return Pipeline(ds, _cap(test, d.get("eval_examples", 0)), eval_fn, info=info, **common)
+
+  if d.source == "tokenized":
+    train_w, eval_w, info = tokenized.build(d, config.model.max_len)
+    ds = grain.MapDataset.source(train_w).shuffle(seed=seed).repeat()
+    return Pipeline(ds, _cap(eval_w, d.get("eval_examples", 0)), lambda r: r, info=info, **common)
 
   if k == "text":
     train_text, eval_text = _texts(d)

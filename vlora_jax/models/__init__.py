@@ -2,7 +2,7 @@
 
 The ``config.model`` schema (every experiment config fills it; see ``configs/``):
 
-  name        a key of `FAMILIES`: 'vit' | 'vit_registers' | 'lm' | 'seq2seq'
+  name        a key of `FAMILIES`: 'vit' | 'vit_registers' | 'lm' | 'llama' | 'seq2seq'
   dim, depth, num_heads, mlp_ratio, dropout, dtype ('float32' | 'bfloat16'), scan, remat
   vlora       enabled, compound_size, targets, rank, alpha, mode, stop_gradient_base, scaling, init
   lora        (optional) enabled, targets, rank, alpha: horizontal LoRA on every stack (`lora.py`)
@@ -18,14 +18,15 @@ import flax.linen as nn
 import jax
 
 from vlora_jax import stack
-from vlora_jax.models import lm, seq2seq, vit, vit_registers
+from vlora_jax.models import llama, lm, seq2seq, vit, vit_registers
 from vlora_jax.models.family import DTYPES, Family, dtype, vlora_spec
 
 __all__ = ["DTYPES", "FAMILIES", "Family", "build", "dtype", "family", "sample_inputs",
            "to_dense", "vlora_spec"]
 
 FAMILIES: dict[str, Family] = {
-    f.name: f for f in (vit.FAMILY, vit_registers.FAMILY, lm.FAMILY, seq2seq.FAMILY)}
+    f.name: f for f in (vit.FAMILY, vit_registers.FAMILY, lm.FAMILY, llama.FAMILY,
+                        seq2seq.FAMILY)}
 
 
 def family(name: str) -> Family:

@@ -60,12 +60,18 @@ class Family(abc.ABC):
     input_keys: the batch keys passed to ``model.apply``, in order (see `inputs`).
     config_keys: the family's own ``config.model`` keys, declared (`vlora_jax.config_keys`):
       `train.schema` checks them with the run's other keys before anything is built.
+    generates: a language model that `vlora_jax.decoding.generate` continues (its call takes
+      ``position_ids``, ``mask`` and ``decode``): `vlora_jax.sample` serves it.
+    hf_architecture: the Hugging Face ``architectures`` entry that ``vlora_jax.export --format hf``
+      writes the family as (None: no such export).
   """
 
   name: ClassVar[str]
   sources: ClassVar[tuple[str, ...]]
   input_keys: ClassVar[tuple[str, ...]]
   config_keys: ClassVar[dict[str, Key]] = {}
+  generates: ClassVar[bool] = False
+  hf_architecture: ClassVar[str | None] = None
 
   # ------------------------------------------------------------------------- the model
 

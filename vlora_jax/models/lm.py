@@ -151,6 +151,7 @@ class LMFamily(family.TokenFamily):
   name = "lm"
   sources = ("text", "tfds")
   input_keys = ("tokens",)
+  generates = True
   config_keys = {
       "model.vocab_size": Int(required=True, lo=1, doc="token ids < vocab_size"),
       "model.max_len": Int(required=True, lo=1, doc="context length T"),

@@ -27,6 +27,7 @@ VLORA_ON = When("model.vlora.enabled", lambda v: v is not False, "model.vlora.en
 LORA_ON = When("model.lora.enabled", lambda v: v is not False, "model.lora.enabled")
 IMAGES = When("data.source", lambda v: v in ("digits", "npz", "tfds"), "the data are images")
 CROP = When("data.augment", lambda v: v not in (None, "none"), "data.augment != 'none'")
+TOKENIZED = when_in("data.source", "tokenized")
 BEST = When("checkpoint.keep_best", lambda v: bool(v), "checkpoint.keep_best > 0")
 
 COMMON: dict[str, Key] = {
@@ -60,14 +61,25 @@ COMMON: dict[str, Key] = {
                               doc="LoRA scale numerator (None: the rank, scale 1)"),
 
     "data.source": Choice(required=True, choices=data_lib.SOURCES, doc="where the records come from"),
-    "data.path": Str(when=when_in("data.source", "npz", "text"), doc="npz / text: a local file"),
+    "data.path": Str(when=when_in("data.source", "npz", "text", "tokenized"),
+                     doc="npz / text / tokenized: a local file"),
+    "data.tokenizer": Str(when=TOKENIZED, doc="tokenized: a tokenizer.json, .gguf, "
+                          "Hugging Face model directory or run that stores one"),
+    "data.split_blocks": Int(lo=2, when=TOKENIZED, doc="tokenized: contiguous blocks the token "
+                             "stream is cut into"),
+    "data.validation_fraction": Float(lo=0, hi=1, hi_open=True, when=TOKENIZED,
+                                      doc="tokenized: share of the blocks that validates"),
+    "data.test_fraction": Float(lo=0, hi=1, hi_open=True, when=TOKENIZED,
+                                doc="tokenized: share of the blocks that tests"),
+    "data.split_seed": Int(lo=0, hi=2**31 - 1, nullable=True, when=TOKENIZED,
+                           doc="tokenized: which blocks are held out (None: the file's tail)"),
     "data.tfds_name": Str(when=when_in("data.source", "tfds"), doc="TFDS dataset name"),
     "data.data_dir": Str(when=when_in("data.source", "tfds"), doc="TFDS data directory"),
     "data.download": Bool(when=when_in("data.source", "tfds"), doc="download when missing"),
     "data.train_split": Str(nonempty=True, when=when_in("data.source", "tfds"),
                             doc="TFDS train split"),
-    "data.eval_split": Str(nonempty=True, when=when_in("data.source", "tfds"),
-                           doc="TFDS eval split"),
+    "data.eval_split": Str(nonempty=True, when=when_in("data.source", "tfds", "tokenized"),
+                           doc="TFDS eval split; tokenized: validation | test"),
     "data.augment": Choice(choices=data_lib.AUGMENTS, when=IMAGES, doc="random crop / flip"),
     "data.crop_padding": Int(lo=0, when=CROP, doc="padding of the random crop"),
     "data.mean": Numbers(each=Float(), when=IMAGES, doc="per-channel mean after scaling"),

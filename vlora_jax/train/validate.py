@@ -62,7 +62,7 @@ def check(config, num_devices: int, process_count: int = 1) -> Plan:
     raise _bad("data.source", d.source, f"model.name={m.name!r} reads {list(family.sources)}")
   if d.source == "tfds" and not d.get("tfds_name"):
     raise _bad("data.tfds_name", d.get("tfds_name"), "name a TFDS dataset, e.g. 'cifar10'")
-  if d.source in ("npz", "text") and not d.get("path"):
+  if d.source in ("npz", "text", "tokenized") and not d.get("path"):
     raise _bad("data.path", d.get("path"), f"data.source={d.source!r} needs a local file path")
   if d.source == "reverse" and d.get("min_len", 1) >= m.max_len:
     raise _bad("data.min_len", d.min_len, f"must be < model.max_len={m.max_len} (room for EOS)")
