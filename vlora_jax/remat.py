@@ -17,6 +17,9 @@ policy, a VLoRA layer's weights are rebuilt in the backward pass, never kept
   offload_qkv_proj       the query/key/value projections go to host memory, nothing else kept
   offload_dots_no_batch  'dots_no_batch', with what it keeps moved to host memory (MaxText's
                          'minimal_offloaded')
+  offload_layer_inputs   'full', with each layer's input moved to host memory: device memory
+                         then holds no activation of a layer that is not running (MaxText's
+                         offloaded 'decoder_layer_input')
 
 The offloading policies need a backend with a pinned host memory space (TPU, GPU, CPU).
 """
@@ -28,6 +31,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 QKV_PROJ = "qkv_proj"  # query, key and value projections (fused or not)
 OUT_PROJ = "out_proj"  # attention's output projection
+LAYER_INPUT = "layer_input"  # a layer's input in the stack (`stack.run_layers` tags it)
 
 _cp = jax.checkpoint_policies
 _OFFLOAD = {"offload_src": "device", "offload_dst": "pinned_host"}
@@ -42,6 +46,8 @@ POLICIES = {
     "offload_qkv_proj": _cp.save_and_offload_only_these_names(
         names_which_can_be_saved=(), names_which_can_be_offloaded=(QKV_PROJ,), **_OFFLOAD),
     "offload_dots_no_batch": _cp.offload_dot_with_no_batch_dims(**_OFFLOAD),
+    "offload_layer_inputs": _cp.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=(LAYER_INPUT,), **_OFFLOAD),
 }
 
 

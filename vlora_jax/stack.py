@@ -421,6 +421,7 @@ def run_layers(apply_block, x, layout: Layout, params, *, rngs=None, adapters=No
 
   def layer(h, shared, xs):
     position, per_layer, rng, adapters_i, state_i = xs
+    h = remat_lib.tag(h, remat_lib.LAYER_INPUT)  # what the backward pass restarts each layer from
     weights = layer_params(layout, shared, per_layer, position, adapters_i, lora_entries)
     return apply_block(h, weights, rng, state_i)
 

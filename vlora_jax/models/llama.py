@@ -24,6 +24,7 @@ from vlora_jax import lora as lora_lib
 from vlora_jax.config_keys import Bool, Float, Int
 from vlora_jax.models import family, lm
 from vlora_jax.partitioning import ATTENTION_HEADS, BATCH, LENGTH, MLP, RESIDUAL, VOCAB, constrain
+from vlora_jax.remat import OUT_PROJ, QKV_PROJ, tag
 from vlora_jax.spec import VLoRASpec
 from vlora_jax.stack import vlorafy
 
@@ -59,7 +60,7 @@ class LlamaAttention(layers.SelfAttention):
     hd = self.head_dim
 
     def heads(n: int, names: tuple[str, str], name: str):
-      y = layers.dense(n * hd, names, name, self.dtype, self.use_bias)(x)
+      y = tag(layers.dense(n * hd, names, name, self.dtype, self.use_bias)(x), QKV_PROJ)
       return constrain(y.reshape(b, t, n, hd), ATTENTION_HEADS)
 
     q = heads(self.num_heads, ("embed", "heads"), "q_proj")
@@ -72,7 +73,8 @@ class LlamaAttention(layers.SelfAttention):
     else:
       out = self._attend_cached(q, k, v, mask, positions)
     out = out.reshape(b, t, self.num_heads * hd)
-    return layers.dense(self.dim, ("heads", "embed"), "o_proj", self.dtype, self.use_bias)(out)
+    out = layers.dense(self.dim, ("heads", "embed"), "o_proj", self.dtype, self.use_bias)(out)
+    return tag(out, OUT_PROJ)
 
 
 class SwiGLU(nn.Module):

@@ -1,0 +1,246 @@
+"""Per-chip memory and FLOPs of the pod configs, compiled for TPU slices from this machine.
+
+  .venv/bin/python -m benchmarks.pod_scale                # every part -> results/pod_scale.json
+  .venv/bin/python -m benchmarks.pod_scale --parts flat,sizes --out /tmp/pod.json
+
+Every row is one run of the compile command (`vlora_jax.compile`, in a fresh process), so each
+figure is what a user gets from ``python -m vlora_jax.compile --config ... --topology ...``; the
+rows record their command. Parts:
+
+  flat     configs/lm_pod.py:1b, VLoRA and dense, one sequence per chip on v5e:2x2, v5e:4x4 and
+           v5e:16x16: per-chip cost against the slice's size (the targets: 16 over 4 chips <= 1.05,
+           256 over 4 <= 1.10, for temp bytes and FLOPs)
+  sizes    1b / 8b / 70b, VLoRA and dense, on a v5e-256 (one sequence per chip) and a v5p-128
+           (64 chips, v5p:4x4x4, one sequence per chip)
+  remat    8b on the v5e-256 under every remat policy of vlora_jax/remat.py, VLoRA and dense
+  vit      configs/vit_pod.py (ViT-H/14), VLoRA and dense, on the v5e-256 (16 images per chip)
+  largest  the largest dense twin whose train step fits a v5e-256 at one sequence per chip, VLoRA
+           against dense, by search over the width D at a fixed shape rule (layers D / 128 in
+           compounds of 4, heads of 128, 8 key/value heads, MLP 3.5 D), under the policies of
+           ``--largest-remat``
+
+Rows already in ``--out`` are kept (``--force`` recomputes them): the run can be stopped and
+resumed. Writes the JSON and docs/pod.md (the tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import vlora_jax  # noqa: F401 -- first: it settles the backend before JAX starts
+from benchmarks import harness
+
+GIB = 2 ** 30
+DOC = harness.ROOT / "docs" / "pod.md"
+V5E_256, V5P_128 = ("v5e:16x16", 256), ("v5p:4x4x4", 64)
+PARTS = ("flat", "sizes", "remat", "vit", "largest")
+POLICIES = ("none", "full", "dots_no_batch", "save_proj", "save_qkv_proj", "offload_dots_no_batch",
+            "offload_layer_inputs")
+
+
+def compile_row(config: str, topology: str, count_flops: bool = True, timeout: int = 3600) -> dict:
+  """One ``python -m vlora_jax.compile`` run: its report, its command and its exit status."""
+  with tempfile.TemporaryDirectory() as d:
+    out = Path(d) / "report.json"
+    args = [f"--config={config}", f"--topology={topology}", f"--out={out}"]
+    if not count_flops:
+      args.append("--nocount_flops")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "vlora_jax.compile", *args], cwd=harness.ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    row = json.loads(out.read_text()) if out.exists() else {}
+  row.update(command="python -m vlora_jax.compile " + " ".join(a for a in args
+                                                                 if not a.startswith("--out")),
+             exit_status=proc.returncode, wall_s=time.time() - t0)
+  if proc.returncode not in (0, 3):
+    row["error"] = (proc.stdout + proc.stderr)[-2000:]
+  return row
+
+
+def plan(parts, largest_remat) -> list[tuple[str, str, str, bool]]:
+  """``(row name, config, topology, count FLOPs)`` of every fixed row of ``parts``."""
+  rows = []
+  for variant in ("vlora", "dense"):
+    if "flat" in parts:
+      for topology, chips in (("v5e:2x2", 4), ("v5e:4x4", 16), V5E_256):
+        rows.append((f"flat/1b/{variant}/{topology}",
+                     f"configs/lm_pod.py:1b,{variant},batch={chips}", topology, True))
+    if "sizes" in parts:
+      for size in ("1b", "8b", "70b"):
+        for topology, chips in (V5E_256, V5P_128):
+          rows.append((f"sizes/{size}/{variant}/{topology}",
+                       f"configs/lm_pod.py:{size},{variant},batch={chips}", topology, True))
+    if "remat" in parts:
+      for policy in POLICIES:
+        rows.append((f"remat/8b/{variant}/{policy}",
+                     f"configs/lm_pod.py:8b,{variant},remat={policy}", V5E_256[0], True))
+    if "vit" in parts:
+      rows.append((f"vit/h14/{variant}", f"configs/vit_pod.py:{variant}", V5E_256[0], True))
+  return rows
+
+
+def shape_rule(d: int) -> str:
+  """The searched family's config argument at width ``d`` (a multiple of 512)."""
+  return f"d={d},layers={d // 128}"
+
+
+def search_largest(results: dict, save, variant: str, remat: str, lo: int = 1024,
+                   hi: int = 65536, step: int = 512) -> None:
+  """The largest ``d`` (a multiple of ``step``) whose step fits a v5e-256, by doubling from ``lo``
+  then bisection; every probe is a row ``largest/{remat}/{variant}/d={d}``."""
+  def fits(d: int) -> bool:
+    name = f"largest/{remat}/{variant}/d={d}"
+    if name not in results:
+      results[name] = compile_row(f"configs/lm_pod.py:1b,{variant},remat={remat},"
+                                  f"{shape_rule(d)}", V5E_256[0], count_flops=False)
+      save()
+    return bool(results[name].get("fits"))
+
+  if not fits(lo):
+    return
+  good, bad = lo, None
+  while bad is None and good * 2 <= hi:
+    bad = None if fits(good * 2) else good * 2
+    good = good * 2 if bad is None else good
+  bad = bad or hi + step
+  while bad - good > step:
+    mid = (good + bad) // 2 // step * step
+    if fits(mid):
+      good = mid
+    else:
+      bad = mid
+  results[f"largest/{remat}/{variant}"] = {"d": good, "row": f"largest/{remat}/{variant}/d={good}"}
+  save()
+
+
+# ------------------------------------------------------------------------------------ the doc
+
+
+def _gib(row, key) -> str:
+  v = row.get(key)
+  return "—" if v is None else f"{v / GIB:.2f}"
+
+
+def _tflop(row) -> str:
+  return "—" if row.get("flops") is None else f"{row['flops'] / 1e12:.1f}"
+
+
+def _params(row) -> str:
+  return f"{row['params_total'] / 1e9:.2f}B" if row.get("params_total") else "—"
+
+
+def markdown(results: dict, env: dict) -> str:
+  rows = {k: v for k, v in results.items() if isinstance(v, dict) and "command" in v}
+  out = ["# Pod scale: the pod configs' train steps, compiled for TPU slices",
+         "",
+         "Every figure is per chip, from `python -m vlora_jax.compile` (the train step that "
+         "training runs, compiled ahead of time for the slice on a CPU-only machine; "
+         "`benchmarks/pod_scale.py` ran every row and wrote `benchmarks/results/pod_scale.json`, "
+         f"code {env.get('code')}, {env.get('date_utc')}). Temp is XLA's scratch memory of the "
+         "step, peak = temp + arguments + outputs - aliased (the donated state), TFLOP the whole "
+         "step's with every layer counted. Step time and MFU are roofline estimates "
+         "(max of FLOPs / peak and bytes / HBM bandwidth; MFU from PaLM's model FLOPs), not "
+         "measurements.", ""]
+
+  def table(title, names, label):
+    present = [n for n in names if n in rows]
+    if not present:
+      return
+    out.extend([f"## {title}", ""])
+    body = []
+    for n in present:
+      r = rows[n]
+      est = (f"{r['step_time_estimate_s'] * 1e3:.0f} ms, {r['mfu_estimate']:.0%}"
+             if r.get("step_time_estimate_s") else "—")
+      body.append([label(n), r.get("topology"), r.get("chips"), r.get("global_batch"), _params(r),
+                   _gib(r, "temp_bytes"), _gib(r, "argument_bytes"), _gib(r, "peak_bytes"),
+                   "yes" if r.get("fits") else "**no**", _tflop(r), est])
+    out.append(harness.table(["config", "slice", "chips", "batch", "params", "temp GiB",
+                              "args GiB", "peak GiB", "fits", "TFLOP", "estimate"], body))
+    out.append("")
+
+  flat = [f"flat/1b/{v}/{t}" for v in ("vlora", "dense") for t in ("v5e:2x2", "v5e:4x4",
+                                                                    "v5e:16x16")]
+  table("Flat in the slice's size (1b, one 2,048-token sequence per chip)", flat,
+        lambda n: "1b " + n.split("/")[2])
+  ratios = []
+  for v in ("vlora", "dense"):
+    base = rows.get(f"flat/1b/{v}/v5e:2x2")
+    for t in ("v5e:4x4", "v5e:16x16"):
+      r = rows.get(f"flat/1b/{v}/{t}")
+      if base and r and base.get("temp_bytes") and r.get("temp_bytes"):
+        ratios.append([f"1b {v}", f"{t} / v5e:2x2", f"{r['temp_bytes'] / base['temp_bytes']:.2f}",
+                       f"{r['flops'] / base['flops']:.2f}" if r.get("flops") else "—",
+                       "<= 1.05" if t == "v5e:4x4" else "<= 1.10"])
+  if ratios:
+    out.extend(["Per-chip cost over that of 4 chips:", "",
+                harness.table(["config", "slices", "temp", "FLOPs", "target"], ratios), ""])
+  sizes = [f"sizes/{s}/{v}/{t}" for s in ("1b", "8b", "70b") for v in ("vlora", "dense")
+           for t in ("v5e:16x16", "v5p:4x4x4")]
+  table("1b, 8b and 70b on a v5e-256 and a v5p-128 (one sequence per chip)", sizes,
+        lambda n: " ".join(n.split("/")[1:3]))
+  remat = [f"remat/8b/{v}/{p}" for p in POLICIES for v in ("vlora", "dense")]
+  table("Remat policies (8b on a v5e-256)", remat, lambda n: f"8b {n.split('/')[2]} "
+        f"{n.split('/')[3]}")
+  table("ViT-H/14 on a v5e-256 (16 images per chip)", ["vit/h14/vlora", "vit/h14/dense"],
+        lambda n: "ViT-H/14 " + n.split("/")[2])
+  largest = [k for k in results if k.count("/") == 2 and k.startswith("largest/")]
+  if largest:
+    out.extend(["## The largest twin that fits a v5e-256", "",
+                "Width D searched in steps of 512 at a fixed shape rule (layers D / 128, heads of "
+                "128, 8 key/value heads, MLP 3.5 D, vocabulary 32k, 2,048 tokens, one sequence "
+                "per chip), the largest D whose compiled step fits 15.75 GiB:", ""])
+    body = []
+    for k in sorted(largest):
+      r = rows[results[k]["row"]]
+      dense = r.get("params_dense_equivalent")
+      body.append([k.split("/")[2], k.split("/")[1], results[k]["d"], r.get("model") and
+                   f"{dense / 1e9:.1f}B", _params(r), _gib(r, "argument_bytes"),
+                   _gib(r, "temp_bytes"), _gib(r, "peak_bytes")])
+    out.append(harness.table(["variant", "remat", "D", "dense twin", "params", "state GiB",
+                              "temp GiB", "peak GiB"], body))
+    out.append("")
+  return "\n".join(out)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--parts", default=",".join(PARTS))
+  ap.add_argument("--largest-remat", default="full,offload_layer_inputs")
+  ap.add_argument("--out", default=str(harness.RESULTS / "pod_scale.json"))
+  ap.add_argument("--doc", default=str(DOC))
+  ap.add_argument("--force", action="store_true")
+  args = ap.parse_args(argv)
+  parts = args.parts.split(",")
+  out = Path(args.out)
+  stored = json.loads(out.read_text()) if out.exists() else {}
+  results = {} if args.force else stored.get("rows", {})
+  env = harness.environment()
+
+  def save():
+    harness.write(out, {"env": harness.finish(env), "rows": results}, markdown(results, env))
+    Path(args.doc).write_text(markdown(results, env) + "\n")
+
+  for name, config, topology, flops in plan(parts, args.largest_remat):
+    if name in results and "error" not in results[name]:
+      continue
+    print(f"{name}: {config} on {topology}", flush=True)
+    results[name] = compile_row(config, topology, flops)
+    save()
+  if "largest" in parts:
+    for remat in args.largest_remat.split(","):
+      for variant in ("dense", "vlora"):
+        search_largest(results, save, variant, remat)
+  save()
+
+
+if __name__ == "__main__":
+  main()
