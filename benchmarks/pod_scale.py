@@ -40,7 +40,6 @@ from benchmarks import harness
 GIB = 2 ** 30
 DOC = harness.ROOT / "docs" / "pod.md"
 V5E_256, V5P_128 = ("v5e:16x16", 256), ("v5p:4x4x4", 64)
-PARTS = ("flat", "sizes", "remat", "vit", "largest")
 POLICIES = ("none", "full", "dots_no_batch", "save_proj", "save_qkv_proj", "offload_dots_no_batch",
             "offload_layer_inputs")
 
@@ -65,25 +64,27 @@ def compile_row(config: str, topology: str, count_flops: bool = True, timeout: i
   return row
 
 
-def plan(parts, largest_remat) -> list[tuple[str, str, str, bool]]:
-  """``(row name, config, topology, count FLOPs)`` of every fixed row of ``parts``."""
+def key(config: str, topology: str) -> str:
+  """A row's name: its config argument and its slice (the same compile is one row)."""
+  return f"{config}@{topology}"
+
+
+def plan(parts) -> list[tuple[str, str, bool]]:
+  """``(config, topology, count FLOPs)`` of every fixed row of ``parts``, most wanted first."""
   rows = []
-  for variant in ("vlora", "dense"):
-    if "flat" in parts:
-      for topology, chips in (("v5e:2x2", 4), ("v5e:4x4", 16), V5E_256):
-        rows.append((f"flat/1b/{variant}/{topology}",
-                     f"configs/lm_pod.py:1b,{variant},batch={chips}", topology, True))
-    if "sizes" in parts:
-      for size in ("1b", "8b", "70b"):
-        for topology, chips in (V5E_256, V5P_128):
-          rows.append((f"sizes/{size}/{variant}/{topology}",
-                       f"configs/lm_pod.py:{size},{variant},batch={chips}", topology, True))
-    if "remat" in parts:
-      for policy in POLICIES:
-        rows.append((f"remat/8b/{variant}/{policy}",
-                     f"configs/lm_pod.py:8b,{variant},remat={policy}", V5E_256[0], True))
-    if "vit" in parts:
-      rows.append((f"vit/h14/{variant}", f"configs/vit_pod.py:{variant}", V5E_256[0], True))
+  variants = ("vlora", "dense")
+  if "flat" in parts:
+    rows += [(f"configs/lm_pod.py:1b,{v},batch={chips}", topology, True) for v in variants
+             for topology, chips in (("v5e:2x2", 4), ("v5e:4x4", 16), V5E_256)]
+  if "sizes" in parts:
+    rows += [(f"configs/lm_pod.py:{size},{v},batch={chips}", topology, True)
+             for size in ("8b", "70b", "1b") for v in variants
+             for topology, chips in (V5E_256, V5P_128)]
+  if "vit" in parts:
+    rows += [(f"configs/vit_pod.py:{v}", V5E_256[0], True) for v in variants]
+  if "remat" in parts:
+    rows += [(f"configs/lm_pod.py:8b,{v},batch=256,remat={p}", V5E_256[0], True)
+             for p in POLICIES for v in variants]
   return rows
 
 
@@ -97,10 +98,10 @@ def search_largest(results: dict, save, variant: str, remat: str, lo: int = 1024
   """The largest ``d`` (a multiple of ``step``) whose step fits a v5e-256, by doubling from ``lo``
   then bisection; every probe is a row ``largest/{remat}/{variant}/d={d}``."""
   def fits(d: int) -> bool:
-    name = f"largest/{remat}/{variant}/d={d}"
+    config = f"configs/lm_pod.py:1b,{variant},batch=256,remat={remat},{shape_rule(d)}"
+    name = key(config, V5E_256[0])
     if name not in results:
-      results[name] = compile_row(f"configs/lm_pod.py:1b,{variant},remat={remat},"
-                                  f"{shape_rule(d)}", V5E_256[0], count_flops=False)
+      results[name] = compile_row(config, V5E_256[0], count_flops=False)
       save()
     return bool(results[name].get("fits"))
 
@@ -117,7 +118,8 @@ def search_largest(results: dict, save, variant: str, remat: str, lo: int = 1024
       good = mid
     else:
       bad = mid
-  results[f"largest/{remat}/{variant}"] = {"d": good, "row": f"largest/{remat}/{variant}/d={good}"}
+  config = f"configs/lm_pod.py:1b,{variant},batch=256,remat={remat},{shape_rule(good)}"
+  results[f"largest/{remat}/{variant}"] = {"d": good, "row": key(config, V5E_256[0])}
   save()
 
 
@@ -138,7 +140,7 @@ def _params(row) -> str:
 
 
 def markdown(results: dict, env: dict) -> str:
-  rows = {k: v for k, v in results.items() if isinstance(v, dict) and "command" in v}
+  rows = {k: v for k, v in results.items() if "command" in v}
   out = ["# Pod scale: the pod configs' train steps, compiled for TPU slices",
          "",
          "Every figure is per chip, from `python -m vlora_jax.compile` (the train step that "
@@ -149,6 +151,9 @@ def markdown(results: dict, env: dict) -> str:
          "step's with every layer counted. Step time and MFU are roofline estimates "
          "(max of FLOPs / peak and bytes / HBM bandwidth; MFU from PaLM's model FLOPs), not "
          "measurements.", ""]
+
+  def label(name: str) -> str:
+    return name.split("@")[0].replace("configs/", "")
 
   def table(title, names, label):
     present = [n for n in names if n in rows]
@@ -167,15 +172,16 @@ def markdown(results: dict, env: dict) -> str:
                               "args GiB", "peak GiB", "fits", "TFLOP", "estimate"], body))
     out.append("")
 
-  flat = [f"flat/1b/{v}/{t}" for v in ("vlora", "dense") for t in ("v5e:2x2", "v5e:4x4",
-                                                                    "v5e:16x16")]
-  table("Flat in the slice's size (1b, one 2,048-token sequence per chip)", flat,
-        lambda n: "1b " + n.split("/")[2])
+  slices = (("v5e:2x2", 4), ("v5e:4x4", 16), V5E_256)
+  flat = {(v, t): key(f"configs/lm_pod.py:1b,{v},batch={n}", t) for v in ("vlora", "dense")
+          for t, n in slices}
+  table("Flat in the slice's size (1b, one 2,048-token sequence per chip)", list(flat.values()),
+        label)
   ratios = []
   for v in ("vlora", "dense"):
-    base = rows.get(f"flat/1b/{v}/v5e:2x2")
+    base = rows.get(flat[(v, "v5e:2x2")])
     for t in ("v5e:4x4", "v5e:16x16"):
-      r = rows.get(f"flat/1b/{v}/{t}")
+      r = rows.get(flat[(v, t)])
       if base and r and base.get("temp_bytes") and r.get("temp_bytes"):
         ratios.append([f"1b {v}", f"{t} / v5e:2x2", f"{r['temp_bytes'] / base['temp_bytes']:.2f}",
                        f"{r['flops'] / base['flops']:.2f}" if r.get("flops") else "—",
@@ -183,16 +189,15 @@ def markdown(results: dict, env: dict) -> str:
   if ratios:
     out.extend(["Per-chip cost over that of 4 chips:", "",
                 harness.table(["config", "slices", "temp", "FLOPs", "target"], ratios), ""])
-  sizes = [f"sizes/{s}/{v}/{t}" for s in ("1b", "8b", "70b") for v in ("vlora", "dense")
-           for t in ("v5e:16x16", "v5p:4x4x4")]
-  table("1b, 8b and 70b on a v5e-256 and a v5p-128 (one sequence per chip)", sizes,
-        lambda n: " ".join(n.split("/")[1:3]))
-  remat = [f"remat/8b/{v}/{p}" for p in POLICIES for v in ("vlora", "dense")]
-  table("Remat policies (8b on a v5e-256)", remat, lambda n: f"8b {n.split('/')[2]} "
-        f"{n.split('/')[3]}")
-  table("ViT-H/14 on a v5e-256 (16 images per chip)", ["vit/h14/vlora", "vit/h14/dense"],
-        lambda n: "ViT-H/14 " + n.split("/")[2])
-  largest = [k for k in results if k.count("/") == 2 and k.startswith("largest/")]
+  sizes = [key(f"configs/lm_pod.py:{s},{v},batch={n}", t) for s in ("1b", "8b", "70b")
+           for v in ("vlora", "dense") for t, n in (V5E_256, V5P_128)]
+  table("1b, 8b and 70b on a v5e-256 and a v5p-128 (one sequence per chip)", sizes, label)
+  remat = [key(f"configs/lm_pod.py:8b,{v},batch=256,remat={p}", V5E_256[0]) for p in POLICIES
+           for v in ("vlora", "dense")]
+  table("Remat policies (8b on a v5e-256)", remat, label)
+  table("ViT-H/14 on a v5e-256 (16 images per chip)",
+        [key(f"configs/vit_pod.py:{v}", V5E_256[0]) for v in ("vlora", "dense")], label)
+  largest = [k for k in results if k.startswith("largest/")]
   if largest:
     out.extend(["## The largest twin that fits a v5e-256", "",
                 "Width D searched in steps of 512 at a fixed shape rule (layers D / 128, heads of "
@@ -213,7 +218,7 @@ def markdown(results: dict, env: dict) -> str:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--parts", default=",".join(PARTS))
+  ap.add_argument("--parts", default="flat,sizes,largest,vit,remat")
   ap.add_argument("--largest-remat", default="full,offload_layer_inputs")
   ap.add_argument("--out", default=str(harness.RESULTS / "pod_scale.json"))
   ap.add_argument("--doc", default=str(DOC))
@@ -229,16 +234,19 @@ def main(argv=None):
     harness.write(out, {"env": harness.finish(env), "rows": results}, markdown(results, env))
     Path(args.doc).write_text(markdown(results, env) + "\n")
 
-  for name, config, topology, flops in plan(parts, args.largest_remat):
-    if name in results and "error" not in results[name]:
+  for part in parts:  # in the order given
+    if part == "largest":
+      for remat in args.largest_remat.split(","):
+        for variant in ("dense", "vlora"):
+          search_largest(results, save, variant, remat)
       continue
-    print(f"{name}: {config} on {topology}", flush=True)
-    results[name] = compile_row(config, topology, flops)
-    save()
-  if "largest" in parts:
-    for remat in args.largest_remat.split(","):
-      for variant in ("dense", "vlora"):
-        search_largest(results, save, variant, remat)
+    for config, topology, flops in plan([part]):
+      name = key(config, topology)
+      if name in results and "error" not in results[name]:
+        continue
+      print(name, flush=True)
+      results[name] = compile_row(config, topology, flops)
+      save()
   save()
 
 

@@ -180,3 +180,41 @@ def test_a_teacher_of_another_depth_is_refused_only_for_the_hidden_loss(tmp_path
   run = set_up(tiny("vit", **{"distill.teacher": same, "distill.hidden_weight": 1.0}),
                tmp_path / "s2")
   assert run.teacher.ends == {"blocks": (1,)}  # tiny: 2 layers, one compound of 2
+
+
+def _np_kl_sum(student, teacher, weight, temperature):
+  """sum weight * KL(softmax(teacher / T) || softmax(student / T)) in float64."""
+  def log_softmax(z):
+    z = z.astype(np.float64) / temperature
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+  t, s = log_softmax(teacher), log_softmax(student)
+  return float((np.sum(np.exp(t) * (t - s), -1) * weight).sum())
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_kl_is_teacher_to_student_against_float64_numpy(temperature):
+  rng = np.random.default_rng(1)
+  student, teacher = rng.normal(size=(2, 4, 7, 11)).astype(np.float32) * 3
+  weight = rng.uniform(size=(4, 7)).astype(np.float32)
+  got = float(teacher_lib.kl_sum(student, teacher, weight, temperature))
+  assert got == pytest.approx(_np_kl_sum(student, teacher, weight, temperature), rel=1e-5)
+  # The direction is the teacher's distribution to the student's, not the reverse.
+  reverse = _np_kl_sum(teacher, student, weight, temperature)
+  assert abs(got - reverse) > 1e-2 * abs(reverse)
+
+
+def test_the_step_mixes_task_and_t_squared_kl(parts):
+  """The step's loss is (1 - w) task + w T^2 KL / weight, with the KL as the numpy reference."""
+  config, fam, student, dense, batch, p, tp, opt, st = parts
+  w, temperature = 0.3, 2.5
+  _, m = jax.jit(make_train_step(student, fam, opt, 0.0,
+                                 teacher=_teacher(dense, w, temperature)))(st, batch, tp)
+  s_logits = student.apply({"params": p}, batch["image"], train=True,
+                           rngs={"dropout": jax.random.key(0)})
+  t_logits = dense.apply({"params": tp}, batch["image"])
+  n = batch["image"].shape[0]
+  kl = _np_kl_sum(np.asarray(s_logits), np.asarray(t_logits), np.ones(n), temperature) / n
+  assert float(m["train/kl"]) == pytest.approx(kl, rel=1e-4)
+  want = (1 - w) * float(m["train/task_loss"]) + w * temperature ** 2 * kl
+  assert float(m["train/loss"]) == pytest.approx(want, rel=1e-4)

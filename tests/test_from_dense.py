@@ -8,7 +8,7 @@ import pytest
 from helpers_train import tiny
 
 import vlora_jax
-from vlora_jax import data as data_lib, models
+from vlora_jax import data as data_lib, models, params as params_lib
 from vlora_jax.errors import CheckpointError, ConfigError
 from vlora_jax.train import train_and_evaluate
 from vlora_jax.train.from_dense import params_from_dense_run
@@ -19,7 +19,9 @@ slow = pytest.mark.slow  # the tests on a trained dense run
 @pytest.fixture(scope="module")
 def dense_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("from_dense") / "dense"
-  train_and_evaluate(tiny("vit", **{"model.vlora.enabled": False, "num_train_steps": 3}), workdir)
+  # Trained past chance, so that what a student inherits from it shows in its loss.
+  train_and_evaluate(tiny("vit", **{"model.vlora.enabled": False, "num_train_steps": 100,
+                                    "optim.lr": 1e-2, "optim.warmup_steps": 5}), workdir)
   return workdir
 
 
@@ -46,7 +48,12 @@ def test_a_run_starts_from_the_compressed_dense_model(dense_run, tmp_path):
                                   "compress.calibration_batches": 2})
   summary = train_and_evaluate(config, tmp_path / "student")
   assert summary["origin"] == f"init_from compress:{dense_run}"
-  assert np.isfinite(summary["eval/loss"])
+  # It starts from what the dense run learned: after the same one step, far better than from
+  # scratch.
+  scratch = train_and_evaluate(_student(dense_run, **{"num_train_steps": 1, "init_from": ""}),
+                               tmp_path / "scratch")
+  assert summary["eval/loss"] < scratch["eval/loss"] - 0.3, (summary["eval/loss"],
+                                                             scratch["eval/loss"])
 
 
 @slow
@@ -101,6 +108,12 @@ def test_a_budget_chooses_the_ranks_and_a_resumed_run_keeps_them(dense_run, tmp_
   assert summary["params_total"] <= 0.75 * dense
   ranks = vlora_jax.load(tmp_path / "student").config.model.vlora.rank
   assert isinstance(ranks, (list, tuple)) and len(ranks) == 4
+  for t in range(4):  # the budget is spent: one more rank of any target breaks it
+    bumped = _student(dense_run, **{"model.vlora.rank": tuple(r + (i == t)
+                                                             for i, r in enumerate(ranks))})
+    shapes = params_lib.param_shapes(models.build(bumped.model),
+                                     *models.sample_inputs(bumped.model), train=False)
+    assert params_lib.count(shapes)["total"] > 0.75 * dense, (t, ranks)
   again = _student(dense_run, **{"compress.budget": 0.75, "num_train_steps": 2})
   assert train_and_evaluate(again, tmp_path / "student")["step"] == 2  # same ranks: resumes
   whitened = _student(dense_run, **{"compress.budget": 0.75, "num_train_steps": 1,
@@ -130,8 +143,8 @@ def test_a_resumed_run_keeps_its_teacher_and_needs_no_dense_run(dense_run, tmp_p
   train_and_evaluate(plain, tmp_path / "plain")
   healed = _student(source, **{"distill.teacher": str(source), "num_train_steps": 1})
   train_and_evaluate(healed, tmp_path / "healed")
-  first = source / "checkpoints" / "3"
-  shutil.copytree(first, source / "checkpoints" / "9")  # the teacher trains on
+  first = source / "checkpoints" / "100"
+  shutil.copytree(first, source / "checkpoints" / "109")  # the teacher trains on
   assert set_up(_student(source, **{"distill.teacher": str(source), "num_train_steps": 2}),
                 tmp_path / "healed").teacher.checkpoint == first
   shutil.rmtree(source)

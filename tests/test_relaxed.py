@@ -2,6 +2,8 @@
 k = 0 .. s-1 of a compound, W_0 a shared weight that is no layer. Values and gradients against a
 float64 reference, the stack scanned and unrolled, merging, and parameter counts."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -183,3 +185,8 @@ def test_relaxed_zero_increments_and_budget_count():
   budget = budget_ranks(dense, spec, 0.7, base="mean")
   assert budget.count == params_lib.count(compress(dense, budget.spec, base="mean").params)["total"]
   assert budget.count <= 0.7 * budget.dense
+  for t in range(len(spec.targets)):  # the budget is spent: one more rank of any target breaks it
+    ranks = list(budget.spec.ranks)
+    ranks[t] += 1
+    more = compress(dense, dataclasses.replace(spec, rank=tuple(ranks)), base="mean").params
+    assert params_lib.count(more)["total"] > 0.7 * budget.dense, (t, ranks)

@@ -235,3 +235,58 @@ def test_a_pattern_that_selects_no_parameter_is_refused(key, value, named, tmp_p
     set_up(tiny("vit", **{key: value}), tmp_path)
   assert str(info.value).startswith(named), str(info.value)
   assert "paths such as" in str(info.value)
+
+
+# Written from what each key means (docs/config.md, configs/default.py), not from the rule objects
+# that `validate.check` uses: a rule with the wrong bound or an open end where a closed one
+# belongs fails here even though its own generated bad values pass.
+REFUSED = [
+    ("vit_digits", "seed", -1), ("vit_digits", "seed", 2 ** 31),
+    ("vit_digits", "model.dim", 0), ("vit_digits", "model.depth", -4),
+    ("vit_digits", "model.num_heads", 2.0), ("vit_digits", "model.dropout", 1.0),
+    ("vit_digits", "model.dropout", -0.01), ("vit_digits", "model.mlp_ratio", 0.0),
+    ("vit_digits", "model.dtype", "float16"), ("vit_digits", "model.remat", "sometimes"),
+    ("vit_digits", "model.attention", "flash"), ("vit_digits", "model.vlora.rank", 0),
+    ("vit_digits", "model.vlora.alpha", 0.0), ("vit_digits", "model.vlora.mode", "vertical"),
+    ("vit_digits", "model.vlora.compound_size", 0), ("vit_digits", "batch_size", 0),
+    ("vit_digits", "grad_accum_steps", 0), ("vit_digits", "num_train_steps", -1),
+    ("vit_digits", "optim.lr", 0.0), ("vit_digits", "optim.b1", 1.0),
+    ("vit_digits", "optim.b2", -0.5), ("vit_digits", "optim.eps", 0.0),
+    ("vit_digits", "optim.weight_decay", -0.1), ("vit_digits", "optim.min_lr_ratio", 1.5),
+    ("vit_digits", "optim.warmup_steps", -5), ("vit_digits", "optim.grad_clip_norm", -1.0),
+    ("vit_digits", "checkpoint.every_steps", 0), ("vit_digits", "checkpoint.best_mode", "best"),
+    ("vit_digits", "data.source", "web"), ("vit_digits", "data.std", (0.0,)),
+    ("vit_digits", "label_smoothing", 1.0), ("vit_digits", "distill.weight", 1.5),
+    ("vit_digits", "distill.temperature", 0.0), ("vit_digits", "compress.budget", 1.01),
+    ("vit_digits", "compress.damping", 0.0), ("vit_digits", "log_every_steps", 0),
+    ("lm_text", "data.eval_fraction", 1.0), ("lm_text", "data.eval_fraction", 0.0),
+    ("lm_text", "model.vocab_size", 0), ("lm_text", "model.positions", "sinusoidal"),
+    ("seq2seq", "data.vocab_size", 3), ("llama", "model.num_kv_heads", 0),
+    ("llama", "model.rope_base", 0.0),
+]
+ACCEPTED = [  # the closed ends of the same intervals
+    ("vit_digits", "model.dropout", 0.0), ("vit_digits", "optim.min_lr_ratio", 1.0),
+    ("vit_digits", "optim.min_lr_ratio", 0.0), ("vit_digits", "optim.weight_decay", 0.0),
+    ("vit_digits", "optim.warmup_steps", 0), ("vit_digits", "distill.weight", 1.0),
+    ("vit_digits", "distill.weight", 0.0), ("vit_digits", "compress.budget", 0.0),
+    ("vit_digits", "compress.budget", 1.0), ("vit_digits", "num_train_steps", 0),
+    ("vit_digits", "seed", 0), ("vit_digits", "seed", 2 ** 31 - 1),
+    ("vit_digits", "label_smoothing", 0.0), ("vit_digits", "optim.grad_clip_norm", 0.0),
+    ("seq2seq", "data.vocab_size", 4),
+]
+
+
+@pytest.mark.parametrize("base,key,value", REFUSED, ids=[f"{k}={v!r}" for _, k, v in REFUSED])
+def test_a_hand_written_bad_value_is_refused_naming_the_key(base, key, value):
+  d = CONFIGS[base].to_dict()
+  _set(d, key, value)
+  with pytest.raises(errors.ConfigError) as info:
+    validate.check(ml_collections.ConfigDict(d), num_devices=1)
+  assert str(info.value).startswith(f"{key}="), str(info.value)
+
+
+@pytest.mark.parametrize("base,key,value", ACCEPTED, ids=[f"{k}={v!r}" for _, k, v in ACCEPTED])
+def test_a_value_at_the_closed_end_of_its_range_is_accepted(base, key, value):
+  d = CONFIGS[base].to_dict()
+  _set(d, key, value)
+  validate.check(ml_collections.ConfigDict(d), num_devices=1)
