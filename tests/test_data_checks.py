@@ -52,6 +52,20 @@ def _build(path, pixel_scale="uint8"):
                                    "data.std": (1.0,) * C, "data.eval_examples": 0}))
 
 
+def _reads_back(pipe, arrays, pixel_scale="uint8") -> bool:
+  """The clean file's pipeline holds what the file holds: its shapes, classes and eval pixels
+  (mean 0, std 1: the pixels scaled to [0, 1] and nothing else)."""
+  assert pipe.info["image_shape"] == list(arrays["x_train"].shape[1:]) or \
+      tuple(pipe.info["image_shape"]) == arrays["x_train"].shape[1:], pipe.info
+  assert pipe.info["num_classes"] == CLASSES and pipe.num_eval == len(arrays["x_test"])
+  first = next(iter(pipe.eval_batches()))
+  real = int(first["mask"].sum())  # the batch's examples before its padding
+  want = arrays["x_test"][:real].astype(np.float64)
+  want = want / 255.0 if pixel_scale == "uint8" else want
+  np.testing.assert_allclose(first["image"][:real], want, atol=1e-6)
+  return True
+
+
 def _save(tmp_path, arrays, name="bad.npz"):
   path = tmp_path / name
   np.savez(path, **arrays)
@@ -108,7 +122,8 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_malformed_npz_is_one_error_naming_file_split_field(tmp_path, case):
   change, scale, split, field, match = CASES[case]
-  assert _build(_save(tmp_path, _clean(scale), "clean.npz"), scale)
+  assert _reads_back(_build(_save(tmp_path, _clean(scale), "clean.npz"), scale), _clean(scale),
+                     scale)
   path = _save(tmp_path, change(_arrays()))
   with pytest.raises(DataError, match=match) as e:
     _build(path, scale)
@@ -156,7 +171,7 @@ def _cut_member(path, member):
 @pytest.mark.parametrize("how", ["file_cut_short", "member_cut_short", "not_an_npz"])
 def test_unreadable_npz_names_the_file(tmp_path, how):
   path = _save(tmp_path, _arrays())
-  assert _build(path)
+  assert _reads_back(_build(path), _arrays())
   if how == "file_cut_short":
     path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
     match = "a truncated or damaged .npz"

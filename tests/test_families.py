@@ -36,7 +36,10 @@ def test_example_batch_feeds_the_model_and_the_loss(name):
   params = model.init(jax.random.key(0), *inputs)
   sums = fam.sums(model.apply(params, *inputs), batch)
   metrics = fam.finalize(jax.device_get(sums), "eval")
-  assert np.isfinite(metrics["eval/loss"]) and 0 <= metrics["eval/accuracy"] <= 1
+  # A fresh model's logits are near zero: its loss is that of a uniform guess, ln(classes).
+  logits = model.apply(params, *inputs)
+  assert metrics["eval/loss"] == pytest.approx(np.log(logits.shape[-1]), abs=0.3), metrics
+  assert 0 <= metrics["eval/accuracy"] <= 1
   assert (fam.tokens_per_example({"tokens_per_example": 7}) == 7) == isinstance(fam, TokenFamily)
   assert fam.sequence_length(config.model) >= 1
   assert set(fam.stack_specs(model)) and all(

@@ -20,6 +20,12 @@ def test_one_real_step_per_family(family, tmp_path):
   assert summary["params_dense_equivalent"] > summary["params_total"]
   assert math.isfinite(summary["eval/loss"]) and 0 <= summary["eval/accuracy"] <= 1
   assert math.isfinite(summary["train/loss"])
+  # The step learned from the batch: its loss moved off the uniform guess's, and the run's
+  # metrics file holds the same step's loss.
+  metrics = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  first = next(m for m in metrics if "train/loss" in m)
+  assert first["train/loss"] == pytest.approx(summary["train/loss"])
+  assert summary["train/loss"] > 0 and "train/grad_norm" in first and first["train/grad_norm"] > 0
   saved = json.loads((tmp_path / "summary.json").read_text())
   assert saved["step"] == 1 and saved["eval/loss"] == pytest.approx(summary["eval/loss"])
   if family == "lm":

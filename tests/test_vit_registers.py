@@ -57,3 +57,12 @@ def test_trains_from_its_config(tmp_path):
   assert s["step"] == 3 and s["params_total"] == counts["total"]
   assert np.isfinite(s["eval/loss"]) and 0.0 <= s["eval/accuracy"] <= 1.0
   assert "eval/perplexity" not in s  # the family's task: classification metrics
+  # The registers are trained: three steps moved them off their initial values.
+  import vlora_jax
+  model, trained, _, _ = vlora_jax.load(tmp_path)
+  init_key = jax.random.split(jax.random.key(c.seed))[0]  # the trainer's (train.trainer)
+  fresh = nn.unbox(model.init({"params": init_key, "dropout": init_key},
+                              *[np.zeros(x.shape, x.dtype) for x in models.sample_inputs(c.model)],
+                              train=False))["params"]
+  moved = np.abs(trained["registers"] - np.asarray(fresh["registers"])).max()
+  assert trained["registers"].shape == fresh["registers"].shape and moved > 1e-4, moved
