@@ -50,6 +50,21 @@ def dtype(name: str):
   return DTYPES[name]
 
 
+# The ``config.model`` keys every family's module takes, with the value a run stored before the key
+# existed (a checkpoint's config is read as it was saved).
+SHARED_DEFAULTS = {"dropout": 0.0, "scan": True, "remat": "none", "dtype": "float32",
+                   "attention": "xla"}
+
+
+def shared_kwargs(mcfg, vlora: VLoRASpec | None, lora: LoRASpec | None) -> dict:
+  """The module arguments that every family reads the same way from ``config.model``: width,
+  depth, heads, dropout, scan, remat, compute dtype, attention kernel and the two specs."""
+  get = lambda key: mcfg.get(key, SHARED_DEFAULTS[key])
+  return dict(dim=mcfg.dim, depth=mcfg.depth, num_heads=mcfg.num_heads, dropout=get("dropout"),
+              scan=get("scan"), remat=get("remat"), dtype=dtype(get("dtype")),
+              attention=get("attention"), vlora=vlora, lora=lora)
+
+
 class Family(abc.ABC):
   """One kind of model and its task. Subclasses set the class attributes and implement the
   abstract methods (a family that misses one fails when it is instantiated, at import).

@@ -254,18 +254,15 @@ class LlamaFamily(lm.LMFamily):
 
   def build(self, mcfg, vlora, lora) -> Llama:
     heads = mcfg.num_heads
-    return Llama(vocab_size=mcfg.vocab_size, max_len=mcfg.max_len, dim=mcfg.dim,
-                 depth=mcfg.depth, num_heads=heads,
+    return Llama(vocab_size=mcfg.vocab_size, max_len=mcfg.max_len,
                  num_kv_heads=mcfg.get("num_kv_heads") or heads,
                  head_dim=mcfg.get("head_dim") or mcfg.dim // heads, mlp_dim=mcfg.mlp_dim,
                  rope_base=float(mcfg.get("rope_base", layers.ROPE_BASE)),
                  norm_eps=float(mcfg.get("norm_eps", NORM_EPS)),
                  tie_embeddings=mcfg.get("tie_embeddings", True),
                  attention_bias=mcfg.get("attention_bias", False),
-                 mlp_bias=mcfg.get("mlp_bias", False), dropout=mcfg.get("dropout", 0.0),
-                 vlora=vlora, scan=mcfg.get("scan", True), remat=mcfg.get("remat", "none"),
-                 dtype=family.dtype(mcfg.get("dtype", "float32")), lora=lora,
-                 attention=mcfg.get("attention", "xla"))
+                 mlp_bias=mcfg.get("mlp_bias", False),
+                 **family.shared_kwargs(mcfg, vlora, lora))
 
 
 FAMILY = LlamaFamily()

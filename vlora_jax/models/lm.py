@@ -160,13 +160,10 @@ class LMFamily(family.TokenFamily):
   }
 
   def build(self, mcfg, vlora, lora) -> LM:
-    return LM(vocab_size=mcfg.vocab_size, max_len=mcfg.max_len, dim=mcfg.dim, depth=mcfg.depth,
-              num_heads=mcfg.num_heads, mlp_ratio=mcfg.get("mlp_ratio", 4.0),
-              dropout=mcfg.get("dropout", 0.0), positions=mcfg.get("positions", "learned"),
-              tie_embeddings=mcfg.get("tie_embeddings", False), vlora=vlora,
-              scan=mcfg.get("scan", True), remat=mcfg.get("remat", "none"),
-              dtype=family.dtype(mcfg.get("dtype", "float32")), lora=lora,
-              attention=mcfg.get("attention", "xla"))
+    return LM(vocab_size=mcfg.vocab_size, max_len=mcfg.max_len, mlp_ratio=mcfg.mlp_ratio,
+              positions=mcfg.get("positions", "learned"),
+              tie_embeddings=mcfg.get("tie_embeddings", False),
+              **family.shared_kwargs(mcfg, vlora, lora))
 
   def sample_inputs(self, mcfg, batch: int = 2):
     return (jax.ShapeDtypeStruct((batch, mcfg.max_len), jnp.int32),)

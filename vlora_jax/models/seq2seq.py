@@ -235,14 +235,11 @@ class Seq2SeqFamily(family.TokenFamily):
   def build(self, mcfg, vlora, lora) -> Seq2Seq:
     vcfg = mcfg.get("vlora")
     dec_targets = vcfg.get("dec_targets") if vcfg is not None else None
-    return Seq2Seq(vocab_size=mcfg.vocab_size, max_len=mcfg.max_len, dim=mcfg.dim,
-                   depth=mcfg.depth, dec_depth=mcfg.get("dec_depth"), num_heads=mcfg.num_heads,
-                   mlp_ratio=mcfg.get("mlp_ratio", 4.0), dropout=mcfg.get("dropout", 0.0),
-                   tie_embeddings=mcfg.get("tie_embeddings", False), vlora=vlora,
+    return Seq2Seq(vocab_size=mcfg.vocab_size, max_len=mcfg.max_len,
+                   dec_depth=mcfg.get("dec_depth"), mlp_ratio=mcfg.mlp_ratio,
+                   tie_embeddings=mcfg.get("tie_embeddings", False),
                    dec_targets=tuple(dec_targets) if dec_targets is not None else None,
-                   scan=mcfg.get("scan", True), remat=mcfg.get("remat", "none"),
-                   dtype=family.dtype(mcfg.get("dtype", "float32")), lora=lora,
-                   attention=mcfg.get("attention", "xla"))
+                   **family.shared_kwargs(mcfg, vlora, lora))
 
   def sample_inputs(self, mcfg, batch: int = 2):
     tok = jax.ShapeDtypeStruct((batch, mcfg.max_len), jnp.int32)

@@ -71,6 +71,11 @@ class ViT(nn.Module):
         nn.initializers.truncated_normal(0.02), (None, None, "embed")), (1, x.shape[1], self.dim))
     return constrain(x + pos.astype(x.dtype), RESIDUAL)
 
+  def extra_tokens(self, x):
+    """Tokens appended after the patches, which the blocks see and the head does not (none
+    here; `vit_registers.ViTRegisters` adds its registers). Called inside ``__call__``."""
+    return x
+
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     if self.global_pool not in ("token", "avg"):
@@ -78,9 +83,11 @@ class ViT(nn.Module):
     if self.global_pool == "token" and not self.class_token:
       raise ValueError("global_pool='token' needs class_token=True")
     x = self.embed(images)
-    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    tokens = x.shape[1]  # class token and patches: what the head reads
+    x = nn.Dropout(self.dropout)(self.extra_tokens(x), deterministic=not train)
     x = vlorafy(self.block(), self.depth, self.vlora, scan=self.scan, remat=self.remat,
                 lora=self.lora, name="blocks")(x, deterministic=not train)
+    x = x[:, :tokens]
     if not self.fc_norm:
       x = layers.layer_norm("norm", self.dtype)(x)
     x = x[:, 0] if self.global_pool == "token" else x[:, int(self.class_token):].mean(axis=1)
@@ -136,13 +143,13 @@ class ViTFamily(family.Family):
   }
 
   def build(self, mcfg, vlora, lora) -> ViT:
-    return ViT(num_classes=mcfg.num_classes, patch_size=mcfg.patch_size, dim=mcfg.dim,
-               depth=mcfg.depth, num_heads=mcfg.num_heads, mlp_ratio=mcfg.mlp_ratio,
-               class_token=mcfg.get("class_token", True),
-               global_pool=mcfg.get("global_pool", "token"), dropout=mcfg.get("dropout", 0.0),
-               vlora=vlora, scan=mcfg.get("scan", True), remat=mcfg.get("remat", "none"),
-               dtype=family.dtype(mcfg.get("dtype", "float32")), lora=lora,
-               attention=mcfg.get("attention", "xla"))
+    return ViT(**self.vit_kwargs(mcfg), **family.shared_kwargs(mcfg, vlora, lora))
+
+  def vit_kwargs(self, mcfg) -> dict:
+    """The ViT's own module arguments (beside `family.shared_kwargs`)."""
+    return dict(num_classes=mcfg.num_classes, patch_size=mcfg.patch_size,
+                mlp_ratio=mcfg.mlp_ratio, class_token=mcfg.get("class_token", True),
+                global_pool=mcfg.get("global_pool", "token"))
 
   def sample_inputs(self, mcfg, batch: int = 2):
     return (jax.ShapeDtypeStruct((batch, mcfg.img_size, mcfg.img_size, mcfg.in_chans),
