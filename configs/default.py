@@ -118,7 +118,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = "none"       # what the backward pass keeps (vlora_jax/remat.py): none | full |
                                # dots | dots_no_batch | save_qkv_proj | save_proj |
                                # offload_qkv_proj | offload_dots_no_batch
-  c.model.attention = "xla"    # xla | cudnn (fused attention on NVIDIA GPUs, bfloat16)
+  c.model.attention = "xla"    # xla | cudnn (fused, NVIDIA GPUs, bfloat16) | pallas (flash, TPU)
   c.model.vlora = vlora()
 
   # Data: see vlora_jax/data/__init__.py for the sources.

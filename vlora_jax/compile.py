@@ -100,6 +100,7 @@ def devices_for(topology: str | None):
   except ImportError:
     raise CompileError(f"--topology={topology!r} needs libtpu: pip install -e '.[tpu]' (jax's "
                        "own tpu extra, at the pinned jax's version)") from None
+  _settle_libtpu(topology)
   from jax.experimental import topologies
   try:
     topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
@@ -114,6 +115,27 @@ def devices_for(topology: str | None):
 # FLOPs are the step's. The compile that measures memory keeps it: it is the step that runs.
 COST_OPTIONS = {"tpu": {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
                         "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}}
+
+
+# Cloud TPU names of a slice by generation: chips (v5e, v6e) or TensorCores (v4, v5p: 2 a chip).
+_ACCELERATOR_TYPE = {"v4": ("v4", 2), "v5e": ("v5litepod", 1), "v5p": ("v5p", 2),
+                     "v6e": ("v6e", 1)}
+
+
+def _settle_libtpu(topology: str) -> None:
+  """What libtpu would ask a TPU VM's metadata server, told up front: on a machine without TPU
+  chips it otherwise prints a screen of warnings while it starts, before any compile.
+
+  libtpu also takes a machine-wide lock for the chips it drives; compiling drives none, so two
+  compiles (or a compile beside a test) may load it at once.
+  """
+  name, per_chip = _ACCELERATOR_TYPE[topology.split(":")[0]]
+  chips = math.prod(int(n) for n in re.findall(r"\d+", topology.split(":")[1]))
+  for key, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_SKIP_MDS_QUERY", "1"),
+                     ("TPU_WORKER_HOSTNAMES", "localhost"),
+                     ("TPU_ACCELERATOR_TYPE", f"{name}-{chips * per_chip}"),
+                     ("TPU_STDERR_LOG_LEVEL", "3"), ("TPU_MIN_LOG_LEVEL", "3")):
+    os.environ.setdefault(key, value)
 
 
 def stack_depths(run) -> dict[str, int]:

@@ -15,7 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlora_jax.partitioning import ATTENTION_HEADS, BATCH, LENGTH, MLP, RESIDUAL, constrain
+from vlora_jax.partitioning import (ATTENTION_HEADS, BATCH, LENGTH, MLP, RESIDUAL, constrain,
+                                    per_shard)
 from vlora_jax.remat import OUT_PROJ, QKV_PROJ, tag
 
 Dtype = Any
@@ -63,8 +64,9 @@ def layer_norm(name: str, dtype: Dtype):
 
 
 # ``model.attention``: the kernel behind `attend`. 'xla' runs anywhere; 'cudnn' is cuDNN's fused
-# (flash) attention on NVIDIA GPUs, for bfloat16 inputs.
-ATTENTION_IMPLS = ("xla", "cudnn")
+# (flash) attention on NVIDIA GPUs, for bfloat16 inputs; 'pallas' is the Pallas flash attention
+# kernel for TPUs (jax.experimental.pallas.ops.tpu), which never holds a [T, T] score matrix.
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
 
 
 def attend(q, k, v, mask=None, causal: bool = False, implementation: str = "xla"):
@@ -73,14 +75,37 @@ def attend(q, k, v, mask=None, causal: bool = False, implementation: str = "xla"
 
   q, k and v stay in the compute dtype, so bfloat16 reaches the fused kernels and the MXU; the
   logits and the softmax are float32 (``jax.nn.dot_product_attention`` computes them so for
-  bfloat16 inputs).
+  bfloat16 inputs, and so does the Pallas kernel). The Pallas kernel takes no padding mask: where
+  one is given (padded batches, decoding from a KV cache), XLA's attention runs instead.
   """
   if implementation not in ATTENTION_IMPLS:
     raise ValueError(f"model.attention={implementation!r}: allowed are {list(ATTENTION_IMPLS)}")
-  out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
-                                     is_causal=causal,
-                                     implementation=implementation)
+  k, v = k.astype(q.dtype), v.astype(q.dtype)
+  if implementation == "pallas" and mask is None:
+    out = _pallas_flash(q, k, v, causal)
+  else:
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                       implementation=None if implementation == "pallas"
+                                       else implementation)
   return constrain(out, ATTENTION_HEADS)
+
+
+def _pallas_flash(q, k, v, causal: bool):
+  """The Pallas TPU flash attention kernel on ``[B, T, H, hd]``, each device on its own shard
+  (the kernel has no GSPMD rule). Key/value heads are repeated up to the query heads."""
+  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_tpu
+  groups = q.shape[2] // k.shape[2]
+  if groups > 1:
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+  scale = 1.0 / math.sqrt(q.shape[-1])
+
+  def kernel(q, k, v):  # [B, T, H, hd] -> the kernel's [B, H, T, hd] and back
+    heads_first = lambda a: jnp.swapaxes(a, 1, 2)
+    out = pallas_tpu.flash_attention(heads_first(q), heads_first(k), heads_first(v),
+                                     causal=causal, sm_scale=scale)
+    return heads_first(out)
+
+  return per_shard(kernel, ATTENTION_HEADS, q, k, v)
 
 
 def rotary(x, positions, base: float = ROPE_BASE):

@@ -113,3 +113,16 @@ def traced_with(fn, mesh: jax.sharding.Mesh, rules):
       return fn(*args, **kwargs)
 
   return wrapped
+
+
+def per_shard(fn, names: Sequence[str | None], *args):
+  """``fn(*args)`` run on every device's shard (``jax.shard_map``), the arguments and the result
+  split by the same logical ``names``: for kernels that GSPMD cannot partition (Pallas). Outside
+  `activation_sharding`, ``fn(*args)`` on whole arrays."""
+  active = _ACTIVE.get()
+  if active is None:
+    return fn(*args)
+  mesh, rules = active
+  spec = spec_for(args[0].shape, names, rules, mesh)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec,
+                       check_vma=False)(*args)
