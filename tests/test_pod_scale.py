@@ -129,3 +129,19 @@ def test_a_step_that_does_not_fit_is_one_line_and_exit_3(tmp_path):
   assert code == 3, output[-3000:]
   assert report["fits"] is False and report["peak_bytes"] > report["hbm_bytes"]
   assert "does not fit: the step needs" in output and "Traceback" not in output
+
+
+def test_pallas_flash_attention_compiles_for_a_tpu_and_holds_no_score_matrix(tmp_path):
+  """model.attention='pallas' (the Pallas TPU kernel, per shard): the step compiles for a TPU
+  slice and, where attention's [heads, T, T] scores would dominate, needs less memory."""
+  pytest.importorskip("libtpu", reason="the tpu extra")
+  temp = {}
+  for impl in ("xla", "pallas"):
+    out = tmp_path / f"{impl}.json"
+    code, report, output = _compile("--config=configs/lm_pod.py:1b,d=1024,layers=4,batch=4",
+                                     "--config.model.vocab_size=1024",
+                                     f"--config.model.attention={impl}", "--topology=v5e:2x2",
+                                     "--nocount_flops", f"--out={out}")
+    assert code == 0, output[-3000:]
+    temp[impl] = report["temp_bytes"]
+  assert temp["pallas"] < 0.8 * temp["xla"], temp
