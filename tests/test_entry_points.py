@@ -155,7 +155,7 @@ def test_override_parsing():
     parse_overrides(["--config.data.path"])
   assert parse_value("64", 0) == 64 and parse_value("1e-3", 0.5) == 1e-3
   assert parse_value("123", "a path") == "123" and parse_value("False", True) is False
-  assert parse_value("(0.5, 0.4)", [0.3]) == [0.5, 0.4] and parse_value("0.5", [0.3]) == [0.5]
+  assert parse_value("(0.5, 0.4)", [0.3]) == (0.5, 0.4) and parse_value("0.5", [0.3]) == (0.5,)
   assert parse_value("abc", 3) == "abc"  # the schema names it
 
 

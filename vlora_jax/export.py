@@ -1,6 +1,8 @@
 """Export a trained run's merged dense weights.
 
-  python -m vlora_jax.export --workdir DIR --format {timm,hf,npz,orbax} --out PATH [--step N|best]
+  vlora-export --workdir DIR --format {timm,hf,npz,orbax} --out PATH [--step N|best]
+
+(``python -m vlora_jax.export`` is the same command.)
 
 VLoRA increments and LoRA adapters are folded into plain per-layer weights once
 (`vlora_jax.models.to_dense`): what is written is the weights of the run's dense twin, the same
@@ -178,9 +180,10 @@ def export(workdir, fmt: str, out, step: int | str | None = None) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = cli.Parser("python -m vlora_jax.export", __doc__)
+  parser = cli.Parser("vlora-export", __doc__)
   cli.add_run_args(parser)
-  parser.add_argument("--format", required=True, choices=FORMATS)
+  parser.add_argument("--format", required=True, choices=FORMATS,
+                      help="timm (vit), hf (llama), npz or orbax: see above")
   parser.add_argument("--out", required=True,
                       help="timm: a .safetensors file; npz: a file; hf, orbax: a new directory")
   args = parser.parse_args(argv)
