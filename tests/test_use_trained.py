@@ -28,7 +28,7 @@ from vlora_jax import models
 from vlora_jax.convert import torch_vit
 from vlora_jax.convert.torch_vit import _check_kwargs
 from vlora_jax.errors import CheckpointError, UserError
-from vlora_jax.export import export, merged
+from vlora_jax.export import export
 from vlora_jax.train import checkpoint, train_and_evaluate
 
 pytestmark = pytest.mark.slow  # subprocesses and trained runs: `pytest -m slow`
@@ -230,7 +230,7 @@ def test_export_command_line(runs):
   assert proc.returncode == 0, stderr[-4000:]
   out = runs.tmp / "cli" / "dense.npz"
   assert stdout.split() == [str(out)]
-  _, params = merged(runs.loaded)
+  _, params = runs.loaded.to_dense()
   with np.load(out) as z:
     flat = {k: z[k] for k in z.files}
   assert "blocks/per_layer/attn/qkv/kernel" in flat and not any("inc_" in k for k in flat)

@@ -97,14 +97,6 @@ def dense_twin_config(config):
   return c
 
 
-def merged(run: trained_lib.Trained):
-  """``(dense twin module, dense params as host numpy)``."""
-  import jax
-  from vlora_jax import models
-  dense_model, variables = models.to_dense(run.model, {"params": run.params})
-  return dense_model, jax.device_get(variables["params"])
-
-
 def write_npz(out: Path, params) -> list[Path]:
   import numpy as np
   from flax import traverse_util
@@ -169,7 +161,7 @@ def export(workdir, fmt: str, out, step: int | str | None = None) -> list[Path]:
   _check_format(fmt, trained_lib.read_meta(step_dir))
   _prepare_out(fmt, out)
   run = trained_lib.load(workdir, step)
-  dense_model, params = merged(run)
+  dense_model, params = run.to_dense()
   if fmt == "npz":
     return write_npz(out, params)
   if fmt == "timm":
