@@ -47,9 +47,9 @@ def _tiny(c, a) -> None:
   m.attention_bias = m.mlp_bias = False
   m.dropout = 0.1
   c.data.path = a["file"]
+  c.data.split_seed = None     # held out: the text's last blocks (validation, then test)
   if a["data"] == "text":
     c.data.source = "text"
-    c.data.eval_fraction = 0.1
     return
   from vlora_jax import tokenizer
   c.data.source = "tokenized"
@@ -71,12 +71,13 @@ def _like_run(c, a) -> None:
   c.data.path = a["file"]
   c.data.tokenizer = os.path.abspath(a["from"])
   c.data.eval_split = "validation"
+  c.data.split_seed = None
 
 
 def get_config(arg: str = "vlora"):
   a = default.parse_arg(arg, {"variant": ("vlora", ("vlora", "dense")),
                               "data": ("text", ("text", "bpe")), "r": 8, "s": 4, "steps": None,
-                              "file": os.path.join("..", "shared", "data", "tiny_shakespeare.txt"),
+                              "file": "tiny_shakespeare.txt",
                               "tok": FIXTURE_TOKENIZER, "from": ""})
   c = default.get_config()
   c.model.name = "llama"

@@ -35,7 +35,7 @@ def get_config(arg: str = "text"):
   a = default.parse_arg(arg, {"source": ("text", ("text", "tfds")),
                               "variant": ("vlora", ("vlora", "dense")), "r": 8, "s": 4,
                               "size": ("small", ("small", "xl")), "steps": None,
-                              "file": os.path.join("..", "shared", "data", "tiny_shakespeare.txt")})
+                              "file": "tiny_shakespeare.txt"})
   c = default.get_config()
   m = c.model
   m.name = "lm"
@@ -48,13 +48,14 @@ def get_config(arg: str = "text"):
   m.vlora = default.vlora(enabled=a["variant"] == "vlora", compound_size=a["s"], rank=a["r"])
 
   c.data.source = a["source"]
+  c.data.split_seed = None     # held out: the text's last blocks (validation, then test)
+  c.data.validation_fraction = 0.05  # of 20 blocks: one validates; text: one more tests
   if a["source"] == "text":
-    c.data.path = a["file"]
-    c.data.eval_fraction = 0.1  # the last 10% of the file evaluates
+    c.data.path = a["file"]    # relative: in the data directory ($VLORA_DATA)
+    c.data.test_fraction = 0.05
   else:
-    c.data.tfds_name = "tiny_shakespeare"
-    c.data.eval_split = "validation"
-  c.data.eval_examples = 512   # non-overlapping eval windows (512 x 64 characters)
+    c.data.tfds_name = "tiny_shakespeare"  # its train split's last block validates, its test
+  c.data.eval_examples = 512   # split tests; non-overlapping eval windows (512 x 64 characters)
 
   c.batch_size = 32
   c.eval_batch_size = 128

@@ -24,6 +24,11 @@ from configs import default
 TRAIN_EXAMPLES = 50_000
 
 
+def train_examples(total: int, c) -> int:
+  """The examples that train: the train split less the validation split carved from it."""
+  return total - round(total * c.data.validation_fraction)
+
+
 def get_config(arg: str = "vlora"):
   a = default.parse_arg(arg, {"variant": ("vlora", ("vlora", "dense")),
                               "size": ("paper", ("paper", "small")), "r": 8, "s": 0,
@@ -46,7 +51,7 @@ def get_config(arg: str = "vlora"):
   c.data.source = "tfds"
   c.data.tfds_name = "cifar10"
   c.data.train_split = "train"
-  c.data.eval_split = "test"
+  c.data.validation_fraction = 0.1  # 5,000 of the 50,000 train images validate (TFDS test tests)
   c.data.augment = "crop_flip"  # RandomCrop(32, padding=4) + RandomHorizontalFlip
   c.data.crop_padding = 4
   c.data.mean = (0.4914, 0.4822, 0.4465)  # CIFAR-10 train statistics
@@ -54,7 +59,7 @@ def get_config(arg: str = "vlora"):
 
   c.batch_size = 128
   c.eval_batch_size = 500
-  steps_per_epoch = TRAIN_EXAMPLES // c.batch_size
+  steps_per_epoch = train_examples(TRAIN_EXAMPLES, c) // c.batch_size
   c.num_train_steps = a["epochs"] * steps_per_epoch
   c.label_smoothing = 0.1
   c.optim.lr = 1e-3

@@ -32,7 +32,6 @@ def _config(text_file, **changes):
              "data.eval_examples": 0, "batch_size": 4, "eval_batch_size": 4, **changes}
   c = tiny("llama")
   c.unlock()
-  del c.data["eval_fraction"]  # a key of the character source
   c.model.vocab_size = 320
   for key, value in changes.items():
     node = c

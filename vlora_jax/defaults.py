@@ -128,26 +128,30 @@ def get_config() -> ml_collections.ConfigDict:
   # Data: see vlora_jax/data/__init__.py for the sources.
   c.data = ml_collections.ConfigDict()
   c.data.source = "digits"     # digits | npz | tfds | text | tokenized | reverse
-  c.data.path = ""             # npz / text / tokenized: a local file
+  c.data.path = ""             # npz / text / tokenized: a local file; a relative path is read
+                               # from the data directory, $VLORA_DATA (vlora_jax/data/paths.py)
   c.data.tokenizer = ""        # tokenized: a tokenizer.json, a .gguf, a Hugging Face model
                                # directory, or a run's workdir whose checkpoints store one
-  c.data.split_blocks = 20     # tokenized: the token stream is cut into this many equal blocks,
-  c.data.validation_fraction = 0.05  # and this share of them validates,
-  c.data.test_fraction = 0.05  # this share tests (the rest trains)
-  c.data.split_seed = None     # tokenized: None holds out the file's last blocks; an int picks
-                               # the held-out blocks at random by this seed
+  c.data.split_blocks = 20     # text, tokenized: the text is cut into this many equal blocks
+  c.data.validation_fraction = 0.05  # the share of the train split (its examples, or the text's
+                               # blocks) that validates: what the run evaluates while it trains
+  c.data.test_fraction = 0.05  # text, tokenized: the share of the blocks that tests
+  c.data.split_seed = 0        # which examples or blocks are held out: an int a seeded choice,
+                               # None the file's last ones (text configs: a held-out tail)
+  c.data.eval_split = "validation"  # validation | test: what the run evaluates while it trains
+                               # (and ranks best/ by); the test split is evaluated once, at the end
   c.data.tfds_name = ""        # tfds: dataset name (cifar10, mnist, tiny_shakespeare)
   c.data.data_dir = ""         # tfds: data directory ('' = TFDS default, ~/tensorflow_datasets)
   c.data.download = False      # tfds: download and prepare when missing (needs network)
-  c.data.train_split = "train"  # tfds split names
-  c.data.eval_split = "test"   # tokenized: validation | test
+  c.data.train_split = "train"  # tfds split names: the train split (validation comes out of it)
+  c.data.test_split = "test"   # and the test split
   c.data.augment = "none"      # images: none | crop | crop_flip (random crop with zero padding)
   c.data.crop_padding = 4      # images: padding of the random crop
   c.data.mean = (0.5,)         # images: per-channel mean after scaling pixels to [0, 1]
   c.data.std = (0.5,)          # images: per-channel std
   c.data.pixel_scale = "uint8"  # npz images: uint8 (integers 0-255) | unit (floats in [0, 1]);
                                # checked against the file, never guessed
-  c.data.eval_examples = 0     # cap on eval examples (0 = the whole eval split)
+  c.data.eval_examples = 0     # cap on the examples of each eval set, validation and test (0: all)
   c.data.threads = 2           # grain read-ahead threads
 
   c.batch_size = 128           # global batch (all processes); divisible by mesh.data * mesh.fsdp

@@ -131,7 +131,7 @@ def write_hf(out: Path, run: trained_lib.Trained, dense_model, params) -> list[P
 def write_orbax(out: Path, run: trained_lib.Trained, params) -> list[Path]:
   """``out/checkpoints/<step>``: the dense twin's train state, saved as the trainer saves it."""
   from vlora_jax import params as params_lib
-  from vlora_jax.train import checkpoint as ckpt_lib, optim
+  from vlora_jax.train import checkpoint as ckpt_lib, metrics, optim
   config = dense_twin_config(run.config)
   # The run's step and rng (the data position and dropout stream go on as they would have); the
   # optimizer starts fresh: the VLoRA run's moments belong to other parameters.
@@ -148,7 +148,8 @@ def write_orbax(out: Path, run: trained_lib.Trained, params) -> list[Path]:
     ckpt.save(run.step, state)
   finally:
     ckpt.close()
-  return [out / "checkpoints" / str(run.step)]
+  metrics.write_json(out / "config.json", meta["config"])  # as every run's workdir has
+  return [out / "checkpoints" / str(run.step), out / "config.json"]
 
 
 def export(workdir, fmt: str, out, step: int | str | None = None) -> list[Path]:

@@ -102,13 +102,32 @@ def _previous_meta(workdir: Path) -> dict | None:
     return None
 
 
+def check_more_steps(config, workdir: Path, previous: dict | None) -> None:
+  """A run resumed with another ``num_train_steps`` under a schedule that depends on it (cosine)
+  would jump its learning rate; refused with the way to train further (a new run from its
+  weights). Under ``optim.schedule='constant'`` the rate after the warmup does not depend on it,
+  and the run continues to the new step count."""
+  before = ((previous or {}).get("config") or {}).get("num_train_steps")
+  now = int(config.num_train_steps)
+  if before is None or int(before) == now or config.optim.get("schedule") == "constant":
+    return
+  raise errors.ConfigError(
+      f"num_train_steps={now}: the run in {str(workdir)!r} was started with num_train_steps="
+      f"{before}, and its {config.optim.get('schedule', 'cosine')} learning-rate schedule spans "
+      f"those steps (continuing under {now} would make the rate jump mid-run). To train it "
+      f"further, start a new run from its weights, with a fresh warmup and schedule over the new "
+      f"steps: --config.init_from=checkpoint:{workdir} --workdir {workdir}_more; or pass "
+      f"--config.num_train_steps={before} to resume (or, when finished, re-evaluate) it as it was")
+
+
 def set_up(config, workdir: Path) -> Run:
   """Checks the config, builds the mesh, the data and the model's shapes (no compile).
 
   Every ValueError raised here is about the input: it leaves as a `ConfigError` or `DataError`.
   """
-  plan, mesh, pipe = mesh_and_data(config)
   previous = _previous_meta(workdir)
+  check_more_steps(config, workdir, previous)  # before the data are read: an instant refusal
+  plan, mesh, pipe = mesh_and_data(config)
   with errors.config_errors():
     model = plan.build_model(config.model)
     if previous is None and not config.checkpoint.get("restore_from"):
