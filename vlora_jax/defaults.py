@@ -163,11 +163,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.label_smoothing = 0.0      # classification only
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-3            # peak learning rate (AdamW)
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.05  # decoupled (AdamW); times optim.wd_mults
+  c.optim.name = "adamw"       # adamw | adafactor | lion | sgd (optax; vlora_jax/train/optim.py)
+  c.optim.lr = 1e-3            # peak learning rate
+  c.optim.b1 = 0.9             # adamw, lion
+  c.optim.b2 = 0.999           # adamw, lion (Lion's paper: 0.99)
+  c.optim.eps = 1e-8           # adamw
+  c.optim.momentum = 0.9       # sgd
+  c.optim.nesterov = False     # sgd
+  c.optim.weight_decay = 0.05  # decoupled (times the learning rate, as AdamW's); times
+                               # optim.wd_mults
   c.optim.schedule = "cosine"  # cosine | constant (both after the linear warmup)
   c.optim.warmup_steps = 100
   c.optim.min_lr_ratio = 0.0   # cosine ends at lr * min_lr_ratio

@@ -31,6 +31,7 @@ TOKENIZED = when_in("data.source", "tokenized")
 SPLIT = when_in("data.source", "digits", "npz", "tfds", "text", "tokenized")  # train has a split
 BLOCKS = when_in("data.source", "text", "tokenized", "tfds")  # text is cut into blocks
 ONE_FILE_TEXT = when_in("data.source", "text", "tokenized")  # its test split is blocks too
+ADAM_OR_LION = when_in("optim.name", "adamw", "lion")
 BEST = When("checkpoint.keep_best", lambda v: bool(v), "checkpoint.keep_best > 0")
 
 COMMON: dict[str, Key] = {
@@ -106,9 +107,14 @@ COMMON: dict[str, Key] = {
     "label_smoothing": Float(lo=0, hi=1, hi_open=True, doc="classification only"),
 
     "optim.lr": Float(required=True, lo=0, lo_open=True, doc="peak learning rate"),
-    "optim.b1": Float(lo=0, hi=1, hi_open=True, doc="Adam beta1"),
-    "optim.b2": Float(lo=0, hi=1, hi_open=True, doc="Adam beta2"),
-    "optim.eps": Float(lo=0, lo_open=True, doc="Adam epsilon"),
+    "optim.name": Choice(choices=optim.OPTIMIZERS, doc="the update rule (optax)"),
+    "optim.b1": Float(lo=0, hi=1, hi_open=True, when=ADAM_OR_LION, doc="adamw, lion: beta1"),
+    "optim.b2": Float(lo=0, hi=1, hi_open=True, when=ADAM_OR_LION, doc="adamw, lion: beta2"),
+    "optim.eps": Float(lo=0, lo_open=True, when=when_in("optim.name", "adamw"),
+                       doc="adamw: epsilon"),
+    "optim.momentum": Float(lo=0, hi=1, hi_open=True, when=when_in("optim.name", "sgd"),
+                            doc="sgd: momentum"),
+    "optim.nesterov": Bool(when=when_in("optim.name", "sgd"), doc="sgd: Nesterov momentum"),
     "optim.weight_decay": Float(lo=0, doc="decoupled weight decay"),
     "optim.schedule": Choice(choices=optim.SCHEDULES, doc="after the warmup"),
     "optim.warmup_steps": Int(lo=0, doc="linear warmup steps"),
