@@ -65,8 +65,8 @@ def _stack(mode="anchored", lora=True):
 def test_public_functions_take_boxed_and_unboxed_params():
   model, spec, lspec, variables, x = _stack()
   boxed = variables["params"]
-  assert any(isinstance(b, nn.LogicallyPartitioned)
-             for b in jax.tree.leaves(boxed, is_leaf=lambda b: isinstance(b, nn.LogicallyPartitioned)))
+  is_box = lambda b: isinstance(b, nn.LogicallyPartitioned)
+  assert any(map(is_box, jax.tree.leaves(boxed, is_leaf=is_box)))
   plain = nn.unbox(boxed)
   want = model.apply(variables, x)
   for p in (boxed, plain):

@@ -41,7 +41,8 @@ def _cases(tmp):
   wd = "--workdir=WORKDIR"  # each case gets its own (they run at once; a workdir holds one run)
   return {
       "typo_key": ([DIGITS, wd, "--config.modle.dim=3"],
-                   "--config.modle.dim: no config key 'modle' in the config; did you mean 'model'?"),
+                   "--config.modle.dim: no config key 'modle' in the config; did you mean "
+                   "'model'?"),
       "wrong_type": ([DIGITS, wd, "--config.model.dim=abc"], "--config.model.dim=abc"),
       "unknown_flag": ([DIGITS, wd, "--nope=1"], "unrecognized arguments: --nope=1"),
       "no_config": ([wd], "the following arguments are required: --config"),

@@ -12,7 +12,7 @@ import optax
 import pytest
 from helpers_train import tiny
 
-from vlora_jax import data, models
+from vlora_jax import data, errors, models
 from vlora_jax.train import optim, state as state_lib, validate
 from vlora_jax.train.steps import make_train_step
 
@@ -63,5 +63,6 @@ def test_weight_decay_is_decoupled_and_scaled_by_the_rate(name):
 
 
 def test_an_unknown_optimizer_is_named():
-  with pytest.raises(Exception, match=r"optim.name='adam': allowed are \['adamw', 'adafactor', 'lion', 'sgd'\]"):
+  allowed = r"optim.name='adam': allowed are \['adamw', 'adafactor', 'lion', 'sgd'\]"
+  with pytest.raises(errors.ConfigError, match=allowed):
     validate.check(tiny("vit", **{"optim.name": "adam"}), num_devices=1)

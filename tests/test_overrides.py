@@ -139,3 +139,15 @@ def test_only_the_library_is_installed():
     text = (md.distribution("vlora-jax").locate_file(finder[0])).read_text()
     assert "'configs'" not in text and "'experiments'" not in text and "'benchmarks'" not in text
   assert not {"configs", "experiments", "benchmarks"} & set(top)
+
+
+def test_sample_stop_reads_escapes_and_cuts_at_any_text():
+  # pylint: disable=protected-access
+  from vlora_jax import sample
+  assert sample.unescape("\\n", "--stop") == "\n" and sample.unescape("é\\t", "--stop") == "é\t"
+  assert sample.unescape("ROMEO:", "--stop") == "ROMEO:"
+  with pytest.raises(sample.SampleError, match=r"--stop='a\\\\': a broken escape"):
+    sample.unescape("a\\", "--stop")
+  assert sample._cut("thou art\nthe king", "\n") == "thou art"
+  assert sample._cut("thou art the king", "the k") == "thou art "
+  assert sample._cut("no stop here", None) == "no stop here"

@@ -110,7 +110,8 @@ def test_all_from_a_folder_of_copies_and_the_command(tmp_path, capsys):
   src.mkdir()
   np.savez(src / "mnist.npz", **_mnist_arrays())  # Keras' layout
   (src / "input.txt").write_text("First Citizen:\nBefore we proceed any further, hear me.\n" * 9)
-  assert prepare._available(src) == ["digits", "mnist", "tiny_shakespeare"]  # pylint: disable=protected-access
+  found = prepare._available(src)  # pylint: disable=protected-access
+  assert found == ["digits", "mnist", "tiny_shakespeare"]
   prepare.main(["all", "--from", str(src), "--out", str(tmp_path / "d")])
   assert (tmp_path / "d" / "mnist.npz").is_file()
   assert (tmp_path / "d" / "tiny_shakespeare.txt").read_text().startswith("First Citizen:")

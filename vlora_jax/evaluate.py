@@ -110,10 +110,8 @@ def eval_config(stored: dict, overrides_: dict[str, Any] | None):
       raise EvalError(f"--config.{key}: cannot be overridden in an evaluation; allowed are "
                       f"{_allowed_text()} (the model and its training are the checkpoint's)")
     text = value if isinstance(value, str) else None
-    try:
-      applied[key] = overrides_lib.set_key(tree, key, value, text=text)
-    except UserError as e:
-      raise EvalError(str(e)) from None
+    # A key the stored config lacks is an `overrides.OverrideError` (a ConfigError) naming it.
+    applied[key] = overrides_lib.set_key(tree, key, value, text=text)
   config = ml_collections.ConfigDict(tree)
   config.lock()
   schema.check(config)  # a ConfigError naming the key, its value and what is allowed
