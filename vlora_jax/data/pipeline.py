@@ -7,8 +7,8 @@ seed and the epoch number); process ``p`` reads only its contiguous slice ``p*b 
 data position is the step: a resumed run, or one with another process count, sees exactly the
 batches it would have seen.
 
-Eval: the split in order, padded with masked copies of example 0 to a whole number of global
-batches, each process reading its own slice of every batch.
+Eval: each eval set (validation, test) in order, padded with masked copies of its example 0 to
+a whole number of global batches, each process reading its own slice of every batch.
 """
 
 from __future__ import annotations

@@ -12,9 +12,11 @@
 
 The whole file is tokenized at once (no special tokens: a stream), then split. Train examples are
 every window of ``model.max_len + 1`` tokens inside the train blocks (adjacent blocks join; no
-window crosses into held-out text), eval examples the non-overlapping windows of the eval split
-in order. The choice of blocks and the tokenizer (its JSON, BOS and EOS ids) are stored in the
-data info, with every checkpoint: `vlora_jax.load`, `sample` and `evaluate` need nothing else.
+window crosses into held-out text), validation and test examples the non-overlapping windows of
+their blocks in order (`windows`; the character-level ``text`` source cuts its text the same
+way). The choice of blocks, the eval split's characters per token (bits per character) and the
+tokenizer (its JSON, BOS and EOS ids) are stored in the data info, with every checkpoint:
+`vlora_jax.load`, `sample` and `evaluate` need nothing else.
 """
 
 from __future__ import annotations
