@@ -78,11 +78,13 @@ def test_more_steps_for_a_finished_run_are_refused_with_the_way(runs):
   more = runs.config.copy_and_resolve_references()
   more.num_train_steps = 2 * STEPS
   with pytest.raises(errors.ConfigError,
-                     match=rf"num_train_steps={2 * STEPS}: .* was started with num_train_steps="
+                     match=rf"num_train_steps={2 * STEPS}: .* finished its num_train_steps="
                            rf"{STEPS}.*--config.init_from=checkpoint:{runs.tmp / 'a'}"):
     train_and_evaluate(more, runs.tmp / "a")
+  stored = {"config": {"num_train_steps": STEPS}}
+  setup.check_more_steps(more, runs.tmp / "a", stored, step=STEPS - 1)  # unfinished: a resume
   more.optim.schedule = "constant"  # its rate does not depend on the step count: it continues
-  setup.check_more_steps(more, runs.tmp / "a", {"config": {"num_train_steps": STEPS}})
+  setup.check_more_steps(more, runs.tmp / "a", stored, step=STEPS)
 
 
 def test_compare_tabulates_the_runs_and_plots_their_curves(runs, capsys):

@@ -38,7 +38,8 @@ class Loop:
   def __init__(self, run: Run, train_step, ckpt: ckpt_lib.Checkpointer, start: int,
                evaluate_start: bool = False):
     self.run, self.train_step, self.ckpt, self.start = run, train_step, ckpt, start
-    self.evaluate_start = evaluate_start and start == 0
+    # With no step to train, the final evaluation is the step-0 one: it is not done twice.
+    self.evaluate_start = evaluate_start and start == 0 < run.total_steps
     config = run.config
     # A resumed run first drops the rows it writes again (a finished run: its eval at `start`).
     self.writer = metrics_lib.Writer(run.workdir, enabled=run.main,

@@ -102,22 +102,33 @@ def _previous_meta(workdir: Path) -> dict | None:
     return None
 
 
-def check_more_steps(config, workdir: Path, previous: dict | None) -> None:
-  """A run resumed with another ``num_train_steps`` under a schedule that depends on it (cosine)
-  would jump its learning rate; refused with the way to train further (a new run from its
-  weights). Under ``optim.schedule='constant'`` the rate after the warmup does not depend on it,
-  and the run continues to the new step count."""
+def check_more_steps(config, workdir: Path, previous: dict | None,
+                     step: int | None = None) -> None:
+  """A finished run started again with another ``num_train_steps``, under a schedule that spans
+  its step count (cosine), would jump its learning rate from the schedule's end back up: refused,
+  with the way to train further (a new run from its weights). Under ``optim.schedule='constant'``
+  the rate after the warmup does not depend on the step count, and the run continues to the new
+  count. ``step`` is the newest checkpoint's (read from the workdir when None)."""
   before = ((previous or {}).get("config") or {}).get("num_train_steps")
   now = int(config.num_train_steps)
   if before is None or int(before) == now or config.optim.get("schedule") == "constant":
     return
+  if step is None:
+    try:
+      step = trained_lib.find_checkpoint(workdir)[1]
+    except errors.CheckpointError:
+      return
+  if step < int(before):
+    return  # not finished: a resume (whose other changed settings the checkpoint checks name)
+  schedule = config.optim.get("schedule", "cosine")
   raise errors.ConfigError(
-      f"num_train_steps={now}: the run in {str(workdir)!r} was started with num_train_steps="
-      f"{before}, and its {config.optim.get('schedule', 'cosine')} learning-rate schedule spans "
-      f"those steps (continuing under {now} would make the rate jump mid-run). To train it "
-      f"further, start a new run from its weights, with a fresh warmup and schedule over the new "
-      f"steps: --config.init_from=checkpoint:{workdir} --workdir {workdir}_more; or pass "
-      f"--config.num_train_steps={before} to resume (or, when finished, re-evaluate) it as it was")
+      f"num_train_steps={now}: the run in {str(workdir)!r} finished its num_train_steps="
+      f"{before}, over which its {schedule} learning-rate schedule ran to its end; continuing "
+      f"it to {now} would make the rate jump back up. To train it further, start a new run from "
+      f"its weights, with a fresh warmup and schedule over the new steps: "
+      f"--config.init_from=checkpoint:{workdir} --workdir {workdir}_more (or use "
+      f"optim.schedule=constant, whose rate does not depend on the step count); "
+      f"--config.num_train_steps={before} evaluates it again")
 
 
 def set_up(config, workdir: Path) -> Run:

@@ -261,9 +261,9 @@ def train_and_evaluate(config, workdir: str | Path, *,
                      run.teacher.weight, run.teacher.temperature)
         compiled = train_step
         train_step = lambda st, batch: compiled(st, batch, teacher_params)
-      # A model given to start from (a compressed dense run, an import) is measured first.
-      loop = Loop(run, train_step, ckpt, start,
-                  evaluate_start=origin.startswith(("init_from", "init_params")))
+      # A model the config names to start from (a compressed dense run, an import, another
+      # run's checkpoint) is measured first.
+      loop = Loop(run, train_step, ckpt, start, evaluate_start=origin.startswith("init_from"))
       loop(st)
       summary = summarize(run, loop, origin, t_start, t_compile)
     except BaseException:
