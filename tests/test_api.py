@@ -20,21 +20,28 @@ from vlora_jax import params as params_lib
 from vlora_jax import stack
 from vlora_jax.layers import EncoderBlock
 
-GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide.md"
+ROOT = Path(__file__).resolve().parents[1]
+GUIDE = ROOT / "docs" / "guide.md"
+# The python block after this line runs here: docs/guide.md has one, and README.md too once the
+# line stands before its snippet.
 MARK = "<!-- the snippet tests/test_api.py runs -->"
 TARGETS = (r"attn/(qkv|proj)/kernel", r"mlp/fc\d/kernel")
 
 
-def _snippet() -> str:
-  text = GUIDE.read_text()
-  assert MARK in text, "docs/guide.md lost the marked snippet"
-  block = re.search(r"```python\n(.*?)```", text[text.index(MARK):], re.S)
-  return block.group(1)
+def _snippets() -> dict[Path, str]:
+  assert MARK in GUIDE.read_text(), "docs/guide.md lost the marked snippet"
+  out = {}
+  for doc in (GUIDE, ROOT / "README.md"):
+    text = doc.read_text()
+    if MARK in text:
+      out[doc] = re.search(r"```python\n(.*?)```", text[text.index(MARK):], re.S).group(1)
+  return out
 
 
-def test_the_guides_own_block_snippet_runs():
+@pytest.mark.parametrize("doc", sorted(_snippets()), ids=lambda p: p.name)
+def test_the_documents_own_block_snippet_runs(doc):
   scope: dict = {}
-  exec(compile(_snippet(), str(GUIDE), "exec"), scope)  # pylint: disable=exec-used
+  exec(compile(_snippets()[doc], str(doc), "exec"), scope)  # pylint: disable=exec-used
   # It trained: the loss fell, and the merged twin is dense.
   assert float(scope["loss"]) < float(jnp.mean(scope["y"] ** 2))
   assert set(scope["twin_variables"]["params"]) == {"per_layer"}
