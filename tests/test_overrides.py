@@ -74,18 +74,18 @@ def test_load_config_keywords_go_through_the_same_reader():
 
 
 def test_a_config_file_finds_its_package_from_anywhere(tmp_path, monkeypatch):
-  # A project's own `configs` package, imported first, does not shadow the repository's.
+  # A project's own `configs` package and this repository's: each config file reads its own.
   own = tmp_path / "configs"
   own.mkdir()
   (own / "__init__.py").write_text("")
-  (own / "mine.py").write_text("from configs import default\n\ndef get_config():\n"
-                               "  c = default.get_config()\n  c.seed = 7\n  return c\n")
+  (own / "helper.py").write_text("SEED = 7\n")
+  (own / "mine.py").write_text("from configs import helper\nfrom vlora_jax import defaults\n\n"
+                               "def get_config():\n  c = defaults.get_config()\n"
+                               "  c.seed = helper.SEED\n  return c\n")
   monkeypatch.chdir(tmp_path)
-  monkeypatch.syspath_prepend(str(tmp_path))
-  assert config_util.load(str(own / "mine.py")).seed == 7
-  import configs  # the project's own, now
-  assert str(tmp_path) in configs.__path__[0]
   assert config_util.load(str(ROOT / "configs/vit_digits.py")).model.name == "vit"
+  assert config_util.load(str(own / "mine.py")).seed == 7  # the repository's configs was loaded
+  assert config_util.load(str(ROOT / "configs/vit_digits.py")).model.name == "vit"  # and back
   assert config_util.package_root(ROOT / "configs/vit_digits.py") == (ROOT, "configs")
   assert config_util.package_root(tmp_path / "x.py") is None
 
