@@ -69,6 +69,7 @@ def get_config(arg: str = "1b"):
   c.data.path = a["file"]
   c.data.tokenizer = a["tok"]
   c.data.eval_split = "validation"
+  c.data.split_seed = None     # the text's last blocks are held out, as contiguous text
   c.data.eval_examples = 1024
 
   c.batch_size = a["batch"]

@@ -2,19 +2,23 @@
 
 Decoder-only, D 128, 4 heads, 4 layers, context 64, learned positions; VLoRA: one compound of 4
 layers with rank-8 increments (``vlora``, default) or ``dense``. Batch 32 windows of 65
-characters, AdamW lr 2e-3, cosine. The first 90% of the text trains, the last 10% evaluates.
+characters, AdamW lr 2e-3, cosine. The text is cut into 20 blocks: the first 18 train, the 19th
+validates (the periodic evals, best/ by eval/loss), the 20th tests (once, at the end: ``test/*``).
+Beside the loss in nats per character the evals report bits per character.
 
-Sources: ``text`` (default): a local file, ``data.path`` (default ../shared/data/tiny_shakespeare.txt,
-or ``file=<path>`` in the arg); ``tfds``: TFDS ``tiny_shakespeare`` (train / validation splits).
+Sources: ``text`` (default): ``data.path`` = ``tiny_shakespeare.txt`` in the data directory
+(``$VLORA_DATA``; `vlora-data tiny_shakespeare` writes it), or ``file=<path>`` in the arg;
+``tfds``: TFDS ``tiny_shakespeare`` (its train split's last block validates, its test split
+tests).
 
-Launch (from the repository root):
+  vlora-train --config configs/lm_shakespeare.py --workdir runs/lm
+  vlora-train --config configs/lm_shakespeare.py:tfds,dense --workdir runs/lm_tfds
 
-  python -m vlora_jax.main --config configs/lm_shakespeare.py --workdir /tmp/lm_shakespeare
-  python -m vlora_jax.main --config configs/lm_shakespeare.py:tfds,dense --workdir /tmp/lm_tfds
-
-Expected (measured, text source, 2 shared CPU cores, ~15 min at ~4,800 tokens/s): 277,569
+Expected (measured, text source, 2 shared CPU cores, ~15 min at ~4,800 tokens/s, when the last
+10% of the text evaluated, before the validation and test blocks: the same 90% trains): 277,569
 parameters (the dense model: 818,241); eval loss (nats/char) from ln(65) = 4.17 to 2.07 / 1.91 /
-1.80 / 1.79 at steps 500 / 1,000 / 1,500 / 2,000 (eval accuracy 46%): a small, short run.
+1.80 / 1.79 at steps 500 / 1,000 / 1,500 / 2,000 (2.58 bits per character; eval accuracy 46%): a
+small, short run.
 
 ``xl``: the memory demonstration (docs/memory.md): D 2048, 48 layers = 12 compounds of 4, 16
 heads, context 256, one window a step, 20 steps. Its dense twin has 2.42B parameters and a train
@@ -26,8 +30,6 @@ final checkpoint (measured: experiments/results/lm_xl/summary.json).
 ``file=``.
 """
 
-import os
-
 from configs import default
 
 
@@ -35,7 +37,7 @@ def get_config(arg: str = "text"):
   a = default.parse_arg(arg, {"source": ("text", ("text", "tfds")),
                               "variant": ("vlora", ("vlora", "dense")), "r": 8, "s": 4,
                               "size": ("small", ("small", "xl")), "steps": None,
-                              "file": os.path.join("..", "shared", "data", "tiny_shakespeare.txt")})
+                              "file": "tiny_shakespeare.txt"})
   c = default.get_config()
   m = c.model
   m.name = "lm"
@@ -48,13 +50,14 @@ def get_config(arg: str = "text"):
   m.vlora = default.vlora(enabled=a["variant"] == "vlora", compound_size=a["s"], rank=a["r"])
 
   c.data.source = a["source"]
+  c.data.split_seed = None     # held out: the text's last blocks (validation, then test)
+  c.data.validation_fraction = 0.05  # of 20 blocks: one validates; text: one more tests
   if a["source"] == "text":
-    c.data.path = a["file"]
-    c.data.eval_fraction = 0.1  # the last 10% of the file evaluates
+    c.data.path = a["file"]    # relative: in the data directory ($VLORA_DATA)
+    c.data.test_fraction = 0.05
   else:
-    c.data.tfds_name = "tiny_shakespeare"
-    c.data.eval_split = "validation"
-  c.data.eval_examples = 512   # non-overlapping eval windows (512 x 64 characters)
+    c.data.tfds_name = "tiny_shakespeare"  # its train split's last block validates, its test
+  c.data.eval_examples = 512   # split tests; non-overlapping eval windows (512 x 64 characters)
 
   c.batch_size = 32
   c.eval_batch_size = 128

@@ -6,7 +6,11 @@ in both stacks (``vlora``, default) or ``dense``. Teacher-forced training, batch
 
 Launch (from the repository root):
 
-  python -m vlora_jax.main --config configs/seq2seq_reverse.py --workdir /tmp/seq2seq_reverse
+  vlora-train --config configs/seq2seq_reverse.py --workdir runs/seq2seq_reverse
+
+The periodic evals (and best/) read a fixed validation set of 512 strings from seed + 10^6 (the
+eval set before the test split was added: the figures below are its), the test split 512 from
+seed + 2 * 10^6, once, at the end (``test/*``).
 
 Expected (measured, 2 CPU cores, ~220 s): 261,904 parameters (56% of the dense 471,312); eval
 token accuracy 98.5% / 100% / 100% at steps 500 / 1,000 / 1,500, and exact sequences 85.9% / 100% /

@@ -35,7 +35,8 @@ def get_config(arg: str = "vlora"):
 
   c.data.source = "tfds"
   c.data.tfds_name = "imagenet2012"
-  c.data.eval_split = "validation"
+  c.data.test_split = "validation"  # ImageNet's validation set is the test split; the
+  c.data.validation_fraction = 0.01  # validation split is 1% of train (12,812 images)
   c.data.augment = "crop_flip"
   c.data.mean = (0.485, 0.456, 0.406)
   c.data.std = (0.229, 0.224, 0.225)

@@ -122,7 +122,8 @@ def evaluate_compressed(teacher_wd: Path, config) -> dict:
   model = plan.family.build_from_config(config.model)
   params = params_from_dense_run(str(teacher_wd), abstract_params=None, config=config)
   shardings = evaluation.param_shardings(model, plan.family, config, mesh)
-  step = evaluation.jit_step(model, plan.family, mesh, shardings)
+  step = evaluation.jit_step(model, plan.family, mesh, shardings,
+                             config.get("activation_rules", ()))
   return evaluation.evaluate(step, plan.family, jax.device_put(params, shardings), pipe, mesh)
 
 

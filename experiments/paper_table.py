@@ -25,9 +25,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from configs import sweeps
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: configs/ is this repository's (not installed)
+
+from configs import sweeps  # noqa: E402
 
 ORDER = {"dense": 0, "anchored": 1, "cumulative": 2, "tied": 3}
 

@@ -24,19 +24,21 @@ every point still compiles its own program as a separate launch would.
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import json
 import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
 
-from configs import sweeps
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: configs/ is this repository's (not installed)
 
-KEEP = ("step", "eval/accuracy", "eval/loss", "train/accuracy", "train/loss", "params_total",
+from configs import sweeps  # noqa: E402
+
+KEEP = ("step", "eval/accuracy", "eval/loss", "test/accuracy", "test/loss", "train/accuracy",
+        "train/loss", "params_total",
         "params_trainable", "params_dense_equivalent", "params_groups", "train_time_s",
         "wall_time_s", "compile_train_step_s", "examples_per_sec", "tokens_per_sec")
 RECORD = ("revision", "config_hash")  # what trained the row (point.json)
@@ -134,13 +136,11 @@ def _config(point: dict, extra: dict | None):
 
 
 def parse_override(text: str) -> tuple[str, object]:
-  """``'optim.lr=3e-4'`` -> ``('optim.lr', 0.0003)``: a Python literal where it parses, else
-  text."""
+  """``'optim.lr=3e-4'`` -> ``('optim.lr', 0.0003)``: the value read as the command lines read
+  theirs (`vlora_jax.overrides.parse_value`: a Python literal where it parses, else text)."""
+  from vlora_jax import overrides
   key, _, value = text.partition("=")
-  try:
-    return key, ast.literal_eval(value)
-  except (ValueError, SyntaxError):
-    return key, value
+  return key, overrides.parse_value(value, None)
 
 
 def run(name: str, root: Path, extra: dict | None = None, only: str | None = None,

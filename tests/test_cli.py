@@ -40,15 +40,17 @@ def _cases(tmp):
   (tmp / "cli_hooks.py").write_text(HOOK)
   wd = "--workdir=WORKDIR"  # each case gets its own (they run at once; a workdir holds one run)
   return {
-      "typo_key": ([DIGITS, wd, "--config.modle.dim=3"], "--config.modle.dim: no config key"),
+      "typo_key": ([DIGITS, wd, "--config.modle.dim=3"],
+                   "--config.modle.dim: no config key 'modle' in the config; did you mean "
+                   "'model'?"),
       "wrong_type": ([DIGITS, wd, "--config.model.dim=abc"], "--config.model.dim=abc"),
-      "unknown_flag": ([DIGITS, wd, "--nope=1"], "Unknown command line flag 'nope'"),
-      "no_config": ([wd], "--config must have a value"),
-      "missing_file": (["--config=configs/nope.py", wd], "No such file or directory"),
+      "unknown_flag": ([DIGITS, wd, "--nope=1"], "unrecognized arguments: --nope=1"),
+      "no_config": ([wd], "the following arguments are required: --config"),
+      "missing_file": (["--config=configs/nope.py", wd], "config file 'configs/nope.py' not found"),
       "syntax": ([f"--config={tmp / 'syntax.py'}", wd], "line 1: syntax error"),
       "bad_arg": (["--config=configs/vit_local.py:bogus", wd], "unknown word 'bogus'"),
       "get_config_raises": ([f"--config={tmp / 'raises.py'}", wd], "KeyError: 'no_such_thing'"),
-      "extra_arg": ([DIGITS, wd, "stray"], "unexpected arguments: ['stray']"),
+      "extra_arg": ([DIGITS, wd, "stray"], "unrecognized arguments: stray"),
       "value": ([DIGITS, wd, "--config.optim.lr=-1"], "optim.lr=-1.0: must be a finite number"),
       "nonsense": ([DIGITS, wd, "--config.label_smoothing=5"], "label_smoothing=5.0: must be"),
       "data": ([DIGITS, wd, "--config.data.source=npz", f"--config.data.path={tmp / 'not.npz'}",

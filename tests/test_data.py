@@ -39,15 +39,17 @@ def test_batches_of_one_example():
 
 def test_one_epoch_is_a_permutation_then_reshuffled():
   from vlora_jax.data import sources
-  p = data.build(tiny("vit", batch_size=2))
+  c = tiny("vit", batch_size=2)
+  p = data.build(c)
   train = sources.digits("train")
-  n = len(train)
-  assert n % 2 == 0 and p.info["num_train"] == n
+  kept, held = data.carve(len(train), c.data.validation_fraction, c.data.split_seed)
+  n = len(kept)
+  assert n % 2 == 0 and p.info["num_train"] == n and n + len(held) == len(train)
   epoch = np.concatenate([p.train_batch(t)["image"] for t in range(n // 2)])
   mean, std = np.float32(0.305), np.float32(0.376)
-  expect = (train.records.images.astype(np.float32) * np.float32(1 / 16) - mean) / std
+  expect = (train.records.images[kept].astype(np.float32) * np.float32(1 / 16) - mean) / std
   key = lambda a: sorted(x.tobytes() for x in a)
-  assert key(epoch) == key(expect)  # every training image exactly once
+  assert key(epoch) == key(expect)  # every training image exactly once, no validation image
   again = np.concatenate([p.train_batch(t)["image"] for t in range(n // 2, n // 2 + 8)])
   assert not np.array_equal(again, epoch[:16])  # the next epoch comes in a new order
 
@@ -81,12 +83,14 @@ def test_npz_source_and_crop_flip_augmentation(tmp_path):
   path = _npz(tmp_path)
   base = {"data.source": "npz", "data.path": str(path), "data.mean": (0.0,) * 3,
           "data.std": (1.0,) * 3, "model.img_size": 8, "model.in_chans": 3, "batch_size": 40,
-          "data.eval_examples": 0}
+          "data.eval_examples": 0, "data.validation_fraction": 0.0, "data.eval_split": "test"}
   plain = data.build(tiny("vit", **base, **{"data.augment": "none"}))
   aug = data.build(tiny("vit", **base, **{"data.augment": "crop_flip", "data.crop_padding": 2}))
   assert plain.info == {"kind": "images", "image_shape": (8, 8, 3), "num_classes": 4,
                         "num_train": 40, "scale": 1 / 255, "mean": (0.0,) * 3, "std": (1.0,) * 3,
-                        "class_names": None}
+                        "class_names": None, "eval_split": "test",
+                        "split": {"train": 40, "validation": 0, "test": 8,
+                                  "validation_fraction": 0.0, "seed": 0}}
   x, xa = plain.train_batch(0)["image"], aug.train_batch(0)["image"]
   assert np.array_equal(plain.train_batch(0)["label"], aug.train_batch(0)["label"])
   assert x.shape == xa.shape == (40, 8, 8, 3) and x.dtype == np.float32
@@ -115,8 +119,14 @@ def test_text_windows_and_reversal_records(tmp_path):
   vocab = p.info["vocab"]
   decoded = ["".join(vocab[t] for t in row) for row in b]
   assert all(s in text for s in decoded)
-  ev = [r for batch in p.eval_batches() for r, m in zip(batch["tokens"], batch["mask"]) if m]
-  assert len(ev) == 17  # 300 eval characters // 17, non-overlapping
+  held = {split: [r for batch in p.eval_batches(split)
+                  for r, m in zip(batch["tokens"], batch["mask"]) if m] for split in p.eval_splits}
+  # 20 blocks of 150 characters: the last validates, the one before it tests (split_seed None:
+  # the tail), each 150 // 17 = 8 non-overlapping windows, none read in training
+  assert p.info["split"]["validation"] == [18] and p.info["split"]["test"] == [19]
+  assert len(held["validation"]) == len(held["test"]) == 8
+  assert "".join(vocab[t] for t in held["validation"][0]) == text[2700:2717]
+  assert "".join(vocab[t] for t in held["test"][0]) == text[2850:2867]
   r = data.build(tiny("seq2seq")).train_batch(0)
   for src, tin, tout in zip(r["src"], r["tgt_in"], r["tgt_out"]):
     n = int((src != 0).sum())
@@ -134,7 +144,9 @@ def test_tfds_cifar10_through_the_real_pipeline():
     b = p.train_batch(2)
     assert b["image"].shape == (8, 32, 32, 3) and b["label"].shape == (8,)
     assert _eq(b, data.build(c).train_batch(2))
-    assert sum(float(e["mask"].sum()) for e in p.eval_batches()) == 24
+    # validation: 10% of the 24 train images (seeded); the test split: TFDS's own, all 24
+    assert sum(float(e["mask"].sum()) for e in p.eval_batches()) == 2
+    assert sum(float(e["mask"].sum()) for e in p.eval_batches("test")) == 24
     src = tfds.data_source("cifar10", split="train")
     raw = np.stack([np.asarray(src[i]["image"]) for i in range(len(src))]).astype(np.float32)
   # normalised pixels come from the mock's raw images (up to the random crop's zero padding)
@@ -146,7 +158,7 @@ def test_tfds_cifar10_through_the_real_pipeline():
 
 def test_tfds_text_through_the_real_pipeline():
   c = tiny("lm", **{"data.source": "tfds", "data.tfds_name": "tiny_shakespeare",
-                    "data.eval_split": "validation", "model.max_len": 4, "data.eval_examples": 4})
+                    "data.split_blocks": 4, "model.max_len": 4, "data.eval_examples": 4})
   with tfds.testing.mock_data(num_examples=3):
     p = data.build(c)
   assert p.train_batch(0)["tokens"].shape == (16, 5)
@@ -167,7 +179,7 @@ def test_missing_data_is_a_clear_error(overrides, match):
 
 
 def test_missing_text_file_is_a_clear_error():
-  with pytest.raises(DataError, match=r"data.path='/nope.txt': file not found.*tiny_shakespeare"):
+  with pytest.raises(DataError, match=r"data.path='/nope.txt': file not found"):
     data.build(tiny("lm", **{"data.path": "/nope.txt"}))
 
 

@@ -64,7 +64,9 @@ def run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("entry_points")
   config = tiny("vit", num_train_steps=STEPS, **{
       "checkpoint.every_steps": 2, "data.source": "npz",
-      "data.path": str(_synthetic_npz(tmp / "images.npz")), "data.eval_examples": 0})
+      "data.path": str(_synthetic_npz(tmp / "images.npz")), "data.eval_examples": 0,
+      # evaluated on the file's whole test split (the tests below read its examples)
+      "data.eval_split": "test", "data.validation_fraction": 0.0})
   workdir = tmp / "vit"
   summary = train_and_evaluate(config, workdir)
   (tmp / "empty").mkdir()
@@ -132,7 +134,7 @@ def test_evaluate_refuses_bad_input_before_loading(run, tmp_path):
     evaluate(run.workdir, overrides={"model.dim": "8"})
   with pytest.raises(ConfigError, match=r"data.eval_examples=-1: must be an integer >= 0"):
     evaluate(run.workdir, overrides={"data.eval_examples": "-1"})
-  with pytest.raises(ConfigError, match="did you mean 'data.eval_examples'"):
+  with pytest.raises(ConfigError, match="did you mean 'eval_examples'"):
     evaluate(run.workdir, overrides={"data.eval_exmples": "1"})
   with pytest.raises(ConfigError, match="eval_batch_size='abc'"):
     evaluate(run.workdir, overrides={"eval_batch_size": "abc"})
@@ -155,7 +157,7 @@ def test_override_parsing():
     parse_overrides(["--config.data.path"])
   assert parse_value("64", 0) == 64 and parse_value("1e-3", 0.5) == 1e-3
   assert parse_value("123", "a path") == "123" and parse_value("False", True) is False
-  assert parse_value("(0.5, 0.4)", [0.3]) == [0.5, 0.4] and parse_value("0.5", [0.3]) == [0.5]
+  assert parse_value("(0.5, 0.4)", [0.3]) == (0.5, 0.4) and parse_value("0.5", [0.3]) == (0.5,)
   assert parse_value("abc", 3) == "abc"  # the schema names it
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -121,7 +122,9 @@ HEAL_STEPS = 5
 
 
 @pytest.mark.slow
-def test_ablations_notebook_runs_at_reduced_size(tmp_path):
+def test_ablations_notebook_runs_at_reduced_size(tmp_path, monkeypatch):
+  # Its kernel imports configs/ and experiments/ from the repository, which is not installed.
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")
   # A copy in a temp dir, run there: nothing is written into the checkout.

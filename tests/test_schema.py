@@ -1,4 +1,4 @@
-"""The config schema: generated bad values for every key, and the schema against configs/default.py.
+"""The config schema: generated bad values for every key, and the schema against defaults.py.
 
 For every declared key (the run's and each family's), a base config where the key applies gets a
 value of the wrong type and a value out of range (`Key.bad_values`); each must be refused by
@@ -49,6 +49,7 @@ BASES = {
     "vit_registers": ("configs/vit_registers_digits.py", {}),
     "llama": ("configs/llama.py", {}),
     "llama_tokenized": ("configs/llama.py:bpe", {"data.split_seed": 3}),
+    "vit_sgd": ("configs/vit_digits.py", {"optim.name": "sgd"}),
 }
 
 
@@ -148,31 +149,35 @@ def test_tied_allows_one_layer_compounds():
                                                    "model.vlora.mode": "tied"}), num_devices=1)
 
 
-def test_eval_fraction_out_of_range_is_refused():
-  with pytest.raises(errors.ConfigError, match=r"data.eval_fraction=1.5: must be a finite number "
-                                               r"in \(0, 1\)"):
-    validate.check(_load("configs/lm_shakespeare.py:text", **{"data.eval_fraction": 1.5}),
+def test_split_fractions_out_of_range_are_refused():
+  with pytest.raises(errors.ConfigError, match=r"data.validation_fraction=1.5: must be a finite "
+                                               r"number in \[0, 1\)"):
+    validate.check(_load("configs/lm_shakespeare.py:text", **{"data.validation_fraction": 1.5}),
+                   num_devices=1)
+  with pytest.raises(errors.ConfigError, match=r"data.eval_fraction=0.1: is not a config key; "
+                                               r"did you mean 'data.test_fraction'\?"):
+    validate.check(_load("configs/lm_shakespeare.py:text", **{"data.eval_fraction": 0.1}),
                    num_devices=1)
 
 
 # ------------------------------------------------------------------ the schema and default.py agree
 
-DEFAULT = ROOT / "configs" / "default.py"
+DEFAULT = ROOT / "vlora_jax" / "defaults.py"
 # Declared, but set only by the configs whose source or option needs them.
-NOT_IN_DEFAULT = {"data.eval_fraction", "data.vocab_size", "data.min_len", "model.lora.enabled",
+NOT_IN_DEFAULT = {"data.vocab_size", "data.min_len", "model.lora.enabled",
                   "model.lora.targets", "model.lora.rank", "model.lora.alpha"}
 
 
 def _default():
-  from configs import default
+  from vlora_jax import defaults as default
   return default.get_config()
 
 
 def test_default_config_keys_are_exactly_the_common_schema():
   present = set(schema.flatten(_default()))
   declared = set(schema.COMMON)
-  assert present - declared == set(), "keys in configs/default.py missing from the schema"
-  assert declared - present == NOT_IN_DEFAULT, "schema keys missing from configs/default.py"
+  assert present - declared == set(), "keys in vlora_jax/defaults.py missing from the schema"
+  assert declared - present == NOT_IN_DEFAULT, "schema keys missing from vlora_jax/defaults.py"
 
 
 def test_default_values_are_allowed():
@@ -211,7 +216,7 @@ def test_default_py_comments_list_every_choice():
     comment = _comment_of(key, source)
     if isinstance(rule, Choice) and comment is not None:
       missing = [c for c in rule.choices if str(c) not in comment]
-      assert not missing, f"configs/default.py's comment on {key} omits {missing}"
+      assert not missing, f"vlora_jax/defaults.py's comment on {key} omits {missing}"
       checked += 1
   assert checked >= 8
 

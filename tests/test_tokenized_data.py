@@ -32,7 +32,6 @@ def _config(text_file, **changes):
              "data.eval_examples": 0, "batch_size": 4, "eval_batch_size": 4, **changes}
   c = tiny("llama")
   c.unlock()
-  del c.data["eval_fraction"]  # a key of the character source
   c.model.vocab_size = 320
   for key, value in changes.items():
     node = c
@@ -79,13 +78,22 @@ def test_the_pipeline_reads_the_stored_split(text_file, seed):
   tok = tokenizer_lib.load(str(TOKENIZER))
   ids = np.asarray(tok.encode(text_file.read_text(), special=False))
   split = info["split"]
+  window = config.model.max_len + 1
   assert split["tokens"] == len(ids) and split["blocks"] == 10 and split["seed"] == seed
   assert (len(split["validation"]), len(split["test"])) == (2, 1)
   if seed is None:
     assert split["validation"] == [7, 8] and split["test"] == [9]
   assert tokenizer_lib.from_info(info).encode("the king") == tok.encode("the king")
   assert info["vocab_size"] == 320 and info["tokens_per_example"] == config.model.max_len
-  window = config.model.max_len + 1
+  # bits per character from bits per token: the validation blocks' characters per token
+  chars = sum(len(tok.decode(ids[s:e].tolist()))
+              for s, e in tokenized.spans(split["validation"], 10, len(ids)))
+  tokens = sum(e - s for s, e in tokenized.spans(split["validation"], 10, len(ids)))
+  assert info["chars_per_token"] == pytest.approx(chars / tokens) and info["chars_per_token"] > 1
+  # the test split's windows are the test blocks', for the run's one evaluation at the end
+  test_ranges = tokenized.spans(split["test"], 10, len(ids))
+  first_test = next(pipe.eval_batches("test"))["tokens"][0]
+  assert np.array_equal(first_test, ids[test_ranges[0][0]:test_ranges[0][0] + window])
   # eval windows: the validation blocks' tokens, in order, without overlap
   ranges = tokenized.spans(split["validation"], 10, len(ids))
   want = [ids[s + i:s + i + window] for s, e in ranges for i in range(0, e - s - window + 1,

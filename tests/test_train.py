@@ -28,8 +28,12 @@ def test_one_real_step_per_family(family, tmp_path):
   assert summary["train/loss"] > 0 and "train/grad_norm" in first and first["train/grad_norm"] > 0
   saved = json.loads((tmp_path / "summary.json").read_text())
   assert saved["step"] == 1 and saved["eval/loss"] == pytest.approx(summary["eval/loss"])
-  if family == "lm":
-    assert "eval/perplexity" in summary
+  if family == "lm":  # characters: bits per character are bits per token, the loss / ln 2
+    assert "eval/perplexity" in summary and "test/perplexity" in summary
+    for split in ("eval", "test"):
+      assert summary[f"{split}/bits_per_char"] == pytest.approx(
+          summary[f"{split}/loss"] / math.log(2))
+      assert summary[f"{split}/bits_per_token"] == summary[f"{split}/bits_per_char"]
   if family == "seq2seq":
     assert 0 <= summary["eval/seq_accuracy"] <= 1  # real greedy decoding
     assert 0 <= summary["eval/seq_accuracy_teacher_forced"] <= 1

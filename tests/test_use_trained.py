@@ -28,7 +28,7 @@ from vlora_jax import models
 from vlora_jax.convert import torch_vit
 from vlora_jax.convert.torch_vit import _check_kwargs
 from vlora_jax.errors import CheckpointError, UserError
-from vlora_jax.export import export, merged
+from vlora_jax.export import export
 from vlora_jax.train import checkpoint, train_and_evaluate
 
 pytestmark = pytest.mark.slow  # subprocesses and trained runs: `pytest -m slow`
@@ -50,7 +50,10 @@ def _vit_config(npz_path, **overrides):
       "model.dim": 32, "model.mlp_ratio": 2.0, "num_train_steps": STEPS, "optim.lr": 1e-2,
       "eval_every_steps": 1, "checkpoint.every_steps": 1, "checkpoint.keep": STEPS,
       "checkpoint.keep_best": 2, "checkpoint.best_metric": "eval/loss",
-      "checkpoint.best_mode": "min", **overrides})
+      "checkpoint.best_mode": "min",
+      # evaluated on the file's test split: the tests read its images (and, on random labels,
+      # its loss rises, so the best step is not the newest)
+      "data.eval_split": "test", "data.validation_fraction": 0.0, **overrides})
 
 
 def _synthetic_npz(path):
@@ -213,7 +216,7 @@ def test_timm_export_imports_back_with_the_fixture_keys(runs):
 
 def test_orbax_export_restores_into_the_dense_twin(runs):
   out = runs.orbax_export
-  assert runs.orbax_paths == [out / "checkpoints" / str(STEPS)]
+  assert runs.orbax_paths == [out / "checkpoints" / str(STEPS), out / "config.json"]
   output, _ = runs.dense_twin.communicate(timeout=300)
   assert runs.dense_twin.returncode == 0, output[-4000:]
   summary = result(output)
@@ -230,7 +233,7 @@ def test_export_command_line(runs):
   assert proc.returncode == 0, stderr[-4000:]
   out = runs.tmp / "cli" / "dense.npz"
   assert stdout.split() == [str(out)]
-  _, params = merged(runs.loaded)
+  _, params = runs.loaded.to_dense()
   with np.load(out) as z:
     flat = {k: z[k] for k in z.files}
   assert "blocks/per_layer/attn/qkv/kernel" in flat and not any("inc_" in k for k in flat)
@@ -275,7 +278,7 @@ def test_sample_in_process_and_as_a_command(runs):
     (["--prompt", "F", "--top_p", "0"], "top_p=0.0"),
     (["--prompt", "F", "--max_new_tokens", "0"], "max_new_tokens=0"),
     (["--prompt", "F", "--num_samples", "0"], "--num_samples=0"),
-    (["--prompt", "F", "--stop", "ab"], "--stop='ab'"),
+    (["--prompt", "F", "--stop", "a\\"], "--stop='a\\\\': a broken escape"),
     (["--prompt", "F", "--step", "x"], "--step='x'"),
     (["--prompt", "F", "--top_k", "1.5"], "--top_k"),
     ("vit", "sampling serves model.name in ['llama', 'lm']"),

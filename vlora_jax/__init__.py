@@ -10,13 +10,26 @@ from vlora_jax import cpu_malloc as _cpu_malloc
 _backends.skip_absent_tpu()
 _cpu_malloc.tune()
 
-__all__ = ["load"]
+# The names a user starts from, each imported on first use: `import vlora_jax` stays light, and
+# so do the modules that need none of JAX, Orbax or the models.
+_PUBLIC = {
+    "vlorafy": "vlora_jax.stack",      # any Flax block -> a dense or VLoRA stack, one scan
+    "VLoRASpec": "vlora_jax.spec",     # compounds, targets, ranks, mode
+    "LoRASpec": "vlora_jax.lora",      # horizontal LoRA on top of any stack
+    "to_dense": "vlora_jax.stack",     # (dense twin, merged variables) of a stack or a model
+    "dense_twin": "vlora_jax.params",  # the dense twin's module alone
+    "load": "vlora_jax.trained",       # a trained run: model, params, config, info
+}
+
+__all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name):
-  # `vlora_jax.load` (vlora_jax/trained.py) is imported on first use: `import vlora_jax` stays
-  # light, and so do the modules that need none of JAX, Orbax or the models.
-  if name == "load":
-    from vlora_jax.trained import load
-    return load
+  if name in _PUBLIC:
+    import importlib
+    return getattr(importlib.import_module(_PUBLIC[name]), name)
   raise AttributeError(f"module 'vlora_jax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_PUBLIC))

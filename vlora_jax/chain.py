@@ -105,8 +105,10 @@ def layer_factors(a: jax.Array, b: jax.Array, c: jax.Array, k: jax.Array, *, mod
   steps, d_in, r = a.shape[1:]
   if mode in ("anchored", "relaxed"):  # one slice each: a[c, j], b[c, j]
     j = k if mode == "relaxed" else jnp.maximum(k - 1, 0)
-    a = jax.lax.dynamic_slice(a, (c, j, 0, 0), (1, 1) + a.shape[2:]).reshape(d_in, r)
-    b = jax.lax.dynamic_slice(b, (c, j, 0, 0), (1, 1) + b.shape[2:]).reshape(r, -1)
+    # One index dtype for all four: under jax_enable_x64 a literal 0 would be int64.
+    start = tuple(jnp.asarray(i, jnp.int32) for i in (c, j, 0, 0))
+    a = jax.lax.dynamic_slice(a, start, (1, 1) + a.shape[2:]).reshape(d_in, r)
+    b = jax.lax.dynamic_slice(b, start, (1, 1) + b.shape[2:]).reshape(r, -1)
     live = scale if mode == "relaxed" else scale * (k > 0)
     return a.astype(f32) * live, b.astype(f32)
   a, b = jax.lax.dynamic_index_in_dim(a, c, 0, False), jax.lax.dynamic_index_in_dim(b, c, 0, False)

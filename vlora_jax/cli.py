@@ -21,7 +21,8 @@ EXIT_INTERNAL_ERROR = 1
 
 
 def describe_flag_error(e: BaseException, argv: list[str]) -> str:
-  """An absl flag or config-file error as one line that names the flag or the file."""
+  """An absl flag or config-file error as one line that names the flag or the file (for the
+  commands still parsed by absl: `vlora_jax.compile`)."""
   from absl import flags
   if "Error whilst parsing config file" in str(e):
     while e.__context__ is not None:  # the config file's own error (a bad ':arg', a raise
@@ -41,9 +42,24 @@ def describe_flag_error(e: BaseException, argv: list[str]) -> str:
   return f"--config: {type(e).__name__}: {one_line(e)}"
 
 
+def _config_spec(argv: list[str]) -> str | None:
+  """The value of ``--config`` / ``--config=`` in ``argv``, or None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg[len("--config="):]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
 def parse_config_flags(flag_values, argv: list[str]) -> list[str]:
   """absl's parsing of ``--config FILE[:ARG] --config.KEY=VALUE ...`` and the other flags, with
-  every error (a flag, the config file, its overrides) as one line and exit status 2."""
+  every error (a flag, the config file, its overrides) as one line and exit status 2. The config
+  file's package is importable first (`train.config_util.make_importable`)."""
+  from vlora_jax.train import config_util
+  spec = _config_spec(argv)
+  if spec and Path(config_util.config_path(spec)).is_file():
+    config_util.make_importable(config_util.config_path(spec))
   try:
     rest = flag_values(argv)
     getattr(flag_values.config, "model", None)  # a config file that failed to load raises here
@@ -52,6 +68,74 @@ def parse_config_flags(flag_values, argv: list[str]) -> list[str]:
     raise
   except Exception as e:  # noqa: BLE001 -- everything here comes from the command line
     fail(describe_flag_error(e, argv), e, verbose="--verbose" in argv)
+
+
+OVERRIDES_HELP = """\
+config overrides:
+  --config.KEY=VALUE      set any key of the config (docs/config.md lists them), for example
+                          --config.optim.lr=3e-4  --config.model.vlora.rank=4,4,2,2
+                          --config.data.path=/data/tiny_shakespeare.txt  --config.progress=false
+                          A key that holds text takes the text as it is, a bool true or false,
+                          any other key a Python literal: a number, None, a tuple such as
+                          4,4,2,2 or (0.5, 0.5, 0.5). A key the config lacks is an error that
+                          names the nearest one.
+"""
+
+
+def with_overrides_usage(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+  """Adds ``[--config.KEY=VALUE ...]`` to the usage line, once every flag is declared."""
+  parser.usage = parser.format_usage().removeprefix("usage: ").strip() + \
+      " [--config.KEY=VALUE ...]"
+  return parser
+
+
+def add_config_arg(parser: argparse.ArgumentParser, what: str = "the experiment") -> None:
+  """``--config FILE.py[:ARG]``, required."""
+  parser.add_argument("--config", required=True, metavar="FILE.py[:ARG]",
+                      help=f"{what}'s config file, e.g. configs/vit_digits.py or "
+                      "configs/vit_digits.py:dense,r=4 (ARG goes to its get_config)")
+
+
+def config_error(spec: str, e: BaseException) -> str:
+  """A config file's failure to load as one line naming the file."""
+  from vlora_jax.errors import UserError
+  if isinstance(e, FileNotFoundError):
+    return f"--config={spec!r}: {e}"
+  if isinstance(e, SyntaxError):
+    return f"--config={spec!r}: {e.filename}, line {e.lineno}: syntax error: {e.msg}"
+  if isinstance(e, UserError):
+    return one_line(e)
+  return f"--config={spec!r}: {type(e).__name__}: {one_line(e)}"
+
+
+def load_config(spec: str, pairs: list[tuple[str, str]], verbose: bool = False):
+  """The config of ``--config SPEC`` with the ``--config.KEY=VALUE`` overrides ``pairs``
+  (`overrides.split`'s) applied; any failure is one line and exit status 2."""
+  from vlora_jax import overrides
+  from vlora_jax.train import config_util
+  try:
+    config = config_util.load(spec)
+  except Exception as e:  # noqa: BLE001 -- the file is the user's: whatever it raises is input
+    fail(config_error(spec, e), e, verbose)
+  try:
+    overrides.apply(config, pairs)
+  except UserError as e:
+    fail(one_line(e), e, verbose)
+  return config
+
+
+def parse_config_command(parser: argparse.ArgumentParser, argv: list[str] | None):
+  """``(args, config)`` of a command that takes ``--config`` and overrides: argparse reads the
+  flags, `overrides` the ``--config.KEY=VALUE`` ones; a stray argument, a config that does not
+  load and a bad override are each one line and exit status 2."""
+  from vlora_jax import overrides
+  argv = sys.argv[1:] if argv is None else list(argv)
+  try:
+    pairs, rest = overrides.split(argv)
+  except UserError as e:
+    fail(one_line(e))
+  args = parser.parse_args(rest)
+  return args, load_config(args.config, pairs, getattr(args, "verbose", False))
 
 
 def one_line(text) -> str:
@@ -67,13 +151,28 @@ def fail(message: str, exc: BaseException | None = None, verbose: bool = False) 
   sys.exit(EXIT_USER_ERROR)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+  """The docstring as written, 100 columns, and every flag's default after its help (where it
+  has one)."""
+
+  def __init__(self, prog, indent_increment=2, max_help_position=28, width=None):
+    super().__init__(prog, indent_increment, max_help_position, width or 100)
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    shown = action.default is not None and action.default is not False \
+        and action.default is not argparse.SUPPRESS and action.option_strings
+    if shown and "default" not in text:
+      text += " (default: %(default)s)"
+    return text
+
+
 class Parser(argparse.ArgumentParser):
   """argparse whose errors are one line and exit 2, like every input error (not argparse's usage
   text); the module's docstring is its ``--help``."""
 
   def __init__(self, prog: str, doc: str | None, **kwargs):
-    super().__init__(prog=prog, description=doc,
-                     formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+    super().__init__(prog=prog, description=doc, formatter_class=HelpFormatter, **kwargs)
 
   def error(self, message):
     fail(f"{message} (see --help)")

@@ -1,8 +1,13 @@
 """Evaluate a trained run's checkpoint on its eval set, as its training evaluated it.
 
-  python -m vlora_jax.evaluate --workdir DIR [--step N|best] [--out PATH] [--verbose]
-                               [--config.data.KEY=VALUE ...] [--config.eval_batch_size=N]
-                               [--config.mesh.AXIS=N ...]
+  vlora-evaluate --workdir DIR [--step N|best] [--out PATH] [--verbose]
+                 [--config.data.KEY=VALUE ...] [--config.eval_batch_size=N]
+                 [--config.mesh.AXIS=N ...]
+
+(``python -m vlora_jax.evaluate`` is the same command.) It evaluates the split that the run
+evaluated while training (``data.eval_split``: the validation split unless the config said
+otherwise); ``--config.data.eval_split=test`` gives the test split, as the run's summary did
+once at the end.
 
 The model, its parameters and the config come from the checkpoint (`vlora_jax.load`); the eval data
 are built from the stored config (`vlora_jax.data.build`). ``--config.data.*`` overrides the data
@@ -22,8 +27,9 @@ Writes ``<workdir>/eval.json`` (or ``--out``): the metrics, the step, the checkp
 and the number of eval examples. Prints the checkpoint, the metrics one per line (sorted) and the
 path written. A progress bar over the eval batches goes to stderr when stderr is a terminal.
 
-Override values are read as the training command line reads them: numbers, ``True``/``False``,
-tuples ``'(0.5, 0.5, 0.5)'``; a key whose stored value is a string takes the text as it is.
+Override values are read as the training command line reads them (`vlora_jax.overrides`): numbers,
+``true``/``false``, tuples ``0.5,0.5,0.5``; a key whose stored value is text takes the text as it
+is.
 
 Exit status: 0 done; 2 a mistake in the input (no checkpoint in the workdir, a bad ``--step``, a key
 that cannot be overridden or a value the schema refuses, data that do not read or do not fit the
@@ -32,13 +38,13 @@ model, an ``--out`` that cannot be written), one line ``error: ...``; 1 an inter
 
 from __future__ import annotations
 
-import ast
 import copy
 import sys
 from pathlib import Path
 from typing import Any
 
 from vlora_jax import cli
+from vlora_jax import overrides as overrides_lib
 from vlora_jax import trained as trained_lib
 from vlora_jax.errors import UserError
 
@@ -48,11 +54,19 @@ OVERRIDABLE = ("data.", "eval_batch_size", "mesh.")
 SAME_DATA = {"image_shape": "the model's input images", "mean": "the inputs' normalisation",
              "std": "the inputs' normalisation", "vocab": "the token ids' characters",
              "tokenizer": "the token ids' text", "special_tokens": "the special token ids"}
-_MISSING = object()
 
 
 class EvalError(UserError, ValueError):
   """An evaluation the run, the overrides or ``--out`` cannot take."""
+
+
+OVERRIDES_HELP = """\
+config overrides (read as vlora-train reads them):
+  --config.data.KEY=VALUE    the eval data: another data.path, data.eval_split=test, a cap
+                             data.eval_examples=N
+  --config.eval_batch_size=N the eval batch
+  --config.mesh.AXIS=N       the device mesh
+"""
 
 
 def _overridable(key: str) -> bool:
@@ -65,69 +79,39 @@ def _allowed_text() -> str:
 
 def parse_overrides(tokens: list[str]) -> dict[str, str]:
   """``['--config.data.eval_examples=64', '--config.eval_batch_size', '32']`` ->
-  ``{'data.eval_examples': '64', 'eval_batch_size': '32'}``; any other token is an `EvalError`."""
-  out: dict[str, str] = {}
-  i = 0
-  while i < len(tokens):
-    token = tokens[i]
-    if not token.startswith("--config."):
-      raise EvalError(f"unrecognized argument {token!r}: the flags are --workdir, --step, --out, "
-                      f"--verbose and the overrides {_allowed_text()} (see --help)")
-    name, eq, text = token[len("--config."):].partition("=")
-    if not eq:
-      if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
-        raise EvalError(f"{token}: no value; write {token}=VALUE")
-      text, i = tokens[i + 1], i + 1
-    out[name] = text
-    i += 1
-  return out
-
-
-def parse_value(text: str, current: Any) -> Any:
-  """The text of an override as the config's value: a string key takes the text; a bool key
-  true/false (any case) or 1/0; any other a Python literal (a number, a tuple, None) or, where the
-  text is none, the text itself (the schema then names the key and what it allows)."""
-  if isinstance(current, str):
-    return text
-  if isinstance(current, bool):
-    low = text.strip().lower()
-    return {"true": True, "1": True, "false": False, "0": False}.get(low, text)
+  ``{'data.eval_examples': '64', 'eval_batch_size': '32'}`` (`overrides.split`); any other token
+  is an `EvalError`."""
   try:
-    value = ast.literal_eval(text.strip())
-  except (ValueError, SyntaxError, MemoryError, RecursionError):
-    return text
-  if isinstance(current, (list, tuple)) and isinstance(value, (int, float)) \
-      and not isinstance(value, bool):
-    value = (value,)  # '--config.data.mean=0.5' for a one-channel mean
-  return list(value) if isinstance(value, tuple) else value
+    pairs, rest = overrides_lib.split(tokens)
+  except UserError as e:
+    raise EvalError(str(e)) from None
+  if rest:
+    raise EvalError(f"unrecognized argument {rest[0]!r}: the flags are --workdir, --step, --out, "
+                    f"--verbose and the overrides {_allowed_text()} (see --help)")
+  return dict(pairs)
 
 
-def eval_config(stored: dict, overrides: dict[str, Any] | None):
-  """The stored config (a JSON dict) with ``overrides`` applied and checked by the schema:
+parse_value = overrides_lib.parse_value  # how an override's text becomes a value (one reader)
+
+
+def eval_config(stored: dict, overrides_: dict[str, Any] | None):
+  """The stored config (a JSON dict) with ``overrides_`` applied and checked by the schema:
   ``(locked ConfigDict, {key: value applied})``.
 
-  ``overrides`` maps dotted keys (``'data.eval_examples'``) to values: a string is parsed
-  (`parse_value`), anything else is taken as it is.
+  ``overrides_`` maps dotted keys (``'data.eval_examples'``) to values: a string is parsed as the
+  command line's text is (`overrides.parse_value`), anything else is taken as it is.
   """
   import ml_collections
   from vlora_jax.train import schema
   tree = copy.deepcopy(stored)
   applied = {}
-  for key, value in (overrides or {}).items():
+  for key, value in (overrides_ or {}).items():
     if not _overridable(key):
       raise EvalError(f"--config.{key}: cannot be overridden in an evaluation; allowed are "
                       f"{_allowed_text()} (the model and its training are the checkpoint's)")
-    node = tree
-    *parents, leaf = key.split(".")
-    for i, k in enumerate(parents):
-      if not isinstance(node.get(k), dict):
-        raise EvalError(f"--config.{key}: {'.'.join(parents[:i + 1])} is not a group of keys in "
-                        "the run's config")
-      node = node[k]
-    current = node.get(leaf, _MISSING)
-    value = parse_value(value, None if current is _MISSING else current) \
-        if isinstance(value, str) else value
-    node[leaf] = applied[key] = value
+    text = value if isinstance(value, str) else None
+    # A key the stored config lacks is an `overrides.OverrideError` (a ConfigError) naming it.
+    applied[key] = overrides_lib.set_key(tree, key, value, text=text)
   config = ml_collections.ConfigDict(tree)
   config.lock()
   schema.check(config)  # a ConfigError naming the key, its value and what is allowed
@@ -215,7 +199,7 @@ def report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = cli.Parser("python -m vlora_jax.evaluate", __doc__, allow_abbrev=False)
+  parser = cli.Parser("vlora-evaluate", __doc__, allow_abbrev=False, epilog=OVERRIDES_HELP)
   cli.add_run_args(parser)
   parser.add_argument("--out", default=None, help="the JSON file to write; default "
                       "<workdir>/eval.json")

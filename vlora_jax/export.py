@@ -1,6 +1,8 @@
 """Export a trained run's merged dense weights.
 
-  python -m vlora_jax.export --workdir DIR --format {timm,hf,npz,orbax} --out PATH [--step N|best]
+  vlora-export --workdir DIR --format {timm,hf,npz,orbax} --out PATH [--step N|best]
+
+(``python -m vlora_jax.export`` is the same command.)
 
 VLoRA increments and LoRA adapters are folded into plain per-layer weights once
 (`vlora_jax.models.to_dense`): what is written is the weights of the run's dense twin, the same
@@ -95,14 +97,6 @@ def dense_twin_config(config):
   return c
 
 
-def merged(run: trained_lib.Trained):
-  """``(dense twin module, dense params as host numpy)``."""
-  import jax
-  from vlora_jax import models
-  dense_model, variables = models.to_dense(run.model, {"params": run.params})
-  return dense_model, jax.device_get(variables["params"])
-
-
 def write_npz(out: Path, params) -> list[Path]:
   import numpy as np
   from flax import traverse_util
@@ -137,7 +131,7 @@ def write_hf(out: Path, run: trained_lib.Trained, dense_model, params) -> list[P
 def write_orbax(out: Path, run: trained_lib.Trained, params) -> list[Path]:
   """``out/checkpoints/<step>``: the dense twin's train state, saved as the trainer saves it."""
   from vlora_jax import params as params_lib
-  from vlora_jax.train import checkpoint as ckpt_lib, optim
+  from vlora_jax.train import checkpoint as ckpt_lib, metrics, optim
   config = dense_twin_config(run.config)
   # The run's step and rng (the data position and dropout stream go on as they would have); the
   # optimizer starts fresh: the VLoRA run's moments belong to other parameters.
@@ -154,7 +148,8 @@ def write_orbax(out: Path, run: trained_lib.Trained, params) -> list[Path]:
     ckpt.save(run.step, state)
   finally:
     ckpt.close()
-  return [out / "checkpoints" / str(run.step)]
+  metrics.write_json(out / "config.json", meta["config"])  # as every run's workdir has
+  return [out / "checkpoints" / str(run.step), out / "config.json"]
 
 
 def export(workdir, fmt: str, out, step: int | str | None = None) -> list[Path]:
@@ -167,7 +162,7 @@ def export(workdir, fmt: str, out, step: int | str | None = None) -> list[Path]:
   _check_format(fmt, trained_lib.read_meta(step_dir))
   _prepare_out(fmt, out)
   run = trained_lib.load(workdir, step)
-  dense_model, params = merged(run)
+  dense_model, params = run.to_dense()
   if fmt == "npz":
     return write_npz(out, params)
   if fmt == "timm":
@@ -178,9 +173,10 @@ def export(workdir, fmt: str, out, step: int | str | None = None) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = cli.Parser("python -m vlora_jax.export", __doc__)
+  parser = cli.Parser("vlora-export", __doc__)
   cli.add_run_args(parser)
-  parser.add_argument("--format", required=True, choices=FORMATS)
+  parser.add_argument("--format", required=True, choices=FORMATS,
+                      help="timm (vit), hf (llama), npz or orbax: see above")
   parser.add_argument("--out", required=True,
                       help="timm: a .safetensors file; npz: a file; hf, orbax: a new directory")
   args = parser.parse_args(argv)

@@ -1,13 +1,19 @@
-"""Command line: ``python -m vlora_jax.main --config configs/FILE.py[:ARG] --workdir DIR``.
+"""Train a model from a config: ``vlora-train --config FILE.py[:ARG] --workdir DIR``.
 
-Any config key can be overridden: ``--config.optim.lr=3e-4 --config.model.vlora.rank=4``; the
-config is locked, so a misspelt key is an error at parsing. A thin layer over
-`vlora_jax.train.train_and_evaluate`, which notebooks and tests call directly.
+  vlora-train --config configs/vit_digits.py --workdir runs/digits
+  vlora-train --config configs/vit_digits.py:dense --workdir runs/digits_dense \\
+      --config.num_train_steps=500 --config.model.vlora.rank=4,4,2,2
+
+(``python -m vlora_jax.main`` is the same command.) The workdir receives the checkpoints, the best
+checkpoints by the validation metric (``best/``), ``config.json``, ``metrics.jsonl``, TensorBoard
+files and ``summary.json`` (with the test split's metrics, evaluated once at the end). A workdir
+that holds a run resumes it; a finished run is evaluated again. A thin layer over
+`vlora_jax.train.train_and_evaluate`, which notebooks call directly.
 
 Exit status:
   0   the run finished (or was already finished: its final state is evaluated again);
   2   a mistake in the input: a flag, the config file, a config value, the data, the workdir, a
-      checkpoint or an import. One line says what and where; ``--verbose`` adds the traceback;
+      checkpoint or an import. One line says what and where; --verbose adds the traceback;
   75  preempted (SIGTERM) or interrupted (Ctrl-C): a checkpoint of the last finished step was
       saved; rerun the same command to resume (`vlora_jax.train.preemption`);
   1   an internal error: a bug in vlora_jax or a library, shown with its traceback.
@@ -19,35 +25,41 @@ import os
 import sys
 import traceback
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
 from vlora_jax import cli
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config: configs/FILE.py[:ARG].",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Checkpoints, metrics and summary.json go here (resumed).")
-flags.DEFINE_bool("verbose", False, "Show the traceback of input errors too.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-def parse_flags(argv: list[str]) -> list[str]:
-  return cli.parse_config_flags(FLAGS, argv)
+PROG = "vlora-train"
 
 
-def main(argv):
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments: {argv[1:]} (flags are --config, --workdir, --config.KEY=...)")
+def parser() -> cli.Parser:
+  p = cli.Parser(PROG, __doc__, epilog=cli.OVERRIDES_HELP, allow_abbrev=False)
+  cli.add_config_arg(p)
+  p.add_argument("--workdir", required=True, metavar="DIR",
+                 help="checkpoints, metrics and summary.json go here; a workdir that holds a run "
+                 "resumes it")
+  p.add_argument("--verbose", action="store_true", help="show the traceback of input errors too")
+  return cli.with_overrides_usage(p)
+
+
+def _start_logging() -> None:
+  """absl's INFO log to stderr (the library logs through absl) without absl's flag parsing."""
+  from absl import flags, logging
+  flags.FLAGS.mark_as_parsed()  # absl otherwise warns that logging came before flag parsing
   logging.set_verbosity(logging.INFO)
-  from vlora_jax import errors  # after flags: keeps --help fast
+  logging.use_absl_handler()
+
+
+def main(argv: list[str] | None = None) -> None:
+  args, config = cli.parse_config_command(parser(), argv)
+  _start_logging()
+  from vlora_jax import errors  # after the flags: keeps --help fast
   from vlora_jax.train import metrics, preemption, train_and_evaluate
   metrics.quiet_libraries()
   try:
-    summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    summary = train_and_evaluate(config, args.workdir)
   except errors.UserError as e:
     # A mistake in the input, named by the message; its traceback would only show JAX/Orbax
     # internals.
-    cli.fail(str(e), e, FLAGS.verbose)
+    cli.fail(cli.one_line(e), e, args.verbose)
   except errors.Preempted as e:
     print(f"vlora_jax: {e}", file=sys.stderr, flush=True)
     sys.exit(preemption.EXIT_PREEMPTED)
@@ -56,11 +68,13 @@ def main(argv):
     print("vlora_jax: internal error (a bug in vlora_jax or a library, not in your input): the "
           "traceback above says where; please report it", file=sys.stderr, flush=True)
     sys.exit(1)
-  print(format_summary(summary, FLAGS.workdir), flush=True)
+  print(format_summary(summary, args.workdir), flush=True)
 
 
-SUMMARY_KEYS = ("step", "eval/accuracy", "eval/loss", "eval/perplexity", "eval/seq_accuracy",
-                "eval/seq_accuracy_teacher_forced", "params_total", "params_trainable", "wall_time_s", "examples_per_sec")
+SUMMARY_KEYS = ("step", "eval/accuracy", "eval/loss", "eval/perplexity", "eval/bits_per_char",
+                "eval/seq_accuracy", "eval/seq_accuracy_teacher_forced", "test/accuracy",
+                "test/loss", "test/perplexity", "test/bits_per_char", "test/seq_accuracy",
+                "params_total", "params_trainable", "wall_time_s", "examples_per_sec")
 
 
 def format_summary(summary: dict, workdir: str) -> str:
@@ -72,8 +86,8 @@ def format_summary(summary: dict, workdir: str) -> str:
 
 def run():
   """The ``vlora-train`` console script."""
-  app.run(main, flags_parser=parse_flags)
+  main()
 
 
 if __name__ == "__main__":
-  run()
+  main()

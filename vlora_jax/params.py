@@ -83,8 +83,10 @@ def param_shapes(model: nn.Module, *sample_args, **kwargs):
 
 
 def dense_twin(model: nn.Module) -> nn.Module:
-  """The same architecture with every stack dense (models expose the spec as field ``vlora``)."""
-  return model.clone(vlora=None)
+  """The dense twin of ``model``: the same architecture with every stack dense and no adapters,
+  the module that `stack.to_dense`'s merged weights load into. ``model`` is a `vlorafy` stack or
+  any family's model (each has the fields ``vlora`` and ``lora``)."""
+  return model.clone(vlora=None, lora=None)
 
 
 def table(model: nn.Module, *sample_args, **kwargs) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """Classify image files with a trained ViT run: the top classes of each, with their probabilities.
 
-  python -m vlora_jax.predict --workdir DIR [--step N|best] [--top K] [--verbose] FILE...
+  vlora-predict --workdir DIR [--step N|best] [--top K] [--verbose] FILE...
+
+(``python -m vlora_jax.predict`` is the same command.)
 
 For the image classifiers (``model.name`` in 'vit', 'vit_registers'). The model and the data's
 description come from the checkpoint (`vlora_jax.load`): no data file is read.
@@ -253,7 +255,7 @@ def report(predictions: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = cli.Parser("python -m vlora_jax.predict", __doc__, allow_abbrev=False)
+  parser = cli.Parser("vlora-predict", __doc__, allow_abbrev=False)
   cli.add_run_args(parser)
   parser.add_argument("--top", type=int, default=5, help="classes shown per file (default 5)")
   parser.add_argument("files", nargs="+", metavar="FILE", help="PNG, JPEG or .npy files")

@@ -1,8 +1,12 @@
 """Sample text from a trained language model.
 
-  python -m vlora_jax.sample --workdir DIR --prompt TEXT [--max_new_tokens N] [--temperature T]
-                             [--top_k K] [--top_p P] [--seed S] [--num_samples N] [--stop TEXT]
-                             [--step N|best] [--verbose]
+  vlora-sample --workdir DIR --prompt TEXT [--max_new_tokens N] [--temperature T] [--top_k K]
+               [--top_p P] [--seed S] [--num_samples N] [--stop STRING] [--step N|best]
+               [--verbose]
+
+(``python -m vlora_jax.sample`` is the same command.) ``--stop`` reads escapes as Python does:
+``--stop "\\n"`` ends each sample before its first newline. Where the text of ``--stop`` is one
+token, generation stops there; any other text cuts the decoded sample where it first appears.
 
 The model, its parameters and its tokenizer come from the checkpoint (`vlora_jax.load`; the
 character vocabulary or the subword tokenizer is stored with the run, so no data file is read). A
@@ -18,7 +22,7 @@ Prints each sample as the prompt followed by its continuation, samples separated
 ``----``; a progress bar over the tokens goes to stderr when stderr is a terminal.
 
 Exit status: 0 done; 2 a mistake in the input (no checkpoint in the workdir, a run that is not a
-language model, a prompt with characters the vocabulary lacks, a ``--stop`` that is not one token,
+language model, a prompt with characters the vocabulary lacks, a ``--stop`` with a broken escape,
 a bad sampling value), one line
 ``error: ...``; 1 an internal error.
 """
@@ -55,16 +59,28 @@ def _model_config(workdir, step) -> dict:
   return mcfg
 
 
+def unescape(text: str, flag: str) -> str:
+  """``text`` with its backslash escapes read as Python reads them (``\\n``, ``\\t``,
+  ``\\u00e9``, ``\\\\``); any other character stays as it is."""
+  try:
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+  except UnicodeDecodeError as e:
+    raise SampleError(f"{flag}={text!r}: a broken escape ({e.reason}); write a backslash as "
+                      "\\\\") from None
+
+
 def _stop_id(tokenizer, stop: str | None) -> int | None:
-  """The token that ends a sample: ``--stop``'s (one token of the vocabulary), else the
-  tokenizer's EOS (None for a character vocabulary: no stop)."""
+  """The token that ends a sample: ``--stop``'s where it is one token of the vocabulary (else
+  None: the text is cut where it appears), or without ``--stop`` the tokenizer's EOS (None for a
+  character vocabulary: no stop)."""
   if stop is None:
     return tokenizer.eos_id
-  token = tokenizer.token_id(stop)
-  if token is None:
-    raise SampleError(f"--stop={stop!r}: not one token of the run's vocabulary; give a text that "
-                      "is one token (a character of a character vocabulary)")
-  return token
+  return tokenizer.token_id(stop)
+
+
+def _cut(text: str, stop: str | None) -> str:
+  """``text`` up to the first ``stop`` (a stop of several tokens ends the text, not decoding)."""
+  return text if not stop or stop not in text else text[:text.index(stop)]
 
 
 def sample(workdir, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
@@ -105,7 +121,7 @@ def sample(workdir, prompt: str, *, max_new_tokens: int = 200, temperature: floa
   finally:
     if bar:
       bar.close()
-  return [tokenizer.decode(row) for row in out]
+  return [_cut(tokenizer.decode(row), stop) for row in out]
 
 
 def _bar(total: int, enabled: bool):
@@ -116,24 +132,29 @@ def _bar(total: int, enabled: bool):
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = cli.Parser("python -m vlora_jax.sample", __doc__)
+  parser = cli.Parser("vlora-sample", __doc__)
   cli.add_run_args(parser)
-  parser.add_argument("--prompt", required=True, help="the text to continue")
-  parser.add_argument("--max_new_tokens", type=int, default=200)
-  parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-  parser.add_argument("--top_k", type=int, default=0, help="keep the k most likely (0: all)")
-  parser.add_argument("--top_p", type=float, default=1.0, help="nucleus mass to keep (1: all)")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--num_samples", type=int, default=1)
-  parser.add_argument("--stop", default=None,
-                      help="a token that ends a sample: one character of a character vocabulary, "
-                      "the text of one token of a subword one (default: its EOS; none for "
-                      "characters)")
+  parser.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
+  parser.add_argument("--max_new_tokens", type=int, default=200, metavar="N",
+                      help="tokens to generate after the prompt")
+  parser.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 is greedy")
+  parser.add_argument("--top_k", type=int, default=0, metavar="K",
+                      help="keep the k most likely (0: all)")
+  parser.add_argument("--top_p", type=float, default=1.0, metavar="P",
+                      help="nucleus mass to keep (1: all)")
+  parser.add_argument("--seed", type=int, default=0, help="the sampling seed")
+  parser.add_argument("--num_samples", type=int, default=1, metavar="N",
+                      help="continuations, drawn in one batch")
+  parser.add_argument("--stop", default=None, metavar="STRING",
+                      help="a sample ends before this text (escapes such as \\n are read; "
+                      "default: a subword tokenizer's EOS, no stop for characters)")
   args = parser.parse_args(argv)
+  stop = None if args.stop is None else cli.guarded("vlora-sample", args.verbose, unescape,
+                                                     args.stop, "--stop")
   samples = cli.guarded(
       "vlora_jax.sample", args.verbose, sample, args.workdir, args.prompt,
       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-      top_p=args.top_p, seed=args.seed, num_samples=args.num_samples, stop=args.stop,
+      top_p=args.top_p, seed=args.seed, num_samples=args.num_samples, stop=stop,
       step=cli.step(args.step), progress=sys.stderr.isatty())
   for i, text in enumerate(samples):
     if i:

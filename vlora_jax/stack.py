@@ -40,6 +40,7 @@ from flax import traverse_util
 
 from vlora_jax import chain
 from vlora_jax import lora as lora_lib
+from vlora_jax.params import dense_twin
 from vlora_jax import remat as remat_lib
 from vlora_jax.spec import Layout, VLoRASpec, dense_layout
 
@@ -456,7 +457,9 @@ def vlorafy(block: nn.Module | BlockFactory, num_layers: int, vlora: VLoRASpec |
 
 
 def layout_from_params(stack_params, spec: VLoRASpec | None) -> Layout:
-  """Recovers the layout of a stack from its parameters and the spec that made them."""
+  """Recovers the layout of a stack from its parameters (boxed, as ``init`` returns them, or
+  not) and the spec that made them."""
+  stack_params = nn.unbox(stack_params)
   per_layer = _flat(stack_params.get("per_layer", {}))
   base = _flat(stack_params.get("base", {}))
   shapes = {p: tuple(a.shape[1:]) for p, a in per_layer.items()}
@@ -475,9 +478,9 @@ def is_stack(tree) -> bool:
 def merge(params, spec, lora=None):
   """Every VLoRA stack in a params tree -> its dense ``per_layer`` form (merged inference/export).
 
-  The result loads into the model's dense twin (``model.clone(vlora=None)``). Stacks with LoRA
-  adapters (``lora_a``/``lora_b``) need ``lora``; the adapters are folded into the weights and the
-  result loads into ``model.clone(vlora=None, lora=None)``. ``spec`` and ``lora`` are either one
+  `to_dense` is the call that reads the specs from the model; this is the step under it. The
+  result loads into the model's `dense_twin`. Stacks with LoRA adapters (``lora_a``/``lora_b``)
+  need ``lora``; the adapters are folded into the weights. ``spec`` and ``lora`` are either one
   spec for every stack or a ``{stack module name: spec}`` dict (models whose stacks differ, e.g.
   an encoder and a decoder). ``params`` may be boxed, as ``init`` returns them.
   """
@@ -517,16 +520,32 @@ def _merge_stack(params, spec, lora):
   return {"per_layer": materialize(params, layout, entries)}
 
 
-def to_dense(model: nn.Module, variables):
-  """``(dense_model, dense_variables)``: adapters and VLoRA folded into plain per-layer weights.
-
-  ``dense_model.apply(dense_variables, ...)`` computes what ``model.apply(variables, ...)`` does
-  (up to float rounding), with no adapter or increment math at inference. ``model`` is any model
-  with ``stack_specs()`` (every family's: ``{stack name: (vlora, lora)}``); ``variables`` may be
-  boxed, as ``init`` returns them.
-  """
+def _specs(model: nn.Module):
+  """``(vlora, lora)`` for merging ``model``'s params: one pair for a bare `LayerStack`, else
+  ``{stack name: ...}`` dicts from the model's ``stack_specs()``."""
+  if isinstance(model, LayerStack):
+    return model.vlora, model.lora
+  if not hasattr(model, "stack_specs"):
+    raise TypeError(f"to_dense: {type(model).__name__} is neither a vlorafy stack nor a model "
+                    "with stack_specs() ({stack name: (vlora, lora)}); merge its params with "
+                    "stack.merge(params, spec, lora)")
   specs = model.stack_specs()
-  variables = dict(nn.unbox(variables))
-  variables["params"] = merge(variables["params"], {k: v[0] for k, v in specs.items()},
-                              lora={k: v[1] for k, v in specs.items()})
-  return model.clone(vlora=None, lora=None), variables
+  return {k: v[0] for k, v in specs.items()}, {k: v[1] for k, v in specs.items()}
+
+
+def to_dense(model: nn.Module, variables):
+  """``(dense twin, its variables)``: VLoRA increments and LoRA adapters folded into plain
+  per-layer weights, once.
+
+  ``dense_twin.apply(dense_variables, ...)`` computes what ``model.apply(variables, ...)`` does
+  (up to float rounding), with no increment or adapter math at inference. ``model`` is a
+  `vlorafy` stack (it knows its spec) or any model with ``stack_specs()``; ``variables`` is what
+  ``init`` returns (``{'params': ...}``, boxed or not) or the params alone, and the result is of
+  the same kind, unboxed.
+  """
+  vlora, lora = _specs(model)
+  unboxed = nn.unbox(variables)
+  is_variables = isinstance(unboxed, Mapping) and "params" in unboxed and not is_stack(unboxed)
+  params = unboxed["params"] if is_variables else unboxed
+  merged = merge(params, vlora, lora)
+  return dense_twin(model), ({**unboxed, "params": merged} if is_variables else merged)

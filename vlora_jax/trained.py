@@ -49,8 +49,8 @@ class Trained:
   def __iter__(self):  # model, params, config, info = load(workdir): the four a user needs
     return iter((self.model, self.params, self.config, self.info))
 
-  def dense(self) -> tuple[Any, Any]:
-    """``(dense model, dense params)``: VLoRA and LoRA merged into plain per-layer weights
+  def to_dense(self) -> tuple[Any, Any]:
+    """``(dense twin, its params)``: VLoRA and LoRA merged into plain per-layer weights
     (`stack.to_dense`), as host arrays; a dense run's own."""
     import jax
     from vlora_jax import stack

@@ -87,7 +87,7 @@ def run_config(pre: Pretrained, *, workdir: Path, data: str = "",
                max_len: int = DEFAULT_MAX_LEN):
   """The config of the imported run: the dense llama of ``pre``'s architecture (VLoRA off, its
   targets the family's), the ``tokenized`` text of ``data`` read by the run's own tokenizer."""
-  from configs import default
+  from vlora_jax import defaults as default
   from vlora_jax.models import llama
   c = default.get_config()
   m = c.model
@@ -101,6 +101,7 @@ def run_config(pre: Pretrained, *, workdir: Path, data: str = "",
   c.data.path = str(Path(data).expanduser().absolute()) if data else ""
   c.data.tokenizer = str(workdir.absolute())
   c.data.eval_split = "validation"
+  c.data.split_seed = None     # the text's last blocks are held out, as contiguous text
   c.data.eval_examples = 32
   c.batch_size = c.eval_batch_size = 8
   c.num_train_steps = 0
@@ -162,7 +163,7 @@ def write_run(pre: Pretrained, workdir, *, data: str = "",
   import jax
   from vlora_jax import cli
   from vlora_jax import params as params_lib
-  from vlora_jax.train import checkpoint as ckpt_lib, optim, schema
+  from vlora_jax.train import checkpoint as ckpt_lib, metrics, optim, schema
   from vlora_jax.train import workdir as workdir_lib
 
   check_request(workdir, data, max_len)
@@ -182,6 +183,7 @@ def write_run(pre: Pretrained, workdir, *, data: str = "",
           "params_total": params_lib.count(params)["total"],
           "converted_from": str(Path(pre.source).absolute())}
   with workdir_lib.hold(workdir):
+    metrics.write_json(workdir / "config.json", meta["config"])  # as every run's workdir has
     ckpt = ckpt_lib.Checkpointer(workdir, {"keep": 1, "async_save": False, "keep_best": 0}, meta)
     try:
       ckpt.save(0, state)

@@ -7,8 +7,8 @@ seed and the epoch number); process ``p`` reads only its contiguous slice ``p*b 
 data position is the step: a resumed run, or one with another process count, sees exactly the
 batches it would have seen.
 
-Eval: the split in order, padded with masked copies of example 0 to a whole number of global
-batches, each process reading its own slice of every batch.
+Eval: each eval set (validation, test) in order, padded with masked copies of its example 0 to
+a whole number of global batches, each process reading its own slice of every batch.
 """
 
 from __future__ import annotations
@@ -68,16 +68,20 @@ class Windows:
 
 
 class Pipeline:
-  """Train and eval batches of one data set for one process.
+  """Train batches and the eval sets (validation, test) of one data set for one process.
 
   Attributes:
     info: what the model and the loss need to know (task, shapes, classes, vocabulary...).
     local_batch: examples per train batch on this process (global batch / process count).
+    eval_split: the eval set that ``eval_batches()``, ``num_eval`` and ``num_eval_batches`` read
+      by default: what the run evaluates while it trains.
+    eval_splits: the names of the eval sets there are.
   """
 
-  def __init__(self, train: grain.MapDataset, eval_records, eval_map: Callable[[Any], dict],
-               *, info: dict, global_batch: int, eval_batch: int, process_index: int,
-               process_count: int, threads: int = 2):
+  def __init__(self, train: grain.MapDataset, eval_sets: dict[str, Any],
+               eval_map: Callable[[Any], dict], *, info: dict, global_batch: int,
+               eval_batch: int, process_index: int, process_count: int,
+               eval_split: str = "validation", threads: int = 2):
     self.info = info
     self.process_index, self.process_count = process_index, process_count
     self.local_batch = global_batch // process_count
@@ -87,18 +91,27 @@ class Pipeline:
     else:
       batched = train.batch(self.local_batch)
     self._train = batched[process_index::process_count]
-    n = len(eval_records)
-    self.num_eval = n
     self.eval_batch = eval_batch
-    self.num_eval_batches = -(-n // eval_batch)
     self._local_eval = eval_batch // process_count
+    self._eval_map = eval_map
+    self._sets = dict(eval_sets)
+    self.eval_splits = tuple(self._sets)
+    self.eval_split = eval_split
 
-    def padded(i):
-      rec = eval_map(eval_records[i if i < n else 0])
-      return {**rec, "mask": np.float32(i < n)}
+  def num_eval_of(self, split: str | None = None) -> int:
+    """Examples in an eval set (the default one with None)."""
+    return len(self._sets[split or self.eval_split])
 
-    ev = grain.MapDataset.range(self.num_eval_batches * eval_batch).map(padded)
-    self._eval = ev.batch(self._local_eval)[process_index::process_count]
+  def num_eval_batches_of(self, split: str | None = None) -> int:
+    return -(-self.num_eval_of(split) // self.eval_batch)
+
+  @property
+  def num_eval(self) -> int:
+    return self.num_eval_of()
+
+  @property
+  def num_eval_batches(self) -> int:
+    return self.num_eval_batches_of()
 
   def train_batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's part of the batch of step ``step`` (random access; for tests)."""
@@ -110,7 +123,19 @@ class Pipeline:
     opts = grain.ReadOptions(num_threads=self._threads, prefetch_buffer_size=4)
     return iter(ds.to_iter_dataset(opts))
 
-  def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
-    """This process's part of every eval batch (``mask`` = 0 marks padding)."""
-    for i in range(len(self._eval)):
-      yield self._eval[i]
+  def eval_batches(self, split: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """This process's part of every batch of an eval set (the default one with None), padded
+    with masked copies of its example 0 to whole global batches (``mask`` = 0 marks padding)."""
+    name = split or self.eval_split
+    if name not in self._sets:
+      raise KeyError(f"no {name!r} eval set; there are {list(self._sets)}")
+    records, n = self._sets[name], self.num_eval_of(name)
+
+    def padded(i):
+      rec = self._eval_map(records[i if i < n else 0])
+      return {**rec, "mask": np.float32(i < n)}
+
+    ev = grain.MapDataset.range(self.num_eval_batches_of(name) * self.eval_batch).map(padded)
+    ev = ev.batch(self._local_eval)[self.process_index::self.process_count]
+    for i in range(len(ev)):
+      yield ev[i]

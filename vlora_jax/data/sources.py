@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from vlora_jax.data import paths
 from vlora_jax.errors import UserError
 
 
@@ -85,9 +86,12 @@ class _Jpegs:
 
 
 def _need_file(path: str, key: str, hint: str) -> Path:
-  p = Path(path).expanduser()
-  if not path or not p.is_file():
-    raise DataError(f"{key}={path!r}: file not found (resolved to {p.resolve()}). {hint}")
+  """The file ``key`` names, resolved as every data path is (`paths.resolve`)."""
+  if not path:
+    raise DataError(f"{key}={path!r}: empty; give a file. {hint}")
+  p = paths.resolve(path)
+  if not p.is_file():
+    raise paths.not_found(path, key, DataError)
   return p
 
 
@@ -106,9 +110,9 @@ def digits(split: str, test_fraction: float = 0.2) -> ImageSplit:
                     tuple(str(n) for n in d.target_names))
 
 
-NPZ_HINT = ("Point data.path at a local copy of mnist.npz, cifar10_subset.npz or cifar10_jpeg_q75.npz "
-            "(keys x_train/y_train/x_test/y_test, or train_jpeg/train_offsets/... for JPEG bytes), "
-            "e.g. --config.data.path=../shared/data/cifar10_subset.npz")
+NPZ_HINT = ("data.path names an .npz with keys x_train/y_train/x_test/y_test (or "
+            "train_jpeg/train_offsets/... for JPEG bytes), as `vlora-data mnist|cifar10|"
+            "cifar10_subset` writes it")
 
 
 PIXEL_SCALES = {"uint8": 1.0 / 255.0, "unit": 1.0}  # data.pixel_scale -> factor onto [0, 1]
@@ -324,8 +328,7 @@ def tfds_images(name: str, split: str, data_dir: str | None = None,
                     tuple(label.names))
 
 
-TEXT_HINT = ("Point data.path at a UTF-8 text file, e.g. "
-             "--config.data.path=../shared/data/tiny_shakespeare.txt")
+TEXT_HINT = "data.path names a UTF-8 text file (`vlora-data tiny_shakespeare` writes one)"
 
 
 def text_file(path: str) -> str:

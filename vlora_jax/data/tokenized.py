@@ -12,9 +12,11 @@
 
 The whole file is tokenized at once (no special tokens: a stream), then split. Train examples are
 every window of ``model.max_len + 1`` tokens inside the train blocks (adjacent blocks join; no
-window crosses into held-out text), eval examples the non-overlapping windows of the eval split
-in order. The choice of blocks and the tokenizer (its JSON, BOS and EOS ids) are stored in the
-data info, with every checkpoint: `vlora_jax.load`, `sample` and `evaluate` need nothing else.
+window crosses into held-out text), validation and test examples the non-overlapping windows of
+their blocks in order (`windows`; the character-level ``text`` source cuts its text the same
+way). The choice of blocks, the eval split's characters per token (bits per character) and the
+tokenizer (its JSON, BOS and EOS ids) are stored in the data info, with every checkpoint:
+`vlora_jax.load`, `sample` and `evaluate` need nothing else.
 """
 
 from __future__ import annotations
@@ -93,33 +95,66 @@ def load_tokenizer(d) -> tokenizer_lib.SubwordTokenizer:
     raise DataError(str(e)) from None
 
 
-def build(d, max_len: int):
-  """``(train windows, eval windows, info)`` of ``config.data`` for windows of ``max_len + 1``."""
-  eval_split = d.get("eval_split", "validation")
-  if eval_split not in EVAL_SPLITS:
-    raise DataError(f"data.eval_split={eval_split!r}: allowed for data.source='tokenized' are "
-                    f"{list(EVAL_SPLITS)}")
+def windows(ids: np.ndarray, d, max_len: int, eval_split: str, test: np.ndarray | None = None):
+  """``({'train', 'validation', 'test'}: windows, split info)`` of a token stream ``ids``.
+
+  ``ids`` is cut into ``data.split_blocks`` blocks; ``data.validation_fraction`` of them
+  validate and, unless ``test`` (a separate test stream) is given, ``data.test_fraction`` test.
+  Train examples are every window of ``max_len + 1`` tokens inside the train blocks, held-out
+  examples the non-overlapping windows of their blocks in order.
+  """
   fractions = {k: float(d.get(f"{k}_fraction", 0.05)) for k in EVAL_SPLITS}
-  if fractions[eval_split] <= 0:
+  if test is not None:
+    fractions["test"] = 0.0
+  if eval_split not in EVAL_SPLITS:
+    raise DataError(f"data.eval_split={eval_split!r}: allowed are {list(EVAL_SPLITS)}")
+  if fractions[eval_split] <= 0 and not (eval_split == "test" and test is not None):
     raise DataError(f"data.eval_split={eval_split!r} but data.{eval_split}_fraction="
                     f"{fractions[eval_split]}: the run would evaluate on nothing; allowed: > 0")
-  tok = load_tokenizer(d)
-  ids = np.asarray(tok.encode(sources.text_file(d.path), special=False), np.int32)
   num_blocks = int(d.get("split_blocks", 20))
   seed = d.get("split_seed", None)
   chosen = split(num_blocks, fractions["validation"], fractions["test"], seed)
   ranges = {name: spans(chosen[name], num_blocks, len(ids)) for name in SPLITS}
   window = max_len + 1  # inputs tokens[:-1], targets tokens[1:]
-  train = SpanWindows(ids, ranges["train"], window)
-  evals = SpanWindows(ids, ranges[eval_split], window, stride=window)
-  if len(train) == 0 or len(evals) == 0:
+  out = {"train": SpanWindows(ids, ranges["train"], window)}
+  for name in EVAL_SPLITS:
+    out[name] = SpanWindows(ids, ranges[name], window, stride=window)
+  if test is not None:
+    out["test"] = SpanWindows(test, [(0, len(test))], window, stride=window)
+  if len(out["train"]) == 0 or len(out[eval_split]) == 0:
     sizes = {name: sum(e - s for s, e in r) for name, r in ranges.items()}
-    raise DataError(f"data.path={d.path!r}: {len(ids)} tokens give no window of model.max_len + 1 "
-                    f"= {window} tokens in the train or the {eval_split} split (tokens per split: "
-                    f"{sizes}); use a longer text, fewer data.split_blocks or a shorter max_len")
-  info = dict(kind="text", vocab_size=len(tok), num_train=len(train),
-              tokens_per_example=window - 1, eval_split=eval_split,
-              split=dict(blocks=num_blocks, seed=seed, tokens=int(len(ids)), **{
-                  name: chosen[name] for name in EVAL_SPLITS}),
-              **tok.to_info())
-  return train, evals, info
+    raise DataError(f"data.path={d.get('path', '')!r}: {len(ids)} tokens give no window of "
+                    f"model.max_len + 1 = {window} tokens in the train or the {eval_split} split "
+                    f"(tokens per split: {sizes}); use a longer text, fewer data.split_blocks or "
+                    "a shorter max_len")
+  info = dict(blocks=num_blocks, seed=seed, tokens=int(len(ids)),
+              **{name: chosen[name] for name in EVAL_SPLITS})
+  if test is not None:
+    info["test"] = f"data.test_split ({len(test)} tokens)"
+  return out, info
+
+
+def chars_per_token(tok, ids: np.ndarray, spans_: list[tuple[int, int]]) -> float:
+  """The characters per token of ``spans_`` of ``ids``, decoded span by span (what turns bits
+  per token into bits per character)."""
+  tokens = sum(e - s for s, e in spans_)
+  if not tokens:
+    return 0.0
+  return sum(len(tok.decode(ids[s:e].tolist())) for s, e in spans_) / tokens
+
+
+def build(d, max_len: int):
+  """``({'train', 'validation', 'test'}: windows, info)`` of ``config.data`` for windows of
+  ``max_len + 1`` tokens."""
+  which = d.get("eval_split", "validation")
+  if which not in EVAL_SPLITS:
+    raise DataError(f"data.eval_split={which!r}: allowed for data.source='tokenized' are "
+                    f"{list(EVAL_SPLITS)}")
+  tok = load_tokenizer(d)
+  ids = np.asarray(tok.encode(sources.text_file(d.path), special=False), np.int32)
+  out, split_info = windows(ids, d, max_len, which)
+  held = spans(split_info[which], split_info["blocks"], len(ids))
+  info = dict(kind="text", vocab_size=len(tok), num_train=len(out["train"]),
+              tokens_per_example=max_len, eval_split=which, split=split_info,
+              chars_per_token=chars_per_token(tok, ids, held), **tok.to_info())
+  return out, info

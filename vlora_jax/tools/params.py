@@ -1,7 +1,9 @@
 """Parameter table of a config's model: dense vs VLoRA counts by group, and the ratio.
 
-  python -m vlora_jax.tools.params --config configs/vit_cifar10.py
-  python -m vlora_jax.tools.params --config configs/vit_cifar10.py --config.model.vlora.rank=4
+  vlora-params --config configs/vit_cifar10.py
+  vlora-params --config configs/vit_cifar10.py --config.model.vlora.rank=4,4,2,2
+
+(``python -m vlora_jax.tools.params`` is the same command.)
 
 Builds ``vlora_jax.models.build(config.model)`` and counts parameters from shapes only
 (``jax.eval_shape``: nothing is allocated or compiled), for the model and for its dense twin (the same
@@ -12,16 +14,7 @@ patch 4, D 192, 3 heads, 3 compounds x 4, rank 8, 10 classes) it prints VLoRA 1,
 
 from __future__ import annotations
 
-import sys
-
-from absl import app, flags
-from ml_collections import config_flags
-
-from vlora_jax import models, params
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file with get_config(arg); its config.model is counted.",
-    lock_config=True)
+from vlora_jax import cli, models, params
 
 
 def describe(mcfg) -> str:
@@ -44,22 +37,27 @@ def describe(mcfg) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
+def parser() -> cli.Parser:
+  p = cli.Parser("vlora-params", __doc__, epilog=cli.OVERRIDES_HELP, allow_abbrev=False)
+  cli.add_config_arg(p, "the model")
+  p.add_argument("--verbose", action="store_true", help="show the traceback of input errors too")
+  return cli.with_overrides_usage(p)
+
+
+def main(argv: list[str] | None = None) -> None:
+  args, config = cli.parse_config_command(parser(), argv)
   if "model" not in config:
-    raise ValueError(f"{flags.FLAGS['config'].config_filename}: the config has no 'model' field")
+    cli.fail(f"--config={args.config!r}: the config has no 'model' field")
   try:
-    print(describe(config.model))
+    text = describe(config.model)
   except ValueError as e:  # a bad config: the message names the key; no traceback needed
-    sys.exit(f"error: {e}")
+    cli.fail(cli.one_line(e), e, args.verbose)
+  print(text)
 
 
 def run():
   """The ``vlora-params`` console script."""
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  main()
 
 
 if __name__ == "__main__":

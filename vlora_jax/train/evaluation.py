@@ -7,6 +7,7 @@ over the eval batches, the family's `finalize` of the total.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -38,8 +39,22 @@ def param_shardings(model, family, config, mesh):
   return sharding.param_shardings(boxed, config.sharding_rules, mesh)
 
 
-def evaluate(step, family, params, pipe, mesh, progress: Any = None) -> dict[str, float]:
-  """``{'eval/loss', 'eval/accuracy', ...}`` of ``params`` over ``pipe``'s eval set.
+def bits(metrics: dict[str, float], info: dict, prefix: str) -> dict[str, float]:
+  """Text's loss in bits: ``<prefix>/bits_per_token`` (the loss over ln 2) and, where the
+  characters per token are known (the data info's ``chars_per_token``: 1 for characters),
+  ``<prefix>/bits_per_char``. Nothing for other data."""
+  loss = metrics.get(f"{prefix}/loss")
+  if info.get("kind") != "text" or loss is None:
+    return {}
+  out = {f"{prefix}/bits_per_token": loss / math.log(2)}
+  if info.get("chars_per_token"):
+    out[f"{prefix}/bits_per_char"] = out[f"{prefix}/bits_per_token"] / info["chars_per_token"]
+  return out
+
+
+def evaluate(step, family, params, pipe, mesh, progress: Any = None, split: str | None = None,
+             prefix: str = "eval") -> dict[str, float]:
+  """``{'eval/loss', 'eval/accuracy', ...}`` of ``params`` over one of ``pipe``'s eval sets.
 
   Args:
     step: the jitted eval step (`jit_step`), ``(params, global batch) -> sums``.
@@ -48,15 +63,18 @@ def evaluate(step, family, params, pipe, mesh, progress: Any = None) -> dict[str
     pipe: the data (`vlora_jax.data.Pipeline`); this process reads its part of every eval batch.
     mesh: the device mesh the batches are spread over.
     progress: anything with ``update(n)`` (a `metrics.Progress`), told of every batch; or None.
+    split: the eval set: None the pipeline's ``eval_split`` (validation unless the config says
+      otherwise), or 'validation' / 'test'.
+    prefix: the metrics' prefix ('eval'; the trainer's final test evaluation uses 'test').
   """
   acc = None
-  for local in pipe.eval_batches():
+  for local in pipe.eval_batches(split):
     s = step(params, sharding.global_batch(local, mesh))
     acc = s if acc is None else jax.tree.map(jnp.add, acc, s)
     if progress is not None:
       progress.update(1)
   if acc is None:
     raise DataError("the eval set is empty: nothing to evaluate (see data.eval_examples and the "
-                    "data's test split)")
-  return family.finalize(jax.device_get(acc), "eval")
-
+                    "data's splits)")
+  metrics = family.finalize(jax.device_get(acc), prefix)
+  return {**metrics, **bits(metrics, pipe.info, prefix)}

@@ -96,7 +96,7 @@ def resolve_budget(config, previous: dict | None = None) -> bool:
   if len(specs) != 1:
     raise ValueError(f"compress.budget={fraction}: the model's stacks have different VLoRA specs "
                      "(e.g. a decoder's cross-attention targets); give model.vlora.rank instead")
-  _, dense = trained_lib.load(arg).dense()
+  _, dense = trained_lib.load(arg).to_dense()
   base = config.compress.get("base", "first")
   try:
     budget = budget_ranks_tree(dense, specs.pop(), fraction,
@@ -139,7 +139,7 @@ def params_from_dense_run(arg: str, *, abstract_params, config):
   student = fam.build_from_config(config.model)
   check_dense_run(arg, config=config, model=student)
   specs = {name: s for name, (s, _) in student.stack_specs().items()}
-  dense_model, dense = trained_lib.load(arg).dense()
+  dense_model, dense = trained_lib.load(arg).to_dense()
   where = f"init_from='compress:{arg}'"
 
   how = config.get("compress", {})

@@ -1,4 +1,10 @@
-"""The steps of a run, from its start to ``config.num_train_steps``, and what they report."""
+"""The steps of a run, from its start to ``config.num_train_steps``, and what they report.
+
+Periodic evaluations read the data's eval split (validation unless the config says otherwise),
+and so does ``best/``; the test split is evaluated once, after the last step (``test/*``). A run
+that starts from given weights (``init_from``: a compressed or imported model) is evaluated at
+step 0 too, before it trains (``init/eval/*``, ``init/test/*``).
+"""
 
 from __future__ import annotations
 
@@ -29,8 +35,11 @@ class Loop:
   count training time only: eval and checkpoint time are taken out.
   """
 
-  def __init__(self, run: Run, train_step, ckpt: ckpt_lib.Checkpointer, start: int):
+  def __init__(self, run: Run, train_step, ckpt: ckpt_lib.Checkpointer, start: int,
+               evaluate_start: bool = False):
     self.run, self.train_step, self.ckpt, self.start = run, train_step, ckpt, start
+    # With no step to train, the final evaluation is the step-0 one: it is not done twice.
+    self.evaluate_start = evaluate_start and start == 0 < run.total_steps
     config = run.config
     # A resumed run first drops the rows it writes again (a finished run: its eval at `start`).
     self.writer = metrics_lib.Writer(run.workdir, enabled=run.main,
@@ -48,14 +57,33 @@ class Loop:
     self.window: list[dict] = []
     self.last_train: dict[str, float] = {}
     self.eval_metrics: dict[str, float] = {}
+    self.test_metrics: dict[str, float] = {}
+    self.init_metrics: dict[str, float] = {}
     self.t_eval = self.t_ckpt = 0.0
     self.t_first: float | None = None  # when the first step (the compile) finished
     self.t_window = time.time()
     self.step = start
 
-  def evaluate(self, params) -> dict[str, float]:
+  def evaluate(self, params, split: str | None = None, prefix: str = "eval") -> dict[str, float]:
     return evaluation.evaluate(self.eval_step, self.run.family, params, self.run.pipe,
-                               self.run.mesh)
+                               self.run.mesh, split=split, prefix=prefix)
+
+  def evaluate_test(self, params) -> dict[str, float]:
+    """The test split's metrics (``test/*``): the eval split's own where that is the test split."""
+    if self.run.pipe.eval_split == "test" and self.eval_metrics:
+      return {"test/" + k[len("eval/"):]: v for k, v in self.eval_metrics.items()}
+    return self.evaluate(params, "test", "test")
+
+  def evaluate_init(self, params) -> None:
+    """The starting model's metrics at step 0 (``init/eval/*``, ``init/test/*``), before any
+    training: what a compressed or imported model was worth before it trained."""
+    t0 = time.time()
+    m = self.evaluate(params)
+    m.update(self.evaluate(params, "test", "test") if self.run.pipe.eval_split != "test" else
+             {"test/" + k[len("eval/"):]: v for k, v in m.items()})
+    self.writer.write(0, m)
+    self.init_metrics = {f"init/{k}": v for k, v in m.items()}
+    self.t_eval += time.time() - t0
 
   def absorb(self, step_done: int, m_dev) -> None:
     """Host side of one finished step: NaN stop, progress, periodic logging."""
@@ -115,6 +143,8 @@ class Loop:
     final state. On SIGTERM / SIGINT it saves after the current step and raises `Preempted`."""
     config, mesh = self.run.config, self.run.mesh
     every_eval = config.eval_every_steps
+    if self.evaluate_start:
+      self.evaluate_init(st["params"])
     it = self.run.pipe.train_batches(self.start)
     pending = None
     with preemption.Watcher() as watcher:
@@ -138,11 +168,13 @@ class Loop:
           self.stop(st, saved=do_ckpt, signal_name=watcher.signal_name)
     if pending is not None:
       self.absorb(*pending)
+    t0 = time.time()
     if not self.eval_metrics:  # eval off, or nothing left to train
-      t0 = time.time()
       self.eval_metrics = self.evaluate(st["params"])
       self.writer.write(self.step, self.eval_metrics)
-      self.t_eval += time.time() - t0
+    self.test_metrics = self.evaluate_test(st["params"])  # once, at the end
+    self.writer.write(self.step, self.test_metrics)
+    self.t_eval += time.time() - t0
     self.bar.close()
     t1 = time.time()
     self.ckpt.wait()

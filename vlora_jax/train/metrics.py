@@ -138,7 +138,8 @@ def _cut_back(path: Path, resume_step: int, redo_eval: bool) -> None:
       broken += bool(line.strip())
     elif row["step"] > resume_step or resume_step == 0:  # at 0 nothing was resumed
       past += 1
-    elif redo_eval and row["step"] == resume_step and any(k.startswith("eval/") for k in row):
+    elif redo_eval and row["step"] == resume_step and any(k.startswith(("eval/", "test/"))
+                                                          for k in row):
       redone += 1
     else:
       kept.append(line + b"\n")

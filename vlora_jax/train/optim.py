@@ -1,4 +1,13 @@
-"""The optimizer from ``config.optim``: AdamW, warmup + cosine, clipping, and per-path rules.
+"""The optimizer from ``config.optim``: its update rule, warmup + cosine, clipping, per-path rules.
+
+``optim.name`` picks optax's update rule; every one takes the schedule's learning rate and a
+decoupled weight decay (``optim.weight_decay`` times the rate, as AdamW's):
+
+  adamw      optax.adamw (b1, b2, eps)
+  adafactor  optax.adafactor (factored second moments, updates relative to each parameter's
+             scale: rates near 1e-2 are usual)
+  lion       optax.lion (b1, b2; the paper's b2 is 0.99, and its rate 3-10x below AdamW's)
+  sgd        momentum SGD (optim.momentum, optim.nesterov)
 
 Rules select parameters by regex, full-matched against ``/``-joined paths such as
 ``blocks/inc_a/attn/qkv/kernel`` or ``head/bias`` (the stack's group names ``base``, ``inc_a``,
@@ -27,6 +36,7 @@ from vlora_jax import params as params_lib
 
 FROZEN = "frozen"
 SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
 
 
 def paths(tree) -> dict[str, Any]:
@@ -118,6 +128,27 @@ class Optimizer(NamedTuple):
     return lambda path: flat[path] != FROZEN
 
 
+def update_rule(ocfg, lr, weight_decay: float) -> optax.GradientTransformation:
+  """``optim.name``'s transformation at learning rate ``lr`` (a number or a schedule), with
+  decoupled weight decay ``weight_decay`` (times the rate)."""
+  name = ocfg.get("name", "adamw")
+  b1, b2 = ocfg.get("b1", 0.9), ocfg.get("b2", 0.999)
+  if name == "adamw":
+    return optax.adamw(lr, b1=b1, b2=b2, eps=ocfg.get("eps", 1e-8), weight_decay=weight_decay)
+  if name == "lion":
+    return optax.lion(lr, b1=b1, b2=b2, weight_decay=weight_decay)
+  if name == "adafactor":
+    # optax adds adafactor's decay after the rate: scaled here by the rate, as AdamW's is.
+    rate = (lambda count: weight_decay * lr(count)) if callable(lr) else weight_decay * lr
+    return optax.adafactor(lr, weight_decay_rate=rate if weight_decay else None)
+  if name == "sgd":
+    return optax.chain(optax.trace(decay=float(ocfg.get("momentum", 0.9)),
+                                   nesterov=bool(ocfg.get("nesterov", False))),
+                       optax.add_decayed_weights(weight_decay),
+                       optax.scale_by_learning_rate(lr))
+  raise ValueError(f"optim.name={name!r}: allowed are {list(OPTIMIZERS)}")
+
+
 def build(ocfg, params, total_steps: int) -> Optimizer:
   """``config.optim`` and the (abstract) params -> the run's `Optimizer`."""
   sched = schedule(ocfg, total_steps)
@@ -126,8 +157,7 @@ def build(ocfg, params, total_steps: int) -> Optimizer:
   wd = float(ocfg.get("weight_decay", 0.0))
   for g, (lr_mult, wd_mult) in sorted(mults.items()):
     lr = sched if lr_mult == 1.0 else (lambda c, m=lr_mult: sched(c) * m)
-    inner[g] = optax.adamw(lr, b1=ocfg.get("b1", 0.9), b2=ocfg.get("b2", 0.999),
-                           eps=ocfg.get("eps", 1e-8), weight_decay=wd * wd_mult)
+    inner[g] = update_rule(ocfg, lr, wd * wd_mult)
   parts = [_zero_frozen(label_tree)]
   if ocfg.get("grad_clip_norm", 0.0):
     parts.append(optax.clip_by_global_norm(float(ocfg.grad_clip_norm)))

@@ -28,6 +28,10 @@ LORA_ON = When("model.lora.enabled", lambda v: v is not False, "model.lora.enabl
 IMAGES = When("data.source", lambda v: v in ("digits", "npz", "tfds"), "the data are images")
 CROP = When("data.augment", lambda v: v not in (None, "none"), "data.augment != 'none'")
 TOKENIZED = when_in("data.source", "tokenized")
+SPLIT = when_in("data.source", "digits", "npz", "tfds", "text", "tokenized")  # train has a split
+BLOCKS = when_in("data.source", "text", "tokenized", "tfds")  # text is cut into blocks
+ONE_FILE_TEXT = when_in("data.source", "text", "tokenized")  # its test split is blocks too
+ADAM_OR_LION = when_in("optim.name", "adamw", "lion")
 BEST = When("checkpoint.keep_best", lambda v: bool(v), "checkpoint.keep_best > 0")
 
 COMMON: dict[str, Key] = {
@@ -65,21 +69,24 @@ COMMON: dict[str, Key] = {
                      doc="npz / text / tokenized: a local file"),
     "data.tokenizer": Str(when=TOKENIZED, doc="tokenized: a tokenizer.json, .gguf, "
                           "Hugging Face model directory or run that stores one"),
-    "data.split_blocks": Int(lo=2, when=TOKENIZED, doc="tokenized: contiguous blocks the token "
-                             "stream is cut into"),
-    "data.validation_fraction": Float(lo=0, hi=1, hi_open=True, when=TOKENIZED,
-                                      doc="tokenized: share of the blocks that validates"),
-    "data.test_fraction": Float(lo=0, hi=1, hi_open=True, when=TOKENIZED,
-                                doc="tokenized: share of the blocks that tests"),
-    "data.split_seed": Int(lo=0, hi=2**31 - 1, nullable=True, when=TOKENIZED,
-                           doc="tokenized: which blocks are held out (None: the file's tail)"),
+    "data.split_blocks": Int(lo=2, when=BLOCKS, doc="text: contiguous blocks the text (or token "
+                             "stream) is cut into"),
+    "data.validation_fraction": Float(lo=0, hi=1, hi_open=True, when=SPLIT,
+                                      doc="share of the train split (examples, or text blocks) "
+                                      "that validates"),
+    "data.test_fraction": Float(lo=0, hi=1, hi_open=True, when=ONE_FILE_TEXT,
+                                doc="text, tokenized: share of the blocks that tests"),
+    "data.split_seed": Int(lo=0, hi=2**31 - 1, nullable=True, when=SPLIT,
+                           doc="which examples or blocks are held out (None: the file's last)"),
+    "data.eval_split": Choice(choices=data_lib.EVAL_SPLITS, doc="what the run evaluates while it "
+                              "trains and ranks best/ by; test is evaluated once at the end"),
     "data.tfds_name": Str(when=when_in("data.source", "tfds"), doc="TFDS dataset name"),
     "data.data_dir": Str(when=when_in("data.source", "tfds"), doc="TFDS data directory"),
     "data.download": Bool(when=when_in("data.source", "tfds"), doc="download when missing"),
     "data.train_split": Str(nonempty=True, when=when_in("data.source", "tfds"),
-                            doc="TFDS train split"),
-    "data.eval_split": Str(nonempty=True, when=when_in("data.source", "tfds", "tokenized"),
-                           doc="TFDS eval split; tokenized: validation | test"),
+                            doc="TFDS train split (validation comes out of it)"),
+    "data.test_split": Str(nonempty=True, when=when_in("data.source", "tfds"),
+                           doc="TFDS test split"),
     "data.augment": Choice(choices=data_lib.AUGMENTS, when=IMAGES, doc="random crop / flip"),
     "data.crop_padding": Int(lo=0, when=CROP, doc="padding of the random crop"),
     "data.mean": Numbers(each=Float(), when=IMAGES, doc="per-channel mean after scaling"),
@@ -87,9 +94,6 @@ COMMON: dict[str, Key] = {
     "data.pixel_scale": Choice(choices=("uint8", "unit"), when=when_in("data.source", "npz"),
                                doc="npz pixels: integers 0-255 or floats in [0, 1]"),
     "data.eval_examples": Int(lo=0, doc="cap on eval examples (0 = all)"),
-    "data.eval_fraction": Float(lo=0, hi=1, lo_open=True, hi_open=True,
-                                when=when_in("data.source", "text"),
-                                doc="text: the last fraction of the file evaluates"),
     "data.vocab_size": Int(lo=4, when=when_in("data.source", "reverse"),
                            doc="reverse: token ids < vocab_size (0-2 are special)"),
     "data.min_len": Int(lo=1, when=when_in("data.source", "reverse"),
@@ -103,9 +107,14 @@ COMMON: dict[str, Key] = {
     "label_smoothing": Float(lo=0, hi=1, hi_open=True, doc="classification only"),
 
     "optim.lr": Float(required=True, lo=0, lo_open=True, doc="peak learning rate"),
-    "optim.b1": Float(lo=0, hi=1, hi_open=True, doc="Adam beta1"),
-    "optim.b2": Float(lo=0, hi=1, hi_open=True, doc="Adam beta2"),
-    "optim.eps": Float(lo=0, lo_open=True, doc="Adam epsilon"),
+    "optim.name": Choice(choices=optim.OPTIMIZERS, doc="the update rule (optax)"),
+    "optim.b1": Float(lo=0, hi=1, hi_open=True, when=ADAM_OR_LION, doc="adamw, lion: beta1"),
+    "optim.b2": Float(lo=0, hi=1, hi_open=True, when=ADAM_OR_LION, doc="adamw, lion: beta2"),
+    "optim.eps": Float(lo=0, lo_open=True, when=when_in("optim.name", "adamw"),
+                       doc="adamw: epsilon"),
+    "optim.momentum": Float(lo=0, hi=1, hi_open=True, when=when_in("optim.name", "sgd"),
+                            doc="sgd: momentum"),
+    "optim.nesterov": Bool(when=when_in("optim.name", "sgd"), doc="sgd: Nesterov momentum"),
     "optim.weight_decay": Float(lo=0, doc="decoupled weight decay"),
     "optim.schedule": Choice(choices=optim.SCHEDULES, doc="after the warmup"),
     "optim.warmup_steps": Int(lo=0, doc="linear warmup steps"),

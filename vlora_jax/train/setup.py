@@ -102,13 +102,43 @@ def _previous_meta(workdir: Path) -> dict | None:
     return None
 
 
+def check_more_steps(config, workdir: Path, previous: dict | None,
+                     step: int | None = None) -> None:
+  """A finished run started again with another ``num_train_steps``, under a schedule that spans
+  its step count (cosine), would jump its learning rate from the schedule's end back up: refused,
+  with the way to train further (a new run from its weights). Under ``optim.schedule='constant'``
+  the rate after the warmup does not depend on the step count, and the run continues to the new
+  count. ``step`` is the newest checkpoint's (read from the workdir when None)."""
+  before = ((previous or {}).get("config") or {}).get("num_train_steps")
+  now = int(config.num_train_steps)
+  if before is None or int(before) == now or config.optim.get("schedule") == "constant":
+    return
+  if step is None:
+    try:
+      step = trained_lib.find_checkpoint(workdir)[1]
+    except errors.CheckpointError:
+      return
+  if step < int(before):
+    return  # not finished: a resume (whose other changed settings the checkpoint checks name)
+  schedule = config.optim.get("schedule", "cosine")
+  raise errors.ConfigError(
+      f"num_train_steps={now}: the run in {str(workdir)!r} finished its num_train_steps="
+      f"{before}, over which its {schedule} learning-rate schedule ran to its end; continuing "
+      f"it to {now} would make the rate jump back up. To train it further, start a new run from "
+      f"its weights, with a fresh warmup and schedule over the new steps: "
+      f"--config.init_from=checkpoint:{workdir} --workdir {workdir}_more (or use "
+      f"optim.schedule=constant, whose rate does not depend on the step count); "
+      f"--config.num_train_steps={before} evaluates it again")
+
+
 def set_up(config, workdir: Path) -> Run:
   """Checks the config, builds the mesh, the data and the model's shapes (no compile).
 
   Every ValueError raised here is about the input: it leaves as a `ConfigError` or `DataError`.
   """
-  plan, mesh, pipe = mesh_and_data(config)
   previous = _previous_meta(workdir)
+  check_more_steps(config, workdir, previous)  # before the data are read: an instant refusal
+  plan, mesh, pipe = mesh_and_data(config)
   with errors.config_errors():
     model = plan.build_model(config.model)
     if previous is None and not config.checkpoint.get("restore_from"):

@@ -51,7 +51,7 @@ class Teacher:
     """The teacher's dense parameters (its checkpoint's, checked against its stored config),
     on the devices, sharded."""
     run = trained_lib.load(self.workdir, int(Path(self.checkpoint).name))
-    return jax.device_put(run.dense()[1], self.shardings)
+    return jax.device_put(run.to_dense()[1], self.shardings)
 
 
 def check(config, family, student, mesh, pinned: str | None = None) -> Teacher | None:

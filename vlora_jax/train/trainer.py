@@ -159,6 +159,23 @@ def start_state(run: Run, ckpt: ckpt_lib.Checkpointer,
 # ------------------------------------------------------------------------------------------ summary
 
 
+def _init_row(run: Run) -> dict:
+  """``init/*``: the step-0 evaluation of a model given to start from, as ``metrics.jsonl``
+  holds it (a resumed run did it before it was stopped); empty for a run from scratch."""
+  path = run.workdir / "metrics.jsonl"
+  if not run.main or not path.exists():
+    return {}
+  for line in path.read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if row.get("step") == 0 and any(k.startswith("eval/") for k in row):
+      return {f"init/{k}": v for k, v in row.items() if k.startswith(("eval/", "test/"))}
+  return {}
+
+
+
 def summarize(run: Run, loop: Loop, origin: str, t_start: float, t_compile: float) -> dict:
   """The run's summary; process 0 writes it to ``<workdir>/summary.json``."""
   config = run.config
@@ -174,7 +191,8 @@ def summarize(run: Run, loop: Loop, origin: str, t_start: float, t_compile: floa
       "params_total": run.counts["total"], "params_trainable": run.counts["trainable"],
       "params_groups": run.counts["groups"],
       "params_dense_equivalent": dense["total"],
-      **loop.eval_metrics,
+      "eval_split": run.pipe.eval_split,  # what eval/* measured; test/* is the test split
+      **loop.eval_metrics, **loop.test_metrics, **(loop.init_metrics or _init_row(run)),
       **{k: v for k, v in loop.last_train.items() if k in ("train/loss", "train/accuracy")},
       "wall_time_s": t_end - t_start, "train_time_s": train_time,
       "compile_and_first_step_s": (loop.t_first - t_start) if loop.t_first else None,
@@ -224,6 +242,8 @@ def train_and_evaluate(config, workdir: str | Path, *,
   # From here the workdir is this run's alone (`workdir.py`): a second run is refused before it
   # writes anything. set_up wrote only a probe file named by its pid, already deleted.
   with workdir_lib.hold(run.workdir, run.main):
+    if run.main:  # what this run was told, readable without vlora_jax (the checkpoints hold it too)
+      metrics_lib.write_json(run.workdir / "config.json", run.meta["config"])
     train_step, t_compile = compile_train_step(run)
     ckpt = ckpt_lib.Checkpointer(run.workdir, config.checkpoint, run.meta)
     loop = None
@@ -241,7 +261,9 @@ def train_and_evaluate(config, workdir: str | Path, *,
                      run.teacher.weight, run.teacher.temperature)
         compiled = train_step
         train_step = lambda st, batch: compiled(st, batch, teacher_params)
-      loop = Loop(run, train_step, ckpt, start)
+      # A model the config names to start from (a compressed dense run, an import, another
+      # run's checkpoint) is measured first.
+      loop = Loop(run, train_step, ckpt, start, evaluate_start=origin.startswith("init_from"))
       loop(st)
       summary = summarize(run, loop, origin, t_start, t_compile)
     except BaseException:
