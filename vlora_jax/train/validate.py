@@ -80,16 +80,16 @@ def check(config, num_devices: int, process_count: int = 1) -> Plan:
         if a not in sharding.MESH_AXES:
           raise _bad(f"{table}[{i}]", tuple(pair), f"mesh axes are {list(sharding.MESH_AXES)}")
   dp = shape[0] * shape[1]
-  accum = config.get("grad_accum_steps", 1)
-  if config.batch_size % (accum * dp):
-    raise _bad("grad_accum_steps", accum, f"times the data-parallel size {dp} must divide "
-               f"batch_size={config.batch_size}: each microbatch is split over the devices")
   for key in ("batch_size", "eval_batch_size"):
     b = config[key]
     if b % dp:
       raise _bad(key, b, f"must be divisible by the data-parallel size mesh.data * mesh.fsdp = {dp}")
     if b % process_count:
       raise _bad(key, b, f"must be divisible by the process count {process_count}")
+  accum = config.get("grad_accum_steps", 1)
+  if config.batch_size % (accum * dp):
+    raise _bad("grad_accum_steps", accum, f"times the data-parallel size {dp} must divide "
+               f"batch_size={config.batch_size}: each microbatch is split over the devices")
 
   c = config.checkpoint
   if c.get("keep_best", 0) and not str(c.get("best_metric", "")).startswith("eval/"):
