@@ -28,8 +28,9 @@ from vlora_jax import models
 from vlora_jax.convert import torch_vit
 from vlora_jax.convert.torch_vit import _check_kwargs
 from vlora_jax.errors import CheckpointError, UserError
-from vlora_jax.export import export, merged
-from vlora_jax.train import checkpoint, train_and_evaluate
+from vlora_jax import checkpoint_format
+from vlora_jax.export import export
+from vlora_jax.train import train_and_evaluate
 
 pytestmark = pytest.mark.slow  # subprocesses and trained runs: `pytest -m slow`
 
@@ -139,7 +140,7 @@ def test_load_gives_the_trained_model_and_what_feeds_it(runs):
   assert models.build(runs.vit_config.model) == model
   logits = jax.jit(lambda p, x: model.apply({"params": p}, x))  # one compile for both calls
   # ... give the same logits as the trained params (read as the trainer wrote them) ...
-  trained = checkpoint.read_state(str(runs.vit))["params"]
+  trained = checkpoint_format.read_path(str(runs.vit))["params"]
   got = logits(params, batch["image"])
   np.testing.assert_array_equal(got, logits(trained, batch["image"]))
   # ... and the run's own eval loss.
@@ -230,7 +231,7 @@ def test_export_command_line(runs):
   assert proc.returncode == 0, stderr[-4000:]
   out = runs.tmp / "cli" / "dense.npz"
   assert stdout.split() == [str(out)]
-  _, params = merged(runs.loaded)
+  _, params = runs.loaded.dense()
   with np.load(out) as z:
     flat = {k: z[k] for k in z.files}
   assert "blocks/per_layer/attn/qkv/kernel" in flat and not any("inc_" in k for k in flat)

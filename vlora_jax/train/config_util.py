@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import ml_collections
+
 
 def load(spec: str, lock: bool = True, **overrides):
   """Calls ``get_config(arg)`` of a config file; applies dotted ``overrides``; locks the result.
@@ -20,6 +22,11 @@ def load(spec: str, lock: bool = True, **overrides):
   mod = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(mod)
   config = mod.get_config(arg) if arg else mod.get_config()
+  if not isinstance(config, ml_collections.ConfigDict):
+    from vlora_jax.errors import ConfigError
+    raise ConfigError(f"config {spec!r}: get_config() returned "
+                      f"{'None' if config is None else 'a ' + type(config).__name__}, not an "
+                      "ml_collections.ConfigDict")
   if lock:
     config.lock()
   for key, value in overrides.items():
