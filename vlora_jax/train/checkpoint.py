@@ -283,7 +283,7 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, target, meta: dict, wh
   """Checks the model of ``meta`` against the checkpoint's (`compat.check_model`), restores
   ``state`` onto ``target``'s shardings and verifies it against its fingerprint. A step that does
   not read or does not match is a `DamagedCheckpoint`."""
-  where = f"{where} step {step}"
+  where = f"checkpoint {Path(where) / str(step)}"
   try:
     saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   except Exception as e:  # noqa: BLE001 -- Orbax raises many types for a file it cannot parse
@@ -291,7 +291,7 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, target, meta: dict, wh
                                 f"{fmt.first_line(e)})") from None
   if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
     raise fmt.DamagedCheckpoint(f"{where}: its meta is not the checkpoint's description")
-  compat.check_model(saved, meta, f"checkpoint {where}")
+  compat.check_model(saved, meta, where)
   try:
     state = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target)))["state"]
