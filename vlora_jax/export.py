@@ -223,6 +223,14 @@ def write_orbax(out: Path, run: trained_lib.Trained, params) -> list[Path]:
   return [out / fmt.CHECKPOINTS / str(run.step)]
 
 
+def _size(params, fmt_name: str) -> int:
+  """About the bytes an export writes: the dense params (and the optimizer's two moments of an
+  orbax export), in the largest file it writes (Orbax packs a step's arrays into one)."""
+  import jax
+  nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  return 3 * nbytes if fmt_name == "orbax" else nbytes
+
+
 def export(workdir, fmt_name: str, out, step: int | str | None = None, *,
            overwrite: bool = False) -> list[Path]:
   """Writes the merged dense weights of a run's checkpoint; returns the paths written.
@@ -234,6 +242,7 @@ def export(workdir, fmt_name: str, out, step: int | str | None = None, *,
   out = _check_out(fmt_name, out, overwrite)
   run = trained_lib.load(workdir, step)
   dense_model, params = run.dense()
+  outputs.check_room(out, _size(params, fmt_name), "--out")
   if fmt_name == "npz":
     return write_npz(out, run, params)
   if fmt_name == "timm":

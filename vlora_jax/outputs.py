@@ -8,7 +8,9 @@ all, never inside a run's checkpoints, and never over a file that the command di
   interrupted command can be rerun: temporaries left by a process that no longer runs are removed
   first.
 * **Failures of the disk** (full, a file size limit, permissions, a read-only file system) are an
-  `OutputError`, a `UserError`: one line naming the path, and nothing left behind.
+  `OutputError`, a `UserError`: one line naming the path, and nothing left behind. `check_room`
+  refuses before anything is written when the free space or the file size limit (``ulimit -f``)
+  is below what will be written: a writer in a library's threads (Orbax) fails less tidily.
 * **Contained** (`check_target`): nothing is written inside a run's ``checkpoints/`` or
   ``best/``, nor over its own records (``summary.json``, ``metrics.jsonl``, ``run.lock``); an
   existing target that the command did not write (its ``owned`` test says) is refused unless the
@@ -21,7 +23,9 @@ import contextlib
 import itertools
 import json
 import os
+import resource
 import shutil
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -73,6 +77,16 @@ def remove_stale(path: Path) -> list[Path]:
       _remove(tmp)
       gone.append(tmp)
   return gone
+
+
+def _remove_settled(path: Path, seconds: float = 2.0) -> None:
+  """Removes ``path``, again while a library's threads that failed to write may still be adding
+  files to it."""
+  deadline = time.time() + seconds
+  _remove(path)
+  while path.exists() and time.time() < deadline:
+    time.sleep(0.05)
+    _remove(path)
 
 
 def remove_pending() -> None:
@@ -132,7 +146,7 @@ def atomic_dir(path: Path, flag: str) -> Iterator[Path]:
   finally:
     for p in (tmp, old):
       if p.exists():
-        _remove(p)
+        _remove_settled(p)
       _pending.discard(p)
 
 
@@ -147,6 +161,23 @@ def write_json(path: Path, obj, flag: str) -> Path:
   """``obj`` as indented JSON, atomically."""
   text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
   return write_bytes(path, text.encode(), flag)
+
+
+def check_room(path: Path, nbytes: int, flag: str) -> None:
+  """Refuses, before anything is written, an output of about ``nbytes`` (in one file, at most)
+  that the file size limit (``ulimit -f``) or the free space beside ``path`` cannot take."""
+  limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+  if limit != resource.RLIM_INFINITY and nbytes > limit:
+    raise OutputError(f"{flag}={str(path)!r}: the file size limit (ulimit -f) is {limit:,} bytes, "
+                      f"and this output is about {nbytes:,}; nothing was written. Raise the "
+                      "limit, then rerun")
+  directory = next(p for p in (Path(path).absolute(), *Path(path).absolute().parents)
+                   if p.exists())
+  free = shutil.disk_usage(directory).free
+  if nbytes > free:
+    raise OutputError(f"{flag}={str(path)!r}: {free:,} bytes free there, and this output is about "
+                      f"{nbytes:,}; nothing was written. Free space or choose another path, "
+                      "then rerun")
 
 
 def read_json_object(path: Path) -> dict | None:
