@@ -199,8 +199,9 @@ def predict(workdir, files, step: int | str | None = None, top: int = 5,
     raise PredictError(f"--top={top!r}: allowed are whole numbers >= 1")
   if not files:
     raise PredictError("no files given: name one or more PNG, JPEG or .npy files")
-  if any(not str(f).strip() for f in files):
-    raise PredictError("a FILE is empty (''): name PNG, JPEG or .npy files")
+  empty = next((f for f in files if not str(f).strip()), None)
+  if empty is not None:
+    raise PredictError(f"FILE={str(empty)!r}: empty; name PNG, JPEG or .npy files")
   files = [Path(f) for f in files]
   step_dir, resolved, meta = trained_lib.open_checkpoint(workdir, step)
   _check_family(meta, step_dir)
