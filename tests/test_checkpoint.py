@@ -98,7 +98,8 @@ def test_restore_across_device_counts(straight, tmp_path):
 def test_layout_mismatch_is_one_line_naming_the_keys(straight, tmp_path):
   run = _crash_after(straight[0], tmp_path / "run", 2)
   with pytest.raises(errors.CheckpointError,
-                     match=r"^resuming .* keys that define what it holds: "
+                     match=r"^checkpoint .* \(a resume\) was written with other values of "
+                           r"keys that define what it holds: "
                            r"model.vlora.rank: 2 -> 1\. Set these keys back") as e:
     train_and_evaluate(tiny("vit", **KEEP_ALL, **{"model.vlora.rank": 1}), run)
   assert "\n" not in str(e.value)

@@ -109,7 +109,7 @@ def _restore_source(config, previous) -> tuple[Path, dict, str] | None:
   """``(step directory, meta, where)`` of the checkpoint the run will restore whole: its own
   newest (a resume) or ``checkpoint.restore_from``'s; None for a fresh start."""
   if previous is not None:
-    return (*previous, f"resuming {previous[0]}")
+    return (*previous, f"checkpoint {previous[0]} (a resume)")
   path = config.checkpoint.get("restore_from")
   if not path:
     return None
