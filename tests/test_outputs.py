@@ -33,12 +33,18 @@ from vlora_jax.evaluate import evaluate
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  workdir = stored_run(tmp_path_factory.mktemp("outputs") / "run", tiny("vit"))
+def runs(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("outputs")
+  workdir = stored_run(tmp / "run", tiny("vit"))
   (workdir / "summary.json").write_text("{}")
   (workdir / "metrics.jsonl").write_text("")
   (workdir / "checkpoints.bad").mkdir()
-  return workdir
+  return {"vit": workdir, "llama": stored_run(tmp / "llama", tiny("llama"))}
+
+
+@pytest.fixture(scope="module")
+def run(runs):
+  return runs["vit"]
 
 
 def _listing(d):
@@ -49,27 +55,27 @@ def _leftovers(d):
   return [p for p in d.rglob("*") if outputs.TMP_MARK in p.name]
 
 
-def _write(kind, run, out, **kw):
+def _write(kind, runs, out, **kw):
   if kind == "evaluate":
-    return evaluate(run, out=out, **kw)
-  return export.export(run, kind, out, **kw)
+    return evaluate(runs["vit"], out=out, **kw)
+  return export.export(runs["llama" if kind == "hf" else "vit"], kind, out, **kw)
 
 
 CONTAINED = [  # (writer, --out relative to the run's workdir, or to tmp_path for "link/...")
     ("npz", "checkpoints/x.npz"), ("npz", "best/x.npz"), ("npz", "checkpoints/2/x.npz"),
     ("npz", "checkpoints.bad/x.npz"), ("npz", "metrics.jsonl"), ("orbax", "checkpoints"),
     ("orbax", "."), ("timm", "summary.safetensors"), ("evaluate", "checkpoints/eval.json"),
-    ("evaluate", "summary.json"), ("npz", "link/x.npz"),
+    ("evaluate", "summary.json"), ("npz", "link/x.npz"), ("hf", "best/hf"),
 ]
 
 
 @pytest.mark.parametrize("kind, where", CONTAINED)
-def test_nothing_is_written_inside_a_run_even_with_overwrite(kind, where, run, tmp_path):
+def test_nothing_is_written_inside_a_run_even_with_overwrite(kind, where, runs, run, tmp_path):
   (tmp_path / "link").symlink_to(run / "checkpoints")
   out = tmp_path / where if where.startswith("link") else run / where
   before = _listing(run)
   with pytest.raises(UserError) as e:
-    _write(kind, run, out, overwrite=True)
+    _write(kind, runs, out, overwrite=True)
   assert "\n" not in str(e.value)
   assert _listing(run) == before
 
@@ -87,33 +93,36 @@ def _unrelated(kind, path):
   elif kind == "orbax":
     path.mkdir()
     (path / "notes.txt").write_text("keep me")
+  elif kind == "hf":  # another model's directory
+    path.mkdir()
+    (path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
   else:
     path.write_text("not an output of vlora_jax\n")
 
 
 NOT_OURS = [("npz", "x.npz", "text"), ("npz", "x.npz", "npz_file"),
             ("timm", "x.safetensors", "timm"), ("timm", "x.safetensors", "sidecar"),
-            ("evaluate", "e.json", "text"), ("orbax", "out", "orbax")]
+            ("evaluate", "e.json", "text"), ("orbax", "out", "orbax"), ("hf", "out", "hf")]
 
 
 @pytest.mark.parametrize("kind, name, what", NOT_OURS)
-def test_an_existing_output_not_written_by_the_command_needs_overwrite(kind, name, what, run,
+def test_an_existing_output_not_written_by_the_command_needs_overwrite(kind, name, what, runs,
                                                                        tmp_path):
   out = tmp_path / name
   _unrelated(what, out)
   before = _listing(tmp_path)
   with pytest.raises(UserError, match="--overwrite"):
-    _write(kind, run, out)
+    _write(kind, runs, out)
   assert _listing(tmp_path) == before
-  _write(kind, run, out, overwrite=True)
+  _write(kind, runs, out, overwrite=True)
   assert not _leftovers(tmp_path)
 
 
 @pytest.mark.parametrize("kind, name", [("npz", "x.npz"), ("timm", "x.safetensors"),
-                                        ("orbax", "out"), ("evaluate", "e.json")])
-def test_the_command_replaces_its_own_earlier_output(kind, name, run, tmp_path):
-  _write(kind, run, tmp_path / name)
-  _write(kind, run, tmp_path / name)  # no --overwrite needed
+                                        ("orbax", "out"), ("evaluate", "e.json"), ("hf", "out")])
+def test_the_command_replaces_its_own_earlier_output(kind, name, runs, tmp_path):
+  _write(kind, runs, tmp_path / name)
+  _write(kind, runs, tmp_path / name)  # no --overwrite needed
   assert not _leftovers(tmp_path)
 
 
@@ -131,10 +140,11 @@ def _file_size_limit(nbytes):
                                                ("timm", "x.safetensors", 4096),
                                                ("orbax", "out", 4096), ("evaluate", "e.json", 64)])
 def test_a_file_size_limit_is_one_line_exit_2_and_leaves_the_earlier_output(kind, name, limit, run,
-                                                                            tmp_path, capsys):
+                                                                            runs, tmp_path,
+                                                                            capsys):
   from vlora_jax import evaluate as evaluate_lib
   out = tmp_path / name
-  _write(kind, run, out)  # the earlier output; and every program compiled
+  _write(kind, runs, out)  # the earlier output; and every program compiled
   before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
   argv = ["--workdir", str(run), "--out", str(out)]
   main = evaluate_lib.main if kind == "evaluate" else export.main
