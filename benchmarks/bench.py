@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.sweep import parse_override
-from vlora_jax import cpu_malloc, models, stack
+from vlora_jax import checkpoint_format, cpu_malloc, models, stack
 from vlora_jax import params as params_lib
 from vlora_jax.train import checkpoint as ckpt_lib
 from vlora_jax.train.trainer import make_eval_step
@@ -208,7 +208,7 @@ def checkpoint_bytes(variant: train.Variant, workdir: Path) -> dict[str, int]:
   spec = models.vlora_spec(c.model.vlora)
   state = variant.state
   meta = {"config": json.loads(c.to_json_best_effort()),
-          "layout": ckpt_lib.layouts(state["params"], spec)}
+          "layout": checkpoint_format.layouts(state["params"], spec)}
   out = {}
   for what, tree in (("state", state), ("params", {"params": state["params"]})):
     d = workdir / what

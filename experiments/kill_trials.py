@@ -119,13 +119,13 @@ def _train_rows(workdir: Path) -> dict[int, dict]:
 def compare(run: Path, ref: Path, atol: float = 0.0) -> list[str]:
   """The differences between a run and the reference (empty: equal)."""
   from absl import logging as absl_logging
-  from vlora_jax.train import checkpoint
+  from vlora_jax import checkpoint_format
   problems = []
   verbosity = absl_logging.get_verbosity()
   absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's notes on reading a bare step dir
   try:
-    a = checkpoint.read_state(str(run), params_only=False)
-    b = checkpoint.read_state(str(ref), params_only=False)
+    a = checkpoint_format.read_path(str(run), params_only=False)
+    b = checkpoint_format.read_path(str(ref), params_only=False)
   finally:
     absl_logging.set_verbosity(verbosity)  # callers (tests) may watch warnings afterwards
   import jax

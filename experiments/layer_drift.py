@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from vlora_jax import models, stack
-from vlora_jax.train import checkpoint
+from vlora_jax import checkpoint_format
 
 
 def _stacks(tree, prefix=""):
@@ -45,10 +45,10 @@ def drift(run: str, compound_size: int | None = None) -> dict:
 
   ``compound_size`` groups a dense run's layers (a VLoRA run's own compounds are fixed).
   """
-  meta = checkpoint.read_meta(run)
+  meta = checkpoint_format.meta_at(run)
   vcfg = meta["config"]["model"]["vlora"]
   spec = models.vlora_spec(vcfg)
-  params = checkpoint.read_state(run)["params"]
+  params = checkpoint_format.read_path(run)["params"]
   merged = stack.merge(params, spec) if spec else params
   s = int(vcfg["compound_size"] if spec or compound_size is None else compound_size)
   out = {}

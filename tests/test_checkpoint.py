@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from helpers_train import result, run_py, tiny
 
-from vlora_jax.train import checkpoint, train_and_evaluate
+from vlora_jax import checkpoint_format, errors
+from vlora_jax.train import train_and_evaluate
 
 STEPS = 4
 KEEP_ALL = {"num_train_steps": STEPS, "checkpoint.every_steps": 1, "checkpoint.keep": 10}
@@ -48,8 +49,8 @@ def test_resume_equals_straight_run_and_ignores_unfinished_saves(straight, tmp_p
   s = train_and_evaluate(tiny("vit", **KEEP_ALL), run)
   assert s["start_step"] == 2 and s["step"] == STEPS and "resumed" in s["origin"]
   assert not partial.exists()  # cleaned up; never taken for a checkpoint
-  a = checkpoint.read_state(str(run), params_only=False)
-  b = checkpoint.read_state(str(ref), params_only=False)
+  a = checkpoint_format.read_path(str(run), params_only=False)
+  b = checkpoint_format.read_path(str(ref), params_only=False)
   assert int(a["step"]) == int(b["step"]) == STEPS
   assert _max_diff(a["params"], b["params"]) <= 1e-6
   assert _max_diff(a["opt_state"], b["opt_state"]) <= 1e-6
@@ -81,26 +82,28 @@ def test_restore_across_device_counts(straight, tmp_path):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   out = result(proc.stdout)
   assert out["start"] == 2 and out["origin"].startswith("restored")
-  want = checkpoint.read_state(str(ref))["params"]
+  want = checkpoint_format.read_path(str(ref))["params"]
   # one device -> eight: finished on 8 devices from the 1-device step-2 checkpoint
-  assert _max_diff(checkpoint.read_state(str(tmp_path / "one_to_eight"))["params"], want) <= 1e-5
+  got = checkpoint_format.read_path(str(tmp_path / "one_to_eight"))["params"]
+  assert _max_diff(got, want) <= 1e-5
   # eight devices -> one: resume the 8-device run's step 2 here, on one device
   run = _crash_after(tmp_path / "eight", tmp_path / "eight_to_one", 2)
   s = train_and_evaluate(tiny("vit", **KEEP_ALL), run)
   assert s["start_step"] == 2
-  assert _max_diff(checkpoint.read_state(str(run))["params"], want) <= 1e-5
+  assert _max_diff(checkpoint_format.read_path(str(run))["params"], want) <= 1e-5
   meta = json.loads((run / "checkpoints" / "4" / "meta" / "metadata").read_text())
   assert meta["config"]["mesh"] == {"data": -1, "fsdp": 1, "tensor": 1}
 
 
-def test_layout_mismatch_is_a_clear_error(straight, tmp_path):
+def test_layout_mismatch_is_one_line_naming_the_keys(straight, tmp_path):
   run = _crash_after(straight[0], tmp_path / "run", 2)
-  with pytest.raises(checkpoint.CheckpointError,
-                     match=r"(?s)does not match the current model.*layout.*rank.*"
-                           r"config.model.vlora.rank: 2 in checkpoint, 1 now"):
+  with pytest.raises(errors.CheckpointError,
+                     match=r"^checkpoint .* \(a resume\) was written with other values of "
+                           r"keys that define what it holds: "
+                           r"model.vlora.rank: 2 -> 1\. Set these keys back") as e:
     train_and_evaluate(tiny("vit", **KEEP_ALL, **{"model.vlora.rank": 1}), run)
-  with pytest.raises(checkpoint.CheckpointError, match=r"config.model.vlora.enabled: True in "
-                                                       r"checkpoint, False now"):
+  assert "\n" not in str(e.value)
+  with pytest.raises(errors.CheckpointError, match=r"model.vlora.enabled: True -> False"):
     train_and_evaluate(tiny("vit", **KEEP_ALL, **{"model.vlora.enabled": False}), run)
 
 
@@ -115,14 +118,15 @@ def test_init_from_checkpoint_takes_params_only(straight, tmp_path):
   assert again["origin"].startswith("resumed")
 
 
-def test_read_state_and_resolve(straight):
+def test_find_and_meta(straight):
   ref, _ = straight
-  d, step = checkpoint.resolve(str(ref))
-  assert d == ref / "checkpoints" and step == STEPS
-  assert checkpoint.resolve(str(ref / "checkpoints" / "2")) == (ref / "checkpoints", 2)
-  with pytest.raises(checkpoint.CheckpointError, match="no such directory"):
-    checkpoint.resolve("/does/not/exist")
-  meta = checkpoint.read_meta(str(ref))
+  steps, asked = checkpoint_format.find(str(ref))
+  assert steps[0] == ref / "checkpoints" / str(STEPS) and not asked
+  assert checkpoint_format.find(str(ref / "checkpoints" / "2")) == ([ref / "checkpoints" / "2"],
+                                                                   True)
+  with pytest.raises(errors.CheckpointError, match="no such directory"):
+    checkpoint_format.find("/does/not/exist")
+  meta = checkpoint_format.meta_at(str(ref))
   (layout,) = meta["layout"].values()
   assert layout["vlora"]["rank"] == 2 and layout["vlora"]["mode"] == "anchored"
   assert layout["params"]["attn/qkv/kernel"]["role"] == "lowrank"
@@ -136,7 +140,7 @@ def test_init_from_python_hook(straight, tmp_path, monkeypatch):
 
   def hook(arg, *, abstract_params, config):
     calls.append((arg, config.model.dim))
-    params = checkpoint.read_state(arg)["params"]
+    params = checkpoint_format.read_path(arg)["params"]
     assert jax.tree.structure(params) == jax.tree.structure(abstract_params)
     return params
 

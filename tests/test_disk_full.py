@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from helpers_train import result, run_py, tiny
 
+from vlora_jax import checkpoint_format
 from vlora_jax.train import checkpoint as ckpt_lib
 from vlora_jax.train import train_and_evaluate
 
@@ -60,7 +61,7 @@ print("RESULT " + json.dumps(out), flush=True)
 def straight(tmp_path_factory):
   wd = tmp_path_factory.mktemp("straight")
   train_and_evaluate(tiny("vit", num_train_steps=STEPS, **OVERRIDES), wd)
-  return ckpt_lib.read_state(str(wd))["params"]
+  return checkpoint_format.read_path(str(wd))["params"]
 
 
 def _rows(workdir):
@@ -85,7 +86,7 @@ def test_a_full_disk_stops_cleanly_and_the_rerun_is_bitwise_equal(where, at, nam
 
   summary = train_and_evaluate(tiny("vit", num_train_steps=STEPS, **OVERRIDES), tmp_path)
   assert summary["step"] == STEPS and summary["start_step"] in (2, 4)
-  got = ckpt_lib.read_state(str(tmp_path))["params"]
+  got = checkpoint_format.read_path(str(tmp_path))["params"]
   import jax
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(straight)):
     assert np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))

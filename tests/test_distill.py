@@ -74,12 +74,21 @@ def test_weight_one_trains_on_the_teacher_alone(parts):
 
 
 def _fake_run(tmp_path, config):
-  """A workdir whose only checkpoint holds just the meta with ``config`` (what `check` reads)."""
-  step = tmp_path / "checkpoints" / "5"
-  (step / "state").mkdir(parents=True)
-  (step / "meta").mkdir()
-  (step / "meta" / "metadata").write_text(json.dumps({"config": json.loads(
-      config.to_json_best_effort())}))
+  """A workdir whose only checkpoint holds the meta with ``config`` (what `check` judges) and the
+  model's parameters as zeros (what set-up reads and verifies once the checks pass)."""
+  from vlora_jax import checkpoint_format, params as params_lib
+  from vlora_jax.train import checkpoint as ckpt_lib
+  fam = models.family(config.model.name)
+  shapes = params_lib.param_shapes(models.build(config.model),
+                                   *fam.sample_inputs(config.model, batch=1), train=False)
+  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  state = {"step": np.zeros((), np.int32), "params": params, "rng": np.zeros(2, np.uint32)}
+  meta = checkpoint_format.build_meta(config, params, None, None)
+  ckpt = ckpt_lib.Checkpointer(tmp_path, {"keep": 1, "async_save": False, "keep_best": 0}, meta)
+  try:
+    ckpt.save(5, state)
+  finally:
+    ckpt.close()
   return str(tmp_path)
 
 

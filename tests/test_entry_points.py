@@ -29,8 +29,8 @@ from vlora_jax import cli
 from vlora_jax import data as data_lib
 from vlora_jax import models
 from vlora_jax.errors import CheckpointError, ConfigError
-from vlora_jax.evaluate import (EvalError, _check_same_data, evaluate, parse_overrides,
-                                parse_value)
+from vlora_jax.evaluate import EvalError, evaluate, parse_overrides, parse_value
+from vlora_jax.outputs import OutputError
 from vlora_jax.predict import PredictError, load_image, predict
 from vlora_jax.train import train_and_evaluate
 
@@ -138,12 +138,12 @@ def test_evaluate_refuses_bad_input_before_loading(run, tmp_path):
     evaluate(run.workdir, overrides={"data.eval_exmples": "1"})
   with pytest.raises(ConfigError, match="eval_batch_size='abc'"):
     evaluate(run.workdir, overrides={"eval_batch_size": "abc"})
-  with pytest.raises(EvalError, match="is a directory"):
+  with pytest.raises(OutputError, match="is a directory"):
     evaluate(run.workdir, out=tmp_path)
 
 
 def test_evaluate_refuses_data_the_model_was_not_trained_on(run, tmp_path):
-  with pytest.raises(EvalError, match=r"mean is \(0\.5,\), but the model was trained with"):
+  with pytest.raises(EvalError, match=r"mean: \[.*\] in the checkpoint, \[0\.5\] in the eval data"):
     evaluate(run.workdir, overrides={"data.mean": "0.5"}, out=tmp_path / "e.json")
   assert not (tmp_path / "e.json").exists()
 
@@ -162,11 +162,14 @@ def test_override_parsing():
 
 
 def test_the_eval_data_must_be_read_as_in_training():
+  from vlora_jax.train.compat import check_same_data
   stored = {"kind": "text", "vocab": "abc", "vocab_size": 3}
-  _check_same_data(stored, dict(stored, num_train=7))  # what the model reads is the same
-  with pytest.raises(EvalError, match="vocab is 4 characters 'abcd'.*trained with 3 characters"):
-    _check_same_data(stored, dict(stored, vocab="abcd", vocab_size=4))
-  _check_same_data({}, {"vocab": "abcd"})  # a checkpoint without the data info: nothing to check
+  check = lambda found: check_same_data(stored, found, "eval", "the checkpoint", "the eval data")
+  check(dict(stored, num_train=7))  # what the model reads is the same
+  with pytest.raises(CheckpointError, match="vocab: 3 characters 'abc' in the checkpoint, 4 "
+                                            "characters 'abcd' in the eval data"):
+    check(dict(stored, vocab="abcd", vocab_size=4))
+  check_same_data({}, {"vocab": "abcd"}, "eval", "a", "b")  # no data info stored: nothing to check
 
 
 def test_the_shared_wrapper_maps_errors_to_exit_statuses(capsys):

@@ -72,7 +72,7 @@ def test_a_model_that_is_not_the_dense_twin_is_refused(dense_run):
 def test_compress_and_heal_with_distillation_resumes_and_saves_no_teacher(dense_run, tmp_path):
   """Start from the compressed dense run, distil from it, stop after 2 steps; the rerun to 4
   resumes (the teacher loaded again from its workdir), and no checkpoint holds the teacher."""
-  from vlora_jax.train import checkpoint
+  from vlora_jax import checkpoint_format
   workdir = tmp_path / "heal"
   config = lambda steps: _student(dense_run, **{
       "compress.increments": "whitened", "compress.calibration_batches": 2,
@@ -85,7 +85,7 @@ def test_compress_and_heal_with_distillation_resumes_and_saves_no_teacher(dense_
       "resumed")
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert any("train/kl" in r for r in rows)
-  state = checkpoint.read_state(str(workdir / "checkpoints" / "4"), params_only=False)
+  state = checkpoint_format.read_path(str(workdir / "checkpoints" / "4"), params_only=False)
   assert set(state) == {"step", "params", "opt_state", "rng"}
 
 

@@ -8,7 +8,8 @@ import pytest
 from helpers_train import tiny
 
 from experiments import layer_drift
-from vlora_jax.train import checkpoint, train_and_evaluate
+from vlora_jax import checkpoint_format
+from vlora_jax.train import train_and_evaluate
 
 pytestmark = pytest.mark.slow  # subprocesses and trained runs: `pytest -m slow`
 
@@ -31,7 +32,7 @@ def runs(tmp_path_factory):
 def test_cumulative_drift_is_the_norm_of_the_summed_increments(runs):
   r = layer_drift.drift(runs["cumulative"])
   assert r["variant"] == "cumulative" and r["rank"] == 2 and r["s"] == 3
-  p = checkpoint.read_state(runs["cumulative"])["params"]["blocks"]
+  p = checkpoint_format.read_path(runs["cumulative"])["params"]["blocks"]
   for target in ("attn/qkv/kernel", "mlp/fc2/kernel"):
     w0 = layer_drift._get(p["base"], target)                  # [C, in, out]
     a, b = layer_drift._get(p["inc_a"], target), layer_drift._get(p["inc_b"], target)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from helpers_train import ROOT, tiny
 
-from vlora_jax import errors
+from vlora_jax import checkpoint_format, errors
 from vlora_jax.train import checkpoint as ckpt_lib
 from vlora_jax.train import loop as loop_lib
 from vlora_jax.train import preemption, train_and_evaluate
@@ -33,7 +33,7 @@ def _config():
 
 
 def _params(workdir):
-  return ckpt_lib.read_state(str(workdir))["params"]
+  return checkpoint_format.read_path(str(workdir))["params"]
 
 
 def _same_bits(a, b) -> bool:

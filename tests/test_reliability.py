@@ -14,7 +14,8 @@ import pytest
 from helpers_train import result, run_py, tiny
 
 from vlora_jax import errors
-from vlora_jax.train import checkpoint, train_and_evaluate
+from vlora_jax import checkpoint_format
+from vlora_jax.train import train_and_evaluate
 
 STEPS = 4
 KEEP_ALL = {"num_train_steps": STEPS, "checkpoint.every_steps": 1, "checkpoint.keep": 10}
@@ -80,24 +81,24 @@ def test_a_bad_newest_checkpoint_is_skipped_with_a_warning(damage, straight, tmp
       [r.getMessage() for r in caplog.records][-5:]
   moved = list((run / "checkpoints.bad").iterdir())
   assert [p.name.split("-")[0] for p in moved] == [str(STEPS)]  # kept for inspection
-  a = checkpoint.read_state(str(run), params_only=False)
-  b = checkpoint.read_state(str(ref), params_only=False)
+  a = checkpoint_format.read_path(str(run), params_only=False)
+  b = checkpoint_format.read_path(str(ref), params_only=False)
   assert _identical(a, b)
   assert s["eval/loss"] == ref_summary["eval/loss"]
 
 
 def test_the_fingerprint_catches_what_storage_does_not(straight):
   ref, _ = straight
-  state = checkpoint.read_state(str(ref), params_only=False)
-  prints, finite = checkpoint.fingerprint(state)
+  state = checkpoint_format.read_path(str(ref), params_only=False)
+  prints, finite = checkpoint_format.fingerprint(state)
   assert finite and len(prints) == len(jax.tree.leaves(state))
   leaf = state["params"]["head"]["kernel"]
   swapped = leaf.copy()
   swapped[[0, 1]] = swapped[[1, 0]]  # same values, other places: the weighted sum must notice
   state["params"]["head"]["kernel"] = swapped
-  assert checkpoint.fingerprint(state)[0] != prints
+  assert checkpoint_format.fingerprint(state)[0] != prints
   state["params"]["head"]["kernel"] = np.full_like(leaf, np.nan)
-  assert not checkpoint.fingerprint(state)[1]
+  assert not checkpoint_format.fingerprint(state)[1]
 
 
 def test_when_no_checkpoint_restores_nothing_is_moved(straight, tmp_path):
@@ -107,7 +108,7 @@ def test_when_no_checkpoint_restores_nothing_is_moved(straight, tmp_path):
   steps = sorted(p for p in (run / "checkpoints").iterdir() if p.name.isdigit())
   for p in steps:
     _truncate_meta(p)
-  with pytest.raises(checkpoint.CheckpointError, match=r"(?s)no checkpoint .* restores:.*step 4:"
+  with pytest.raises(errors.CheckpointError, match=r"(?s)no checkpoint .* restores:.*step 4:"
                                                        r".*step 1:.*Nothing was moved"):
     train_and_evaluate(tiny("vit", **KEEP_ALL), run)
   assert sorted(p for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == steps
@@ -158,8 +159,8 @@ def test_a_full_disk_at_save_keeps_the_last_good_checkpoint(straight, tmp_path):
   # the same command with space again: resumes from 2 and ends where the straight run did
   s = train_and_evaluate(tiny("vit", **KEEP_ALL), run)
   assert s["start_step"] == 2 and s["step"] == STEPS
-  assert _identical(checkpoint.read_state(str(run), params_only=False),
-                    checkpoint.read_state(str(ref), params_only=False))
+  assert _identical(checkpoint_format.read_path(str(run), params_only=False),
+                    checkpoint_format.read_path(str(ref), params_only=False))
   assert s["eval/loss"] == ref_summary["eval/loss"]
 
 

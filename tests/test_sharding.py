@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from helpers_train import free_port, result, run_py, tiny
 
-from vlora_jax.train import checkpoint, sharding, train_and_evaluate
+from vlora_jax import checkpoint_format
+from vlora_jax.train import sharding, train_and_evaluate
 
 STEPS = 3
 OVERRIDES = {"num_train_steps": STEPS, "checkpoint.every_steps": 1, "checkpoint.keep": 10}
@@ -66,10 +67,10 @@ def test_eight_devices_equal_one(tmp_path):
   assert out["fsdp"]["inc_a"] == str(jax.sharding.PartitionSpec(None, None, "fsdp", None))
   # 10 classes do not split over 4 tensor shards: that axis stays replicated, not padded
   assert out["data_tensor"]["head"] == str(jax.sharding.PartitionSpec(None, None))
-  want = checkpoint.read_state(str(ref))["params"]
+  want = checkpoint_format.read_path(str(ref))["params"]
   for name in ("data_tensor", "fsdp"):
     np.testing.assert_allclose(_losses(tmp_path / name), _losses(ref), rtol=0, atol=1e-5)
-    got = checkpoint.read_state(str(tmp_path / name))["params"]
+    got = checkpoint_format.read_path(str(tmp_path / name))["params"]
     assert jax.tree.structure(got) == jax.tree.structure(want)
     assert _max_diff(got, want) <= 1e-5, name
 

@@ -83,7 +83,7 @@ def test_perplexity_within_one_percent_of_transformers(smollm2_run, tmp_path):
                "data.test_fraction": 0.1, "data.eval_split": "test",
                "data.eval_examples": ref["windows"], "eval_batch_size": ref["windows"]}
   # the windows scored are transformers' windows
-  config = trained.read_meta(trained.find_checkpoint(smollm2_run)[0])["config"]
+  config = trained.open_checkpoint(smollm2_run)[2]["config"]
   d = ml_collections.ConfigDict(dict(config["data"], tokenizer=str(smollm2_run),
                                      **{k[5:]: v for k, v in overrides.items()
                                         if k.startswith("data.")}))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from helpers_train import tiny
 
-from vlora_jax.train import NonFiniteLossError, checkpoint, optim, train_and_evaluate
+from vlora_jax import checkpoint_format
+from vlora_jax.train import NonFiniteLossError, optim, train_and_evaluate
 
 
 @pytest.mark.parametrize("family", ["vit", "lm", "seq2seq"])
@@ -38,7 +39,7 @@ def test_one_real_step_per_family(family, tmp_path):
     assert 0 <= summary["eval/seq_accuracy"] <= 1  # real greedy decoding
     assert 0 <= summary["eval/seq_accuracy_teacher_forced"] <= 1
   # the last step is always checkpointed, with the layout of every stack
-  meta = checkpoint.read_meta(str(tmp_path))
+  meta = checkpoint_format.meta_at(str(tmp_path))
   assert meta["step"] == 1 and meta["layout"]
   for layout in meta["layout"].values():
     assert layout["vlora"]["compound_size"] == 2
@@ -77,7 +78,7 @@ def test_stops_on_nan_naming_step_and_last_good_checkpoint(tmp_path):
     train_and_evaluate(bad, tmp_path)
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [1, 2]  # nothing non-finite was written
-  params = checkpoint.read_state(str(tmp_path))["params"]
+  params = checkpoint_format.read_path(str(tmp_path))["params"]
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
@@ -90,8 +91,9 @@ def test_freeze_gets_no_optimizer_state_and_does_not_move_in_bf16(tmp_path):
               "model.dtype": "bfloat16"})
   s = train_and_evaluate(c, tmp_path / "run")
   assert 0 < s["params_trainable"] < s["params_total"]
-  first = checkpoint.read_state(str(tmp_path / "run" / "checkpoints" / "1"), params_only=False)
-  last = checkpoint.read_state(str(tmp_path / "run"), params_only=False)
+  first = checkpoint_format.read_path(str(tmp_path / "run" / "checkpoints" / "1"),
+                                      params_only=False)
+  last = checkpoint_format.read_path(str(tmp_path / "run"), params_only=False)
   flat0 = optim.paths(first["params"])
   flat1 = optim.paths(last["params"])
   assert all(v.dtype == np.float32 for v in flat1.values())

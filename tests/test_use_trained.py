@@ -28,8 +28,9 @@ from vlora_jax import models
 from vlora_jax.convert import torch_vit
 from vlora_jax.convert.torch_vit import _check_kwargs
 from vlora_jax.errors import CheckpointError, UserError
+from vlora_jax import checkpoint_format
 from vlora_jax.export import export
-from vlora_jax.train import checkpoint, train_and_evaluate
+from vlora_jax.train import train_and_evaluate
 
 pytestmark = pytest.mark.slow  # subprocesses and trained runs: `pytest -m slow`
 
@@ -142,7 +143,7 @@ def test_load_gives_the_trained_model_and_what_feeds_it(runs):
   assert models.build(runs.vit_config.model) == model
   logits = jax.jit(lambda p, x: model.apply({"params": p}, x))  # one compile for both calls
   # ... give the same logits as the trained params (read as the trainer wrote them) ...
-  trained = checkpoint.read_state(str(runs.vit))["params"]
+  trained = checkpoint_format.read_path(str(runs.vit))["params"]
   got = logits(params, batch["image"])
   np.testing.assert_array_equal(got, logits(trained, batch["image"]))
   # ... and the run's own eval loss.

@@ -2,14 +2,19 @@
 
 Every one of them answers a mistake in its input (a flag, the workdir, the step, a file) with one
 line ``error: ...`` and exit status 2, no traceback (``--verbose`` adds it); anything else is a
-bug: its traceback, a line saying so, and exit status 1. This module imports no JAX: the checks
-that come before loading a run are instant.
+bug: its traceback, a line saying so, and exit status 1. Ctrl-C and SIGTERM stop it at once with
+one line and exit status 130 / 143, no traceback and no partial output (`exit_on_signals`). This
+module imports no JAX: the checks that come before loading a run are instant.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any, Callable, NoReturn
@@ -25,8 +30,10 @@ def describe_flag_error(e: BaseException, argv: list[str]) -> str:
   commands still parsed by absl: `vlora_jax.compile`)."""
   from absl import flags
   if "Error whilst parsing config file" in str(e):
-    while e.__context__ is not None:  # the config file's own error (a bad ':arg', a raise
-      e = e.__context__               # inside get_config), under absl's and ml_collections'
+    # The config file's own error (a bad ':arg', a raise inside get_config), under absl's and
+    # ml_collections'; an error raised 'from None' is the one to show.
+    while e.__context__ is not None and not e.__suppress_context__:
+      e = e.__context__
   if isinstance(e, SyntaxError):
     return f"--config: {e.filename}, line {e.lineno}: syntax error: {e.msg}"
   if isinstance(e, KeyError) and "Did you mean" in str(e.args[0] if e.args else ""):
@@ -42,32 +49,50 @@ def describe_flag_error(e: BaseException, argv: list[str]) -> str:
   return f"--config: {type(e).__name__}: {one_line(e)}"
 
 
-def _config_spec(argv: list[str]) -> str | None:
-  """The value of ``--config`` / ``--config=`` in ``argv``, or None."""
-  for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      return arg[len("--config="):]
-    if arg == "--config" and i + 1 < len(argv):
+def _config_arg(argv: list[str]) -> str | None:
+  """The ``--config`` value of a command line (``--config X`` or ``--config=X``), or None."""
+  for i, a in enumerate(argv):
+    if a == "--config" and i + 1 < len(argv):
       return argv[i + 1]
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
   return None
+
+
+def _not_a_config(value, argv: list[str]) -> str:
+  return (f"--config: {_config_arg(argv)}: get_config() returned "
+          f"{'None' if value is None else 'a ' + type(value).__name__}, not an "
+          "ml_collections.ConfigDict")
 
 
 def parse_config_flags(flag_values, argv: list[str]) -> list[str]:
   """absl's parsing of ``--config FILE[:ARG] --config.KEY=VALUE ...`` and the other flags, with
-  every error (a flag, the config file, its overrides) as one line and exit status 2. The config
-  file's package is importable first (`train.config_util.make_importable`)."""
+  every error (a flag, the config file, its overrides, a ``get_config`` that returns something
+  other than a ConfigDict) as one line and exit status 2. The config file's package is importable
+  first (`train.config_util.make_importable`)."""
+  import ml_collections
+  from absl import logging
   from vlora_jax.train import config_util
-  spec = _config_spec(argv)
+  spec = _config_arg(argv)
   if spec and Path(config_util.config_path(spec)).is_file():
     config_util.make_importable(config_util.config_path(spec))
+  verbosity = logging.get_verbosity()
+  # config_flags warns about a config that is None on a line of its own: the error says it.
+  logging.set_verbosity(logging.ERROR)
   try:
     rest = flag_values(argv)
-    getattr(flag_values.config, "model", None)  # a config file that failed to load raises here
-    return rest
+    config = flag_values.config  # a config file that failed to load raises here
   except SystemExit:
     raise
   except Exception as e:  # noqa: BLE001 -- everything here comes from the command line
+    if "--config must have a value other than None" in str(e) and _config_arg(argv):
+      fail(_not_a_config(None, argv), e, verbose="--verbose" in argv)
     fail(describe_flag_error(e, argv), e, verbose="--verbose" in argv)
+  finally:
+    logging.set_verbosity(verbosity)
+  if not isinstance(config, ml_collections.ConfigDict):
+    fail(_not_a_config(config, argv))
+  return rest
 
 
 OVERRIDES_HELP = """\
@@ -195,11 +220,71 @@ def step(text: str | None) -> int | str | None:
   return int(text)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def stopped(prog: str, signal_name: str, said: str) -> NoReturn:
+  """Ends the process on a stop signal: the outputs being written removed, one line, status 128 +
+  the signal's number. At once, from any state: no traceback, and no teardown of threads that
+  are still in XLA (a compile) or writing."""
+  from vlora_jax import outputs
+  outputs.remove_pending()
+  print(f"{prog}: stopped by {signal_name}; {said}", file=sys.stderr, flush=True)
+  os._exit(128 + signal.Signals[signal_name].value)
+
+
+def _stop(prog: str, said: str):
+  def handler(signum, frame):
+    del frame
+    stopped(prog, signal.Signals(signum).name, said)
+  return handler
+
+
+@contextlib.contextmanager
+def exit_on_signals(prog: str, said: str = "nothing was written"):
+  """Within the block, Ctrl-C (SIGINT) and SIGTERM end the process with one line (``prog: stopped
+  by SIGINT; <said>``) and status 128 + the signal (130, 143), after removing the outputs being
+  written. Inert outside the main thread (handlers can be set only there)."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = {s: signal.signal(s, _stop(prog, said)) for s in STOP_SIGNALS}
+  try:
+    yield
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+
+def in_worker(fn: Callable[..., Any], *args, **kwargs) -> Any:
+  """``fn(*args, **kwargs)`` in a worker thread while this one waits: Python runs signal handlers
+  in the main thread only between its own steps, so a main thread inside a long XLA compile would
+  answer Ctrl-C only after it. Returns the result or raises the worker's exception."""
+  done: dict[str, Any] = {}
+
+  def work():
+    try:
+      done["value"] = fn(*args, **kwargs)
+    except BaseException as e:  # noqa: BLE001 -- handed to the waiting thread as it is
+      done["error"] = e
+
+  worker = threading.Thread(target=work, name="vlora_jax-command", daemon=True)
+  worker.start()
+  while worker.is_alive():
+    worker.join(0.1)
+  if "error" in done:
+    raise done["error"]
+  return done["value"]
+
+
 def guarded(prog: str, verbose: bool, fn: Callable[..., Any], *args, **kwargs) -> Any:
   """``fn(*args, **kwargs)``; a `UserError` exits 2 with its one line, any other exception is an
-  internal error: its traceback, a line saying it is a bug, exit 1."""
+  internal error: its traceback, a line saying it is a bug, exit 1. Ctrl-C and SIGTERM exit 130 /
+  143 with one line (`exit_on_signals`); ``fn`` runs in a worker thread so that they are answered
+  at once (`in_worker`)."""
   try:
-    return fn(*args, **kwargs)
+    with exit_on_signals(prog):
+      return in_worker(fn, *args, **kwargs)
   except UserError as e:
     fail(one_line(e), e, verbose)
   except Exception:  # noqa: BLE001 -- a bug: show where, and say that it is one

@@ -21,7 +21,8 @@ estimate (``step_time_estimate_s`` = max(flops / peak FLOP/s, bytes / HBM bandwi
 ``mfu_estimate`` from PaLM's model FLOPs, 6 N + 12 L T D per token): estimates, not measurements.
 
 Exit status: 0 the step fits; 3 it does not fit the chip's memory (one line says by how much, and
-``--out`` is written with ``fits: false``); 2 a mistake in the input (one line); 1 an internal error.
+``--out`` is written with ``fits: false``); 2 a mistake in the input (one line); 130 / 143
+interrupted by Ctrl-C / SIGTERM (one line); 1 an internal error.
 """
 
 from __future__ import annotations
@@ -292,7 +293,9 @@ def main(argv):
   from vlora_jax.train import metrics
   metrics.quiet_libraries()
   try:
-    report = compile_report(FLAGS.config, FLAGS.topology, FLAGS.count_flops)
+    # Ctrl-C / SIGTERM: one line and 130 / 143 at once, even inside XLA's compile (`cli.guarded`).
+    with cli.exit_on_signals("vlora_jax.compile", "nothing was written"):
+      report = cli.in_worker(compile_report, FLAGS.config, FLAGS.topology, FLAGS.count_flops)
   except UserError as e:
     cli.fail(cli.one_line(e), e, FLAGS.verbose)
   except Exception:  # noqa: BLE001 -- a bug: show where, and say that it is one

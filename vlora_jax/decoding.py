@@ -61,6 +61,9 @@ class Sampler:
                        "model's output ids)")
     if not (math.isfinite(self.temperature) and self.temperature >= 0):
       raise ValueError(f"temperature={self.temperature!r}: must be >= 0 (0 is greedy)")
+    if 0 < self.temperature < FLOAT32_TINY:  # 0 or subnormal in float32: the logits / T overflow
+      raise ValueError(f"temperature={self.temperature!r}: underflows in float32 (positive "
+                       f"temperatures must be >= {FLOAT32_TINY:.3g}); use 0 for greedy sampling")
     if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not (
         0 <= self.top_k <= vocab_size):
       raise ValueError(f"top_k={self.top_k!r}: must be an integer in [0, {vocab_size}] (the "
@@ -90,6 +93,10 @@ class Sampler:
 
 
 GREEDY = Sampler(temperature=0.0)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
+MAX_SEED = 2**32 - 1
+# A bound on one call's new tokens (a typo's 10**12 would run for days): 2**20 per sequence.
+MAX_NEW_TOKENS = 2**20
 
 
 # ---------------------------------------------------------------------------------- the cache
@@ -202,9 +209,18 @@ def _lm_chunk(model, params, context, pad, done, key, *, new: int, sampler: Samp
   return out, count, done, key
 
 
-def check_count(name: str, value) -> None:
+def check_count(name: str, value, most: int | None = None) -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     raise ValueError(f"{name}={value!r}: must be an integer >= 1")
+  if most is not None and value > most:
+    raise ValueError(f"{name}={value!r}: must be at most {most:,}")
+
+
+def check_seed(seed) -> None:
+  """A seed that names one key: JAX keeps a seed's low 32 bits (2**32 is the key of 0)."""
+  if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+    raise ValueError(f"seed={seed!r}: must be an integer in [0, {MAX_SEED}] (a 32-bit key: "
+                     "larger seeds would repeat smaller ones' samples)")
 
 
 def check_prompts(prompts, vocab_size: int) -> list[list[int]]:
@@ -236,7 +252,8 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
   """
   vocab = model.vocab_size
   sampler.check(vocab)
-  check_count("max_new_tokens", max_new_tokens)
+  check_count("max_new_tokens", max_new_tokens, MAX_NEW_TOKENS)
+  check_seed(seed)
   if stop_token is not None and not 0 <= stop_token < vocab:
     raise ValueError(f"stop_token={stop_token!r}: must be a token id in [0, {vocab})")
   seqs = check_prompts(prompts, vocab)

@@ -54,23 +54,48 @@ def parse_arg(arg: str, defaults: dict) -> dict:
 
   Bare words (no ``=``) are matched against the allowed values of each word key: ``defaults``
   maps a key to ``(default, allowed values)`` for words and to a plain default for ``k=v`` keys.
+  A key set twice (``dense,dense``, ``vlora,dense``, ``r=4,r=8``) and a value of the wrong type
+  (``r=abc``) are refused, naming the key.
   """
   out = {k: (v[0] if isinstance(v, tuple) else v) for k, v in defaults.items()}
   words = {k: v[1] for k, v in defaults.items() if isinstance(v, tuple)}
+  given: dict[str, str] = {}
   for part in [p.strip() for p in (arg or "").split(",") if p.strip()]:
     if "=" in part:
-      k, v = part.split("=", 1)
+      k, v = (s.strip() for s in part.split("=", 1))
       if k not in out or k in words:
         raise ValueError(f"config arg {arg!r}: unknown key {k!r}; allowed are "
                          f"{sorted(k for k in out if k not in words)}")
-      out[k] = type(out[k])(v) if out[k] is not None else v
-      continue
-    hits = [k for k, allowed in words.items() if part in allowed]
-    if not hits:
-      raise ValueError(f"config arg {arg!r}: unknown word {part!r}; allowed are "
-                       f"{ {k: list(a) for k, a in words.items()} }")
-    out[hits[0]] = part
+      value = _typed(arg, k, v, out[k])
+    else:
+      hits = [k for k, allowed in words.items() if part in allowed]
+      if not hits:
+        raise ValueError(f"config arg {arg!r}: unknown word {part!r}; allowed are "
+                         f"{ {k: list(a) for k, a in words.items()} }")
+      k, value = hits[0], part
+    if k in given:
+      raise ValueError(f"config arg {arg!r}: {k} is set twice ({given[k]!r} and {part!r}); "
+                       "give each at most once")
+    given[k], out[k] = part, value
   return out
+
+
+def _typed(arg: str, key: str, text: str, default):
+  """``text`` as the type of ``default`` (None: the text itself), or a ValueError naming ``key``."""
+  if default is None or isinstance(default, str):
+    return text
+  kind = type(default)
+  if kind is bool:
+    low = text.lower()
+    if low not in ("true", "false", "1", "0"):
+      raise ValueError(f"config arg {arg!r}: {key}={text!r} is not a bool; allowed are true, "
+                       "false, 1, 0")
+    return low in ("true", "1")
+  try:
+    return kind(text)
+  except ValueError:
+    what = {int: "an integer", float: "a number"}.get(kind, f"a {kind.__name__}")
+    raise ValueError(f"config arg {arg!r}: {key}={text!r} is not {what}") from None
 
 
 def vlora(enabled: bool = True, compound_size: int = 4, rank=8) -> ml_collections.ConfigDict:

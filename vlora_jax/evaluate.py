@@ -1,6 +1,6 @@
 """Evaluate a trained run's checkpoint on its eval set, as its training evaluated it.
 
-  vlora-evaluate --workdir DIR [--step N|best] [--out PATH] [--verbose]
+  vlora-evaluate --workdir DIR [--step N|best] [--out PATH] [--overwrite] [--verbose]
                  [--config.data.KEY=VALUE ...] [--config.eval_batch_size=N]
                  [--config.mesh.AXIS=N ...]
 
@@ -14,8 +14,9 @@ are built from the stored config (`vlora_jax.data.build`). ``--config.data.*`` o
 (another ``data.path``, a cap ``data.eval_examples``), ``--config.eval_batch_size`` the eval batch,
 and ``--config.mesh.*`` the device mesh (for a machine with other devices than the training's);
 no other key can change: the model and its training are the checkpoint's. The overridden config is
-checked as a training run's is (`train.schema`, `train.validate`), and the data must describe the
-inputs the model was trained on (the stored image shape, normalisation, vocabulary, tokenizer).
+checked as a training run's is (`train.schema`, `train.validate`), and the data must mean what the
+model was trained on (`train.compat.data_changes`: the stored image shape, normalisation, class
+names, vocabulary, tokenizer); where the files are does not matter.
 A run whose checkpoint stores a subword tokenizer (``data.source='tokenized'``, an imported model)
 reads its text with that one: ``data.tokenizer`` need not point at a file that still exists.
 
@@ -24,8 +25,11 @@ The metrics are computed as the training loop computes them (`train.evaluation`:
 are its final eval metrics (``metrics.jsonl``, ``summary.json``).
 
 Writes ``<workdir>/eval.json`` (or ``--out``): the metrics, the step, the checkpoint, the overrides
-and the number of eval examples. Prints the checkpoint, the metrics one per line (sorted) and the
-path written. A progress bar over the eval batches goes to stderr when stderr is a terminal.
+and the number of eval examples, whole or not at all (a temporary file, then a rename). ``--out``
+may not lie inside a run's ``checkpoints/`` or ``best/``, and an existing file that an evaluation
+did not write is refused unless ``--overwrite``. Prints the checkpoint, the metrics one per line
+(sorted) and the path written. A progress bar over the eval batches goes to stderr when stderr is
+a terminal.
 
 Override values are read as the training command line reads them (`vlora_jax.overrides`): numbers,
 ``true``/``false``, tuples ``0.5,0.5,0.5``; a key whose stored value is text takes the text as it
@@ -33,7 +37,8 @@ is.
 
 Exit status: 0 done; 2 a mistake in the input (no checkpoint in the workdir, a bad ``--step``, a key
 that cannot be overridden or a value the schema refuses, data that do not read or do not fit the
-model, an ``--out`` that cannot be written), one line ``error: ...``; 1 an internal error.
+model, an ``--out`` that cannot or may not be written), one line ``error: ...``; 130 / 143
+interrupted by Ctrl-C / SIGTERM, nothing written; 1 an internal error.
 """
 
 from __future__ import annotations
@@ -50,10 +55,8 @@ from vlora_jax.errors import UserError
 
 # The keys an evaluation may change: the data, the eval batch, the mesh. A prefix ends in '.'.
 OVERRIDABLE = ("data.", "eval_batch_size", "mesh.")
-# What the model was trained to read: the eval data must describe it as the stored info does.
-SAME_DATA = {"image_shape": "the model's input images", "mean": "the inputs' normalisation",
-             "std": "the inputs' normalisation", "vocab": "the token ids' characters",
-             "tokenizer": "the token ids' text", "special_tokens": "the special token ids"}
+_MISSING = object()
+WRITTEN_BY = "vlora_jax.evaluate"
 
 
 class EvalError(UserError, ValueError):
@@ -118,18 +121,6 @@ def eval_config(stored: dict, overrides_: dict[str, Any] | None):
   return config, applied
 
 
-def _check_same_data(stored: dict, found: dict) -> None:
-  """The eval data against the data the model was trained on (the stored info)."""
-  for key, what in SAME_DATA.items():
-    if key not in stored or key not in found or stored[key] == found[key]:
-      continue
-    new, old = found[key], stored[key]
-    if key in ("vocab", "tokenizer"):
-      new, old = f"{len(new)} characters {new[:40]!r}...", f"{len(old)} characters {old[:40]!r}..."
-    raise EvalError(f"the eval data's {key} is {new}, but the model was trained with {old} "
-                    f"({what}); evaluate on data that it reads as in training")
-
-
 def _own_tokenizer(meta: dict, step_dir: Path, overrides: dict | None) -> dict:
   """The stored config, its text read by the tokenizer that the checkpoint stores (unless
   ``--config.data.tokenizer`` names another): a run evaluates without the file it came from."""
@@ -140,35 +131,44 @@ def _own_tokenizer(meta: dict, step_dir: Path, overrides: dict | None) -> dict:
   return config
 
 
-def _check_out(out: Path) -> None:
-  if out.is_dir():
-    raise EvalError(f"--out={str(out)!r} is a directory; --out names the JSON file to write")
-  cli.writable_dir(out.parent, f"--out={str(out)!r}", EvalError)
+def _written_by_evaluate(path: Path) -> bool:
+  """Whether a file is an evaluation's result (which a new evaluation may replace)."""
+  from vlora_jax import outputs
+  obj = outputs.read_json_object(path) or {}
+  legacy = {"metrics", "checkpoint", "eval_examples"} <= set(obj)  # written before the mark
+  return obj.get("written_by") == WRITTEN_BY or legacy
+
+
+def _check_out(out, overwrite: bool) -> Path:
+  from vlora_jax import outputs
+  return outputs.check_target(out, "--out", kind="file", owned=_written_by_evaluate,
+                              overwrite=overwrite, writer=f"an evaluation ({WRITTEN_BY})")
 
 
 def evaluate(workdir, step: int | str | None = None, overrides: dict[str, Any] | None = None,
-             *, out=None, progress: bool = False) -> dict:
+             *, out=None, progress: bool = False, overwrite: bool = False) -> dict:
   """Evaluates a run's checkpoint on its eval set (see the module doc); writes and returns the
   result: ``{'metrics', 'step', 'checkpoint', 'workdir', 'overrides', 'eval_examples', 'out'}``.
 
   The workdir, the step, the overrides and ``out`` are checked before anything is loaded.
   """
+  step_dir, _, meta = trained_lib.open_checkpoint(workdir, step)
   workdir = Path(workdir).expanduser()
-  out = workdir / "eval.json" if out is None else Path(out).expanduser()
-  step_dir, resolved = trained_lib.find_checkpoint(workdir, step)
-  meta = trained_lib.read_meta(step_dir)
-  if not isinstance(meta.get("config"), dict):
-    raise EvalError(f"checkpoint {step_dir}: its meta holds no config")
   config, applied = eval_config(_own_tokenizer(meta, step_dir, overrides), overrides)
-  _check_out(out)
+  out = _check_out(workdir / "eval.json" if out is None else out, overwrite)
 
   # JAX, the data and the models only now: the checks above are instant.
   import jax
-  from vlora_jax.train import evaluation, metrics as metrics_lib, setup
+  from vlora_jax import outputs
+  from vlora_jax.train import compat, evaluation, metrics as metrics_lib, setup
 
-  run = trained_lib.load(workdir, resolved if step is None else step)
   plan, mesh, pipe = setup.mesh_and_data(config)
-  _check_same_data(run.info, pipe.info)
+  try:
+    compat.check_same_data(meta.get("data"), pipe.info, "the eval data", "the checkpoint",
+                           "the eval data")
+  except UserError as e:
+    raise EvalError(str(e)) from None
+  run = trained_lib.load(workdir, step)
   shardings = evaluation.param_shardings(run.model, plan.family, config, mesh)
   params = jax.device_put(run.params, shardings)
   eval_step = evaluation.jit_step(run.model, plan.family, mesh, shardings,
@@ -181,11 +181,8 @@ def evaluate(workdir, step: int | str | None = None, overrides: dict[str, Any] |
     bar.close()
   result = {"metrics": metrics, "step": run.step, "checkpoint": str(run.checkpoint),
             "workdir": str(workdir), "overrides": applied, "eval_examples": pipe.num_eval,
-            "eval_batch_size": int(config.eval_batch_size)}
-  try:
-    metrics_lib.write_json(out, result)
-  except OSError as e:
-    raise EvalError(f"--out={str(out)!r}: cannot write it ({e.strerror or e})") from None
+            "eval_batch_size": int(config.eval_batch_size), "written_by": WRITTEN_BY}
+  outputs.write_json(out, result, "--out")
   return {**result, "out": str(out)}
 
 
@@ -203,12 +200,14 @@ def main(argv: list[str] | None = None) -> None:
   cli.add_run_args(parser)
   parser.add_argument("--out", default=None, help="the JSON file to write; default "
                       "<workdir>/eval.json")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an existing --out that an evaluation did not write")
   args, rest = parser.parse_known_args(argv)
   step = cli.step(args.step)
 
   def go():
     return evaluate(args.workdir, step, parse_overrides(rest), out=args.out,
-                    progress=sys.stderr.isatty())
+                    progress=sys.stderr.isatty(), overwrite=args.overwrite)
 
   result = cli.guarded("vlora_jax.evaluate", args.verbose, go)
   print(report(result), flush=True)

@@ -16,6 +16,7 @@ Exit status:
       checkpoint or an import. One line says what and where; --verbose adds the traceback;
   75  preempted (SIGTERM) or interrupted (Ctrl-C): a checkpoint of the last finished step was
       saved; rerun the same command to resume (`vlora_jax.train.preemption`);
+  130 Ctrl-C before training began (set-up, the compile): one line, nothing saved;
   1   an internal error: a bug in vlora_jax or a library, shown with its traceback.
 """
 
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
   except errors.Preempted as e:
     print(f"vlora_jax: {e}", file=sys.stderr, flush=True)
     sys.exit(preemption.EXIT_PREEMPTED)
+  except KeyboardInterrupt:  # Ctrl-C outside the training loop, whose handler saves and exits 75
+    cli.stopped("vlora_jax", "SIGINT", "before training began; nothing was saved")
   except Exception:  # noqa: BLE001 -- a bug: show where, and say that it is one
     traceback.print_exc()
     print("vlora_jax: internal error (a bug in vlora_jax or a library, not in your input): the "

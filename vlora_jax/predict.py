@@ -30,7 +30,8 @@ gave, else the class ids), most probable first.
 
 Exit status: 0 done; 2 a mistake in the input (no checkpoint in the workdir, a bad ``--step``, a run
 that is not an image classifier, a file that is missing, does not read, or has a shape or pixels
-that are not allowed), one line ``error: ...``; 1 an internal error.
+that are not allowed), one line ``error: ...``; 130 / 143 interrupted by Ctrl-C / SIGTERM; 1 an
+internal error.
 """
 
 from __future__ import annotations
@@ -198,11 +199,13 @@ def predict(workdir, files, step: int | str | None = None, top: int = 5,
   """
   if isinstance(top, bool) or not isinstance(top, int) or top < 1:
     raise PredictError(f"--top={top!r}: allowed are whole numbers >= 1")
-  files = [Path(f) for f in files]
   if not files:
     raise PredictError("no files given: name one or more PNG, JPEG or .npy files")
-  step_dir, resolved = trained_lib.find_checkpoint(workdir, step)
-  meta = trained_lib.read_meta(step_dir)
+  empty = next((f for f in files if not str(f).strip()), None)
+  if empty is not None:
+    raise PredictError(f"FILE={str(empty)!r}: empty; name PNG, JPEG or .npy files")
+  files = [Path(f) for f in files]
+  step_dir, resolved, meta = trained_lib.open_checkpoint(workdir, step)
   _check_family(meta, step_dir)
   info = meta.get("data") or {}
   _check_info(info, step_dir)
@@ -213,7 +216,7 @@ def predict(workdir, files, step: int | str | None = None, top: int = 5,
   import jax.numpy as jnp
   from vlora_jax import models
 
-  run = trained_lib.load(workdir, resolved if step is None else step)
+  run = trained_lib.load(workdir, step)
   fam = models.family(run.config.model.name)
   model = run.model
 

@@ -23,8 +23,9 @@ Prints each sample as the prompt followed by its continuation, samples separated
 
 Exit status: 0 done; 2 a mistake in the input (no checkpoint in the workdir, a run that is not a
 language model, a prompt with characters the vocabulary lacks, a ``--stop`` with a broken escape,
-a bad sampling value), one line
-``error: ...``; 1 an internal error.
+a bad sampling value: a temperature that underflows in float32, a seed outside [0, 2**32 - 1],
+more than 2**20 new tokens), one line ``error: ...``; 130 / 143 interrupted by Ctrl-C / SIGTERM,
+nothing printed; 1 an internal error.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from vlora_jax import trained as trained_lib
 from vlora_jax.errors import UserError
 
 SEPARATOR = "----"
+MAX_SAMPLES = 4096
 
 
 class SampleError(UserError, ValueError):
@@ -48,8 +50,7 @@ def _model_config(workdir, step) -> dict:
   """The run's ``config.model``, read from the checkpoint's meta (no JAX); a run of another family
   is refused here, before anything is loaded."""
   from vlora_jax import models
-  step_dir, _ = trained_lib.find_checkpoint(workdir, step)
-  mcfg = trained_lib.read_meta(step_dir).get("config", {}).get("model", {})
+  mcfg = trained_lib.open_checkpoint(workdir, step)[2]["config"].get("model", {})
   name = mcfg.get("name")
   if name not in models.FAMILIES or not models.family(name).generates:
     serves = sorted(n for n, f in models.FAMILIES.items() if f.generates)
@@ -92,6 +93,8 @@ def sample(workdir, prompt: str, *, max_new_tokens: int = 200, temperature: floa
 
   if num_samples < 1:
     raise SampleError(f"--num_samples={num_samples}: must be >= 1")
+  if num_samples > MAX_SAMPLES:
+    raise SampleError(f"--num_samples={num_samples}: must be at most {MAX_SAMPLES} (one batch)")
   if not prompt:
     raise SampleError("--prompt is empty: give at least one character to continue")
   if stop is not None and not stop:
@@ -100,7 +103,8 @@ def sample(workdir, prompt: str, *, max_new_tokens: int = 200, temperature: floa
   sampler = decoding.Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
   try:  # every value before the run loads
     sampler.check(int(mcfg.get("vocab_size", 1)))
-    decoding.check_count("max_new_tokens", max_new_tokens)
+    decoding.check_count("max_new_tokens", max_new_tokens, decoding.MAX_NEW_TOKENS)
+    decoding.check_seed(seed)
   except ValueError as e:
     raise SampleError(f"--{e}") from None
   run = trained_lib.load(workdir, step)

@@ -92,7 +92,7 @@ def _mode(block: nn.Module, deterministic: bool) -> dict:
 def block_param_shapes(block: nn.Module, *args, **kwargs):
   """``{path: ShapeDtypeStruct}`` and ``{path: logical axis names}`` of one block (no compute)."""
   boxed = jax.eval_shape(functools.partial(block.init, **kwargs), jax.random.key(0), *args)
-  boxed = boxed["params"]
+  boxed = boxed.get("params", {})  # a block without parameters has no 'params' collection
   names = jax.tree.map(lambda b: b.names if isinstance(b, nn.LogicallyPartitioned) else None,
                        boxed, is_leaf=lambda b: isinstance(b, nn.LogicallyPartitioned))
   shapes = _flat(nn.unbox(boxed))
@@ -207,6 +207,10 @@ class LayerStack(nn.Module):
     block = self._block()
     shapes, names = block_param_shapes(block, *structs, **_mode(block, True), **kwargs)
     shapes = {p: s.shape for p, s in shapes.items()}
+    if not shapes:
+      raise ValueError(f"vlorafy: the block {type(block).__name__} has no parameters; a layer "
+                       "stack holds a block's weights per layer (VLoRA parameterises them), so "
+                       "stack a block that has some")
     if self.vlora is None:
       return dense_layout(shapes, self.num_layers), names
     return self.vlora.layout(shapes, self.num_layers), names

@@ -243,11 +243,15 @@ def load(path: str, where: str = "tokenizer") -> SubwordTokenizer:
                                       where=where)
   if (p / "tokenizer.json").is_file():
     return from_hf_dir(p, where)
+  from vlora_jax import checkpoint_format as fmt
   from vlora_jax import errors
   from vlora_jax import trained as trained_lib
   try:
-    step_dir = p if (p / "meta").is_dir() else trained_lib.find_checkpoint(p)[0]
-    info = trained_lib.read_meta(step_dir).get("data") or {}
+    if (p / "meta").is_dir():
+      step_dir, info = p, fmt.read_meta(p).get("data") or {}
+    else:
+      step_dir, _, meta = trained_lib.open_checkpoint(p)
+      info = meta.get("data") or {}
   except errors.CheckpointError as e:
     raise TokenizerError(f"{where}: neither a tokenizer nor a run ({e})") from None
   if not info.get("tokenizer"):

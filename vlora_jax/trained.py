@@ -1,15 +1,20 @@
 """A trained run, read back from its workdir: ``vlora_jax.load(workdir, step=None)``.
 
 Everything needed to run the model is stored in each checkpoint's JSON ``meta`` (written at set-up,
-`vlora_jax.train.setup`): the config, the layout of every layer stack, and the data's description
-(`vlora_jax.data`: the vocabulary, the image shape and normalisation, the class names). So loading
-reads no data file, and no relative path of the config has to resolve.
+`vlora_jax.train.setup`; the format is `vlora_jax.checkpoint_format`): the config, the layout of
+every layer stack, and the data's description (`vlora_jax.data`: the vocabulary, the image shape
+and normalisation, the class names). So loading reads no data file, and no relative path of the
+config has to resolve.
 
   model, params, config, info = vlora_jax.load("runs/vit_digits")
   logits = model.apply({"params": params}, images)   # images: (pixels * scale - mean) / std
 
 Which checkpoint: ``step=None`` the newest in ``<workdir>/checkpoints``; ``step='best'`` the best
 in ``<workdir>/best`` by the run's ``checkpoint.best_metric``; an int, that step (in either).
+
+Every load is verified against the checkpoint's fingerprints. A damaged newest (or best) step is
+skipped, with a warning naming it and why, for the next good one, as a resumed run does; a step
+asked for by number is that step or a `CheckpointError`.
 
 Finding the checkpoint and reading its meta need no JAX: the command lines built on this
 (`vlora_jax.export`, `vlora_jax.evaluate`, `vlora_jax.predict`) refuse a wrong workdir or step in a
@@ -19,10 +24,10 @@ fraction of a second.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
+from vlora_jax import checkpoint_format as fmt
 from vlora_jax.errors import CheckpointError
 
 
@@ -38,6 +43,7 @@ class Trained:
       stored.
     step: the checkpoint's step.
     checkpoint: its step directory.
+    meta: the checkpoint's JSON meta.
   """
   model: Any
   params: Any
@@ -45,6 +51,7 @@ class Trained:
   info: dict
   step: int
   checkpoint: Path
+  meta: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
   def __iter__(self):  # model, params, config, info = load(workdir): the four a user needs
     return iter((self.model, self.params, self.config, self.info))
@@ -58,112 +65,44 @@ class Trained:
     return model, jax.device_get(variables["params"])
 
 
-def _finished_steps(directory: Path) -> list[int]:
-  """The steps whose save completed (Orbax renames a step's temporary directory when done)."""
-  if not directory.is_dir():
-    return []
-  return sorted(int(p.name) for p in directory.iterdir()
-                if p.name.isdigit() and (p / "state").is_dir())
+def _prefixed(where: str | None):
+  """A context in which a `CheckpointError` gets ``where: `` in front (a source run's flag)."""
+  import contextlib
 
-
-def _no_checkpoint(workdir: str | Path, what: str) -> CheckpointError:
-  """``what`` is not there: the error names the workdir and the steps it does hold."""
-  wd = Path(workdir).expanduser()
-  found = {kind: _finished_steps(wd / kind) for kind in ("checkpoints", "best")}
-  if not any(found.values()):
-    return CheckpointError(f"workdir={str(workdir)!r} holds no checkpoint (no finished step in "
-                           f"{wd / 'checkpoints'} or {wd / 'best'}): train there first, or pass "
-                           "another run's workdir")
-  held = ", ".join(f"{kind}/ {steps}" for kind, steps in found.items() if steps)
-  return CheckpointError(f"workdir={str(workdir)!r}: {what}; the steps there are: {held}")
-
-
-def read_meta(step_dir: Path) -> dict:
-  """A checkpoint's JSON ``meta`` (config, stack layouts, data info, step), without JAX."""
-  path = Path(step_dir) / "meta" / "metadata"
-  try:
-    return json.loads(path.read_text())
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f"checkpoint {step_dir}: its meta ({path}) does not read "
-                          f"({type(e).__name__}: {e})") from None
-
-
-def _best_step(workdir: Path, steps: list[int]) -> int:
-  """The best of the ``best/`` steps by the run's ``checkpoint.best_metric`` and ``best_mode``
-  (Orbax keeps ``checkpoint.keep_best`` of them, not only the best)."""
-  ccfg = read_meta(workdir / "best" / str(steps[-1])).get("config", {}).get("checkpoint", {})
-  metric, mode = ccfg.get("best_metric", "eval/accuracy"), ccfg.get("best_mode", "max")
-  scores = {}
-  for s in steps:
+  @contextlib.contextmanager
+  def ctx():
     try:
-      scores[s] = float(json.loads((workdir / "best" / str(s) / "metrics" / "metrics")
-                                   .read_text())[metric])
-    except (OSError, ValueError, KeyError, TypeError):
-      continue  # a step without its metric cannot be ranked; the others can
-  if not scores:
-    raise CheckpointError(f"workdir={str(workdir)!r}: no step in best/ {steps} records its "
-                          f"{metric!r} (checkpoint.best_metric), so none can be called the best; "
-                          "pass a step number")
-  pick = max if mode == "max" else min
-  return pick(scores, key=lambda s: (scores[s], s))  # ties: the later step
+      yield
+    except CheckpointError as e:
+      if where is None:
+        raise
+      raise type(e)(f"{where}: {e}") from None
+  return ctx()
 
 
-def find_checkpoint(workdir: str | Path, step: int | str | None = None) -> tuple[Path, int]:
-  """``(step directory, step)`` of a run's checkpoint: the newest (``None``), the best
-  (``'best'``) or a given step; a `CheckpointError` naming the workdir and the steps it holds."""
-  wd = Path(workdir).expanduser()
-  if not wd.is_dir():
-    raise CheckpointError(f"workdir={str(workdir)!r}: no such directory")
-  latest = _finished_steps(wd / "checkpoints")
-  if step is None:
-    if not latest:
-      raise _no_checkpoint(workdir, f"no checkpoint in {wd / 'checkpoints'} (pass step='best' or "
-                           "a step number)")
-    return wd / "checkpoints" / str(latest[-1]), latest[-1]
-  if step == "best":
-    best = _finished_steps(wd / "best")
-    if not best:
-      raise _no_checkpoint(workdir, f"no best checkpoint in {wd / 'best'} (the run kept none: "
-                           "checkpoint.keep_best=0?)")
-    s = _best_step(wd, best)
-    return wd / "best" / str(s), s
-  if isinstance(step, bool) or not isinstance(step, int):
-    raise CheckpointError(f"step={step!r}: allowed are None (the newest checkpoint), 'best', or a "
-                          "step number")
-  for kind in ("checkpoints", "best"):
-    if step in _finished_steps(wd / kind):
-      return wd / kind / str(step), step
-  raise _no_checkpoint(workdir, f"no checkpoint of step {step}")
+def open_checkpoint(workdir, step: int | str | None = None, *,
+                    where: str | None = None) -> tuple[Path, int, dict]:
+  """``(step directory, step, meta)`` of the checkpoint ``load`` starts from: the first of
+  `checkpoint_format.candidates` whose meta reads (the arrays are not read). A `CheckpointError`
+  names the workdir and the steps it holds (after ``where``, if given)."""
+  with _prefixed(where):
+    step_dir, meta = fmt.first_good(fmt.candidates(workdir, step), fmt.read_meta,
+                                    asked=isinstance(step, int), where=f"workdir={str(workdir)!r}")
+  return step_dir, int(step_dir.name), meta
 
 
-def source_run(workdir: str | Path, where: str, step_dir: Path | None = None):
+def source_run(workdir, where: str, step_dir: Path | None = None):
   """``(step directory, stored config)`` of another run that a run starts from or learns from
-  (a compressed dense run, a teacher): its newest checkpoint, or ``step_dir``. Nothing but the
-  meta is read; a missing checkpoint is a `CheckpointError` prefixed by ``where``."""
+  (a compressed dense run, a teacher): its newest checkpoint whose meta reads, or ``step_dir``.
+  Nothing but the meta is read; a missing checkpoint is a `CheckpointError` prefixed by
+  ``where``."""
   import ml_collections
   if step_dir is None:
-    try:
-      step_dir, _ = find_checkpoint(workdir)
-    except CheckpointError as e:
-      raise CheckpointError(f"{where}: {e}") from None
-  return step_dir, ml_collections.ConfigDict(read_meta(step_dir).get("config", {}))
-
-
-def read_step_state(step_dir: Path, params_only: bool = True) -> dict:
-  """A checkpoint step's state (or only ``{'params': ...}``) as host numpy arrays, on any device
-  count (`train.checkpoint.read_state` finds the step; here it is given)."""
-  import jax
-  import numpy as np
-  import orbax.checkpoint as ocp
-  item = (Path(step_dir) / "state").absolute()
-  # The item's own metadata (the handler's): the checkpointer's would look for a step-level
-  # metadata file in the item directory and warn that there is none.
-  tree = ocp.PyTreeCheckpointHandler().metadata(item).tree
-  if params_only:
-    tree = {"params": tree["params"]}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
-      item=tree, restore_args=restore_args, partial_restore=params_only))
+    step_dir, _, meta = open_checkpoint(workdir, where=where)
+  else:
+    with _prefixed(where):
+      meta = fmt.read_meta(step_dir)
+  return step_dir, ml_collections.ConfigDict(meta["config"])
 
 
 def _as_tuples(info: dict) -> dict:
@@ -171,18 +110,8 @@ def _as_tuples(info: dict) -> dict:
   return {k: tuple(v) if isinstance(v, list) else v for k, v in info.items()}
 
 
-def load(workdir: str | Path, step: int | str | None = None) -> Trained:
-  """A run's model, parameters, config and data info from its checkpoint (see the module doc).
-
-  Raises:
-    CheckpointError: no such workdir, no checkpoint there, no such step (the message names the
-      steps that exist), or a checkpoint whose config no longer builds a model its parameters fit.
-  """
-  step_dir, s = find_checkpoint(workdir, step)
-  meta = read_meta(step_dir)
-  if not isinstance(meta.get("config"), dict):
-    raise CheckpointError(f"checkpoint {step_dir}: its meta holds no config")
-  # JAX, Orbax and the models only now: the checks above are instant.
+def _read(step_dir: Path) -> Trained:
+  """One step as a `Trained`, its params verified (`DamagedCheckpoint` if they are not)."""
   import flax.linen as nn
   import jax
   import ml_collections
@@ -191,6 +120,7 @@ def load(workdir: str | Path, step: int | str | None = None) -> Trained:
   from vlora_jax import models
   from vlora_jax.params import params_mismatch
 
+  meta = fmt.read_meta(step_dir)
   config = ml_collections.ConfigDict(meta["config"])
   config.lock()
   try:
@@ -199,7 +129,7 @@ def load(workdir: str | Path, step: int | str | None = None) -> Trained:
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     raise CheckpointError(f"checkpoint {step_dir}: its config does not build a model "
                           f"({type(e).__name__}: {e})") from e
-  params = read_step_state(step_dir)["params"]
+  params = fmt.read_state(step_dir, meta=meta)["params"]
   # The stored params must fit the model this version builds from the stored config.
   init = lambda *x: nn.unbox(model.init(jax.random.key(0), *x, train=False)["params"])
   want = jax.eval_shape(init, *fam.sample_inputs(config.model, batch=1))
@@ -211,5 +141,28 @@ def load(workdir: str | Path, step: int | str | None = None) -> Trained:
     logging.warning("checkpoint %s was written before the data info was stored with it: info is "
                     "empty (the vocabulary and normalisation are in the data files alone)",
                     step_dir)
-  return Trained(model=model, params=params, config=config, info=_as_tuples(meta.get("data", {})),
-                 step=s, checkpoint=step_dir)
+  return Trained(model=model, params=params, config=config,
+                 info=_as_tuples(meta.get("data") or {}), step=int(step_dir.name),
+                 checkpoint=step_dir, meta=meta)
+
+
+def load_step(step_dir, where: str | None = None) -> Trained:
+  """One step directory as a `Trained`, verified: no other step is tried."""
+  with _prefixed(where):
+    return _read(Path(step_dir))
+
+
+def load(workdir, step: int | str | None = None, *, where: str | None = None) -> Trained:
+  """A run's model, parameters, config and data info from its checkpoint (see the module doc).
+
+  ``where`` (a source run's flag, ``"distill.teacher='runs/x'"``) prefixes the errors.
+
+  Raises:
+    CheckpointError: no such workdir, no checkpoint there, no such step (the message names the
+      steps that exist), a step asked for by number that is damaged, no step that reads back, or
+      a checkpoint whose config no longer builds a model its parameters fit.
+  """
+  with _prefixed(where):
+    steps = fmt.candidates(workdir, step)
+    return fmt.first_good(steps, _read, asked=isinstance(step, int),
+                          where=f"workdir={str(workdir)!r}")[1]

@@ -230,17 +230,20 @@ def read_config(directory: Path, where: str) -> dict:
   return hf
 
 
-def write_dir(out: Path, params, mcfg, *, context: int, tokenizer=None) -> list[Path]:
-  """A Hugging Face Llama directory: ``config.json``, ``model.safetensors`` (float32) and, with
-  a subword ``tokenizer``, ``tokenizer.json`` and ``tokenizer_config.json``."""
-  from safetensors.numpy import save_file
+def write_dir(out: Path, params, mcfg, *, context: int, tokenizer=None,
+              metadata: dict[str, str] | None = None) -> list[Path]:
+  """A Hugging Face Llama directory: ``config.json``, ``model.safetensors`` (float32, with
+  ``metadata`` beside ``format: pt``) and, with a subword ``tokenizer``, ``tokenizer.json`` and
+  ``tokenizer_config.json``. Every file is written by Python (an I/O failure is an ``OSError``)."""
+  from safetensors.numpy import save
   out.mkdir(parents=True, exist_ok=True)
   bos = getattr(tokenizer, "bos_id", None)
   eos = getattr(tokenizer, "eos_id", None)
   paths = [out / "config.json", out / "model.safetensors"]
   paths[0].write_text(json.dumps(hf_config(mcfg, context=context, bos_id=bos, eos_id=eos),
                                  indent=2) + "\n")
-  save_file(tensors_from_params(params, mcfg), str(paths[1]), metadata={"format": "pt"})
+  paths[1].write_bytes(save(tensors_from_params(params, mcfg),
+                            metadata={"format": "pt", **(metadata or {})}))
   if tokenizer is not None:
     tok = tokenizer.tokenizer
     name = lambda i: None if i is None else tok.id_to_token(i)  # noqa: E731

@@ -15,7 +15,6 @@ given) through its own tokenizer (``data.source='tokenized'``).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -162,7 +161,7 @@ def write_run(pre: Pretrained, workdir, *, data: str = "",
   checkpoints); returns the checkpoint's step directory."""
   import jax
   from vlora_jax import cli
-  from vlora_jax import params as params_lib
+  from vlora_jax import checkpoint_format as fmt
   from vlora_jax.train import checkpoint as ckpt_lib, metrics, optim, schema
   from vlora_jax.train import workdir as workdir_lib
 
@@ -178,10 +177,8 @@ def write_run(pre: Pretrained, workdir, *, data: str = "",
   rng = jax.random.key_data(jax.random.key(int(config.seed), impl=config.rng_impl))
   state = {"step": np.zeros((), np.int32), "params": params, "opt_state": opt.tx.init(params),
            "rng": np.asarray(rng)}
-  meta = {"config": json.loads(config.to_json_best_effort()),
-          "layout": ckpt_lib.layouts(params, None), "data": data_info(pre, max_len),
-          "params_total": params_lib.count(params)["total"],
-          "converted_from": str(Path(pre.source).absolute())}
+  meta = fmt.build_meta(config, params, None, data_info(pre, max_len),
+                        converted_from=str(Path(pre.source).absolute()))
   with workdir_lib.hold(workdir):
     metrics.write_json(workdir / "config.json", meta["config"])  # as every run's workdir has
     ckpt = ckpt_lib.Checkpointer(workdir, {"keep": 1, "async_save": False, "keep_best": 0}, meta)

@@ -14,6 +14,7 @@ split into ``blocks.{l}.*``.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -82,9 +83,15 @@ def timm_state_dict(model: ViT, params, *, img_size: int) -> tuple[dict[str, np.
   return {k: np.ascontiguousarray(v) for k, v in sd.items()}, kwargs
 
 
+def safetensors_bytes(state_dict: dict[str, np.ndarray], kwargs: dict,
+                      metadata: dict[str, str] | None = None) -> bytes:
+  """``state_dict`` as the bytes of a ``.safetensors`` file (``format: pt``, as timm's hub files
+  say) with the constructor ``kwargs`` as JSON in the metadata, and ``metadata`` beside them."""
+  from safetensors.numpy import save
+  return save(state_dict, metadata={"format": "pt", KWARGS_KEY: json.dumps(kwargs),
+                                    **(metadata or {})})
+
+
 def save_safetensors(path, state_dict: dict[str, np.ndarray], kwargs: dict) -> None:
-  """Writes ``state_dict`` as ``.safetensors`` (``format: pt``, as timm's hub files say) with the
-  constructor ``kwargs`` as JSON in the metadata."""
-  from safetensors.numpy import save_file
-  save_file(state_dict, str(path), metadata={"format": "pt",
-                                                   KWARGS_KEY: json.dumps(kwargs)})
+  """Writes `safetensors_bytes` to ``path``."""
+  Path(path).write_bytes(safetensors_bytes(state_dict, kwargs))

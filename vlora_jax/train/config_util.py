@@ -15,6 +15,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import ml_collections
+
 
 def package_root(path: str | Path) -> tuple[Path, str] | None:
   """``(the folder that holds the file's top package, that package's name)``, or None for a
@@ -70,6 +72,11 @@ def load(spec: str, lock: bool = True, **overrides):
   if not hasattr(mod, "get_config"):
     raise AttributeError(f"config file {path!r} defines no get_config()")
   config = mod.get_config(arg) if arg else mod.get_config()
+  if not isinstance(config, ml_collections.ConfigDict):
+    from vlora_jax.errors import ConfigError
+    raise ConfigError(f"config {spec!r}: get_config() returned "
+                      f"{'None' if config is None else 'a ' + type(config).__name__}, not an "
+                      "ml_collections.ConfigDict")
   if lock:
     config.lock()
   overrides_lib.apply_values(config, overrides)

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from vlora_jax import errors
-from vlora_jax.train import checkpoint as ckpt_lib
+from vlora_jax.train import init_from as init_from_lib
 
 
 def check_dense_run(arg: str, *, config, model) -> None:
@@ -96,7 +96,7 @@ def resolve_budget(config, previous: dict | None = None) -> bool:
   if len(specs) != 1:
     raise ValueError(f"compress.budget={fraction}: the model's stacks have different VLoRA specs "
                      "(e.g. a decoder's cross-attention targets); give model.vlora.rank instead")
-  _, dense = trained_lib.load(arg).to_dense()
+  _, dense = trained_lib.load(arg, where=f"init_from='compress:{arg}'").to_dense()
   base = config.compress.get("base", "first")
   try:
     budget = budget_ranks_tree(dense, specs.pop(), fraction,
@@ -127,7 +127,7 @@ def _calibrate(config, dense_model, dense, specs) -> dict:
   return calibrate.input_covariances(dense_model, dense, batches, targets=targets)
 
 
-@ckpt_lib.register_init_from("compress", check=check_dense_run)
+@init_from_lib.register_init_from("compress", check=check_dense_run)
 def params_from_dense_run(arg: str, *, abstract_params, config):
   """The VLoRA params of ``config``'s model, compressed from the run in workdir ``arg``."""
   del abstract_params  # the trainer checks the result against it
@@ -139,8 +139,8 @@ def params_from_dense_run(arg: str, *, abstract_params, config):
   student = fam.build_from_config(config.model)
   check_dense_run(arg, config=config, model=student)
   specs = {name: s for name, (s, _) in student.stack_specs().items()}
-  dense_model, dense = trained_lib.load(arg).to_dense()
   where = f"init_from='compress:{arg}'"
+  dense_model, dense = trained_lib.load(arg, where=where).to_dense()
 
   how = config.get("compress", {})
   increments = how.get("increments", "svd")

@@ -21,10 +21,11 @@ from vlora_jax import errors
 
 
 def write_json(path: Path, obj) -> None:
-  """Atomic JSON write (tmp file + rename): a reader never sees half a file."""
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-  tmp.replace(path)
+  """Atomic JSON write (`outputs.write_json`: a temporary file beside it, then a rename): a reader
+  never sees half a file, and a failed write (a full disk) is an `OutputError` that leaves
+  nothing behind."""
+  from vlora_jax import outputs
+  outputs.write_json(Path(path), obj, str(path))
 
 
 def peak_rss_gib() -> float:

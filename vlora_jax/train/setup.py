@@ -7,7 +7,6 @@ ValueError raised here is about the input: it leaves as a `ConfigError` or `Data
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from pathlib import Path
@@ -19,14 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from vlora_jax import checkpoint_format as fmt
 from vlora_jax import data as data_lib
 from vlora_jax import errors
 from vlora_jax import params as params_lib
 from vlora_jax import trained as trained_lib
 from vlora_jax.data.pipeline import Pipeline
 from vlora_jax.models.family import Family
-from vlora_jax.train import checkpoint as ckpt_lib
+from vlora_jax.train import compat
 from vlora_jax.train import from_dense
+from vlora_jax.train import init_from as init_from_lib
 from vlora_jax.train import metrics as metrics_lib
 from vlora_jax.train import optim, sharding, state as state_lib, validate
 from vlora_jax.train import teacher as teacher_lib
@@ -52,7 +53,7 @@ class Run:
   counts: dict
   dense_counts: dict | None
   meta: dict  # what every checkpoint records and every restore checks
-  teacher: teacher_lib.Teacher | None = None  # config.distill: checked, its params not loaded
+  teacher: teacher_lib.Teacher | None = None  # config.distill: checked, its params on the host
 
   @property
   def family(self) -> Family:
@@ -94,12 +95,28 @@ def mesh_and_data(config):
   return plan, mesh, pipe
 
 
-def _previous_meta(workdir: Path) -> dict | None:
-  """The meta of the workdir's newest checkpoint (a resume), or None."""
+def _previous(workdir: Path) -> tuple[Path, dict] | None:
+  """``(step directory, meta)`` of the workdir's newest checkpoint whose meta reads (a resume), or
+  None."""
   try:
-    return trained_lib.read_meta(trained_lib.find_checkpoint(workdir)[0])
-  except (errors.CheckpointError, OSError, ValueError):
+    step_dir, _, meta = trained_lib.open_checkpoint(workdir)
+  except (errors.CheckpointError, OSError):
     return None
+  return step_dir, meta
+
+
+def _restore_source(config, previous) -> tuple[Path, dict, str] | None:
+  """``(step directory, meta, where)`` of the checkpoint the run will restore whole: its own
+  newest (a resume) or ``checkpoint.restore_from``'s; None for a fresh start."""
+  if previous is not None:
+    return (*previous, f"checkpoint {previous[0]} (a resume)")
+  path = config.checkpoint.get("restore_from")
+  if not path:
+    return None
+  where = f"checkpoint.restore_from={path!r}"
+  steps, asked = fmt.find(path, "checkpoint.restore_from")
+  step_dir, meta = fmt.first_good(steps, fmt.read_meta, asked=asked, where=where)
+  return step_dir, meta, where
 
 
 def check_more_steps(config, workdir: Path, previous: dict | None,
@@ -136,21 +153,28 @@ def set_up(config, workdir: Path) -> Run:
 
   Every ValueError raised here is about the input: it leaves as a `ConfigError` or `DataError`.
   """
-  previous = _previous_meta(workdir)
-  check_more_steps(config, workdir, previous)  # before the data are read: an instant refusal
+  previous = _previous(workdir)
+  previous_meta = previous[1] if previous else None
+  # Before the data are read: an instant refusal.
+  check_more_steps(config, workdir, previous_meta, int(previous[0].name) if previous else None)
   plan, mesh, pipe = mesh_and_data(config)
   with errors.config_errors():
     model = plan.build_model(config.model)
     if previous is None and not config.checkpoint.get("restore_from"):
       # A resumed run reads its init source no more. The check holds at any ranks: it runs
       # before compress.budget chooses them.
-      ckpt_lib.check_init_from(config, model)
-    if from_dense.resolve_budget(config, previous):  # it set model.vlora.rank: plan again
+      init_from_lib.check_init_from(config, model)
+    if from_dense.resolve_budget(config, previous_meta):  # it set model.vlora.rank: plan again
       plan = validate.check(config, jax.device_count(), jax.process_count())
       model = plan.build_model(config.model)
     teacher = teacher_lib.check(config, plan.family, model, mesh,
-                                pinned=(previous or {}).get("distill_teacher"))
+                                pinned=(previous_meta or {}).get("distill_teacher"))
+    compat.check_sources(config, pipe.info, resuming=previous is not None,
+                         teacher_step=teacher.checkpoint if teacher else None)
     run = _assemble(config, plan, mesh, model, pipe, teacher, Path(workdir))
+    source = _restore_source(config, previous)
+    if source is not None:  # every difference judged now, before anything compiles
+      compat.judge_restore(source[0], source[1], run, source[2])
   logging.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), jax.device_count(),
                jax.process_count())
   metrics_lib.log(metrics_lib.overview(run.counts, run.dense_counts))
@@ -185,13 +209,10 @@ def _assemble(config, plan, mesh, model, pipe, teacher, workdir) -> Run:
   specs = plan.family.stack_specs(model)
   # The data's description (vocabulary, image shape, normalisation, class names) is stored
   # with the model: a trained run is used without its data files (`vlora_jax.load`).
-  meta = {"config": json.loads(config.to_json_best_effort()),
-          "layout": ckpt_lib.layouts(abstract_params, {k: v[0] for k, v in specs.items()}),
-          "data": pipe.info if pipe is not None else None}
-  if teacher is not None:
-    meta["distill_teacher"] = str(teacher.checkpoint)
+  extra = {"distill_teacher": str(teacher.checkpoint)} if teacher is not None else {}
+  meta = fmt.build_meta(config, abstract_params, {k: v[0] for k, v in specs.items()},
+                        pipe.info if pipe is not None else None, **extra)
   counts = params_lib.count(abstract_params, trainable=opt.trainable())
-  meta["params_total"] = counts["total"]
   return Run(config=config, workdir=workdir, main=jax.process_index() == 0, plan=plan,
              mesh=mesh, pipe=pipe, model=model, init_fn=init_fn,
              abstract_params=abstract_params, param_shardings=p_shard, opt=opt,

@@ -9,12 +9,14 @@
                         compress-and-heal; the teacher must then have the student's depth and
                         width (checked in set-up)
 
-The teacher is the trained run's newest checkpoint, merged to dense weights (`stack.to_dense`),
-frozen, and sharded by the run's own sharding rules. It is an argument of the train step, not a
+The teacher is the trained run's newest good checkpoint (verified against its fingerprints; a
+damaged newer one is skipped with a warning), merged to dense weights (`stack.to_dense`), frozen,
+and sharded by the run's own sharding rules. It is an argument of the train step, not a
 part of the train state, so it is never saved in the student's checkpoints: the student's meta
 records which checkpoint it is (``distill_teacher``), and a resumed run loads that one again.
-`check` runs in the set-up phase, from the teacher's stored config and shapes alone: a teacher of another family, or one that reads other inputs or predicts other
-classes, is refused before anything is compiled.
+`check` runs in the set-up phase: from the teacher's stored config and shapes alone, a teacher of
+another family, or one that reads other inputs or predicts other classes, is refused; then its
+parameters are read (on the host) and verified, all before anything is compiled.
 """
 
 from __future__ import annotations
@@ -46,12 +48,12 @@ class Teacher:
   # {stack name: indices of the layers whose outputs the hidden loss compares}: each compound's
   # last layer (every layer of a dense stack).
   ends: dict = dataclasses.field(default_factory=dict)
+  source: Any = None  # the verified `trained.Trained` of the checkpoint (host arrays)
 
   def load(self):
-    """The teacher's dense parameters (its checkpoint's, checked against its stored config),
-    on the devices, sharded."""
-    run = trained_lib.load(self.workdir, int(Path(self.checkpoint).name))
-    return jax.device_put(run.to_dense()[1], self.shardings)
+    """The teacher's dense parameters (its checkpoint's, verified and checked against its stored
+    config), on the devices, sharded."""
+    return jax.device_put(self.source.to_dense()[1], self.shardings)
 
 
 def check(config, family, student, mesh, pinned: str | None = None) -> Teacher | None:
@@ -70,7 +72,8 @@ def check(config, family, student, mesh, pinned: str | None = None) -> Teacher |
   where = f"distill.teacher={dcfg.teacher!r}"
   teacher_dir = Path(dcfg.teacher).expanduser().resolve()
   step_dir = None
-  if pinned and teacher_dir in Path(pinned).resolve().parents:
+  pinned_here = bool(pinned) and teacher_dir in Path(pinned).resolve().parents
+  if pinned_here:
     step_dir = Path(pinned)
     if not step_dir.is_dir():
       raise errors.CheckpointError(
@@ -102,7 +105,10 @@ def check(config, family, student, mesh, pinned: str | None = None) -> Teacher |
   ends = {}
   if hidden_weight > 0:
     ends = _check_streams(where, dense, nn.unbox(boxed), student, inputs)
-  return Teacher(workdir=dcfg.teacher, checkpoint=step_dir, model=dense,
+  # The parameters last: every refusal above needs the stored config alone.
+  run = (trained_lib.load_step(step_dir, where) if pinned_here
+         else trained_lib.load(dcfg.teacher, where=where))
+  return Teacher(workdir=dcfg.teacher, checkpoint=run.checkpoint, source=run, model=dense,
                  abstract_params=nn.unbox(boxed),
                  shardings=sharding.param_shardings(boxed, config.sharding_rules, mesh),
                  weight=float(dcfg.get("weight", 0.5)),

@@ -29,6 +29,7 @@ from vlora_jax import errors
 from vlora_jax import partitioning
 from vlora_jax.params import params_mismatch
 from vlora_jax.train import checkpoint as ckpt_lib
+from vlora_jax.train import init_from as init_from_lib
 from vlora_jax.train import metrics as metrics_lib
 from vlora_jax.train import sharding, state as state_lib
 from vlora_jax.train import workdir as workdir_lib
@@ -133,18 +134,18 @@ def start_state(run: Run, ckpt: ckpt_lib.Checkpointer,
     else:
       origin = f"init_from {config.init_from}"
       try:
-        p = ckpt_lib.init_from(config.init_from, abstract_params=run.abstract_params,
+        p = init_from_lib.init_from(config.init_from, abstract_params=run.abstract_params,
                                config=config, meta=run.meta)
       except errors.UserError:
         raise
       except (ImportError, AttributeError, LookupError, OSError, TypeError, ValueError) as e:
         # The hook is named by the config: a module that does not import, a file it cannot
         # read or a value it refuses is about the input.
-        raise ckpt_lib.CheckpointError(f"init_from={config.init_from!r} failed: "
+        raise errors.CheckpointError(f"init_from={config.init_from!r} failed: "
                                        f"{type(e).__name__}: {e}") from e
     problems = params_mismatch(p, run.abstract_params)
     if problems:
-      raise ckpt_lib.CheckpointError(f"{origin}: the params do not fit the model: "
+      raise errors.CheckpointError(f"{origin}: the params do not fit the model: "
                                      + "; ".join(problems[:6])
                                      + (f"; and {len(problems) - 6} more" if len(problems) > 6
                                         else ""))
@@ -237,6 +238,8 @@ def train_and_evaluate(config, workdir: str | Path, *,
     The summary (also written to ``<workdir>/summary.json`` by process 0).
   """
   t_start = time.time()
+  if workdir is None or not str(workdir).strip():  # Path('') is the current directory
+    raise errors.WorkdirError(f"workdir={str(workdir or '')!r}: empty; give the run's directory")
   sharding.maybe_initialize_distributed(config.get("distributed"))  # before any other JAX call
   run = set_up(config, Path(workdir))
   # From here the workdir is this run's alone (`workdir.py`): a second run is refused before it

@@ -16,7 +16,8 @@ from vlora_jax import models
 from vlora_jax.config_keys import bad as _bad
 from vlora_jax.models.family import Family
 from vlora_jax.spec import VLoRASpec
-from vlora_jax.train import checkpoint, schema, sharding
+from vlora_jax.train import init_from as init_from_lib
+from vlora_jax.train import schema, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +101,9 @@ def check(config, num_devices: int, process_count: int = 1) -> Plan:
   init = config.get("init_from", "") or ""
   if init and ":" not in init:
     raise _bad("init_from", init, "format '<kind>:<arg>', e.g. 'checkpoint:/path/to/workdir'")
-  if init and init.partition(":")[0] not in checkpoint.INIT_FROM:
+  if init and init.partition(":")[0] not in init_from_lib.INIT_FROM:
     raise _bad("init_from", init, f"unknown kind {init.partition(':')[0]!r}; registered are "
-               f"{sorted(checkpoint.INIT_FROM)} (vlora_jax.train.checkpoint.register_init_from)")
+               f"{sorted(init_from_lib.INIT_FROM)} (vlora_jax.train.init_from.register_init_from)")
   return Plan(family, vlora, lora, shape)
 
 

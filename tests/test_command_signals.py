@@ -1,0 +1,141 @@
+"""Ctrl-C and SIGTERM in the commands (issue 29, class 5): ``sample``, ``evaluate``, ``predict``,
+``export`` and ``python -m vlora_jax.compile`` stop at once with one line and exit status 130
+(SIGINT) or 143 (SIGTERM), no traceback and no partial output; the training command stopped by
+Ctrl-C before its loop (in the compile) exits 130 with one line.
+
+Each command runs in its own process with one function wrapped so that it first writes a file
+saying it is there (the signal then finds the command in that function: during the generation,
+the evaluation, the prediction, the rename of the export's finished temporary file, XLA's
+compile) and the test sends the signal from outside.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from helpers_runs import stored_run
+from helpers_train import ROOT, tiny
+
+from vlora_jax import export, outputs
+
+pytestmark = pytest.mark.slow  # subprocesses and signals
+
+# Where each command is caught, and what runs there once the file says so: ``None`` waits (for a
+# signal), else the wrapped function goes on (a real compile).
+WRAPPED = {
+    "sample": ("vlora_jax.decoding", "generate", "wait"),
+    "evaluate": ("vlora_jax.train.evaluation", "evaluate", "wait"),
+    "predict": ("vlora_jax.trained", "load", "after"),
+    "export": ("os", "replace", "wait"),
+    "compile": ("jax.stages", "Lowered.compile", "go_on"),
+    "main": ("jax.stages", "Lowered.compile", "go_on"),
+}
+
+CODE = textwrap.dedent("""
+    import importlib, os, runpy, sys, time
+    module, name, how = {wrapped!r}
+    owner = importlib.import_module(module)
+    *path, attr = name.split(".")
+    for part in path:
+      owner = getattr(owner, part)
+    real = getattr(owner, attr)
+    def wrapped(*args, **kwargs):
+      out = real(*args, **kwargs) if how == "after" else None
+      open({ready!r}, "w").close()
+      if how == "go_on":
+        return real(*args, **kwargs)
+      time.sleep(300)
+      raise SystemExit("the signal did not stop the command")
+    setattr(owner, attr, wrapped)
+    sys.argv = {argv!r}
+    runpy.run_module({command!r}, run_name="__main__", alter_sys=True)
+    """)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("signals")
+  image = tmp / "x.npy"
+  np.save(image, np.zeros((8, 8), np.uint8))
+  return {"lm": stored_run(tmp / "lm", tiny("lm")), "vit": stored_run(tmp / "vit", tiny("vit")),
+          "image": image, "tmp": tmp}
+
+
+def _argv(command, runs, out):
+  vit, lm = str(runs["vit"]), str(runs["lm"])
+  return {
+      "sample": ["sample", "--workdir", lm, "--prompt", "F", "--max_new_tokens", "4"],
+      "evaluate": ["evaluate", "--workdir", vit, "--out", str(out)],
+      "predict": ["predict", "--workdir", vit, str(runs["image"])],
+      "export": ["export", "--workdir", vit, "--format", "npz", "--out", str(out)],
+      "compile": ["compile", "--config", str(ROOT / "configs" / "vit_digits.py"),
+                  "--nocount_flops", "--out", str(out)],
+      "main": ["main", "--config", str(ROOT / "configs" / "vit_digits.py"), "--workdir",
+               str(out)],
+  }[command]
+
+
+CASES = [(c, s) for c in ("sample", "evaluate", "predict", "export", "compile")
+         for s in ("SIGINT", "SIGTERM")] + [("main", "SIGINT")]
+
+
+@pytest.fixture(scope="module")
+def stopped(runs):
+  """Every case started at once (both cores busy), each signalled once it is caught."""
+  started = {}
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  for command, sig in CASES:
+    d = runs["tmp"] / f"{command}-{sig}"
+    d.mkdir()
+    out = d / {"evaluate": "eval.json", "export": "x.npz", "compile": "report.json",
+               "main": "run"}.get(command, "unused")
+    if command == "export":  # an earlier good export: it must survive the interrupted one
+      export.export(runs["vit"], "npz", out)
+    argv = _argv(command, runs, out)
+    code = CODE.format(wrapped=WRAPPED[command], ready=str(d / "ready"), argv=argv,
+                       command=f"vlora_jax.{argv[0]}")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    started[(command, sig)] = (proc, d, out, out.read_bytes() if out.is_file() else None)
+  done = {}
+  try:
+    deadline = time.time() + 400
+    waiting = dict(started)
+    while waiting and time.time() < deadline:
+      for key, (proc, d, out, before) in list(waiting.items()):
+        if (d / "ready").exists() or proc.poll() is not None:
+          if proc.poll() is None:
+            proc.send_signal(getattr(signal, key[1]))
+          stdout, stderr = proc.communicate(timeout=120)
+          done[key] = (proc.returncode, stdout, stderr, d, out, before)
+          del waiting[key]
+      time.sleep(0.05)
+  finally:
+    for proc, *_ in started.values():
+      if proc.poll() is None:
+        proc.kill()
+  return done
+
+
+@pytest.mark.parametrize("command, sig", CASES)
+def test_a_stop_signal_is_one_line_and_no_output(command, sig, stopped):
+  rc, stdout, stderr, d, out, before = stopped[(command, sig)]
+  number = getattr(signal, sig).value
+  assert rc == 128 + number, (rc, stderr[-3000:])
+  assert "Traceback" not in stderr, stderr[-3000:]
+  said = [line for line in stderr.splitlines() if "stopped by" in line]
+  assert len(said) == 1 and said[0].startswith(f"vlora_jax") and sig in said[0], stderr[-2000:]
+  assert stderr.rstrip().splitlines()[-1] == said[0]
+  assert not stdout.strip()
+  assert not [p for p in d.rglob("*") if outputs.TMP_MARK in p.name]
+  if command == "export":
+    assert out.read_bytes() == before  # the earlier export, whole
+  elif command != "main":
+    assert not out.exists()
