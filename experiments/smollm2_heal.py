@@ -79,6 +79,7 @@ REFERENCE = ROOT / "tests" / "fixtures" / "llama" / "smollm2_reference.json"
 MODES = ("cumulative", "anchored", "relaxed")
 # init name -> (compress base, compress increments)
 INITS = {"svd": ("first", "svd"), "whitened": ("first", "whitened"), "mean": ("mean", "svd")}
+CONDITIONS = ("vlora", "drop", "tied", "teacher_ft")  # the healing runs (module doc, stage 5)
 # The in-run monitor: the last of SPLIT_BLOCKS blocks of heal_train.txt, which no run trains on.
 SPLIT_BLOCKS = 50
 
@@ -108,6 +109,7 @@ class Plan:
   split_seed: int = 0
   held_fraction: float = 0.1
   new_tokens: int = 12
+  conditions: tuple[str, ...] = CONDITIONS
   shakespeare: Path = data_lib.SHAKESPEARE
   stdlib: Path | None = None
 
@@ -585,11 +587,12 @@ def run(plan: Plan, select_only: bool = False) -> None:
   del comp  # the teacher's copy and the covariances: the runs load their own
   revision = sweep.code_revision()
   for seed in plan.seeds:  # seed-major: a cut-short run still has every condition once
-    heal(plan, ev, teacher_blocks, "teacher_ft", None, seed, None, revision)
+    if "teacher_ft" in plan.conditions:
+      heal(plan, ev, teacher_blocks, "teacher_ft", None, seed, None, revision)
     for b in plan.budgets:
-      heal(plan, ev, teacher_blocks, "vlora", b, seed, choices[b], revision)
-      for kind in ("drop", "tied"):
-        heal(plan, ev, teacher_blocks, kind, b, seed, None, revision)
+      for kind in [k for k in plan.conditions if k != "teacher_ft"]:
+        heal(plan, ev, teacher_blocks, kind, b, seed, choices[b] if kind == "vlora" else None,
+             revision)
 
 
 def gather(plan: Plan) -> tuple[list[dict], list[dict]]:
@@ -688,14 +691,18 @@ def parse(argv=None) -> tuple[Plan, argparse.Namespace]:
   ap.add_argument("--modes", default=",".join(d.modes))
   ap.add_argument("--inits", default=",".join(d.inits), help=f"of {list(INITS)}")
   ap.add_argument("--grid", choices=("staged", "full"), default=d.grid)
+  ap.add_argument("--conditions", default=",".join(d.conditions),
+                  help=f"the healing runs, of {list(CONDITIONS)}")
   ap.add_argument("--select_only", action="store_true",
                   help="teacher, data and the 0-step selection; no healing")
   ap.add_argument("--collect", action="store_true", help="compute nothing: the report from disk")
   a = ap.parse_args(argv)
   unknown = [i for i in _words(a.inits) if i not in INITS] + [
-      m for m in _words(a.modes) if m not in MODES]
+      m for m in _words(a.modes) if m not in MODES] + [
+      c for c in _words(a.conditions) if c not in CONDITIONS]
   if unknown:
-    ap.error(f"unknown inits or modes {unknown}: inits are {list(INITS)}, modes {list(MODES)}")
+    ap.error(f"unknown {unknown}: inits are {list(INITS)}, modes {list(MODES)}, conditions "
+             f"{list(CONDITIONS)}")
   plan = Plan(root=Path(a.root), source=a.source, seeds=_ints(a.seeds), steps=a.steps,
               batch=a.batch, seq_len=a.seq_len, budgets=_floats(a.budgets),
               sizes=_ints(a.sizes), modes=_words(a.modes), inits=_words(a.inits), grid=a.grid,
@@ -703,7 +710,8 @@ def parse(argv=None) -> tuple[Plan, argparse.Namespace]:
               test_windows=a.test_windows, lr=a.lr, kl_weight=a.kl_weight,
               temperature=a.temperature, hidden_weight=a.hidden_weight,
               calibration_batches=a.calibration_batches, split_seed=a.split_seed,
-              held_fraction=a.held_fraction, new_tokens=a.new_tokens)
+              held_fraction=a.held_fraction, new_tokens=a.new_tokens,
+              conditions=_words(a.conditions))
   return plan, a
 
 
