@@ -347,15 +347,67 @@ def _teacher_depth(plan: Plan) -> int:
 
 # --- selection at 0 healing steps -----------------------------------------------------------------
 
+def _compress_module():
+  """The module `vlora_jax.convert.compress` (the package's ``compress`` is its function)."""
+  import importlib
+  return importlib.import_module("vlora_jax.convert.compress")
+
+
+class _Factorizations:
+  """Memo of `convert.compress`'s two factorisations, keyed by their input's bytes: the thin SVD
+  of an increment (`compress._truncate` keeps its first r components, so a cached SVD truncated
+  to another rank is what a fresh one gives) and the whitener of a covariance. Candidates of one
+  compound size and base share most increments (anchored and relaxed all of theirs, every budget
+  the same ones), and every whitened candidate the same covariances, so the selection computes
+  each once. SVDs are kept up to ``max_bytes`` (least recently used go first)."""
+
+  def __init__(self, max_bytes: int):
+    import collections
+    self.max_bytes, self.svds, self.whiteners = max_bytes, collections.OrderedDict(), {}
+    self.hits = self.misses = 0
+
+  @staticmethod
+  def _key(a: np.ndarray, *more) -> tuple:
+    import hashlib
+    return (a.shape, str(a.dtype), hashlib.sha1(np.ascontiguousarray(a).tobytes()).digest(),
+            *more)
+
+  def truncate(self, delta: np.ndarray, rank: int):
+    key = self._key(delta)
+    if key in self.svds:
+      self.svds.move_to_end(key)
+      self.hits += 1
+    else:
+      self.misses += 1
+      self.svds[key] = np.linalg.svd(delta, full_matrices=False)
+      while len(self.svds) > 1 and sum(
+          x.nbytes for usv in self.svds.values() for x in usv) > self.max_bytes:
+        self.svds.popitem(last=False)
+    u, sv, vt = self.svds[key]
+    return u[:, :rank], sv[:rank], vt[:rank]
+
+  def whitener(self, original):
+    def cached(cov: np.ndarray, damping: float):
+      key = self._key(cov, float(damping))
+      if key not in self.whiteners:
+        self.whiteners[key] = original(cov, damping)
+      return self.whiteners[key]
+    return cached
+
+
 class Compressor:
   """The teacher compressed into candidates exactly as a run's ``init_from='compress:'`` does it
-  (`train.from_dense`), with the calibration covariances computed once."""
+  (`train.from_dense`), with the calibration covariances computed once, the factorisations shared
+  between candidates (`_Factorizations`) and the rank budget's singular values per (mode, compound
+  size, base) shared between budgets."""
 
-  def __init__(self, plan: Plan):
+  def __init__(self, plan: Plan, svd_cache_bytes: int = 1_500_000_000):
     import vlora_jax
     self.plan = plan
     self.dense_model, self.dense = vlora_jax.load(plan.teacher).dense()
     self._covs = None
+    self._summaries: dict = {}
+    self.memo = _Factorizations(svd_cache_bytes)
     self.teacher_blocks = block_params(self.dense)
 
   def spec(self, config):
@@ -371,11 +423,18 @@ class Compressor:
     return self._covs
 
   def ranks(self, mode: str, size: int, init: str, budget: float) -> tuple[dict, object]:
-    """The candidate with its ranks for ``budget`` of the block parameters, and its config."""
-    from vlora_jax.convert.compress import budget_ranks
+    """The candidate with its ranks for ``budget`` of the block parameters (what
+    `convert.compress.budget_ranks` gives), and its config."""
+    compress_lib = _compress_module()
     probe = {"mode": mode, "compound_size": size, "init": init}
     config = heal_config(self.plan, "vlora", budget, self.plan.seeds[0], probe, steps=0)
-    b = budget_ranks(self.dense["blocks"], self.spec(config), budget, base=INITS[init][0])
+    spec, base, who = self.spec(config), INITS[init][0], "budget_ranks"
+    compress_lib._check_budget(spec, budget, base, 1, who)
+    key = (mode, size, base)
+    if key not in self._summaries:
+      self._summaries[key] = compress_lib._summarise(self.dense["blocks"], spec, None, base,
+                                                     1e-6, who)
+    b = compress_lib._allocate([self._summaries[key]], spec, budget, 0, 1, who)
     ranks = tuple(int(b.ranks[t]) for t in b.spec.targets)
     cand = {**probe, "budget": budget, "ranks": list(ranks), "block_params": int(b.count),
             "block_fraction": b.count / self.teacher_blocks}
@@ -384,12 +443,19 @@ class Compressor:
   def params(self, config) -> tuple[dict, dict]:
     """``(dense params of the compressed model, compress's error figures)``."""
     from vlora_jax import stack
-    from vlora_jax.convert.compress import compress
+    compress_lib = _compress_module()
     base, increments = config.compress.base, config.compress.increments
     covs = self.covariances(config).get("blocks") if increments == "whitened" else None
     spec = self.spec(config)
-    done = compress(self.dense["blocks"], spec, base=base, increments=increments,
-                    covariances=covs, damping=config.compress.damping, seed=int(config.seed))
+    truncate, whitener = compress_lib._truncate, compress_lib.whitener
+    compress_lib._truncate = self.memo.truncate
+    compress_lib.whitener = self.memo.whitener(whitener)
+    try:
+      done = compress_lib.compress(self.dense["blocks"], spec, base=base, increments=increments,
+                                   covariances=covs, damping=config.compress.damping,
+                                   seed=int(config.seed))
+    finally:
+      compress_lib._truncate, compress_lib.whitener = truncate, whitener
     merged = stack.merge({"blocks": done.params}, {"blocks": spec})["blocks"]
     errors = {"weight_error": float(np.mean(done.total))}
     if done.out_total is not None:
@@ -432,27 +498,51 @@ def sizes_for(plan: Plan, depth: int) -> list[int]:
   return [s for s in plan.sizes if depth % s == 0]
 
 
-def select(plan: Plan, comp: Compressor, ev: Evaluator, budget: float) -> dict:
-  """The candidates of ``budget`` (module doc, stage 3) and the chosen one: ``choice.json``."""
-  depth = _teacher_depth(plan)
-  sizes = sizes_for(plan, depth)
-  run = lambda m, s, i: evaluate_candidate(plan, comp, ev, m, s, i, budget)  # noqa: E731
+def _mode_order(modes) -> list[str]:
+  """Anchored and relaxed first: their increments (one SVD each, every budget) are the ones the
+  memo shares; cumulative's depend on the ranks."""
+  return sorted(modes, key=lambda m: ("anchored", "relaxed", "cumulative").index(m))
+
+
+def select(plan: Plan, comp: Compressor, ev: Evaluator) -> dict[float, dict]:
+  """The candidates of every budget (module doc, stage 3) and the chosen one of each, written to
+  ``select/b<budget>/choice.json``. Candidates that share increments run one after another."""
+  sizes = sizes_for(plan, _teacher_depth(plan))
+  results = {b: [] for b in plan.budgets}
+
+  def run(m, s, i, budgets):
+    for b in budgets:
+      results[b].append(evaluate_candidate(plan, comp, ev, m, s, i, b))
+
+  modes = _mode_order(plan.modes)
   if plan.grid == "full":
-    results = [run(m, s, i) for s in sizes for m in plan.modes for i in plan.inits]
+    for s in sizes:
+      for i in plan.inits:
+        for m in modes:
+          run(m, s, i, plan.budgets)
   else:
     ref = plan.reference_size if plan.reference_size in sizes else sizes[len(sizes) // 2]
-    first = [run(m, ref, i) for m in plan.modes for i in plan.inits]
-    ok = _feasible(first)
-    if not ok:
-      raise SystemExit(f"{tag(budget)}: no candidate fits at compound size {ref}; "
-                       "choose another --reference_size")
-    best = min(ok, key=lambda r: r["criterion"])
-    results = first + [run(best["mode"], s, best["init"]) for s in sizes if s != ref]
-  ok = _feasible(results)
-  chosen = min(ok, key=lambda r: r["criterion"])
-  return _write_json(plan.root / "select" / tag(budget) / "choice.json",
-                     {**chosen, "grid": plan.grid, "considered": len(results),
-                      "feasible": len(ok)})
+    for i in plan.inits:
+      for m in modes:
+        run(m, ref, i, plan.budgets)
+    best = {}
+    for b in plan.budgets:
+      ok = _feasible(results[b])
+      if not ok:
+        raise SystemExit(f"{tag(b)}: no candidate fits at compound size {ref}; choose another "
+                         "--reference_size")
+      best[b] = min(ok, key=lambda r: r["criterion"])
+    for s in [s for s in sizes if s != ref]:
+      for m, i in sorted({(best[b]["mode"], best[b]["init"]) for b in plan.budgets}):
+        run(m, s, i, [b for b in plan.budgets if (best[b]["mode"], best[b]["init"]) == (m, i)])
+  choices = {}
+  for b in plan.budgets:
+    ok = _feasible(results[b])
+    chosen = min(ok, key=lambda r: r["criterion"])
+    choices[b] = _write_json(plan.root / "select" / tag(b) / "choice.json",
+                             {**chosen, "grid": plan.grid, "considered": len(results[b]),
+                              "feasible": len(ok)})
+  return choices
 
 
 def chosen_test(plan: Plan, comp: Compressor, ev: Evaluator, budget: float, choice: dict) -> dict:
@@ -571,12 +661,13 @@ def run(plan: Plan, select_only: bool = False) -> None:
   prepare_data(plan)
   ev, comp = Evaluator(plan), Compressor(plan)
   teacher_eval(plan, comp, ev)
-  choices = {}
-  for b in plan.budgets:
-    print(f"selection at {tag(b)} ({plan.grid})", flush=True)
-    choices[b] = select(plan, comp, ev, b)
-    c = choices[b]
-    print(f"  chosen: {candidate_name(c['mode'], c['compound_size'], c['init'])}", flush=True)
+  print(f"selection ({plan.grid})", flush=True)
+  choices = select(plan, comp, ev)
+  for b, c in choices.items():
+    print(f"  {tag(b)} chosen: {candidate_name(c['mode'], c['compound_size'], c['init'])}",
+          flush=True)
+  print(f"  factorisations: {comp.memo.hits} SVDs reused, {comp.memo.misses} computed",
+        flush=True)
   if select_only:
     return
   for b in plan.budgets:

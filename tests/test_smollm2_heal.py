@@ -205,6 +205,11 @@ def plan(tmp_path_factory) -> heal.Plan:
   return p
 
 
+@pytest.fixture(scope="module")
+def comp(plan) -> heal.Compressor:
+  return heal.Compressor(plan)
+
+
 def test_the_data_record_says_which_modules_each_split_holds(plan):
   record = json.loads((plan.data / "split.json").read_text())
   py = record["files"]["python"]
@@ -232,12 +237,11 @@ def test_the_dropped_layers_hook_copies_the_teachers_chosen_layers(plan):
                                 dense["embed_tokens"]["embedding"])
 
 
-def test_the_selection_compresses_as_a_run_s_own_init_does(plan):
+def test_the_selection_compresses_as_a_run_s_own_init_does(plan, comp):
   """The whitened candidate the selection scores is the init its healing run starts from."""
   import jax
   from vlora_jax import stack
   from vlora_jax.train.from_dense import params_from_dense_run
-  comp = heal.Compressor(plan)
   cand, config = comp.ranks("cumulative", 3, "whitened", 0.5)
   assert cand["block_fraction"] <= 0.5 and cand["block_params"] == pytest.approx(
       0.5 * comp.teacher_blocks, rel=0.1)
@@ -250,8 +254,29 @@ def test_the_selection_compresses_as_a_run_s_own_init_does(plan):
   assert 0 < errors["output_error"] < 1
 
 
-def test_a_candidate_is_scored_on_validation_and_cached(plan):
-  comp, ev = heal.Compressor(plan), heal.Evaluator(plan)
+def test_shared_factorisations_and_budget_sums_change_no_candidate(plan, comp):
+  """Candidates that reuse SVDs and budget sums get the library's own figures (whiteners are
+  reused inside one whitened candidate already: q, k and v read the same inputs)."""
+  import jax
+  from vlora_jax import stack
+  from vlora_jax.convert.compress import budget_ranks, compress
+  hits, misses = comp.memo.hits, comp.memo.misses
+  for mode, budget in (("anchored", 0.5), ("anchored", 0.35), ("relaxed", 0.35)):
+    cand, config = comp.ranks(mode, 6, "svd", budget)
+    spec = comp.spec(config)
+    fresh = budget_ranks(comp.dense["blocks"], spec, budget, base="first")
+    assert tuple(cand["ranks"]) == tuple(fresh.ranks[t] for t in spec.targets)
+    ours, _ = comp.params(config)
+    want = compress(comp.dense["blocks"], spec, base="first", increments="svd", seed=0)
+    want = stack.merge({"blocks": want.params}, {"blocks": spec})["blocks"]
+    for a, b in zip(jax.tree.leaves(ours["blocks"]), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # the second and the third reuse the first's SVDs
+  assert comp.memo.hits - hits >= comp.memo.misses - misses > 0
+
+
+def test_a_candidate_is_scored_on_validation_and_cached(plan, comp):
+  ev = heal.Evaluator(plan)
   first = heal.evaluate_candidate(plan, comp, ev, "anchored", 3, "svd", 0.5)
   assert set(first["ppl"]) == set(data_lib.DOMAINS)
   assert first["criterion"] == pytest.approx(np.mean(list(first["nll"].values())))
