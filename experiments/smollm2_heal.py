@@ -130,6 +130,26 @@ class Plan:
             dataclasses.asdict(self).items()}
 
 
+# What the files of a root were measured with, beyond the runs' configs (which `sweep` checks):
+# the windows, the calibration batches, the split and the seed of the selection.
+ROOT_KEYS = ("seq_len", "batch", "val_windows", "test_windows", "calibration_batches",
+             "split_seed", "held_fraction", "new_tokens")
+
+
+def check_root(plan: Plan) -> None:
+  """Refuses a root whose files were measured with other windows, split or selection seed;
+  records them in a new one."""
+  want = {**{k: getattr(plan, k) for k in ROOT_KEYS}, "selection_seed": plan.seeds[0]}
+  path = plan.root / "root.json"
+  have = _read_json(path)
+  if have is None:
+    _write_json(path, want)
+  elif have != want:
+    diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+    raise SystemExit(f"{plan.root} was measured with other settings {diff} (there, here): use "
+                     "another --root")
+
+
 def tag(budget: float) -> str:
   return f"b{round(100 * budget)}"
 
@@ -657,6 +677,7 @@ def heal(plan: Plan, ev: Evaluator, teacher_blocks: int, kind: str, budget: floa
 # --- the whole experiment -------------------------------------------------------------------------
 
 def run(plan: Plan, select_only: bool = False) -> None:
+  check_root(plan)
   teacher_run(plan)
   prepare_data(plan)
   ev, comp = Evaluator(plan), Compressor(plan)
@@ -714,10 +735,13 @@ def write(plan: Plan, out: Path) -> dict:
   rows, cands = gather(plan)
   checks = report.check_targets(rows, plan.budgets)
   split = _read_json(plan.data / "split.json")
+  failed = sorted(str(p.parent.relative_to(plan.root)) for p in plan.root.glob("seed*/*/error.txt")
+                  if not (p.parent / "heal_eval.json").exists())
   result = {"settings": {**plan.settings(), "revision": sweep.code_revision(),
                          "machine": platform.processor() or platform.machine(),
                          "tokens_per_run": plan.tokens},
             "split": split, "candidates": cands, "rows": rows, "checks": checks,
+            "failed_runs": failed,
             "verdict": {tag(b): report.target_verdict(checks, b) for b in plan.budgets}}
   _write_json(out, result)
   png = out.parent / "plots" / f"{out.stem}.png"
@@ -730,25 +754,29 @@ def write(plan: Plan, out: Path) -> dict:
 def markdown(plan: Plan, result: dict, png: Path, out: Path) -> str:
   rows, split = result["rows"], result["split"] or {}
   held = split.get("files", {}).get("python", {})
-  seeds = ",".join(map(str, plan.seeds))
-  return (
-      f"# Compress and heal SmolLM2-135M-Instruct\n\n"
+  parts = [
+      "# Compress and heal SmolLM2-135M-Instruct",
       f"`python experiments/smollm2_heal.py --steps {plan.steps} --batch {plan.batch} "
-      f"--seq_len {plan.seq_len} --seeds {seeds}` (settings in `{out.name}`; the module doc "
-      f"says what every row is). Every healed run saw {plan.tokens:,} tokens "
-      f"({plan.steps} steps x {plan.batch} windows x {plan.seq_len}) of the two train splits; "
-      f"perplexities are on {plan.test_windows} held-out test windows of {plan.seq_len} tokens "
-      f"per domain, mean ± std (ddof=1) over seeds, the count in brackets. "
-      f"Python {split.get('python_version')}: "
-      f"validation modules {held.get('validation', {}).get('modules')}, test modules "
-      f"{held.get('test', {}).get('modules')} (split seed {split.get('seed')}).\n\n"
-      f"## Test perplexity\n\n{report.results_table(rows, plan.budgets)}\n\n"
-      f"## Targets\n\n{report.targets_markdown(result['checks'], plan.budgets)}\n\n"
+      f"--seq_len {plan.seq_len} --seeds {','.join(map(str, plan.seeds))}` (settings in "
+      f"`{out.name}`; the module doc says what every row is). Every healed run saw "
+      f"{plan.tokens:,} tokens ({plan.steps} steps x {plan.batch} windows x {plan.seq_len}) of "
+      f"the two train splits; perplexities are on {plan.test_windows} held-out test windows of "
+      f"{plan.seq_len} tokens per domain, mean ± std (ddof=1) over seeds, the count in brackets. "
+      f"Python {split.get('python_version')}: validation modules "
+      f"{held.get('validation', {}).get('modules')}, test modules "
+      f"{held.get('test', {}).get('modules')} (split seed {split.get('seed')}).",
+      f"## Test perplexity\n\n{report.results_table(rows, plan.budgets)}"]
+  if result["failed_runs"]:
+    parts.append(f"Runs that failed (their `error.txt`): {result['failed_runs']}")
+  parts += [
+      f"## Targets\n\n{report.targets_markdown(result['checks'], plan.budgets)}",
       f"## Selection at 0 healing steps (validation, seed 0, grid {plan.grid})\n\n"
-      f"{report.selection_table(result['candidates'])}\n\n"
+      f"{report.selection_table(result['candidates'])}",
       f"## Greedy continuations ({plan.new_tokens} tokens, seed 0)\n\n"
-      f"{report.greedy_table(rows, prompts(), plan.budgets)}\n\n"
-      + (f"![compress and heal SmolLM2](plots/{png.name})\n" if rows else ""))
+      f"{report.greedy_table(rows, prompts(), plan.budgets)}"]
+  if rows:
+    parts.append(f"![compress and heal SmolLM2](plots/{png.name})")
+  return "\n\n".join(parts) + "\n"
 
 
 def _floats(text: str) -> tuple[float, ...]:

@@ -225,6 +225,15 @@ def test_the_data_record_says_which_modules_each_split_holds(plan):
   assert py["train"]["tokens"] >= record["files"]["shakespeare"]["train"]["tokens"]
 
 
+def test_a_root_measured_with_other_windows_is_refused(plan):
+  import dataclasses
+  heal.check_root(plan)
+  heal.check_root(plan)  # the same settings: fine
+  with pytest.raises(SystemExit, match="test_windows"):
+    heal.check_root(dataclasses.replace(plan, test_windows=3))
+  heal.check_root(dataclasses.replace(plan, steps=5, lr=1.0))  # the runs' configs say those
+
+
 def test_the_dropped_layers_hook_copies_the_teachers_chosen_layers(plan):
   import vlora_jax
   config = heal.heal_config(plan, "drop", 0.5, 0, steps=0)
