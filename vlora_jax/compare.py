@@ -76,7 +76,7 @@ def _config_of(workdir: Path) -> dict:
     return config
   from vlora_jax import trained
   try:
-    return trained.read_meta(trained.find_checkpoint(workdir)[0]).get("config", {})
+    return trained.open_checkpoint(workdir)[2].get("config", {})
   except (UserError, OSError):
     return {}
 

@@ -69,7 +69,10 @@ class Loop:
                                self.run.mesh, split=split, prefix=prefix)
 
   def evaluate_test(self, params) -> dict[str, float]:
-    """The test split's metrics (``test/*``): the eval split's own where that is the test split."""
+    """The test split's metrics (``test/*``): the eval split's own where that is the test split,
+    none where the data hold no test split (a text source with ``data.test_fraction=0``)."""
+    if "test" not in self.run.pipe.eval_splits:
+      return {}
     if self.run.pipe.eval_split == "test" and self.eval_metrics:
       return {"test/" + k[len("eval/"):]: v for k, v in self.eval_metrics.items()}
     return self.evaluate(params, "test", "test")
@@ -79,8 +82,10 @@ class Loop:
     training: what a compressed or imported model was worth before it trained."""
     t0 = time.time()
     m = self.evaluate(params)
-    m.update(self.evaluate(params, "test", "test") if self.run.pipe.eval_split != "test" else
-             {"test/" + k[len("eval/"):]: v for k, v in m.items()})
+    if self.run.pipe.eval_split == "test":
+      m.update({"test/" + k[len("eval/"):]: v for k, v in m.items()})
+    elif "test" in self.run.pipe.eval_splits:
+      m.update(self.evaluate(params, "test", "test"))
     self.writer.write(0, m)
     self.init_metrics = {f"init/{k}": v for k, v in m.items()}
     self.t_eval += time.time() - t0

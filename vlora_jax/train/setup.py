@@ -132,7 +132,7 @@ def check_more_steps(config, workdir: Path, previous: dict | None,
     return
   if step is None:
     try:
-      step = trained_lib.find_checkpoint(workdir)[1]
+      step = trained_lib.open_checkpoint(workdir)[1]
     except errors.CheckpointError:
       return
   if step < int(before):
