@@ -57,8 +57,8 @@ def _reads_back(pipe, arrays, pixel_scale="uint8") -> bool:
   (mean 0, std 1: the pixels scaled to [0, 1] and nothing else)."""
   assert pipe.info["image_shape"] == list(arrays["x_train"].shape[1:]) or \
       tuple(pipe.info["image_shape"]) == arrays["x_train"].shape[1:], pipe.info
-  assert pipe.info["num_classes"] == CLASSES and pipe.num_eval == len(arrays["x_test"])
-  first = next(iter(pipe.eval_batches()))
+  assert pipe.info["num_classes"] == CLASSES and pipe.num_eval_of("test") == len(arrays["x_test"])
+  first = next(iter(pipe.eval_batches("test")))
   real = int(first["mask"].sum())  # the batch's examples before its padding
   want = arrays["x_test"][:real].astype(np.float64)
   want = want / 255.0 if pixel_scale == "uint8" else want

@@ -105,6 +105,8 @@ def _command(*args, cwd):
     ("vlora_jax.evaluate", ["--workdir", "--step", "--out", "--config.data.KEY=VALUE"]),
     ("vlora_jax.predict", ["--top", "default 5"]),
     ("vlora_jax.export", ["--format", "--out"]),
+    ("vlora_jax.compile", ["--config FILE.py[:ARG]", "--topology SLICE", "--nocount_flops",
+                           "--config.KEY=VALUE"]),
 ])
 def test_every_command_explains_itself(module, flags, tmp_path):
   out = _command("-m", module, "--help", cwd=tmp_path)

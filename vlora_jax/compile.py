@@ -1,7 +1,9 @@
 """Compile a config's train step for a TPU pod (or the local devices) and report its cost per chip.
 
-  python -m vlora_jax.compile --config configs/FILE.py[:ARG] [--topology v5e:16x16]
-                              [--config.KEY=VALUE ...] [--out FILE.json] [--nocount_flops]
+  vlora-compile --config configs/FILE.py[:ARG] [--topology v5e:16x16] [--config.KEY=VALUE ...]
+                [--out FILE.json] [--nocount_flops]
+
+(``python -m vlora_jax.compile`` is the same command.)
 
 The step compiled is the one training runs (`train.trainer.lower_train_step`): its optimizer, its
 donated state, the parameters' and activations' shardings, gradient accumulation and remat. With
@@ -37,22 +39,10 @@ import time
 import traceback
 from pathlib import Path
 
-from absl import app, flags
-from ml_collections import config_flags
-
 from vlora_jax import cli
 from vlora_jax.errors import UserError
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config: configs/FILE.py[:ARG].",
-                                lock_config=True)
-flags.DEFINE_string("topology", None, "A TPU slice, e.g. v5e:4x4, v5p:4x4x4 (needs libtpu); "
-                    "default: the local devices.")
-flags.DEFINE_string("out", None, "Write the report here as JSON.")
-flags.DEFINE_bool("count_flops", True, "Compile each layer stack again, unrolled twice, to count "
-                  "the FLOPs of every layer (about doubles the time).")
-flags.DEFINE_bool("verbose", False, "Show the traceback of input errors too.")
-flags.mark_flags_as_required(["config"])
+PROG = "vlora-compile"
 
 EXIT_DOES_NOT_FIT = 3
 GIB = 2 ** 30
@@ -286,34 +276,46 @@ def format_report(r: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments: {argv[1:]} (flags are --config, --topology, --out, "
-             "--config.KEY=...)")
+def parser() -> cli.Parser:
+  p = cli.Parser(PROG, __doc__, epilog=cli.OVERRIDES_HELP, allow_abbrev=False)
+  cli.add_config_arg(p)
+  p.add_argument("--topology", default=None, metavar="SLICE",
+                 help="a TPU slice, e.g. v5e:4x4, v5p:4x4x4 (needs libtpu); default: the local "
+                 "devices")
+  p.add_argument("--out", default=None, metavar="FILE.json", help="write the report here as JSON")
+  p.add_argument("--nocount_flops", dest="count_flops", action="store_false",
+                 help="skip compiling each layer stack again, unrolled twice, to count the FLOPs "
+                 "of every layer (about halves the time)")
+  p.add_argument("--verbose", action="store_true", help="show the traceback of input errors too")
+  return cli.with_overrides_usage(p)
+
+
+def main(argv: list[str] | None = None) -> None:
+  args, config = cli.parse_config_command(parser(), argv)
   from vlora_jax.train import metrics
   metrics.quiet_libraries()
   try:
     # Ctrl-C / SIGTERM: one line and 130 / 143 at once, even inside XLA's compile (`cli.guarded`).
     with cli.exit_on_signals("vlora_jax.compile", "nothing was written"):
-      report = cli.in_worker(compile_report, FLAGS.config, FLAGS.topology, FLAGS.count_flops)
+      report = cli.in_worker(compile_report, config, args.topology, args.count_flops)
   except UserError as e:
-    cli.fail(cli.one_line(e), e, FLAGS.verbose)
+    cli.fail(cli.one_line(e), e, args.verbose)
   except Exception:  # noqa: BLE001 -- a bug: show where, and say that it is one
     traceback.print_exc()
     print("vlora_jax.compile: internal error (a bug in vlora_jax or a library, not in your "
           "input): the traceback above says where", file=sys.stderr, flush=True)
     sys.exit(1)
   print(format_report(report), flush=True)
-  if FLAGS.out:
-    metrics.write_json(Path(FLAGS.out), report)
-    print(f"report: {FLAGS.out}", flush=True)
+  if args.out:
+    metrics.write_json(Path(args.out), report)
+    print(f"report: {args.out}", flush=True)
   if not report["fits"]:
     sys.exit(EXIT_DOES_NOT_FIT)
 
 
 def run():
   """The ``vlora-compile`` console script."""
-  app.run(main, flags_parser=lambda argv: cli.parse_config_flags(FLAGS, argv))
+  main()
 
 
 if __name__ == "__main__":
