@@ -125,3 +125,21 @@ def test_bench_memory_reports_compiled_and_measured_memory(tmp_path):
   md_rows = [[c.strip() for c in line.split("|")[1:3]]
              for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("|")]
   assert ["stack_d2048", "vlora_official"] in md_rows
+
+
+@pytest.mark.slow
+def test_gpu_mfu_script_runs_every_model_and_writes_its_rows(tmp_path):
+  """The script a lent GPU runs, at its smoke size on this CPU: every model and variant measured
+  through the real train step, finite losses and positive step times, and its table written."""
+  out = tmp_path / "mfu.json"
+  _run_module("benchmarks.gpu_mfu", "--quick", "--attention", "xla", "--steps", "1",
+              "--warmup", "1", "--out", str(out))
+  rows = json.loads(out.read_text())["rows"]
+  assert {(r["model"], r["variant"]) for r in rows} == {
+      (m, v) for m in ("vit_b16", "lm_1b") for v in ("vlora", "dense")}
+  for r in rows:
+    assert r["step_s"] > 0 and r["model_flops"] > 0 and math.isfinite(r["loss_final"]), r
+  by = {(r["model"], r["variant"]): r for r in rows}
+  for m in ("vit_b16", "lm_1b"):  # the dense twin is the larger model
+    assert by[(m, "dense")]["params_total"] > by[(m, "vlora")]["params_total"], m
+  assert "| lm_1b" in out.with_suffix(".md").read_text()
