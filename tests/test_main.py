@@ -76,3 +76,20 @@ def test_vit_digits_main_job_at_reduced_steps(tmp_path):
   s = train_and_evaluate(c, tmp_path)
   assert s["step"] == 300 and s["params_total"] == 79_306
   assert s["eval/accuracy"] > 0.85, s["eval/accuracy"]  # chance is 0.10
+
+
+def test_the_readme_opens_with_the_two_set_up_commands():
+  """Exactly two commands, first in the README: each installs what it needs; one runs the main
+  job on the embedded default (no data directory), the other the whole test suite."""
+  text = (ROOT / "README.md").read_text()
+  block = text[text.index("```bash\n") + len("```bash\n"):]
+  lines = block[:block.index("```")].strip().splitlines()
+  assert len(lines) == 2 and text.index("```bash") < text.index("\n## ")
+  install = "python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt && "
+  assert all(line.startswith(install) for line in lines), lines
+  job, tests = (line[len(install):] for line in lines)
+  assert job.startswith(".venv/bin/python -m vlora_jax.main --config configs/vit_digits.py ")
+  assert "data" not in job  # the embedded default reads no data directory
+  assert tests == ".venv/bin/python -m pytest -q"
+  ci = (ROOT / ".ci" / "run").read_text()
+  assert ".venv/bin/pip install -q -r requirements.txt && .venv/bin/python -m pytest -q" in ci
