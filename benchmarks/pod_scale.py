@@ -15,9 +15,9 @@ rows record their command. Parts:
   remat    8b on the v5e-256 under every remat policy of vlora_jax/remat.py, VLoRA and dense
   vit      configs/vit_pod.py (ViT-H/14), VLoRA and dense, on the v5e-256 (16 images per chip)
   largest  the largest dense twin whose train step fits a v5e-256 at one sequence per chip, VLoRA
-           against dense, by search over the width D at a fixed shape rule (layers D / 128 in
-           compounds of 4, heads of 128, 8 key/value heads, MLP 3.5 D), under the policies of
-           ``--largest-remat``
+           against dense, by search over the width D (multiples of 1,024) at a fixed shape rule
+           (layers D / 128 in compounds of 4, heads of 128, 8 key/value heads, MLP 3.5 D), under
+           the policies of ``--largest-remat``
 
 Rows already in ``--out`` are kept (``--force`` recomputes them): the run can be stopped and
 resumed. Writes the JSON and docs/pod.md (the tables).
@@ -90,12 +90,13 @@ def plan(parts) -> list[tuple[str, str, bool]]:
 
 
 def shape_rule(d: int) -> str:
-  """The searched family's config argument at width ``d`` (a multiple of 512)."""
+  """The searched family's config argument at width ``d`` (a multiple of 1024: its d / 128 heads
+  then share 8 key/value heads evenly, and its d / 128 layers fill compounds of 4)."""
   return f"d={d},layers={d // 128}"
 
 
 def search_largest(results: dict, save, variant: str, remat: str, lo: int = 1024,
-                   hi: int = 65536, step: int = 512) -> None:
+                   hi: int = 65536, step: int = 1024) -> None:
   """The largest ``d`` (a multiple of ``step``) whose step fits a v5e-256, by doubling from ``lo``
   then bisection; every probe is a row ``largest/{remat}/{variant}/d={d}``."""
   def fits(d: int) -> bool:
@@ -201,7 +202,7 @@ def markdown(results: dict, env: dict) -> str:
   largest = [k for k in results if k.startswith("largest/")]
   if largest:
     out.extend(["## The largest twin that fits a v5e-256", "",
-                "Width D searched in steps of 512 at a fixed shape rule (layers D / 128, heads of "
+                "Width D searched in steps of 1,024 at a fixed shape rule (layers D / 128, heads of "
                 "128, 8 key/value heads, MLP 3.5 D, vocabulary 32k, 2,048 tokens, one sequence "
                 "per chip), the largest D whose compiled step fits 15.75 GiB:", ""])
     body = []
