@@ -87,7 +87,8 @@ def test_perplexity_within_one_percent_of_transformers(smollm2_run, tmp_path):
   d = ml_collections.ConfigDict(dict(config["data"], tokenizer=str(smollm2_run),
                                      **{k[5:]: v for k, v in overrides.items()
                                         if k.startswith("data.")}))
-  _, windows, _ = tokenized.build(d, ref["window_tokens"])
+  splits, _ = tokenized.build(d, ref["window_tokens"])
+  windows = splits["test"]
   assert [windows[i]["tokens"][:4].tolist() for i in range(ref["windows"])] == \
       ref["window_first_ids"]
   result = evaluate.evaluate(smollm2_run, overrides=overrides, out=tmp_path / "eval.json")

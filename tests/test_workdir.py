@@ -254,7 +254,8 @@ def test_every_async_save_is_checked(tmp_path):
   ckpt.latest.close()
   ckpt.best.close()
   ckpt.latest, ckpt.best = _Manager(), _Manager()
-  (tmp_path / "checkpoints" / "2").mkdir(parents=True)  # the last finished save on disk
+  # The last finished save on disk (a step whose state directory Orbax renamed into place).
+  (tmp_path / "checkpoints" / "2" / "state").mkdir(parents=True)
   state, metrics = {"w": np.ones(3, np.float32)}, {"eval/accuracy": 0.5}
   disk_full = OSError(errno.ENOSPC, "No space left on device")
 
