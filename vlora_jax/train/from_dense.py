@@ -78,6 +78,17 @@ def check_source(arg: str, *, config, model, sources: Sources) -> None:
                   lambda: check_dense_run(arg, config=config, model=model, sources=sources))
 
 
+def check_budget(config) -> None:
+  """Refuses ``compress.budget`` without a compress init (a ValueError: a config error): in
+  set-up, once the config is checked, as the budget has nothing to choose ranks from."""
+  fraction = float(config.get("compress", {}).get("budget", 0.0) or 0.0)
+  kind = (config.get("init_from", "") or "").partition(":")[0]
+  if fraction and kind != "compress":
+    raise ValueError(f"compress.budget={fraction}: it chooses the ranks of a compressed dense "
+                     "run; set init_from='compress:<workdir of a trained dense run>', or "
+                     "compress.budget=0")
+
+
 def resolve_budget(config, previous: dict | None = None, sources: Sources | None = None) -> bool:
   """``compress.budget`` f > 0: sets ``config.model.vlora.rank`` to one rank per target, the
   largest whose model has at most f of the dense run's parameters, given by residual energy
@@ -87,17 +98,21 @@ def resolve_budget(config, previous: dict | None = None, sources: Sources | None
   ranks are what the run's checkpoints store: a resumed run (``previous``: the meta of its newest
   checkpoint) takes them from there, without reading the dense run again. True if it set them.
 
-  Runs in set-up's resolution, before the config is checked (`validate.check`, which refuses a
-  budget without a compress init) and the model is built: so both happen once, at the resolved
-  ranks. The dense run is checked against the model at the configured ranks first (the dense
+  Runs in set-up's resolution, before the config is checked (`validate.check`; then
+  `check_budget` refuses a budget without a compress init) and the model is built: so both
+  happen once, at the resolved ranks. The dense run is checked against the model at the configured ranks first (the dense
   twin does not depend on them) and read through ``sources``, which the compression reuses.
   Raises ValueError (a config error) for a model whose stacks do not share one spec, or when no
   ranks fit the budget.
   """
-  fraction = float(config.get("compress", {}).get("budget", 0.0) or 0.0)
-  kind, _, arg = (config.get("init_from", "") or "").partition(":")
-  if not fraction or kind != "compress":
-    return False  # nothing to choose; without a compress init, `validate.check` refuses
+  fraction = config.get("compress", {}).get("budget", 0.0) or 0.0
+  init = config.get("init_from", "") or ""
+  if not isinstance(fraction, (int, float)) or not fraction or not isinstance(init, str):
+    return False  # nothing to choose, or a value of the wrong type: `validate.check` says which
+  kind, _, arg = init.partition(":")
+  if kind != "compress":
+    return False  # `check_budget` refuses a budget without a compress init
+  fraction = float(fraction)
   from vlora_jax import models
   from vlora_jax.convert.compress import budget_ranks_tree
   from vlora_jax.train import schema

@@ -179,6 +179,7 @@ def set_up(config, workdir: Path) -> Run:
     resolve(config, previous_meta, sources)
   plan, mesh, pipe = mesh_and_data(config)
   with errors.config_errors():
+    from_dense.check_budget(config)
     model = plan.build_model(config.model)
     # A resumed or restored run reads its init source no more.
     fresh = previous is None and not config.checkpoint.get("restore_from")

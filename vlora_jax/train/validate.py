@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from vlora_jax import errors
 from vlora_jax import lora as lora_lib
 from vlora_jax import models
 from vlora_jax.config_keys import bad as _bad
@@ -106,11 +105,6 @@ def check(config, num_devices: int, process_count: int = 1) -> Plan:
   if init and init.partition(":")[0] not in init_from_lib.KINDS:
     raise _bad("init_from", init, f"unknown kind {init.partition(':')[0]!r}; registered are "
                f"{sorted(init_from_lib.KINDS)} (vlora_jax.train.init_from.register_init_from)")
-  budget = float(config.get("compress", {}).get("budget", 0.0) or 0.0)
-  if budget and init.partition(":")[0] != "compress":
-    raise errors.ConfigError(f"compress.budget={budget}: it chooses the ranks of a compressed "
-                             "dense run; set init_from='compress:<workdir of a trained dense "
-                             "run>', or compress.budget=0")
   return Plan(family, vlora, lora, shape)
 
 
