@@ -3,8 +3,8 @@
 `set_up` returns a `Run`, which every later phase reads. It walks once: what changes the config
 (``compress.budget``'s ranks) is resolved first (`resolve`), then the config is checked, and the
 model built, once; every other run is read once (`sources.Sources`), and the ``init_from`` kind
-is given the built `Run`. Nothing is compiled here, and every
-ValueError raised here is about the input: it leaves as a `ConfigError` or `DataError`.
+is given the built `Run`. Nothing is compiled here, and every ValueError raised here is about
+the input: it leaves as a `ConfigError` or `DataError`.
 """
 
 from __future__ import annotations
