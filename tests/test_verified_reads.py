@@ -169,8 +169,7 @@ def test_restore_from_and_init_from_checkpoint_are_read_verified(runs, tmp_path,
   assert int(state["step"]) == 1 and _warned(caplog, src / "checkpoints" / "2")
   with pytest.raises(CheckpointError, match="checkpoints/2"):
     ckpt_lib.restore_path(str(src / "checkpoints" / "2"), trainer._state_target(run), run.meta)
-  params = init_from.init_from(f"checkpoint:{src}", abstract_params=run.abstract_params,
-                               config=config, meta=run.meta)
+  params = init_from.params(f"checkpoint:{src}", run)
   assert _same(params, vlora_jax.load(runs["vit"], step=1).params)
 
 

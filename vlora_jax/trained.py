@@ -91,17 +91,24 @@ def open_checkpoint(workdir, step: int | str | None = None, *,
   return step_dir, int(step_dir.name), meta
 
 
-def source_run(workdir, where: str, step_dir: Path | None = None):
-  """``(step directory, stored config)`` of another run that a run starts from or learns from
-  (a compressed dense run, a teacher): its newest checkpoint whose meta reads, or ``step_dir``.
+def source_meta(workdir, where: str, step_dir: Path | None = None) -> tuple[Path, dict]:
+  """``(step directory, meta)`` of another run that a run starts from or learns from (a
+  compressed dense run, a teacher): its newest checkpoint whose meta reads, or ``step_dir``.
   Nothing but the meta is read; a missing checkpoint is a `CheckpointError` prefixed by
   ``where``."""
-  import ml_collections
   if step_dir is None:
     step_dir, _, meta = open_checkpoint(workdir, where=where)
   else:
     with _prefixed(where):
       meta = fmt.read_meta(step_dir)
+  return Path(step_dir), meta
+
+
+def source_run(workdir, where: str, step_dir: Path | None = None):
+  """``(step directory, stored config)`` of another run: `source_meta`, its config a
+  ``ConfigDict``."""
+  import ml_collections
+  step_dir, meta = source_meta(workdir, where, step_dir)
   return step_dir, ml_collections.ConfigDict(meta["config"])
 
 

@@ -143,18 +143,22 @@ def check_same_data(stored: dict | None, found: dict | None, where: str, old_nam
                           "classes)")
 
 
-def check_sources(config, info: dict | None, resuming: bool, teacher_step: Path | None) -> None:
+def check_sources(config, info: dict | None, resuming: bool, teacher=None, sources=None) -> None:
   """The data of the runs this run starts from (``init_from``'s ``compress:`` and ``checkpoint:``
-  sources, not read by a resumed run) and learns from (the teacher's checkpoint) against this
-  run's data."""
+  sources, not read by a resumed run) and learns from (``teacher``, the run's `teacher.Teacher`:
+  its checkpoint's meta) against this run's data. ``sources`` (the run's `sources.Sources`): the
+  compressed dense run's meta, opened once in set-up."""
   kind, _, arg = (config.get("init_from", "") or "").partition(":")
   if kind in ("compress", "checkpoint") and not resuming:
     where = f"init_from={config.init_from!r}"
-    meta = _source_meta(arg, where)
+    if kind == "compress" and sources is not None:
+      meta = sources.meta(arg, where)[1]  # the set-up's check opened it: a workdir
+    else:
+      meta = _source_meta(arg, where)
     check_same_data(meta.get("data"), info, where, "that run", "this run's data")
-  if teacher_step is not None:
+  if teacher is not None:
     where = f"distill.teacher={config.distill.teacher!r}"
-    check_same_data(fmt.read_meta(teacher_step).get("data"), info, where, "the teacher's data",
+    check_same_data(teacher.source.meta.get("data"), info, where, "the teacher's data",
                     "this run's data")
 
 

@@ -11,12 +11,17 @@ chooses how:
                        model to get every targeted matrix's input second moment
                        (`convert.calibrate`)
   damping              for ``whitened``: the relative floor on that second moment's eigenvalues
-  budget               > 0: ``model.vlora.rank`` is replaced, in set-up, by one rank per target
-                       that fits this fraction of the dense parameters (`resolve_budget`)
+  budget               > 0: ``model.vlora.rank`` is replaced, in set-up's resolution (before the
+                       config is checked), by one rank per target that fits this fraction of the
+                       dense parameters (`resolve_budget`)
 
 The dense model must be this run's dense twin: the same family and the same parameter shapes, or
 the error names the first leaves that differ; `check_dense_run` checks it in set-up, from the
 dense run's stored config, before anything compiles.
+
+In a run, the dense run is read through the run's `sources.Sources`: its meta once, its verified
+checkpoint once, whether the budget, the check, the compression or a teacher reads it
+(`check_source`, `params_for_run`: the kind ``compress`` of `init_from.KINDS`).
 """
 
 from __future__ import annotations
@@ -27,19 +32,22 @@ import numpy as np
 from absl import logging
 
 from vlora_jax import errors
-from vlora_jax.train import init_from as init_from_lib
+from vlora_jax.train.sources import Sources
 
 
-def check_dense_run(arg: str, *, config, model) -> None:
+def _where(arg: str) -> str:
+  return f"init_from='compress:{arg}'"
+
+
+def check_dense_run(arg: str, *, config, model, sources: Sources | None = None) -> None:
   """Refuses, from its stored config alone, a run that ``model`` (this run's VLoRA model) cannot be
   compressed from: another family, no VLoRA stack here, LoRA here, or not this model's dense twin
-  (the first differing parameter shapes are named)."""
+  (the first differing parameter shapes are named). ``sources``: where the meta is read once."""
   from vlora_jax import models
-  from vlora_jax import trained as trained_lib
   from vlora_jax.params import params_mismatch
 
-  where = f"init_from='compress:{arg}'"
-  _, source = trained_lib.source_run(arg, where)
+  where = _where(arg)
+  _, source = (sources or Sources()).config(arg, where)
   name = source.get("model", {}).get("name")
   if name != config.model.name:
     raise errors.CheckpointError(f"{where}: that run is a model.name={name!r}, this one a "
@@ -62,7 +70,26 @@ def check_dense_run(arg: str, *, config, model) -> None:
                                  + "; ".join(problems[:6]))
 
 
-def resolve_budget(config, previous: dict | None = None) -> bool:
+def check_source(arg: str, *, config, model, sources: Sources) -> None:
+  """`check_dense_run`, once per set-up: the dense twin does not depend on the ranks, so a run
+  whose budget checked the source at its configured ranks is not checked again at its resolved
+  ones."""
+  sources.checked("dense twin", arg,
+                  lambda: check_dense_run(arg, config=config, model=model, sources=sources))
+
+
+def check_budget(config) -> None:
+  """Refuses ``compress.budget`` without a compress init (a ValueError: a config error): in
+  set-up, once the config is checked, as the budget has nothing to choose ranks from."""
+  fraction = float(config.get("compress", {}).get("budget", 0.0) or 0.0)
+  kind = (config.get("init_from", "") or "").partition(":")[0]
+  if fraction and kind != "compress":
+    raise ValueError(f"compress.budget={fraction}: it chooses the ranks of a compressed dense "
+                     "run; set init_from='compress:<workdir of a trained dense run>', or "
+                     "compress.budget=0")
+
+
+def resolve_budget(config, previous: dict | None = None, sources: Sources | None = None) -> bool:
   """``compress.budget`` f > 0: sets ``config.model.vlora.rank`` to one rank per target, the
   largest whose model has at most f of the dense run's parameters, given by residual energy
   (`convert.compress.budget_ranks_tree`, plain energies from the compress base, whatever the
@@ -71,32 +98,38 @@ def resolve_budget(config, previous: dict | None = None) -> bool:
   ranks are what the run's checkpoints store: a resumed run (``previous``: the meta of its newest
   checkpoint) takes them from there, without reading the dense run again. True if it set them.
 
-  Runs in set-up, after the dense run is checked and before the model is built at its ranks.
-  Raises ValueError (a config error) when the budget is set without a compress init, for a model whose stacks do not share one spec, or when no
-  ranks fit it.
+  Runs in set-up's resolution, before the config is checked (`validate.check`; then
+  `check_budget` refuses a budget without a compress init) and the model is built: so both
+  happen once, at the resolved ranks. The dense run is checked against the model at the configured ranks first (the dense
+  twin does not depend on them) and read through ``sources``, which the compression reuses.
+  Raises ValueError (a config error) for a model whose stacks do not share one spec, or when no
+  ranks fit the budget.
   """
-  fraction = float(config.get("compress", {}).get("budget", 0.0) or 0.0)
-  if not fraction:
-    return False
+  fraction = config.get("compress", {}).get("budget", 0.0) or 0.0
+  init = config.get("init_from", "") or ""
+  if not isinstance(fraction, (int, float)) or not fraction or not isinstance(init, str):
+    return False  # nothing to choose, or a value of the wrong type: `validate.check` says which
+  kind, _, arg = init.partition(":")
+  if kind != "compress":
+    return False  # `check_budget` refuses a budget without a compress init
+  fraction = float(fraction)
   from vlora_jax import models
-  from vlora_jax import trained as trained_lib
   from vlora_jax.convert.compress import budget_ranks_tree
-  kind, _, arg = (config.get("init_from", "") or "").partition(":")
+  from vlora_jax.train import schema
   stored = ((previous or {}).get("config") or {}).get("model", {}).get("vlora", {}).get("rank")
-  if kind == "compress" and stored is not None:
+  if stored is not None:
     config.model.vlora.rank = tuple(stored) if isinstance(stored, list) else stored
     return True
-  if kind != "compress":
-    raise ValueError(f"compress.budget={fraction}: it chooses the ranks of a compressed dense "
-                     "run; set init_from='compress:<workdir of a trained dense run>', or "
-                     "compress.budget=0")
-  # Set-up has checked the dense run already (`check_dense_run`, registered with the kind).
+  sources = sources or Sources()
+  schema.check(config)  # every key it reads well-formed, before the dense run is read
+  # Built at the configured ranks for its stacks' specs and the dense twin: never initialised.
   student = models.family(config.model.name).build_from_config(config.model)
+  check_source(arg, config=config, model=student, sources=sources)
   specs = {s for s, _ in student.stack_specs().values() if s is not None}
   if len(specs) != 1:
     raise ValueError(f"compress.budget={fraction}: the model's stacks have different VLoRA specs "
                      "(e.g. a decoder's cross-attention targets); give model.vlora.rank instead")
-  _, dense = trained_lib.load(arg, where=f"init_from='compress:{arg}'").to_dense()
+  _, dense = sources.dense(arg, _where(arg))
   base = config.compress.get("base", "first")
   try:
     budget = budget_ranks_tree(dense, specs.pop(), fraction,
@@ -110,42 +143,32 @@ def resolve_budget(config, previous: dict | None = None) -> bool:
   return True
 
 
-def _calibrate(config, dense_model, dense, specs) -> dict:
+def _calibrate(config, dense_model, dense, specs, pipe=None) -> dict:
   """With ``compress.increments='whitened'``: ``{stack: {path: [L, d_in, d_in]}}``, the targeted
   matrices' input second moments over the run's first ``compress.calibration_batches`` train
-  batches (`convert.calibrate`); otherwise ``{}``."""
+  batches (`convert.calibrate`); otherwise ``{}``. ``pipe``: the whole data's pipeline, when the
+  caller has it (else it is built from the config)."""
   how = config.get("compress", {})
   if how.get("increments", "svd") != "whitened":
     return {}
   from vlora_jax import data as data_lib, models
   from vlora_jax.convert import calibrate
   fam = models.family(config.model.name)
-  pipe = data_lib.build(config)
+  pipe = pipe if pipe is not None else data_lib.build(config)
   batches = [fam.inputs(pipe.train_batch(i))
              for i in range(int(how.get("calibration_batches", 8)))]
   targets = tuple({t for s in specs if s is not None for t in s.targets})
   return calibrate.input_covariances(dense_model, dense, batches, targets=targets)
 
 
-@init_from_lib.register_init_from("compress", check=check_dense_run)
-def params_from_dense_run(arg: str, *, abstract_params, config):
-  """The VLoRA params of ``config``'s model, compressed from the run in workdir ``arg``."""
-  del abstract_params  # the trainer checks the result against it
-  from vlora_jax import models
-  from vlora_jax import trained as trained_lib
+def _compress(arg: str, config, student, dense_model, dense, pipe=None) -> dict:
+  """The VLoRA params of ``student``: every stack of ``dense`` compressed into its spec."""
   from vlora_jax.convert.compress import compress
 
-  fam = models.family(config.model.name)
-  student = fam.build_from_config(config.model)
-  check_dense_run(arg, config=config, model=student)
   specs = {name: s for name, (s, _) in student.stack_specs().items()}
-  where = f"init_from='compress:{arg}'"
-  dense_model, dense = trained_lib.load(arg, where=where).to_dense()
-
   how = config.get("compress", {})
   increments = how.get("increments", "svd")
-  covariances = _calibrate(config, dense_model, dense, specs.values())
-
+  covariances = _calibrate(config, dense_model, dense, specs.values(), pipe)
   out = dict(dense)
   for name, spec in specs.items():
     if spec is None:
@@ -157,6 +180,30 @@ def params_from_dense_run(arg: str, *, abstract_params, config):
     said = f"weight error {np.mean(done.total):.4f}"
     if done.out_total is not None:
       said += f", output error {np.mean(done.out_total):.4f}"
-    logging.info("%s: stack %r compressed (%s increments, base %s): mean relative %s", where,
+    logging.info("%s: stack %r compressed (%s increments, base %s): mean relative %s", _where(arg),
                  name, increments, how.get("base", "first"), said)
   return out
+
+
+def params_from_dense_run(arg: str, *, abstract_params, config):
+  """The VLoRA params of ``config``'s model, compressed from the run in workdir ``arg``: on its
+  own, outside a run (a run uses `params_for_run`)."""
+  del abstract_params  # the trainer checks the result against it
+  from vlora_jax import models
+
+  student = models.family(config.model.name).build_from_config(config.model)
+  sources = Sources()
+  check_dense_run(arg, config=config, model=student, sources=sources)
+  dense_model, dense = sources.dense(arg, _where(arg))
+  return _compress(arg, config, student, dense_model, dense)
+
+
+def params_for_run(arg: str, run) -> dict:
+  """``init_from='compress:<arg>'`` of a built `setup.Run`: its model, its sources (the dense run
+  the set-up checked, and read if the budget did), its data for the calibration (one process's
+  pipeline holds the whole data; several processes each build the whole, so that every one
+  compresses the same)."""
+  check_source(arg, config=run.config, model=run.model, sources=run.sources)
+  dense_model, dense = run.sources.dense(arg, _where(arg))
+  pipe = run.pipe if jax.process_count() == 1 else None
+  return _compress(arg, run.config, run.model, dense_model, dense, pipe)

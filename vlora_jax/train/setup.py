@@ -1,7 +1,10 @@
 """The first phase of a run: the checked config, the mesh, the data and the model's shapes.
 
-`set_up` returns a `Run`, which every later phase reads. Nothing is compiled here, and every
-ValueError raised here is about the input: it leaves as a `ConfigError` or `DataError`.
+`set_up` returns a `Run`, which every later phase reads. It walks once: what changes the config
+(``compress.budget``'s ranks) is resolved first (`resolve`), then the config is checked, and the
+model built, once; every other run is read once (`sources.Sources`), and the ``init_from`` kind
+is given the built `Run`. Nothing is compiled here, and every ValueError raised here is about
+the input: it leaves as a `ConfigError` or `DataError`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from vlora_jax.train import metrics as metrics_lib
 from vlora_jax.train import optim, sharding, state as state_lib, validate
 from vlora_jax.train import teacher as teacher_lib
 from vlora_jax.train import workdir as workdir_lib
+from vlora_jax.train.sources import Sources
 
 
 @dataclasses.dataclass
@@ -54,6 +58,8 @@ class Run:
   dense_counts: dict | None
   meta: dict  # what every checkpoint records and every restore checks
   teacher: teacher_lib.Teacher | None = None  # config.distill: checked, its params on the host
+  # The other runs set-up read (a dense run to compress), until the starting state is made.
+  sources: Sources = dataclasses.field(default_factory=Sources)
 
   @property
   def family(self) -> Family:
@@ -148,8 +154,19 @@ def check_more_steps(config, workdir: Path, previous: dict | None,
       f"--config.num_train_steps={before} evaluates it again")
 
 
+def resolve(config, previous: dict | None, sources: Sources) -> None:
+  """Every value set-up chooses for the config, set before it is checked, then the config locked:
+  ``compress.budget``'s ranks (`from_dense.resolve_budget`: from the dense run, read through
+  ``sources``, or from the resumed run's ``previous`` meta). So the check, the plan and the model
+  are made once, from the config the run stores."""
+  from_dense.resolve_budget(config, previous, sources)
+  config.lock()
+
+
 def set_up(config, workdir: Path) -> Run:
-  """Checks the config, builds the mesh, the data and the model's shapes (no compile).
+  """Resolves and checks the config, builds the mesh, the data and the model's shapes (no
+  compile), each once: every other run it reads (a dense run to compress, a teacher) is read
+  once, through the run's `Sources`.
 
   Every ValueError raised here is about the input: it leaves as a `ConfigError` or `DataError`.
   """
@@ -157,21 +174,23 @@ def set_up(config, workdir: Path) -> Run:
   previous_meta = previous[1] if previous else None
   # Before the data are read: an instant refusal.
   check_more_steps(config, workdir, previous_meta, int(previous[0].name) if previous else None)
+  sources = Sources()
+  with errors.config_errors():
+    resolve(config, previous_meta, sources)
   plan, mesh, pipe = mesh_and_data(config)
   with errors.config_errors():
+    from_dense.check_budget(config)
     model = plan.build_model(config.model)
-    if previous is None and not config.checkpoint.get("restore_from"):
-      # A resumed run reads its init source no more. The check holds at any ranks: it runs
-      # before compress.budget chooses them.
-      init_from_lib.check_init_from(config, model)
-    if from_dense.resolve_budget(config, previous_meta):  # it set model.vlora.rank: plan again
-      plan = validate.check(config, jax.device_count(), jax.process_count())
-      model = plan.build_model(config.model)
+    # A resumed or restored run reads its init source no more.
+    fresh = previous is None and not config.checkpoint.get("restore_from")
+    if fresh:
+      init_from_lib.check_init_from(config, model, sources)
     teacher = teacher_lib.check(config, plan.family, model, mesh,
-                                pinned=(previous_meta or {}).get("distill_teacher"))
-    compat.check_sources(config, pipe.info, resuming=previous is not None,
-                         teacher_step=teacher.checkpoint if teacher else None)
-    run = _assemble(config, plan, mesh, model, pipe, teacher, Path(workdir))
+                                pinned=(previous_meta or {}).get("distill_teacher"),
+                                sources=sources)
+    compat.check_sources(config, pipe.info, resuming=previous is not None, teacher=teacher,
+                         sources=sources if fresh else None)
+    run = _assemble(config, plan, mesh, model, pipe, teacher, Path(workdir), sources)
     source = _restore_source(config, previous)
     if source is not None:  # every difference judged now, before anything compiles
       compat.judge_restore(source[0], source[1], run, source[2])
@@ -192,7 +211,7 @@ def without_data(config, devices) -> Run:
     return _assemble(config, plan, mesh, plan.build_model(config.model), None, None, None)
 
 
-def _assemble(config, plan, mesh, model, pipe, teacher, workdir) -> Run:
+def _assemble(config, plan, mesh, model, pipe, teacher, workdir, sources=None) -> Run:
   """The model's shapes, shardings, optimizer and state: no compute, nothing compiled."""
   sample = plan.family.sample_inputs(config.model, batch=2)
   init_fn = lambda rng: model.init({"params": rng, "dropout": rng}, *_zeros(sample),
@@ -218,7 +237,8 @@ def _assemble(config, plan, mesh, model, pipe, teacher, workdir) -> Run:
              abstract_params=abstract_params, param_shardings=p_shard, opt=opt,
              abstract_state=abstract_state,
              state_shardings=state_lib.shardings(abstract_state, p_shard, mesh), counts=counts,
-             dense_counts=_dense_count(model, sample, plan.vlora), meta=meta, teacher=teacher)
+             dense_counts=_dense_count(model, sample, plan.vlora), meta=meta, teacher=teacher,
+             sources=sources if sources is not None else Sources())
 
 
 def batch_shapes(run: Run) -> dict[str, jax.ShapeDtypeStruct]:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from vlora_jax import errors
-from vlora_jax import trained as trained_lib
+from vlora_jax.train.sources import Sources
 
 
 @dataclasses.dataclass
@@ -56,13 +56,17 @@ class Teacher:
     return jax.device_put(self.source.to_dense()[1], self.shardings)
 
 
-def check(config, family, student, mesh, pinned: str | None = None) -> Teacher | None:
+def check(config, family, student, mesh, pinned: str | None = None,
+          sources: Sources | None = None) -> Teacher | None:
   """The run's `Teacher` from ``config.distill`` (None when off), checked against the student.
 
   ``pinned``: the teacher checkpoint a resumed run started with (its meta's ``distill_teacher``).
   While it lies in the configured teacher's workdir it is used again, even if that run has trained
   on or rotated it away (then the error says so): a resumed student never changes teachers
   silently. A teacher set to another workdir is taken at its newest checkpoint.
+
+  ``sources``: the run's reads of other runs: a teacher that is also the run's compressed dense
+  run is opened and loaded once.
   """
   from vlora_jax import models
   from vlora_jax.train import sharding
@@ -80,7 +84,8 @@ def check(config, family, student, mesh, pinned: str | None = None) -> Teacher |
           f"{where}: this run started distilling from {pinned}, which is gone; a resumed run "
           "keeps its teacher. Start in a fresh workdir to distil from that run's newest "
           "checkpoint")
-  step_dir, tcfg = trained_lib.source_run(dcfg.teacher, where, step_dir)
+  sources = sources or Sources()
+  step_dir, tcfg = sources.config(dcfg.teacher, where, step_dir)
   name = tcfg.get("model", {}).get("name")
   if name != config.model.name:
     raise errors.ConfigError(f"{where} is a model.name={name!r} run; the student is a "
@@ -106,8 +111,7 @@ def check(config, family, student, mesh, pinned: str | None = None) -> Teacher |
   if hidden_weight > 0:
     ends = _check_streams(where, dense, nn.unbox(boxed), student, inputs)
   # The parameters last: every refusal above needs the stored config alone.
-  run = (trained_lib.load_step(step_dir, where) if pinned_here
-         else trained_lib.load(dcfg.teacher, where=where))
+  run = sources.load(dcfg.teacher, where, step_dir if pinned_here else None)
   return Teacher(workdir=dcfg.teacher, checkpoint=run.checkpoint, source=run, model=dense,
                  abstract_params=nn.unbox(boxed),
                  shardings=sharding.param_shardings(boxed, config.sharding_rules, mesh),

@@ -134,8 +134,7 @@ def start_state(run: Run, ckpt: ckpt_lib.Checkpointer,
     else:
       origin = f"init_from {config.init_from}"
       try:
-        p = init_from_lib.init_from(config.init_from, abstract_params=run.abstract_params,
-                               config=config, meta=run.meta)
+        p = init_from_lib.params(config.init_from, run)
       except errors.UserError:
         raise
       except (ImportError, AttributeError, LookupError, OSError, TypeError, ValueError) as e:
@@ -252,6 +251,7 @@ def train_and_evaluate(config, workdir: str | Path, *,
     loop = None
     try:
       st, origin = start_state(run, ckpt, init_params)
+      run.sources.release()  # the other runs' arrays: the teacher keeps its own
       start = int(jax.device_get(st["step"]))
       logging.info("state: %s at step %d (%.1f s since start)", origin, start,
                    time.time() - t_start)

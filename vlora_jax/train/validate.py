@@ -1,6 +1,7 @@
 """Checks the whole config before anything compiles: every error names the key, value and rule.
 
-`check` runs on the config alone (and the device count) and returns the `Plan` that the checks
+`check` runs on the config alone (and the device count), once a run has resolved it (set-up's
+`setup.resolve`: ``compress.budget``'s ranks are in it), and returns the `Plan` that the checks
 built on the way: the model family, the VLoRA and LoRA specs and the mesh shape, each built once
 per run. `check_data` hands the model and what the data pipeline found (image size, classes,
 vocabulary) to the family. The model's own checks (ranks against shapes, compound size against
@@ -101,9 +102,9 @@ def check(config, num_devices: int, process_count: int = 1) -> Plan:
   init = config.get("init_from", "") or ""
   if init and ":" not in init:
     raise _bad("init_from", init, "format '<kind>:<arg>', e.g. 'checkpoint:/path/to/workdir'")
-  if init and init.partition(":")[0] not in init_from_lib.INIT_FROM:
+  if init and init.partition(":")[0] not in init_from_lib.KINDS:
     raise _bad("init_from", init, f"unknown kind {init.partition(':')[0]!r}; registered are "
-               f"{sorted(init_from_lib.INIT_FROM)} (vlora_jax.train.init_from.register_init_from)")
+               f"{sorted(init_from_lib.KINDS)} (vlora_jax.train.init_from.register_init_from)")
   return Plan(family, vlora, lora, shape)
 
 
