@@ -194,7 +194,10 @@ def _out_of_memory(message: str) -> float | None:
   not one)."""
   if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
     return None
-  used = re.search(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm", message)
+  # libtpu words it as "Used 20.1G of 15.75G hbm" or as "the total memory required for HLO
+  # temporaries (535.45G) exceeds available HBM" (then it is the temporaries alone: at least).
+  used = (re.search(r"Used ([\d.]+)([KMGT]) of [\d.]+[KMGT] hbm", message)
+          or re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", message))
   scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
   return float(used.group(1)) * scale[used.group(2)] if used else math.nan
 
