@@ -89,6 +89,45 @@ def test_mesh_shape_and_spec_rules():
       None, None)
 
 
+
+def test_spec_rules_give_each_mesh_axis_to_the_name_first_in_the_table():
+  mesh = jax.sharding.AbstractMesh((1, 4, 2), sharding.MESH_AXES)  # data 1, fsdp 4, tensor 2
+  rules = sharding.rules_dict((("embed", "fsdp"), ("mlp", ("tensor", "fsdp")), ("rank", None)))
+  P = jax.sharding.PartitionSpec
+  spec = lambda shape, names: sharding.spec_for(shape, names, rules, mesh)
+  assert spec((16, 64), ("embed", "mlp")) == P("fsdp", "tensor")  # a dense kernel
+  assert spec((64, 16), ("mlp", "embed")) == P("tensor", "fsdp")  # the same, whatever the order
+  assert spec((8, 64), ("rank", "mlp")) == P(None, ("tensor", "fsdp"))  # a factor: fsdp too
+  assert spec((64, 8), ("mlp", "rank")) == P(("tensor", "fsdp"), None)
+  assert spec((8, 6), ("rank", "mlp")) == P(None, "tensor")  # 6 splits over 2, not over 8
+  assert spec((8, 5), ("rank", "mlp")) == P(None, None)
+
+
+STATE_PER_DEVICE = """
+import json, math, jax
+from vlora_jax.train import load_config, setup
+out = {}
+for variant in ("vlora", "dense"):
+  c = load_config("configs/lm_pod.py:1b,%s,d=1024,layers=8,batch=8" % variant,
+                  **{"model.vlora.rank": 64})
+  run = setup.without_data(c, jax.devices())
+  whole = local = 0
+  for leaf, sh in zip(jax.tree.leaves(run.abstract_state), jax.tree.leaves(run.state_shardings)):
+    whole += leaf.size * leaf.dtype.itemsize
+    local += math.prod(sh.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+  out[variant] = local / (whole / len(jax.devices()))
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_fsdp_shards_every_parameter_and_its_optimizer_state_over_the_devices():
+  """Each of 8 devices holds 1/8 of the train state, the VLoRA factors included: a factor
+  [rank, mlp] has no 'embed' axis, and its hidden width falls back to 'fsdp' (whole on every
+  device, the factors of a rank-64 stack made each device hold 1.38x its share)."""
+  out = result(run_py(STATE_PER_DEVICE, devices=8).stdout)
+  assert out["dense"] <= 1.001 and out["vlora"] <= 1.001, out
+
+
 TWO_PROCESSES = textwrap.dedent("""
     import json, os
     from helpers_train import tiny

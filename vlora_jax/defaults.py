@@ -16,14 +16,17 @@ __all__ = ["ACTIVATION_RULES", "NO_DECAY", "SHARDING_RULES", "get_config", "pars
 
 # Logical axis -> mesh axis. Parameters name their axes in the model code (vlora_jax/layers.py);
 # the layer stack adds 'layers', 'compound', 'step' and 'rank' (vlora_jax/stack.py). The stacked
-# axes and the LoRA rank stay replicated: they are small or scanned over.
+# axes and the LoRA rank stay replicated: they are small or scanned over. A mesh axis goes to the
+# name first in this table (vlora_jax/partitioning.py): 'embed' takes 'fsdp' in every weight that
+# has it, and the hidden widths fall back to 'fsdp' in the arrays without an 'embed' axis, the
+# VLoRA and LoRA factors [rank, mlp] and [mlp, rank], which would otherwise be whole on every chip.
 SHARDING_RULES = (
     ("batch", ("data", "fsdp")),  # activations' batch axis (inputs are split the same way)
     ("embed", "fsdp"),            # the model width: FSDP shards parameters along it
-    ("mlp", "tensor"),            # MLP hidden width: tensor parallelism
-    ("qkv", "tensor"),            # fused q/k/v outputs
-    ("heads", "tensor"),          # attention output projection's input (heads x head_dim)
-    ("kv_heads", "tensor"),       # grouped-query key/value projections' outputs (llama)
+    ("mlp", ("tensor", "fsdp")),  # MLP hidden width: tensor parallelism
+    ("qkv", ("tensor", "fsdp")),  # fused q/k/v outputs
+    ("heads", ("tensor", "fsdp")),  # attention output projection's input (heads x head_dim)
+    ("kv_heads", ("tensor", "fsdp")),  # grouped-query key/value projections' outputs (llama)
     ("vocab", "tensor"),          # classifier / LM head outputs, token embeddings
     ("layers", None),             # per-layer stack axis [L, ...]
     ("compound", None),           # VLoRA: one entry per compound [C, ...]
