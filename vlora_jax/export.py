@@ -52,7 +52,6 @@ from vlora_jax import trained as trained_lib
 from vlora_jax.errors import UserError
 
 FORMATS = ("timm", "hf", "npz", "orbax")
-TIMM_FAMILIES = ("vit",)  # vit_registers: convert.torch_vit does not import register tokens yet
 # What marks a file as this command's output (so a rerun may replace it): the npz archive's
 # comment, a safetensors metadata key, the sidecar's and the orbax meta's keys.
 MARK = "vlora_jax.export"
@@ -63,14 +62,15 @@ class ExportError(UserError, ValueError):
 
 
 def _check_format(fmt_name: str, meta: dict) -> None:
+  from vlora_jax import models
   name = meta.get("config", {}).get("model", {}).get("name")
   if fmt_name not in FORMATS:
     raise ExportError(f"--format={fmt_name!r}: allowed are {list(FORMATS)}")
-  if fmt_name == "timm" and name not in TIMM_FAMILIES:
+  if fmt_name == "timm" and (name not in models.FAMILIES or not models.family(name).exports_timm):
+    serves = sorted(n for n, f in models.FAMILIES.items() if f.exports_timm)
     raise ExportError(f"--format=timm: the run's model.name={name!r} has no timm equivalent; timm "
-                      f"serves model.name in {list(TIMM_FAMILIES)}; use --format npz or orbax")
+                      f"serves model.name in {serves}; use --format npz or orbax")
   if fmt_name == "hf":
-    from vlora_jax import models
     if name not in models.FAMILIES or models.family(name).hf_architecture is None:
       serves = sorted(n for n, f in models.FAMILIES.items() if f.hf_architecture)
       raise ExportError(f"--format=hf: the run's model.name={name!r} has no Hugging Face "
