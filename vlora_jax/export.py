@@ -146,6 +146,10 @@ def _check_out(fmt_name: str, out, overwrite: bool) -> Path:
 def dense_twin_config(config):
   """The run's config with every stack dense: what the dense export's checkpoint is for."""
   c = config.copy_and_resolve_references()
+  # Its weights are the export's, not an init's: a run restored from it starts from nothing else.
+  c.init_from = ""
+  if c.get("compress") is not None:
+    c.compress.budget = 0.0
   if c.model.get("vlora") is not None:
     c.model.vlora.enabled = False
   if c.model.get("lora") is not None:
