@@ -234,3 +234,15 @@ export.export({str(run)!r}, "npz", {str(out)!r})
   assert not _leftovers(tmp_path)
   with np.load(out) as z:
     assert "head/kernel" in z.files
+
+
+def test_a_nested_write_reports_its_own_file(tmp_path):
+  """The timm export writes its sidecar around the weights: a failure of the inner file names
+  that file, not the outer one."""
+  from vlora_jax import outputs
+  with pytest.raises(outputs.OutputError) as e:
+    with outputs.atomic_file(tmp_path / "m.json", "--out's sidecar"):
+      with outputs.atomic_file(tmp_path / "m.safetensors", "--out") as inner:
+        raise OSError(28, "No space left on device", str(inner))
+  assert str(e.value).startswith("--out='") and "sidecar" not in str(e.value)
+  assert list(tmp_path.iterdir()) == []

@@ -114,6 +114,8 @@ def atomic_file(path: Path, flag: str) -> Iterator[Path]:
   try:
     yield tmp
     os.replace(tmp, path)
+  except OutputError:
+    raise  # a nested write's own error names its own file
   except OSError as e:
     raise disk_error(path, flag, e) from None
   finally:
