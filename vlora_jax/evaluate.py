@@ -107,6 +107,9 @@ def eval_config(stored: dict, overrides_: dict[str, Any] | None):
   import ml_collections
   from vlora_jax.train import schema
   tree = copy.deepcopy(stored)
+  # How the run started is not evaluated, and its kind may be registered only by the code that
+  # trained it (`init_from.register_init_from`).
+  tree["init_from"] = ""
   applied = {}
   for key, value in (overrides_ or {}).items():
     if not _overridable(key):
