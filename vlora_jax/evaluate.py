@@ -55,7 +55,6 @@ from vlora_jax.errors import UserError
 
 # The keys an evaluation may change: the data, the eval batch, the mesh. A prefix ends in '.'.
 OVERRIDABLE = ("data.", "eval_batch_size", "mesh.")
-_MISSING = object()
 WRITTEN_BY = "vlora_jax.evaluate"
 
 
@@ -94,7 +93,6 @@ def parse_overrides(tokens: list[str]) -> dict[str, str]:
   return dict(pairs)
 
 
-parse_value = overrides_lib.parse_value  # how an override's text becomes a value (one reader)
 
 
 def eval_config(stored: dict, overrides_: dict[str, Any] | None):
@@ -137,9 +135,7 @@ def _own_tokenizer(meta: dict, step_dir: Path, overrides: dict | None) -> dict:
 def _written_by_evaluate(path: Path) -> bool:
   """Whether a file is an evaluation's result (which a new evaluation may replace)."""
   from vlora_jax import outputs
-  obj = outputs.read_json_object(path) or {}
-  legacy = {"metrics", "checkpoint", "eval_examples"} <= set(obj)  # written before the mark
-  return obj.get("written_by") == WRITTEN_BY or legacy
+  return (outputs.read_json_object(path) or {}).get("written_by") == WRITTEN_BY
 
 
 def _check_out(out, overwrite: bool) -> Path:
