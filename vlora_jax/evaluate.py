@@ -53,6 +53,8 @@ from vlora_jax import overrides as overrides_lib
 from vlora_jax import trained as trained_lib
 from vlora_jax.errors import UserError
 
+PROG = "vlora-evaluate"
+
 # The keys an evaluation may change: the data, the eval batch, the mesh. A prefix ends in '.'.
 OVERRIDABLE = ("data.", "eval_batch_size", "mesh.")
 WRITTEN_BY = "vlora_jax.evaluate"
@@ -195,7 +197,7 @@ def report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = cli.Parser("vlora-evaluate", __doc__, allow_abbrev=False, epilog=OVERRIDES_HELP)
+  parser = cli.Parser(PROG, __doc__, allow_abbrev=False, epilog=OVERRIDES_HELP)
   cli.add_run_args(parser)
   parser.add_argument("--out", default=None, help="the JSON file to write; default "
                       "<workdir>/eval.json")
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     return evaluate(args.workdir, step, parse_overrides(rest), out=args.out,
                     progress=sys.stderr.isatty(), overwrite=args.overwrite)
 
-  result = cli.guarded("vlora_jax.evaluate", args.verbose, go)
+  result = cli.guarded(PROG, args.verbose, go)
   print(report(result), flush=True)
 
 

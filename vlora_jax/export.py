@@ -51,6 +51,8 @@ from vlora_jax import outputs
 from vlora_jax import trained as trained_lib
 from vlora_jax.errors import UserError
 
+PROG = "vlora-export"
+
 FORMATS = ("timm", "hf", "npz", "orbax")
 # What marks a file as this command's output (so a rerun may replace it): the npz archive's
 # comment, a safetensors metadata key, the sidecar's and the orbax meta's keys.
@@ -260,7 +262,7 @@ def export(workdir, fmt_name: str, out, step: int | str | None = None, *,
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = cli.Parser("vlora-export", __doc__)
+  parser = cli.Parser(PROG, __doc__)
   cli.add_run_args(parser)
   parser.add_argument("--format", required=True, choices=FORMATS,
                       help="timm (vit), hf (llama), npz or orbax: see above")
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--overwrite", action="store_true",
                       help="replace an existing --out that an export did not write")
   args = parser.parse_args(argv)
-  paths = cli.guarded("vlora_jax.export", args.verbose, export, args.workdir, args.format,
+  paths = cli.guarded(PROG, args.verbose, export, args.workdir, args.format,
                       args.out, cli.step(args.step), overwrite=args.overwrite)
   for p in paths:
     print(p)

@@ -46,6 +46,8 @@ from vlora_jax import cli, models
 from vlora_jax import trained as trained_lib
 from vlora_jax.errors import UserError
 
+PROG = "vlora-predict"
+
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601-2 (Pillow's convert('L'))
 IMAGE_RULE = ("allowed: a PNG or JPEG image (8-bit), or a .npy array H x W or H x W x C (C 1 or 3) "
               "of uint8 pixels 0-255 or of numbers on the run's pixel scale")
@@ -258,13 +260,13 @@ def report(predictions: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = cli.Parser("vlora-predict", __doc__, allow_abbrev=False)
+  parser = cli.Parser(PROG, __doc__, allow_abbrev=False)
   cli.add_run_args(parser)
   parser.add_argument("--top", type=int, default=5, help="classes shown per file (default 5)")
   parser.add_argument("files", nargs="+", metavar="FILE", help="PNG, JPEG or .npy files")
   args = parser.parse_args(argv)
   step = cli.step(args.step)
-  predictions = cli.guarded("vlora_jax.predict", args.verbose, predict, args.workdir, args.files,
+  predictions = cli.guarded(PROG, args.verbose, predict, args.workdir, args.files,
                             step, args.top, progress=sys.stderr.isatty())
   print(report(predictions), flush=True)
 
