@@ -71,11 +71,14 @@ def _array_files(step_dir: Path) -> list[Path]:
 
 
 def flip_a_bit(step_dir: Path) -> None:
-  """One bit of array data, in place: the storage reads it back; only the fingerprint can tell."""
-  f = _array_files(step_dir)[-1]
-  b = bytearray(f.read_bytes())
-  b[len(b) // 2] ^= 0x10
-  f.write_bytes(bytes(b))
+  """One bit of array data in each data file, in place: the storage reads it back; only the
+  fingerprint can tell. Every file: which arrays share a file varies between saves (Orbax writes
+  them concurrently), and a flip in the optimizer's moments alone would not touch the params
+  that a reader loads."""
+  for f in _array_files(step_dir):
+    b = bytearray(f.read_bytes())
+    b[len(b) // 2] ^= 0x10
+    f.write_bytes(bytes(b))
 
 
 def truncate_data(step_dir: Path) -> None:
