@@ -40,10 +40,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vlora_jax import params as params_lib
-from vlora_jax import stack
+from vlora_jax.core import params as params_lib
+from vlora_jax.core import stack
 from vlora_jax.models.vit import ViT
-from vlora_jax.spec import VLoRASpec
+from vlora_jax.core.spec import VLoRASpec
 
 from benchmarks import harness
 

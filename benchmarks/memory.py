@@ -36,8 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vlora_jax import layers, models, stack
-from vlora_jax.spec import VLoRASpec
+from vlora_jax import models
+from vlora_jax.core import layers, stack
+from vlora_jax.core.spec import VLoRASpec
 from vlora_jax.train import load_config, optim, state as state_lib
 from vlora_jax.train.trainer import make_train_step
 

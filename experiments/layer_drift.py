@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vlora_jax import models, stack
+from vlora_jax import models
+from vlora_jax.core import stack
 from vlora_jax import checkpoint_format
 
 

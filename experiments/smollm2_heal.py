@@ -460,7 +460,7 @@ class Compressor:
 
   def params(self, config) -> tuple[dict, dict]:
     """``(dense params of the compressed model, compress's error figures)``."""
-    from vlora_jax import stack
+    from vlora_jax.core import stack
     compress_lib = _compress_module()
     base, increments = config.compress.base, config.compress.increments
     covs = self.covariances(config).get("blocks") if increments == "whitened" else None

@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlora_jax import decoding, stack
-from vlora_jax.lora import LoRASpec
+from vlora_jax import decoding
+from vlora_jax.core import stack
+from vlora_jax.core.lora import LoRASpec
 from vlora_jax.models.lm import LM
 from vlora_jax.models.seq2seq import Seq2Seq
-from vlora_jax.spec import VLoRASpec
+from vlora_jax.core.spec import VLoRASpec
 from vlora_jax.tokenizer import CharTokenizer, TokenizerError
 
 V, T = 11, 12

@@ -8,7 +8,8 @@ import pytest
 from helpers_train import tiny
 
 import vlora_jax
-from vlora_jax import data as data_lib, models, params as params_lib
+from vlora_jax import data as data_lib, models
+from vlora_jax.core import params as params_lib
 from vlora_jax.errors import CheckpointError, ConfigError
 from vlora_jax.train import train_and_evaluate
 from vlora_jax.train.from_dense import params_from_dense_run

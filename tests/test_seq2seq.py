@@ -10,9 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from vlora_jax import decoding, models, params, stack
+from vlora_jax import decoding, models
+from vlora_jax.core import params, stack
 from vlora_jax.models.seq2seq import CROSS_TARGETS, DEC_TARGETS, Seq2Seq, decoder_spec
-from vlora_jax.spec import VIT_TARGETS, VLoRASpec
+from vlora_jax.core.spec import VIT_TARGETS, VLoRASpec
 
 V = 13
 SPEC = VLoRASpec.official(compound_size=2, rank=2)

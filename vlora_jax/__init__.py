@@ -13,12 +13,12 @@ _cpu_malloc.tune()
 # The names a user starts from, each imported on first use: `import vlora_jax` stays light, and
 # so do the modules that need none of JAX, Orbax or the models.
 _PUBLIC = {
-    "vlorafy": "vlora_jax.stack",      # any Flax block -> a dense or VLoRA stack, one scan
-    "VLoRASpec": "vlora_jax.spec",     # compounds, targets, ranks, mode
-    "LoRASpec": "vlora_jax.lora",      # horizontal LoRA on top of any stack
-    "to_dense": "vlora_jax.stack",     # (dense twin, merged variables) of a stack or a model
-    "dense_twin": "vlora_jax.params",  # the dense twin's module alone
-    "load": "vlora_jax.trained",       # a trained run: model, params, config, info
+    "vlorafy": "vlora_jax.core.stack",      # any Flax block -> a dense or VLoRA stack, one scan
+    "VLoRASpec": "vlora_jax.core.spec",     # compounds, targets, ranks, mode
+    "LoRASpec": "vlora_jax.core.lora",      # horizontal LoRA on top of any stack
+    "to_dense": "vlora_jax.core.stack",     # (dense twin, merged variables) of a stack or a model
+    "dense_twin": "vlora_jax.core.params",  # the dense twin's module alone
+    "load": "vlora_jax.trained",            # a trained run: model, params, config, info
 }
 
 __all__ = sorted(_PUBLIC)

@@ -60,7 +60,7 @@ class Trained:
     """``(dense twin, its params)``: VLoRA and LoRA merged into plain per-layer weights
     (`stack.to_dense`), as host arrays; a dense run's own."""
     import jax
-    from vlora_jax import stack
+    from vlora_jax.core import stack
     model, variables = stack.to_dense(self.model, {"params": self.params})
     return model, jax.device_get(variables["params"])
 
@@ -125,7 +125,7 @@ def _read(step_dir: Path) -> Trained:
   from absl import logging
 
   from vlora_jax import models
-  from vlora_jax.params import params_mismatch
+  from vlora_jax.core.params import params_mismatch
 
   meta = fmt.read_meta(step_dir)
   config = ml_collections.ConfigDict(meta["config"])

@@ -116,7 +116,7 @@ def _check_fits(pre: Pretrained, config) -> None:
   import flax.linen as nn
   import jax
   from vlora_jax import models
-  from vlora_jax.params import params_mismatch
+  from vlora_jax.core.params import params_mismatch
   if len(pre.tokenizer) > config.model.vocab_size:
     raise ConvertError(f"{pre.source}: the tokenizer has {len(pre.tokenizer)} tokens, the model's "
                        f"vocabulary {config.model.vocab_size}; allowed: a tokenizer within it")

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vlora_jax import lora as lora_lib
+from vlora_jax.core import lora as lora_lib
 from vlora_jax.config_keys import Key, bad
-from vlora_jax.lora import LoRASpec
-from vlora_jax.spec import VLoRASpec
+from vlora_jax.core.lora import LoRASpec
+from vlora_jax.core.spec import VLoRASpec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # The ``config.model.vlora`` keys that are `VLoRASpec` fields (a family may read more, such as

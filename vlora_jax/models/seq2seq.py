@@ -24,14 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlora_jax import decoding, layers
+from vlora_jax import decoding
+from vlora_jax.core import layers
 from vlora_jax.config_keys import Bool, Int, Regexes
-from vlora_jax import lora as lora_lib
+from vlora_jax.core import lora as lora_lib
 from vlora_jax.models import family
 from vlora_jax.models.lm import check_common, embed
-from vlora_jax.partitioning import BATCH, LENGTH, RESIDUAL, VOCAB, constrain
-from vlora_jax.spec import VIT_TARGETS, VLoRASpec
-from vlora_jax.stack import block_param_shapes, vlorafy
+from vlora_jax.core.partitioning import BATCH, LENGTH, RESIDUAL, VOCAB, constrain
+from vlora_jax.core.spec import VIT_TARGETS, VLoRASpec
+from vlora_jax.core.stack import block_param_shapes, vlorafy
 
 PAD_ID = 0
 BOS_ID, EOS_ID = 1, 2  # the reversal task's (`data.sources.Reversal`); decoding starts and ends there

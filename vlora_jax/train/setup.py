@@ -24,7 +24,7 @@ from absl import logging
 from vlora_jax import checkpoint_format as fmt
 from vlora_jax import data as data_lib
 from vlora_jax import errors
-from vlora_jax import params as params_lib
+from vlora_jax.core import params as params_lib
 from vlora_jax import trained as trained_lib
 from vlora_jax.data.pipeline import Pipeline
 from vlora_jax.models.family import Family

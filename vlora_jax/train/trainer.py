@@ -26,8 +26,8 @@ from absl import logging
 
 from vlora_jax import cpu_malloc
 from vlora_jax import errors
-from vlora_jax import partitioning
-from vlora_jax.params import params_mismatch
+from vlora_jax.core import partitioning
+from vlora_jax.core.params import params_mismatch
 from vlora_jax.train import checkpoint as ckpt_lib
 from vlora_jax.train import init_from as init_from_lib
 from vlora_jax.train import metrics as metrics_lib
