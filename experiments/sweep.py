@@ -137,8 +137,8 @@ def _config(point: dict, extra: dict | None):
 
 def parse_override(text: str) -> tuple[str, object]:
   """``'optim.lr=3e-4'`` -> ``('optim.lr', 0.0003)``: the value read as the command lines read
-  theirs (`vlora_jax.overrides.parse_value`: a Python literal where it parses, else text)."""
-  from vlora_jax import overrides
+  theirs (`vlora_jax.config.overrides.parse_value`: a Python literal where it parses, else text)."""
+  from vlora_jax.config import overrides
   key, _, value = text.partition("=")
   return key, overrides.parse_value(value, None)
 

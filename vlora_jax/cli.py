@@ -66,7 +66,7 @@ def config_error(spec: str, e: BaseException) -> str:
 def load_config(spec: str, pairs: list[tuple[str, str]], verbose: bool = False):
   """The config of ``--config SPEC`` with the ``--config.KEY=VALUE`` overrides ``pairs``
   (`overrides.split`'s) applied; any failure is one line and exit status 2."""
-  from vlora_jax import overrides
+  from vlora_jax.config import overrides
   from vlora_jax.train import config_util
   try:
     config = config_util.load(spec)
@@ -83,7 +83,7 @@ def parse_config_command(parser: argparse.ArgumentParser, argv: list[str] | None
   """``(args, config)`` of a command that takes ``--config`` and overrides: argparse reads the
   flags, `overrides` the ``--config.KEY=VALUE`` ones; a stray argument, a config that does not
   load and a bad override are each one line and exit status 2."""
-  from vlora_jax import overrides
+  from vlora_jax.config import overrides
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
     pairs, rest = overrides.split(argv)

@@ -31,9 +31,9 @@ did not write is refused unless ``--overwrite``. Prints the checkpoint, the metr
 (sorted) and the path written. A progress bar over the eval batches goes to stderr when stderr is
 a terminal.
 
-Override values are read as the training command line reads them (`vlora_jax.overrides`): numbers,
-``true``/``false``, tuples ``0.5,0.5,0.5``; a key whose stored value is text takes the text as it
-is.
+Override values are read as the training command line reads them (`vlora_jax.config.overrides`):
+numbers, ``true``/``false``, tuples ``0.5,0.5,0.5``; a key whose stored value is text takes the
+text as it is.
 
 Exit status: 0 done; 2 a mistake in the input (no checkpoint in the workdir, a bad ``--step``, a key
 that cannot be overridden or a value the schema refuses, data that do not read or do not fit the
@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from vlora_jax import cli
-from vlora_jax import overrides as overrides_lib
+from vlora_jax.config import overrides as overrides_lib
 from vlora_jax import trained as trained_lib
 from vlora_jax.errors import UserError
 

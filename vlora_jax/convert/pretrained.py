@@ -86,7 +86,7 @@ def run_config(pre: Pretrained, *, workdir: Path, data: str = "",
                max_len: int = DEFAULT_MAX_LEN):
   """The config of the imported run: the dense llama of ``pre``'s architecture (VLoRA off, its
   targets the family's), the ``tokenized`` text of ``data`` read by the run's own tokenizer."""
-  from vlora_jax import defaults as default
+  from vlora_jax.config import defaults as default
   from vlora_jax.models import llama
   c = default.get_config()
   m = c.model

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from vlora_jax.core import layers
 from vlora_jax.core import lora as lora_lib
-from vlora_jax.config_keys import Bool, Float, Int
+from vlora_jax.config.keys import Bool, Float, Int
 from vlora_jax.models import family, lm
 from vlora_jax.core.partitioning import (ATTENTION_HEADS, BATCH, LENGTH, MLP, RESIDUAL, VOCAB,
                                          constrain)

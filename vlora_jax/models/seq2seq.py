@@ -26,7 +26,7 @@ import numpy as np
 
 from vlora_jax import decoding
 from vlora_jax.core import layers
-from vlora_jax.config_keys import Bool, Int, Regexes
+from vlora_jax.config.keys import Bool, Int, Regexes
 from vlora_jax.core import lora as lora_lib
 from vlora_jax.models import family
 from vlora_jax.models.lm import check_common, embed

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlora_jax.core import layers
-from vlora_jax.config_keys import Bool, Choice, Int
+from vlora_jax.config.keys import Bool, Choice, Int
 from vlora_jax.core import lora as lora_lib
 from vlora_jax.models import family
 from vlora_jax.core.partitioning import BATCH, RESIDUAL, VOCAB, constrain

@@ -2,8 +2,8 @@
 
 Experiment files start from it and change a few keys (``configs/*.py`` import it as ``from configs
 import default``, which re-exports this module; a config file of your own imports
-``from vlora_jax import defaults``). It lives in the package because commands that build a config
-themselves (the import of pretrained models, `vlora_jax.convert`) need no repository.
+``from vlora_jax.config import defaults``). It lives in the package because commands that build a
+config themselves (the import of pretrained models, `vlora_jax.convert`) need no repository.
 """
 
 import dataclasses
