@@ -58,7 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.sweep import parse_override
-from vlora_jax import checkpoint_format, cpu_malloc, models
+from vlora_jax import cpu_malloc, models
+from vlora_jax.runs import checkpoint_format
 from vlora_jax.core import stack
 from vlora_jax.core import params as params_lib
 from vlora_jax.train import checkpoint as ckpt_lib

@@ -63,7 +63,7 @@ def _tiny(c, a) -> None:
 
 def _like_run(c, a) -> None:
   """``config.model`` as the run in ``from=`` has it; its tokenizer reads the text."""
-  from vlora_jax import trained
+  from vlora_jax.runs import trained
   source = trained.open_checkpoint(a["from"], where="config arg from")[2]["config"]["model"]
   for key in ("vocab_size", "max_len", "dim", "depth", "num_heads", "num_kv_heads", "head_dim",
               "mlp_dim", "rope_base", "norm_eps", "tie_embeddings", "attention_bias", "mlp_bias"):

@@ -22,7 +22,7 @@ import numpy as np
 
 from vlora_jax import models
 from vlora_jax.core import stack
-from vlora_jax import checkpoint_format
+from vlora_jax.runs import checkpoint_format
 
 
 def _stacks(tree, prefix=""):

@@ -227,7 +227,7 @@ def block_params(params) -> int:
 
 def teacher_run(plan: Plan) -> Path:
   """The imported teacher's workdir (imported once; its windows must be ``--seq_len``)."""
-  from vlora_jax import trained
+  from vlora_jax.runs import trained
   wd = plan.teacher
   if not (wd / "checkpoints").is_dir():
     from vlora_jax.convert.__main__ import convert
@@ -359,7 +359,7 @@ def heal_config(plan: Plan, kind: str, budget: float | None, seed: int, choice: 
 
 
 def _teacher_depth(plan: Plan) -> int:
-  from vlora_jax import trained
+  from vlora_jax.runs import trained
   return int(trained.open_checkpoint(plan.teacher)[2]["config"]["model"]["depth"])
 
 

@@ -81,7 +81,7 @@ def _recorded_hash(workdir: Path) -> str | None:
   if record.exists():
     return json.loads(record.read_text())["config_hash"]
   try:
-    from vlora_jax import checkpoint_format
+    from vlora_jax.runs import checkpoint_format
     saved = checkpoint_format.meta_at(str(workdir))["config"]
   except (OSError, ValueError, KeyError):
     return None
@@ -103,7 +103,7 @@ def _same_but_new_keys(workdir: Path, config) -> bool:
   declared config differs only by keys added to the defaults since, which the run did not know
   (a new option, off by default, computes what the run computed)."""
   try:
-    from vlora_jax import checkpoint_format
+    from vlora_jax.runs import checkpoint_format
     saved = _flat(checkpoint_format.meta_at(str(workdir))["config"])
   except (OSError, ValueError, KeyError):
     return False

@@ -51,7 +51,7 @@ def test_the_documents_own_block_snippet_runs(doc):
 def test_the_front_door_names():
   assert {"vlorafy", "VLoRASpec", "LoRASpec", "load", "to_dense", "dense_twin"} <= set(
       vlora_jax.__all__)
-  assert vlora_jax.load is vlora_jax.trained.load
+  assert vlora_jax.load is vlora_jax.runs.trained.load
   with pytest.raises(AttributeError, match="no attribute 'nope'"):
     vlora_jax.nope  # pylint: disable=pointless-statement
 

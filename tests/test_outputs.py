@@ -27,7 +27,8 @@ from helpers_runs import stored_run
 from helpers_train import ROOT, tiny
 
 import vlora_jax
-from vlora_jax import export, outputs
+from vlora_jax import export
+from vlora_jax.runs import outputs
 from vlora_jax.errors import UserError
 from vlora_jax.evaluate import evaluate
 
@@ -217,7 +218,8 @@ def test_kill_9_during_an_export_keeps_the_earlier_export(run, tmp_path):
   good = out.read_bytes()
   code = f"""
 import os, signal, sys
-from vlora_jax import export, outputs
+from vlora_jax import export
+from vlora_jax.runs import outputs
 def half(path, data, flag):
   with outputs.atomic_file(path, flag) as tmp:
     tmp.write_bytes(data[: len(data) // 2])

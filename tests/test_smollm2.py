@@ -76,7 +76,8 @@ def test_greedy_continuations_equal_transformers(smollm2_run):
 
 def test_perplexity_within_one_percent_of_transformers(smollm2_run, tmp_path):
   import ml_collections
-  from vlora_jax import evaluate, trained
+  from vlora_jax import evaluate
+  from vlora_jax.runs import trained
   from vlora_jax.data import tokenized
   ref = REFERENCE["perplexity"]
   overrides = {"data.split_blocks": 20, "data.validation_fraction": 0.0,

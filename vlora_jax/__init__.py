@@ -18,7 +18,7 @@ _PUBLIC = {
     "LoRASpec": "vlora_jax.core.lora",      # horizontal LoRA on top of any stack
     "to_dense": "vlora_jax.core.stack",     # (dense twin, merged variables) of a stack or a model
     "dense_twin": "vlora_jax.core.params",  # the dense twin's module alone
-    "load": "vlora_jax.trained",            # a trained run: model, params, config, info
+    "load": "vlora_jax.runs.trained",       # a trained run: model, params, config, info
 }
 
 __all__ = sorted(_PUBLIC)

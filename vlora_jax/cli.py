@@ -157,7 +157,7 @@ def stopped(prog: str, signal_name: str, said: str) -> NoReturn:
   """Ends the process on a stop signal: the outputs being written removed, one line, status 128 +
   the signal's number. At once, from any state: no traceback, and no teardown of threads that
   are still in XLA (a compile) or writing."""
-  from vlora_jax import outputs
+  from vlora_jax.runs import outputs
   outputs.remove_pending()
   print(f"{prog}: stopped by {signal_name}; {said}", file=sys.stderr, flush=True)
   os._exit(128 + signal.Signals[signal_name].value)

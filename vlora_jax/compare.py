@@ -74,7 +74,7 @@ def _config_of(workdir: Path) -> dict:
   config = _json(workdir / "config.json")
   if isinstance(config, dict):
     return config
-  from vlora_jax import trained
+  from vlora_jax.runs import trained
   try:
     return trained.open_checkpoint(workdir)[2].get("config", {})
   except (UserError, OSError):

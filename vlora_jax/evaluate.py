@@ -50,7 +50,7 @@ from typing import Any
 
 from vlora_jax import cli
 from vlora_jax.config import overrides as overrides_lib
-from vlora_jax import trained as trained_lib
+from vlora_jax.runs import trained as trained_lib
 from vlora_jax.errors import UserError
 
 # The keys an evaluation may change: the data, the eval batch, the mesh. A prefix ends in '.'.
@@ -133,14 +133,14 @@ def _own_tokenizer(meta: dict, step_dir: Path, overrides: dict | None) -> dict:
 
 def _written_by_evaluate(path: Path) -> bool:
   """Whether a file is an evaluation's result (which a new evaluation may replace)."""
-  from vlora_jax import outputs
+  from vlora_jax.runs import outputs
   obj = outputs.read_json_object(path) or {}
   legacy = {"metrics", "checkpoint", "eval_examples"} <= set(obj)  # written before the mark
   return obj.get("written_by") == WRITTEN_BY or legacy
 
 
 def _check_out(out, overwrite: bool) -> Path:
-  from vlora_jax import outputs
+  from vlora_jax.runs import outputs
   return outputs.check_target(out, "--out", kind="file", owned=_written_by_evaluate,
                               overwrite=overwrite, writer=f"an evaluation ({WRITTEN_BY})")
 
@@ -159,7 +159,7 @@ def evaluate(workdir, step: int | str | None = None, overrides: dict[str, Any] |
 
   # JAX, the data and the models only now: the checks above are instant.
   import jax
-  from vlora_jax import outputs
+  from vlora_jax.runs import outputs
   from vlora_jax.train import compat, evaluation, metrics as metrics_lib, setup
 
   plan, mesh, pipe = setup.mesh_and_data(config)

@@ -45,10 +45,10 @@ import json
 import zipfile
 from pathlib import Path
 
-from vlora_jax import checkpoint_format as fmt
+from vlora_jax.runs import checkpoint_format as fmt
 from vlora_jax import cli
-from vlora_jax import outputs
-from vlora_jax import trained as trained_lib
+from vlora_jax.runs import outputs
+from vlora_jax.runs import trained as trained_lib
 from vlora_jax.errors import UserError
 
 FORMATS = ("timm", "hf", "npz", "orbax")

@@ -35,7 +35,7 @@ import dataclasses
 import sys
 
 from vlora_jax import cli
-from vlora_jax import trained as trained_lib
+from vlora_jax.runs import trained as trained_lib
 from vlora_jax.errors import UserError
 
 SEPARATOR = "----"

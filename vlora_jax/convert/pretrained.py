@@ -161,7 +161,7 @@ def write_run(pre: Pretrained, workdir, *, data: str = "",
   checkpoints); returns the checkpoint's step directory."""
   import jax
   from vlora_jax import cli
-  from vlora_jax import checkpoint_format as fmt
+  from vlora_jax.runs import checkpoint_format as fmt
   from vlora_jax.train import checkpoint as ckpt_lib, metrics, optim, schema
   from vlora_jax.train import workdir as workdir_lib
 

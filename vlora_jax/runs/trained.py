@@ -1,10 +1,10 @@
 """A trained run, read back from its workdir: ``vlora_jax.load(workdir, step=None)``.
 
 Everything needed to run the model is stored in each checkpoint's JSON ``meta`` (written at set-up,
-`vlora_jax.train.setup`; the format is `vlora_jax.checkpoint_format`): the config, the layout of
-every layer stack, and the data's description (`vlora_jax.data`: the vocabulary, the image shape
-and normalisation, the class names). So loading reads no data file, and no relative path of the
-config has to resolve.
+`vlora_jax.train.setup`; the format is `vlora_jax.runs.checkpoint_format`): the config, the layout
+of every layer stack, and the data's description (`vlora_jax.data`: the vocabulary, the image
+shape and normalisation, the class names). So loading reads no data file, and no relative path of
+the config has to resolve.
 
   model, params, config, info = vlora_jax.load("runs/vit_digits")
   logits = model.apply({"params": params}, images)   # images: (pixels * scale - mean) / std
@@ -27,7 +27,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from vlora_jax import checkpoint_format as fmt
+from vlora_jax.runs import checkpoint_format as fmt
 from vlora_jax.errors import CheckpointError
 
 
