@@ -1,12 +1,12 @@
 """Vertical LoRA (VLoRA) in JAX/Flax: a VLoRA model is a dense model whose layer stack is
 parameterised differently (see README.md)."""
 
-from vlora_jax import backends as _backends
-from vlora_jax import cpu_malloc as _cpu_malloc
+from vlora_jax.platform import backends as _backends
+from vlora_jax.platform import cpu_malloc as _cpu_malloc
 
-# Before JAX starts its backend: no probe for a TPU this machine lacks (vlora_jax/backends.py),
-# and on CPU, XLA's freed temporaries kept in the process instead of page-faulted in again every
-# step (vlora_jax/cpu_malloc.py; bit-identical results).
+# Before JAX starts its backend: no probe for a TPU this machine lacks
+# (vlora_jax/platform/backends.py), and on CPU, XLA's freed temporaries kept in the process instead
+# of page-faulted in again every step (vlora_jax/platform/cpu_malloc.py; bit-identical results).
 _backends.skip_absent_tpu()
 _cpu_malloc.tune()
 
