@@ -49,7 +49,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   env = harness.environment()
   import numpy as np
-  from vlora_jax import decoding
+  from vlora_jax.models import decoding
 
   lengths = [int(n) for n in args.lengths.split(",") if n]  # "": the ratios only
   max_len = PROMPT + max(lengths + [args.tokens])

@@ -54,7 +54,7 @@ def _tiny(c, a) -> None:
   if a["data"] == "text":
     c.data.source = "text"
     return
-  from vlora_jax import tokenizer
+  from vlora_jax.data import tokenizer
   c.data.source = "tokenized"
   c.data.tokenizer = a["tok"]
   c.data.eval_split = "validation"

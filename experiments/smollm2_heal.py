@@ -241,7 +241,7 @@ def teacher_run(plan: Plan) -> Path:
 
 
 def prepare_data(plan: Plan) -> dict:
-  from vlora_jax import tokenizer
+  from vlora_jax.data import tokenizer
   tok = tokenizer.load(str(plan.teacher), "teacher")
   record = data_lib.prepare(plan.data, tok, seed=plan.split_seed,
                             held_fraction=plan.held_fraction, shakespeare=plan.shakespeare,
@@ -259,7 +259,7 @@ class Evaluator:
   and its greedy continuations of the fixed prompts; one compiled program per model shape."""
 
   def __init__(self, plan: Plan):
-    from vlora_jax import tokenizer
+    from vlora_jax.data import tokenizer
     self.plan = plan
     self.tok = tokenizer.load(str(plan.teacher), "teacher")
     self._windows: dict = {}
@@ -305,7 +305,7 @@ class Evaluator:
     return {"nll": nll, "ppl": {d: math.exp(v) for d, v in nll.items()}}
 
   def greedy(self, model, params) -> list[str]:
-    from vlora_jax import decoding
+    from vlora_jax.models import decoding
     ids = [self.tok.encode(p) for p in prompts()]
     new = decoding.generate(model, params, ids, max_new_tokens=self.plan.new_tokens)
     return [self.tok.decode(n) for n in new]

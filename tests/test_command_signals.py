@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow  # subprocesses and signals
 # Where each command is caught, and what runs there once the file says so: ``None`` waits (for a
 # signal), else the wrapped function goes on (a real compile).
 WRAPPED = {
-    "sample": ("vlora_jax.decoding", "generate", "wait"),
+    "sample": ("vlora_jax.models.decoding", "generate", "wait"),
     "evaluate": ("vlora_jax.train.evaluation", "evaluate", "wait"),
     "predict": ("vlora_jax.runs.trained", "load", "after"),
     "export": ("os", "replace", "wait"),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from vlora_jax import decoding
+from vlora_jax.models import decoding
 from vlora_jax.core import partitioning, stack
 from vlora_jax.models.llama import TARGETS, Llama
 from vlora_jax.core.spec import VLoRASpec

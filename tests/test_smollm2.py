@@ -58,7 +58,8 @@ def smollm2_run(smollm2_gguf, tmp_path_factory) -> Path:
 def test_greedy_continuations_equal_transformers(smollm2_run):
   import jax.numpy as jnp
   import vlora_jax
-  from vlora_jax import decoding, tokenizer
+  from vlora_jax.models import decoding
+  from vlora_jax.data import tokenizer
   run = vlora_jax.load(smollm2_run)
   tok = tokenizer.from_info(run.info)
   prompts = REFERENCE["prompts"]

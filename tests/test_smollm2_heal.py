@@ -184,7 +184,7 @@ def plan(tmp_path_factory) -> heal.Plan:
   """A random 6-layer Llama imported as the teacher, and the domains prepared, in a fresh root."""
   import jax
   import flax.linen as nn
-  from vlora_jax import tokenizer
+  from vlora_jax.data import tokenizer
   from vlora_jax.convert import pretrained
   from vlora_jax.models.llama import Llama
   tmp = tmp_path_factory.mktemp("smollm2_heal")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlora_jax import tokenizer as tokenizer_lib
+from vlora_jax.data import tokenizer as tokenizer_lib
 from vlora_jax.convert import gguf_llama, hf_llama
 from vlora_jax.convert.hf_llama import ConvertError
 

@@ -75,7 +75,7 @@ class Family(abc.ABC):
     input_keys: the batch keys passed to ``model.apply``, in order (see `inputs`).
     config_keys: the family's own ``config.model`` keys, declared (`vlora_jax.config.keys`):
       `train.schema` checks them with the run's other keys before anything is built.
-    generates: a language model that `vlora_jax.decoding.generate` continues (its call takes
+    generates: a language model that `decoding.generate` continues (its call takes
       ``position_ids``, ``mask`` and ``decode``): `vlora_jax.sample` serves it.
     hf_architecture: the Hugging Face ``architectures`` entry that ``vlora_jax.export --format hf``
       writes the family as (None: no such export).

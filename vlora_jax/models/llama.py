@@ -11,7 +11,7 @@ Hugging Face's layout (`layers.rotary`); llama.cpp's interleaved q/k rows are un
 
 VLoRA targets the seven matrices of a block (`TARGETS`); the model decodes with the KV cache of
 `layers.SelfAttention` (it is one, with separate projections and fewer key/value heads) and samples
-through `vlora_jax.decoding` like the character LM.
+through `vlora_jax.models.decoding` like the character LM.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class Llama(nn.Module):
   """Causal LM: ``apply(variables, tokens [B, T] int32, train=False) -> logits [B, T, V]``.
 
   The call is the character LM's (`lm.LM`): ``position_ids``, ``mask`` and ``decode`` as there, so
-  `vlora_jax.decoding` drives both.
+  `vlora_jax.models.decoding` drives both.
 
   Attributes:
     vocab_size: V.

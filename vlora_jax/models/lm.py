@@ -108,7 +108,7 @@ class LM(nn.Module):
         added inside attention. When decoding, ``T_keys`` is the cache length.
       decode: None (whole sequences), or ``"prefill"`` / ``"step"``: append the tokens to the KV
         cache (`layers.SelfAttention`), which is sized by ``init(..., decode="prefill")`` on
-        ``[B, T_max]`` tokens; apply with ``mutable=["cache"]``. `vlora_jax.decoding` drives it.
+        ``[B, T_max]`` tokens; apply with ``mutable=["cache"]``. `decoding.py` drives it.
     """
     self.check()
     layers.check_decode(decode)

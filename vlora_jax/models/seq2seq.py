@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlora_jax import decoding
+from vlora_jax.models import decoding
 from vlora_jax.core import layers
 from vlora_jax.config.keys import Bool, Int, Regexes
 from vlora_jax.core import lora as lora_lib
@@ -79,7 +79,7 @@ class Seq2Seq(nn.Module):
   """``apply(variables, src [B, S], tgt_in [B, T], train=False) -> logits [B, T, V]``.
 
   Decoding runs the parts: ``apply(..., src, method="encode")`` once, then
-  ``method="decode_logits"`` with a KV cache (`vlora_jax.decoding`).
+  ``method="decode_logits"`` with a KV cache (`vlora_jax.models.decoding`).
 
   Attributes:
     vocab_size: V (shared by source and target; id 0 is padding).
@@ -191,7 +191,7 @@ class Seq2Seq(nn.Module):
     ``src`` masks the memory's padding. ``decode`` (``"prefill"`` on the first call, ``"step"``
     after it) appends ``tgt_in`` to the decoder's KV cache instead of reading whole targets
     (apply with ``mutable=["cache"]``); ``position_ids`` ``[B, T]`` then says where the tokens
-    are. `vlora_jax.decoding` drives it.
+    are. `vlora_jax.models.decoding` drives it.
     """
     y = self.embed(tgt_in)
     rows = (self.dec_pos_embed[:, :y.shape[1]] if position_ids is None
