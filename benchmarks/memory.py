@@ -204,8 +204,9 @@ def measure_rss(size_name: str, variant: str, steps: int, quick: bool) -> dict:
 
 
 def deepest(size: dict, variant: str, budget: int, remat: str, cap: int) -> dict:
-  """The deepest multiple of the compound size whose compiled step fits ``budget`` bytes."""
-  unit = VLORA["compound_size"]
+  """The deepest stack whose compiled step fits ``budget`` bytes: any depth for dense, a
+  multiple of the compound size for VLoRA (the depths each can have)."""
+  unit = 1 if variant == "dense" else VLORA["compound_size"]
   fits = {}
 
   def ok(depth: int) -> bool:

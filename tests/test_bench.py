@@ -143,3 +143,20 @@ def test_gpu_mfu_script_runs_every_model_and_writes_its_rows(tmp_path):
   for m in ("vit_b16", "lm_1b"):  # the dense twin is the larger model
     assert by[(m, "dense")]["params_total"] > by[(m, "vlora")]["params_total"], m
   assert "| lm_1b" in out.with_suffix(".md").read_text()
+
+
+def test_the_depth_search_tries_every_depth_each_variant_can_have(monkeypatch):
+  """Dense may have any depth, VLoRA a multiple of its compound size: the search must not round
+  dense down to VLoRA's unit (it did, and reported 4.3x where one-layer steps give 3.7x)."""
+  from benchmarks import memory
+  fixed, per_layer = 7, 10
+  monkeypatch.setattr(memory, "build",
+                      lambda size, variant: (size["over"]["model.depth"],) + (None,) * 4)
+  monkeypatch.setattr(memory, "compiled_memory",
+                      lambda depth, state, batch: {"total": fixed + per_layer * depth})
+  budget = fixed + per_layer * 14 + 5
+  for variant, want in (("dense", 14), ("vlora_official", 12)):
+    found = memory.deepest({"over": {}}, variant, budget, "none", cap=256)
+    assert found["depth"] == want, (variant, found)
+    assert all(int(d) % (1 if variant == "dense" else memory.VLORA["compound_size"]) == 0
+               for d in found["compiled"])

@@ -132,7 +132,8 @@ def test_a_stop_signal_is_one_line_and_no_output(command, sig, stopped):
   assert rc == 128 + number, (rc, stderr[-3000:])
   assert "Traceback" not in stderr, stderr[-3000:]
   said = [line for line in stderr.splitlines() if "stopped by" in line]
-  assert len(said) == 1 and said[0].startswith(f"vlora_jax") and sig in said[0], stderr[-2000:]
+  prog = "vlora-train" if command == "main" else f"vlora-{command}"  # its console script
+  assert len(said) == 1 and said[0].startswith(f"{prog}: ") and sig in said[0], stderr[-2000:]
   assert stderr.rstrip().splitlines()[-1] == said[0]
   assert not stdout.strip()
   assert not [p for p in d.rglob("*") if outputs.TMP_MARK in p.name]

@@ -73,6 +73,47 @@ def test_weight_one_trains_on_the_teacher_alone(parts):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
+def _kl_numpy(student, teacher, weight, temperature):
+  """``sum weight * KL(softmax(teacher / T) || softmax(student / T))`` in float64."""
+  def log_softmax(z):
+    z = np.asarray(z, np.float64) / temperature
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+  t, s = log_softmax(teacher), log_softmax(student)
+  return float(((np.exp(t) * (t - s)).sum(-1) * np.asarray(weight, np.float64)).sum())
+
+
+def test_kl_against_float64_numpy_its_direction_and_temperature():
+  """Different inputs (KL(p||p) = 0 proves little): the value, KL(teacher || student) and not
+  the reverse, and the temperature inside the softmax."""
+  rng = np.random.default_rng(0)
+  s, t = rng.normal(0, 2, (3, 5, 11)), rng.normal(0, 2, (3, 5, 11))
+  w = rng.uniform(0, 1, (3, 5))
+  for temp in (1.0, 2.5):
+    got = float(teacher_lib.kl_sum(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32),
+                                   jnp.asarray(w, jnp.float32), temp))
+    want = _kl_numpy(s, t, w, temp)
+    assert got == pytest.approx(want, rel=1e-5)
+    assert abs(want - _kl_numpy(t, s, w, temp)) > 1e-2 * want  # the reverse would be caught
+  assert abs(_kl_numpy(s, t, w, 1.0) - _kl_numpy(s, t, w, 2.5)) > 1e-2  # so would a lost T
+
+
+def test_the_step_mixes_task_and_t_squared_kl(parts):
+  """loss = (1 - w) task + w T^2 KL, with the KL the float64 one of the two models' logits."""
+  config, fam, student, dense, batch, p, tp, opt, st = parts
+  weight, temp = 0.3, 2.0
+  _, m = jax.jit(make_train_step(student, fam, opt, 0.0,
+                                 teacher=_teacher(dense, weight, temp)))(st, batch, tp)
+  x = batch["image"]
+  s_logits = student.apply({"params": p}, x, train=False)
+  t_logits = dense.apply({"params": tp}, x, train=False)
+  n = s_logits.shape[0]
+  kl = _kl_numpy(s_logits, t_logits, np.ones(n), temp) / n
+  assert float(m["train/kl"]) == pytest.approx(kl, rel=1e-4)
+  want = (1 - weight) * float(m["train/task_loss"]) + weight * temp ** 2 * kl
+  assert float(m["train/loss"]) == pytest.approx(want, rel=1e-4)
+
+
 def _fake_run(tmp_path, config):
   """A workdir whose only checkpoint holds the meta with ``config`` (what `check` judges) and the
   model's parameters as zeros (what set-up reads and verifies once the checks pass)."""

@@ -29,7 +29,8 @@ from vlora_jax import cli
 from vlora_jax import data as data_lib
 from vlora_jax import models
 from vlora_jax.errors import CheckpointError, ConfigError
-from vlora_jax.evaluate import EvalError, evaluate, parse_overrides, parse_value
+from vlora_jax.evaluate import EvalError, evaluate, parse_overrides
+from vlora_jax.config.overrides import parse_value
 from vlora_jax.runs.outputs import OutputError
 from vlora_jax.predict import PredictError, load_image, predict
 from vlora_jax.train import train_and_evaluate
@@ -353,3 +354,15 @@ def test_bad_input_exits_2_with_one_line(run, tmp_path):
         (name, proc.returncode, proc.stderr[-3000:])
     assert cases[name][2] in lines[0], (name, lines[0])
     assert proc.stdout == "", name
+
+
+def test_evaluate_takes_a_run_started_by_an_init_kind_this_process_lacks():
+  """A kind registered by the code that trained the run (`register_init_from`) is not registered
+  in vlora-evaluate's process: the evaluation does not start the run, so it does not ask."""
+  from vlora_jax.evaluate import eval_config
+  from vlora_jax.train import validate
+  stored = tiny("vit", init_from="my_lab_kind:/weights").to_dict()
+  with pytest.raises(ConfigError, match="unknown kind 'my_lab_kind'"):
+    validate.check(tiny("vit", init_from="my_lab_kind:/weights"), num_devices=1)
+  config, _ = eval_config(stored, {})
+  validate.check(config, num_devices=1)

@@ -44,3 +44,23 @@ def test_example_batch_feeds_the_model_and_the_loss(name):
   assert fam.sequence_length(config.model) >= 1
   assert set(fam.stack_specs(model)) and all(
       isinstance(k, str) for k in fam.stack_specs(model))
+
+
+def test_what_each_command_serves_comes_from_the_family():
+  """predict and the timm and Hugging Face exports ask the family, not a list of names."""
+  from vlora_jax import export, predict
+  for name, fam in models.FAMILIES.items():
+    meta = {"config": {"model": {"name": name}}}
+    for fmt, serves in (("timm", fam.exports_timm), ("hf", fam.hf_architecture is not None)):
+      if serves:
+        export._check_format(fmt, meta)
+      else:
+        with pytest.raises(export.ExportError, match=f"--format={fmt}: the run's model.name"):
+          export._check_format(fmt, meta)
+    if fam.classifies_images:
+      predict._check_family(meta, "run")
+    else:
+      with pytest.raises(predict.PredictError, match="is not an image classifier"):
+        predict._check_family(meta, "run")
+  assert {n for n, f in models.FAMILIES.items() if f.classifies_images} == {"vit", "vit_registers"}
+  assert {n for n, f in models.FAMILIES.items() if f.exports_timm} == {"vit"}

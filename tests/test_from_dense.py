@@ -151,6 +151,12 @@ def test_a_resumed_run_keeps_its_teacher_and_needs_no_dense_run(dense_run, tmp_p
   assert set_up(_student(source, **{"distill.teacher": str(source), "num_train_steps": 2}),
                 tmp_path / "healed").teacher.checkpoint == first
   shutil.rmtree(source)
+  # Restored elsewhere, the run reads neither its dense run nor the budget's ranks from it.
+  moved = set_up(_student(source, **{"compress.budget": 0.75, "num_train_steps": 2,
+                                     "checkpoint.restore_from": str(tmp_path / "plain")}),
+                 tmp_path / "moved")
+  assert tuple(moved.config.model.vlora.rank) == tuple(
+      vlora_jax.load(tmp_path / "plain").config.model.vlora.rank)
   again = _student(source, **{"compress.budget": 0.75, "num_train_steps": 2})
   assert train_and_evaluate(again, tmp_path / "plain")["step"] == 2
   with pytest.raises(CheckpointError, match="which is gone; a resumed run keeps its teacher"):

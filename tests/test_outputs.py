@@ -236,3 +236,50 @@ export.export({str(run)!r}, "npz", {str(out)!r})
   assert not _leftovers(tmp_path)
   with np.load(out) as z:
     assert "head/kernel" in z.files
+
+
+def test_a_nested_write_reports_its_own_file(tmp_path):
+  """The timm export writes its sidecar around the weights: a failure of the inner file names
+  that file, not the outer one."""
+  from vlora_jax.runs import outputs
+  with pytest.raises(outputs.OutputError) as e:
+    with outputs.atomic_file(tmp_path / "m.json", "--out's sidecar"):
+      with outputs.atomic_file(tmp_path / "m.safetensors", "--out") as inner:
+        raise OSError(28, "No space left on device", str(inner))
+  assert str(e.value).startswith("--out='") and "sidecar" not in str(e.value)
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupt_between_the_two_renames_puts_the_earlier_output_back(tmp_path, monkeypatch):
+  """The earlier directory is moved aside before the new one takes its name: an interrupt in
+  between (what `remove_pending` handles) leaves the earlier output where it was."""
+  from vlora_jax.runs import outputs
+  out = tmp_path / "export"
+  out.mkdir()
+  (out / "weights").write_text("earlier")
+  real_replace, calls = os.replace, []
+
+  def replace_then_interrupt(src, dst):
+    real_replace(src, dst)
+    calls.append(dst)
+    if len(calls) == 1:  # the earlier output is aside, the new one not yet in place
+      raise KeyboardInterrupt
+
+  monkeypatch.setattr(outputs.os, "replace", replace_then_interrupt)
+  with pytest.raises(KeyboardInterrupt):
+    with outputs.atomic_dir(out, "--out") as tmp:
+      (tmp / "weights").write_text("new")
+  monkeypatch.setattr(outputs.os, "replace", real_replace)
+  outputs.remove_pending()  # what the signal handler does before it exits
+  assert (out / "weights").read_text() == "earlier"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_a_temporary_left_under_this_process_id_is_stale(tmp_path):
+  """In a container the next run often gets the pid of the one that was killed: its leftover is
+  not a write in progress."""
+  from vlora_jax.runs import outputs
+  out = tmp_path / "model.npz"
+  left = tmp_path / f".model.npz{outputs.TMP_MARK}{os.getpid()}-999"
+  left.write_bytes(b"half")
+  assert outputs.remove_stale(out) == [left] and not left.exists()

@@ -89,6 +89,25 @@ def _compile(*args, timeout=900):
   return proc.returncode, report, proc.stdout + proc.stderr
 
 
+def test_an_out_that_is_not_a_report_is_refused_before_the_compile(tmp_path):
+  """--out is checked like every command's output: another file needs --overwrite, a run's
+  checkpoints are never written, and nothing compiles first."""
+  mine = tmp_path / "notes.txt"
+  mine.write_text("mine")
+  run_dir = tmp_path / "run" / "checkpoints" / "5"
+  run_dir.mkdir(parents=True)
+  for out, says in ((mine, "exists and was not written by a report of vlora-compile; pass "
+                           "--overwrite"),
+                    (run_dir / "r.json", "lies inside a run's checkpoints")):
+    proc = subprocess.run([sys.executable, "-m", "vlora_jax.compile",
+                           "--config=configs/lm_pod.py:1b,d=64,layers=2", f"--out={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    code, output = proc.returncode, proc.stdout + proc.stderr
+    assert code == 2 and says in output and "Traceback" not in output, output[-2000:]
+    assert "compiled" not in output.lower()
+  assert mine.read_text() == "mine"
+
+
 # Small enough to compile in a minute, large enough that the saved activations are most of a
 # chip's memory (at smaller sizes XLA's choice of which buffers to keep varies by 10-20% between
 # slices, whatever the sharding).

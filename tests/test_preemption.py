@@ -156,7 +156,7 @@ def test_the_command_line_exits_75_and_the_rerun_resumes(tmp_path):
   assert proc.returncode == preemption.EXIT_PREEMPTED, err[-3000:]
   assert "Traceback" not in err
   last = err.strip().splitlines()[-1]
-  assert last.startswith("vlora_jax: stopped by SIGTERM after step "), last
+  assert last.startswith("vlora-train: stopped by SIGTERM after step "), last
   stopped = int(last.split("after step ")[1].split(";")[0])
   assert (tmp_path / "checkpoints" / str(stopped)).is_dir()
 

@@ -143,3 +143,21 @@ def test_a_missing_file_suggests_a_path_that_works(tmp_path, monkeypatch):
   assert data.build(tiny("lm", **{"data.path": suggested})).info["vocab_size"] > 10
   with pytest.raises(DataError, match=r"Prepare it with `vlora-data mnist`"):
     data.build(tiny("vit", **{"data.source": "npz", "data.path": "mnist.npz"}))
+
+
+def test_a_forced_rewrite_that_does_not_check_keeps_the_earlier_file(tmp_path):
+  """--force from a bad copy: the new file is checked before it replaces anything, so the
+  earlier good one stays, and no temporary is left behind."""
+  src = tmp_path / "copies"
+  src.mkdir()
+  np.savez(src / "mnist.npz", **_mnist_arrays())
+  out = tmp_path / "d"
+  good = prepare.prepare("mnist", out, src, log=lambda _: None)
+  before = good.read_bytes()
+  bad = _mnist_arrays()
+  bad["y_train"] = bad["y_train"][:-1]  # one label short: the pipeline's checks refuse it
+  np.savez(src / "mnist.npz", **bad)
+  with pytest.raises(DataError):
+    prepare.prepare("mnist", out, src, force=True, log=lambda _: None)
+  assert good.read_bytes() == before
+  assert sorted(p.name for p in out.iterdir()) == ["mnist.npz"]

@@ -9,6 +9,7 @@ import shutil
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers_train import result, run_py, tiny
@@ -99,6 +100,22 @@ def test_the_fingerprint_catches_what_storage_does_not(straight):
   assert checkpoint_format.fingerprint(state)[0] != prints
   state["params"]["head"]["kernel"] = np.full_like(leaf, np.nan)
   assert not checkpoint_format.fingerprint(state)[1]
+
+
+def test_a_host_state_that_every_process_reads_is_counted_once(monkeypatch):
+  """A checkpoint read into numpy (a teacher, a compress source) is whole on every process: two
+  processes must give the one-process fingerprint, not twice its sums."""
+  from jax.experimental import multihost_utils
+  host = {"w": np.arange(12, dtype=np.float32).reshape(3, 4) - 5, "b": np.ones(3, jnp.bfloat16)}
+  one = checkpoint_format.fingerprint(host)
+  other = checkpoint_format._local_sums(jax.tree.leaves(host), 1)[0]  # process 1's share
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: np.stack([x, other if np.ndim(x) == 2 else x]))
+  assert checkpoint_format.fingerprint(host) == one
+  monkeypatch.undo()
+  host["b"] = np.array([1, np.inf, 2], jnp.bfloat16)  # numpy does not call bfloat16 floating
+  assert not checkpoint_format.fingerprint(host)[1]
 
 
 def test_when_no_checkpoint_restores_nothing_is_moved(straight, tmp_path):

@@ -106,10 +106,11 @@ def test_compare_tabulates_the_runs_and_plots_their_curves(runs, capsys):
 
 def test_bits_per_character_and_per_token():
   loss = 2 * math.log(2)  # 2 bits
-  assert evaluation.bits({"eval/loss": loss}, {"kind": "text", "chars_per_token": 1.0}, "eval") \
+  info = {"kind": "text", "chars_per_token": {"validation": 1.0, "test": 4.0}}
+  assert evaluation.bits({"eval/loss": loss}, info, "eval", "validation") \
       == pytest.approx({"eval/bits_per_token": 2.0, "eval/bits_per_char": 2.0})
-  assert evaluation.bits({"test/loss": loss}, {"kind": "text", "chars_per_token": 4.0}, "test") \
+  assert evaluation.bits({"test/loss": loss}, info, "test", "test") \
       == pytest.approx({"test/bits_per_token": 2.0, "test/bits_per_char": 0.5})
-  assert evaluation.bits({"eval/loss": loss}, {"kind": "text"}, "eval") == pytest.approx(
-      {"eval/bits_per_token": 2.0})  # characters per token unknown: per token only
-  assert evaluation.bits({"eval/loss": loss}, {"kind": "images"}, "eval") == {}
+  assert evaluation.bits({"eval/loss": loss}, {"kind": "text"}, "eval", "validation") \
+      == pytest.approx({"eval/bits_per_token": 2.0})  # characters per token unknown
+  assert evaluation.bits({"eval/loss": loss}, {"kind": "images"}, "eval", "validation") == {}

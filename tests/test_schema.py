@@ -1,4 +1,5 @@
-"""The config schema: generated bad values for every key, and the schema against config/defaults.py.
+"""The config schema: generated bad values for every key, an independent table of bad values, and
+the schema against config/defaults.py.
 
 For every declared key (the run's and each family's), a base config where the key applies gets a
 value of the wrong type and a value out of range (`Key.bad_values`); each must be refused by
@@ -296,3 +297,40 @@ def test_a_value_at_the_closed_end_of_its_range_is_accepted(base, key, value):
   d = CONFIGS[base].to_dict()
   _set(d, key, value)
   validate.check(ml_collections.ConfigDict(d), num_devices=1)
+
+
+def _independent_cases():
+  """Bad values derived from each key's value in its base config, not from the rule objects that
+  `CASES` come from: a word where a number is, a number where a word or a switch is, a fraction
+  where a count is."""
+  out = []
+  for key in sorted(schema.keys()):
+    name, base = _base_for(key)
+    value = lookup(base, key, None) if base is not None else None
+    if isinstance(value, bool):
+      out += [(key, "word_for_switch", "yes"), (key, "count_for_switch", 2)]
+    elif isinstance(value, int):
+      out += [(key, "word_for_count", "seven"), (key, "fraction_for_count", value + 0.5)]
+    elif isinstance(value, float):
+      out += [(key, "word_for_number", "seven")]
+    elif isinstance(value, str):
+      out += [(key, "number_for_word", 7)]
+  return out
+
+
+INDEPENDENT = _independent_cases()
+
+
+def test_the_independent_table_covers_most_keys():
+  assert len({k for k, _, _ in INDEPENDENT}) >= 0.8 * len(schema.keys())
+
+
+@pytest.mark.parametrize("key,kind,value", INDEPENDENT,
+                         ids=[f"{k}:{kind}" for k, kind, _ in INDEPENDENT])
+def test_an_independent_bad_value_is_refused_naming_the_key(key, kind, value):
+  name, base = _base_for(key)
+  d = base.to_dict()
+  _set(d, key, value)
+  with pytest.raises(errors.ConfigError) as info:
+    validate.check(ml_collections.ConfigDict(d), num_devices=1)
+  assert re.match(rf"{re.escape(key)}(\[\d+\])?=", str(info.value)), (name, str(info.value))

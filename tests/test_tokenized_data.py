@@ -85,11 +85,12 @@ def test_the_pipeline_reads_the_stored_split(text_file, seed):
     assert split["validation"] == [7, 8] and split["test"] == [9]
   assert tokenizer_lib.from_info(info).encode("the king") == tok.encode("the king")
   assert info["vocab_size"] == 320 and info["tokens_per_example"] == config.model.max_len
-  # bits per character from bits per token: the validation blocks' characters per token
-  chars = sum(len(tok.decode(ids[s:e].tolist()))
-              for s, e in tokenized.spans(split["validation"], 10, len(ids)))
-  tokens = sum(e - s for s, e in tokenized.spans(split["validation"], 10, len(ids)))
-  assert info["chars_per_token"] == pytest.approx(chars / tokens) and info["chars_per_token"] > 1
+  # bits per character from bits per token: each eval split's own characters per token
+  for name in ("validation", "test"):
+    chars = sum(len(tok.decode(ids[s:e].tolist()))
+                for s, e in tokenized.spans(split[name], 10, len(ids)))
+    tokens = sum(e - s for s, e in tokenized.spans(split[name], 10, len(ids)))
+    assert info["chars_per_token"][name] == pytest.approx(chars / tokens) and chars > tokens
   # the test split's windows are the test blocks', for the run's one evaluation at the end
   test_ranges = tokenized.spans(split["test"], 10, len(ids))
   first_test = next(pipe.eval_batches("test"))["tokens"][0]

@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import sys
+import tempfile
 import threading
 import traceback
 from pathlib import Path
@@ -232,8 +233,7 @@ def writable_dir(directory: Path, flag: str, error: Callable[[str], UserError]) 
     raise error(f"{flag}: {str(above)!r} is a file, not a directory")
   try:
     directory.mkdir(parents=True, exist_ok=True)
-    probe = directory / ".write_test"
-    probe.write_bytes(b"")
-    probe.unlink()
+    with tempfile.TemporaryFile(dir=directory):  # a name of its own: no other file is touched
+      pass
   except OSError as e:
     raise error(f"{flag}: cannot write in {str(directory)!r} ({e.strerror or e})") from None

@@ -286,6 +286,8 @@ def parser() -> cli.Parser:
                  help="a TPU slice, e.g. v5e:4x4, v5p:4x4x4 (needs libtpu); default: the local "
                  "devices")
   p.add_argument("--out", default=None, metavar="FILE.json", help="write the report here as JSON")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing --out that is not a report of this command")
   p.add_argument("--nocount_flops", dest="count_flops", action="store_false",
                  help="skip compiling each layer stack again, unrolled twice, to count the FLOPs "
                  "of every layer (about halves the time)")
@@ -293,25 +295,36 @@ def parser() -> cli.Parser:
   return cli.with_overrides_usage(p)
 
 
+def _written_by_compile(path: Path) -> bool:
+  """Whether a file is a report of this command (which a new one may replace)."""
+  from vlora_jax.runs import outputs
+  obj = outputs.read_json_object(path) or {}
+  return {"topology", "chips", "fits", "compile_s"} <= set(obj)
+
+
 def main(argv: list[str] | None = None) -> None:
   args, config = cli.parse_config_command(parser(), argv)
+  from vlora_jax.runs import outputs
   from vlora_jax.train import metrics
   metrics.quiet_libraries()
   try:
     # Ctrl-C / SIGTERM: one line and 130 / 143 at once, even inside XLA's compile (`cli.guarded`).
-    with cli.exit_on_signals("vlora_jax.compile", "nothing was written"):
+    with cli.exit_on_signals(PROG, "nothing was written"):
+      out = args.out and outputs.check_target(  # refused before minutes of compiling
+          args.out, "--out", kind="file", owned=_written_by_compile, overwrite=args.overwrite,
+          writer=f"a report of {PROG}")
       report = cli.in_worker(compile_report, config, args.topology, args.count_flops)
+      print(format_report(report), flush=True)
+      if out:
+        outputs.write_json(out, report, "--out")
+        print(f"report: {out}", flush=True)
   except UserError as e:
     cli.fail(cli.one_line(e), e, args.verbose)
   except Exception:  # noqa: BLE001 -- a bug: show where, and say that it is one
     traceback.print_exc()
-    print("vlora_jax.compile: internal error (a bug in vlora_jax or a library, not in your "
-          "input): the traceback above says where", file=sys.stderr, flush=True)
+    print(f"{PROG}: internal error (a bug in vlora_jax or a library, not in your input): the "
+          "traceback above says where", file=sys.stderr, flush=True)
     sys.exit(1)
-  print(format_report(report), flush=True)
-  if args.out:
-    metrics.write_json(Path(args.out), report)
-    print(f"report: {args.out}", flush=True)
   if not report["fits"]:
     sys.exit(EXIT_DOES_NOT_FIT)
 

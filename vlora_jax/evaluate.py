@@ -53,9 +53,10 @@ from vlora_jax.config import overrides as overrides_lib
 from vlora_jax.runs import trained as trained_lib
 from vlora_jax.errors import UserError
 
+PROG = "vlora-evaluate"
+
 # The keys an evaluation may change: the data, the eval batch, the mesh. A prefix ends in '.'.
 OVERRIDABLE = ("data.", "eval_batch_size", "mesh.")
-_MISSING = object()
 WRITTEN_BY = "vlora_jax.evaluate"
 
 
@@ -94,7 +95,6 @@ def parse_overrides(tokens: list[str]) -> dict[str, str]:
   return dict(pairs)
 
 
-parse_value = overrides_lib.parse_value  # how an override's text becomes a value (one reader)
 
 
 def eval_config(stored: dict, overrides_: dict[str, Any] | None):
@@ -107,6 +107,9 @@ def eval_config(stored: dict, overrides_: dict[str, Any] | None):
   import ml_collections
   from vlora_jax.train import schema
   tree = copy.deepcopy(stored)
+  # How the run started is not evaluated, and its kind may be registered only by the code that
+  # trained it (`init_from.register_init_from`).
+  tree["init_from"] = ""
   applied = {}
   for key, value in (overrides_ or {}).items():
     if not _overridable(key):
@@ -134,9 +137,7 @@ def _own_tokenizer(meta: dict, step_dir: Path, overrides: dict | None) -> dict:
 def _written_by_evaluate(path: Path) -> bool:
   """Whether a file is an evaluation's result (which a new evaluation may replace)."""
   from vlora_jax.runs import outputs
-  obj = outputs.read_json_object(path) or {}
-  legacy = {"metrics", "checkpoint", "eval_examples"} <= set(obj)  # written before the mark
-  return obj.get("written_by") == WRITTEN_BY or legacy
+  return (outputs.read_json_object(path) or {}).get("written_by") == WRITTEN_BY
 
 
 def _check_out(out, overwrite: bool) -> Path:
@@ -196,7 +197,7 @@ def report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = cli.Parser("vlora-evaluate", __doc__, allow_abbrev=False, epilog=OVERRIDES_HELP)
+  parser = cli.Parser(PROG, __doc__, allow_abbrev=False, epilog=OVERRIDES_HELP)
   cli.add_run_args(parser)
   parser.add_argument("--out", default=None, help="the JSON file to write; default "
                       "<workdir>/eval.json")
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     return evaluate(args.workdir, step, parse_overrides(rest), out=args.out,
                     progress=sys.stderr.isatty(), overwrite=args.overwrite)
 
-  result = cli.guarded("vlora_jax.evaluate", args.verbose, go)
+  result = cli.guarded(PROG, args.verbose, go)
   print(report(result), flush=True)
 
 

@@ -51,8 +51,9 @@ from vlora_jax.runs import outputs
 from vlora_jax.runs import trained as trained_lib
 from vlora_jax.errors import UserError
 
+PROG = "vlora-export"
+
 FORMATS = ("timm", "hf", "npz", "orbax")
-TIMM_FAMILIES = ("vit",)  # vit_registers: convert.torch_vit does not import register tokens yet
 # What marks a file as this command's output (so a rerun may replace it): the npz archive's
 # comment, a safetensors metadata key, the sidecar's and the orbax meta's keys.
 MARK = "vlora_jax.export"
@@ -63,14 +64,15 @@ class ExportError(UserError, ValueError):
 
 
 def _check_format(fmt_name: str, meta: dict) -> None:
+  from vlora_jax import models
   name = meta.get("config", {}).get("model", {}).get("name")
   if fmt_name not in FORMATS:
     raise ExportError(f"--format={fmt_name!r}: allowed are {list(FORMATS)}")
-  if fmt_name == "timm" and name not in TIMM_FAMILIES:
+  if fmt_name == "timm" and (name not in models.FAMILIES or not models.family(name).exports_timm):
+    serves = sorted(n for n, f in models.FAMILIES.items() if f.exports_timm)
     raise ExportError(f"--format=timm: the run's model.name={name!r} has no timm equivalent; timm "
-                      f"serves model.name in {list(TIMM_FAMILIES)}; use --format npz or orbax")
+                      f"serves model.name in {serves}; use --format npz or orbax")
   if fmt_name == "hf":
-    from vlora_jax import models
     if name not in models.FAMILIES or models.family(name).hf_architecture is None:
       serves = sorted(n for n, f in models.FAMILIES.items() if f.hf_architecture)
       raise ExportError(f"--format=hf: the run's model.name={name!r} has no Hugging Face "
@@ -146,6 +148,10 @@ def _check_out(fmt_name: str, out, overwrite: bool) -> Path:
 def dense_twin_config(config):
   """The run's config with every stack dense: what the dense export's checkpoint is for."""
   c = config.copy_and_resolve_references()
+  # Its weights are the export's, not an init's: a run restored from it starts from nothing else.
+  c.init_from = ""
+  if c.get("compress") is not None:
+    c.compress.budget = 0.0
   if c.model.get("vlora") is not None:
     c.model.vlora.enabled = False
   if c.model.get("lora") is not None:
@@ -256,7 +262,7 @@ def export(workdir, fmt_name: str, out, step: int | str | None = None, *,
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = cli.Parser("vlora-export", __doc__)
+  parser = cli.Parser(PROG, __doc__)
   cli.add_run_args(parser)
   parser.add_argument("--format", required=True, choices=FORMATS,
                       help="timm (vit), hf (llama), npz or orbax: see above")
@@ -265,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--overwrite", action="store_true",
                       help="replace an existing --out that an export did not write")
   args = parser.parse_args(argv)
-  paths = cli.guarded("vlora_jax.export", args.verbose, export, args.workdir, args.format,
+  paths = cli.guarded(PROG, args.verbose, export, args.workdir, args.format,
                       args.out, cli.step(args.step), overwrite=args.overwrite)
   for p in paths:
     print(p)

@@ -62,13 +62,13 @@ def main(argv: list[str] | None = None) -> None:
     # internals.
     cli.fail(cli.one_line(e), e, args.verbose)
   except errors.Preempted as e:
-    print(f"vlora_jax: {e}", file=sys.stderr, flush=True)
+    print(f"{PROG}: {e}", file=sys.stderr, flush=True)
     sys.exit(preemption.EXIT_PREEMPTED)
   except KeyboardInterrupt:  # Ctrl-C outside the training loop, whose handler saves and exits 75
-    cli.stopped("vlora_jax", "SIGINT", "before training began; nothing was saved")
+    cli.stopped(PROG, "SIGINT", "before training began; nothing was saved")
   except Exception:  # noqa: BLE001 -- a bug: show where, and say that it is one
     traceback.print_exc()
-    print("vlora_jax: internal error (a bug in vlora_jax or a library, not in your input): the "
+    print(f"{PROG}: internal error (a bug in vlora_jax or a library, not in your input): the "
           "traceback above says where; please report it", file=sys.stderr, flush=True)
     sys.exit(1)
   print(format_summary(summary, args.workdir), flush=True)

@@ -42,11 +42,12 @@ from pathlib import Path
 
 import numpy as np
 
-from vlora_jax import cli
+from vlora_jax import cli, models
 from vlora_jax.runs import trained as trained_lib
 from vlora_jax.errors import UserError
 
-FAMILIES = ("vit", "vit_registers")
+PROG = "vlora-predict"
+
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601-2 (Pillow's convert('L'))
 IMAGE_RULE = ("allowed: a PNG or JPEG image (8-bit), or a .npy array H x W or H x W x C (C 1 or 3) "
               "of uint8 pixels 0-255 or of numbers on the run's pixel scale")
@@ -58,9 +59,10 @@ class PredictError(UserError, ValueError):
 
 def _check_family(meta: dict, step_dir: Path) -> None:
   name = meta.get("config", {}).get("model", {}).get("name")
-  if name not in FAMILIES:
+  if name not in models.FAMILIES or not models.family(name).classifies_images:
+    serves = sorted(n for n, f in models.FAMILIES.items() if f.classifies_images)
     raise PredictError(f"the run's model.name={name!r} is not an image classifier; predict serves "
-                       f"model.name in {list(FAMILIES)} (checkpoint {step_dir})")
+                       f"model.name in {serves} (checkpoint {step_dir})")
 
 
 def _check_info(info: dict, step_dir: Path) -> None:
@@ -258,13 +260,13 @@ def report(predictions: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = cli.Parser("vlora-predict", __doc__, allow_abbrev=False)
+  parser = cli.Parser(PROG, __doc__, allow_abbrev=False)
   cli.add_run_args(parser)
   parser.add_argument("--top", type=int, default=5, help="classes shown per file (default 5)")
   parser.add_argument("files", nargs="+", metavar="FILE", help="PNG, JPEG or .npy files")
   args = parser.parse_args(argv)
   step = cli.step(args.step)
-  predictions = cli.guarded("vlora_jax.predict", args.verbose, predict, args.workdir, args.files,
+  predictions = cli.guarded(PROG, args.verbose, predict, args.workdir, args.files,
                             step, args.top, progress=sys.stderr.isatty())
   print(report(predictions), flush=True)
 

@@ -37,6 +37,8 @@ from vlora_jax import cli
 from vlora_jax.runs import trained as trained_lib
 from vlora_jax.errors import UserError
 
+PROG = "vlora-sample"
+
 SEPARATOR = "----"
 MAX_SAMPLES = 4096
 
@@ -135,7 +137,7 @@ def _bar(total: int, enabled: bool):
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = cli.Parser("vlora-sample", __doc__)
+  parser = cli.Parser(PROG, __doc__)
   cli.add_run_args(parser)
   parser.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
   parser.add_argument("--max_new_tokens", type=int, default=200, metavar="N",
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
   stop = None if args.stop is None else cli.guarded("vlora-sample", args.verbose, unescape,
                                                      args.stop, "--stop")
   samples = cli.guarded(
-      "vlora_jax.sample", args.verbose, sample, args.workdir, args.prompt,
+      PROG, args.verbose, sample, args.workdir, args.prompt,
       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
       top_p=args.top_p, seed=args.seed, num_samples=args.num_samples, stop=stop,
       step=cli.step(args.step), progress=sys.stderr.isatty())

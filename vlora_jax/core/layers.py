@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlora_jax.core.partitioning import (ATTENTION_HEADS, BATCH, LENGTH, MLP, RESIDUAL,
-                                         constrain, per_shard)
+from vlora_jax.core.partitioning import (ATTENTION_HEADS, BATCH, HEADS, LENGTH, MLP,
+                                         RESIDUAL, constrain, per_shard)
 from vlora_jax.core.remat import OUT_PROJ, QKV_PROJ, tag
 
 Dtype = Any
@@ -105,7 +105,9 @@ def _pallas_flash(q, k, v, causal: bool):
                                      causal=causal, sm_scale=scale)
     return heads_first(out)
 
-  return per_shard(kernel, ATTENTION_HEADS, q, k, v)
+  # Split by examples and heads only: a device's kernel must see every key of its queries and the
+  # whole head width, whatever the activation rules do with the length and kv axes.
+  return per_shard(kernel, (BATCH, None, HEADS, None), q, k, v)
 
 
 def rotary(x, positions, base: float = ROPE_BASE):

@@ -40,7 +40,7 @@ stores for using the trained model without the data (`vlora_jax.load`):
   images   image_shape (H, W, C), num_classes, class_names (or None), and the normalisation:
            model input = (pixels * scale - mean) / std, per channel
   text     vocab (the characters; token id = position in it), vocab_size, tokens_per_example,
-           chars_per_token (of the eval split: bits per character from bits per token);
+           chars_per_token (by eval split: bits per character from bits per token);
            tokenized: tokenizer (its JSON), bos_id, eos_id in place of vocab
   seq2seq  vocab_size, tokens_per_example, special_tokens (pad, bos, eos ids)
   all      eval_split, split (what each split holds: its size, or its blocks)
@@ -186,7 +186,8 @@ def _text(config, d, common) -> Pipeline:
   ds = grain.MapDataset.source(windows["train"]).shuffle(seed=seed).repeat()
   info = dict(kind="text", vocab_size=len(chars), vocab="".join(chars),
               num_train=len(windows["train"]), tokens_per_example=config.model.max_len,
-              chars_per_token=1.0, eval_split=which, split=split)
+              chars_per_token={name: 1.0 for name in windows if name != "train"},
+              eval_split=which, split=split)
   return Pipeline(ds, _eval_sets(d, validation=windows["validation"], test=windows["test"]),
                   lambda r: r, eval_split=which, info=info, **common)
 

@@ -48,6 +48,7 @@ from typing import Callable
 import numpy as np
 
 from vlora_jax import cli
+from vlora_jax.runs import outputs
 from vlora_jax.data import paths, sources
 from vlora_jax.data.sources import DataError
 
@@ -232,16 +233,8 @@ def _tfds_text(tfds_dir: str | None) -> str:
 
 
 def _write_npz(out: Path, arrays: dict[str, np.ndarray]) -> None:
-  tmp = out.with_name(out.name + ".tmp")
-  with open(tmp, "wb") as f:  # a file object: np.savez adds no '.npz' to the name
+  with open(out, "wb") as f:  # a file object: np.savez adds no '.npz' to the name
     np.savez_compressed(f, **arrays)
-  tmp.replace(out)
-
-
-def _write_text(out: Path, text: str) -> None:
-  tmp = out.with_name(out.name + ".tmp")
-  tmp.write_bytes(text.encode("utf-8"))
-  tmp.replace(out)
 
 
 def _check_written(name: str, out: Path) -> str:
@@ -272,7 +265,8 @@ def prepare(name: str, out_dir: Path, source: Path | None = None, *, force: bool
   t0 = time.time()
   cli.writable_dir(out_dir, f"--out={str(out_dir)!r}", PrepareError)
   if name == "tiny_shakespeare":
-    _write_text(out, _text_from(source) if source else _tfds_text(tfds_dir))
+    text = _text_from(source) if source else _tfds_text(tfds_dir)
+    write = lambda tmp: tmp.write_bytes(text.encode("utf-8"))
   elif name == "cifar10_jpeg":
     if source is None:
       raise PrepareError("cifar10_jpeg: no public source writes this file; give --from a copy of "
@@ -280,9 +274,7 @@ def prepare(name: str, out_dir: Path, source: Path | None = None, *, force: bool
     found = _find(source, FILES[name])
     if found is None:
       raise PrepareError(f"--from={str(source)!r}: no {FILES[name]} there")
-    sources.npz_splits(str(found.absolute()))  # checked before it is copied
-    shutil.copyfile(found, out.with_name(out.name + ".tmp"))
-    out.with_name(out.name + ".tmp").replace(out)
+    write = lambda tmp: shutil.copyfile(found, tmp)
   else:
     readers = {"mnist": mnist_from, "cifar10": cifar10_from, "cifar10_subset": cifar10_subset_from}
     if source is not None:
@@ -290,12 +282,12 @@ def prepare(name: str, out_dir: Path, source: Path | None = None, *, force: bool
     else:
       arrays = _tfds_images("mnist" if name == "mnist" else "cifar10", tfds_dir)
       arrays = subset_of(arrays) if name == "cifar10_subset" else arrays
-    _write_npz(out, arrays)
-  try:
-    what = _check_written(name, out)
-  except DataError:
-    out.unlink(missing_ok=True)  # a file that does not check is not left for a config to read
-    raise
+    write = lambda tmp: _write_npz(tmp, arrays)
+  # Checked before it replaces anything: a file that does not check is not left for a config to
+  # read, and an earlier good one stays.
+  with outputs.atomic_file(out, "--out") as tmp:
+    write(tmp)
+    what = _check_written(name, tmp)
   log(f"{name}: wrote {out} ({what}; {out.stat().st_size / 2**20:.1f} MiB) in "
       f"{time.time() - t0:.1f} s")
   return out

@@ -153,8 +153,11 @@ def build(d, max_len: int):
   tok = load_tokenizer(d)
   ids = np.asarray(tok.encode(sources.text_file(d.path), special=False), np.int32)
   out, split_info = windows(ids, d, max_len, which)
-  held = spans(split_info[which], split_info["blocks"], len(ids))
+  # Each split's own: its blocks hold other text (other modules of a code base, say).
+  per_split = {name: chars_per_token(tok, ids, spans(split_info[name], split_info["blocks"],
+                                                     len(ids)))
+               for name in EVAL_SPLITS if isinstance(split_info.get(name), list)}
   info = dict(kind="text", vocab_size=len(tok), num_train=len(out["train"]),
               tokens_per_example=max_len, eval_split=which, split=split_info,
-              chars_per_token=chars_per_token(tok, ids, held), **tok.to_info())
+              chars_per_token={k: v for k, v in per_split.items() if v}, **tok.to_info())
   return out, info

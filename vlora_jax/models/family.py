@@ -79,6 +79,10 @@ class Family(abc.ABC):
       ``position_ids``, ``mask`` and ``decode``): `vlora_jax.sample` serves it.
     hf_architecture: the Hugging Face ``architectures`` entry that ``vlora_jax.export --format hf``
       writes the family as (None: no such export).
+    classifies_images: an image classifier whose run stores its image size and normalisation:
+      `vlora_jax.predict` serves it.
+    exports_timm: its parameters map onto timm's ``VisionTransformer`` (`convert.timm_export`):
+      ``vlora_jax.export --format timm`` serves it.
   """
 
   name: ClassVar[str]
@@ -87,6 +91,8 @@ class Family(abc.ABC):
   config_keys: ClassVar[dict[str, Key]] = {}
   generates: ClassVar[bool] = False
   hf_architecture: ClassVar[str | None] = None
+  classifies_images: ClassVar[bool] = False
+  exports_timm: ClassVar[bool] = False
 
   # ------------------------------------------------------------------------- the model
 

@@ -133,6 +133,8 @@ class ViTFamily(family.Family):
   name = "vit"
   sources = ("digits", "npz", "tfds")
   input_keys = ("image",)
+  classifies_images = True
+  exports_timm = True
   config_keys = {
       "model.num_classes": Int(required=True, lo=1, doc="classes of the head"),
       "model.img_size": Int(required=True, lo=1, doc="image height = width"),

@@ -39,6 +39,9 @@ class ViTRegistersFamily(vit.ViTFamily):
   """`vit.ViTFamily`'s task and data; ``config.model.num_registers`` (default 4) on top."""
 
   name = "vit_registers"
+  # timm has register tokens, but `convert.torch_vit` does not import them: an export could not
+  # come back.
+  exports_timm = False
   config_keys = {**vit.ViTFamily.config_keys,
                  "model.num_registers": Int(lo=0, doc="register tokens (dropped before the head)")}
 

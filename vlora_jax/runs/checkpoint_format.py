@@ -258,7 +258,8 @@ def _shard_sums(data: np.ndarray, index: tuple, shape: tuple) -> tuple[int, int,
     pos = np.arange(data.shape[d], dtype=np.uint64) + np.uint64(sl.start or 0)
     linear += (pos * stride).reshape((-1,) + (1,) * (data.ndim - d - 1))
   weights = (linear * _GOLDEN + np.uint64(1)) & _MASK
-  finite = not np.issubdtype(data.dtype, np.floating) or bool(np.isfinite(data).all())
+  import jax.numpy as jnp  # its dtype tree: numpy's does not count bfloat16 as floating
+  finite = not jnp.issubdtype(data.dtype, jnp.inexact) or bool(np.isfinite(data).all())
   # uint64 sums wrap mod 2**64, a multiple of 2**32: the low 32 bits are exact.
   return int(u.sum(dtype=np.uint64)), int((u * weights).sum(dtype=np.uint64)), finite
 
@@ -268,32 +269,41 @@ def fingerprint(tree) -> tuple[dict[str, list[int]], bool]:
 
   Integer sums are exact and order-free, so the result does not depend on the sharding, the
   device count or the summation order: a checkpoint written on 8 devices verifies on 1. Each
-  process sums the shards it holds (one copy of each: ``replica_id == 0``), with weights from
-  their global positions; processes add their sums. Computed on the host from the shards (which
-  a save copies to the host anyway): nothing to compile (a jitted version cost seconds of compile
-  per state structure on CPU).
+  process sums its share (`_local_sums`) and the processes add their sums. Computed on the host
+  from the shards (which a save copies to the host anyway): nothing to compile (a jitted version
+  cost seconds of compile per state structure on CPU).
   """
   import jax
   from jax.experimental import multihost_utils
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  sums = np.zeros((len(flat), 2), np.uint64)
-  finite = True
-  for i, (_, x) in enumerate(flat):
-    if isinstance(x, jax.Array):
-      parts = [(np.asarray(s.data), s.index) for s in x.addressable_shards if s.replica_id == 0]
-    else:
-      x = np.asarray(x)
-      parts = [(x, (slice(None),) * x.ndim)]
-    for data, index in parts:
-      a, b, ok = _shard_sums(data, index, x.shape)
-      sums[i] += np.array([a & 0xFFFFFFFF, b & 0xFFFFFFFF], np.uint64)
-      finite &= ok
+  sums, finite = _local_sums([x for _, x in flat], jax.process_index())
   if jax.process_count() > 1:
     sums = np.sum(multihost_utils.process_allgather(sums), axis=0, dtype=np.uint64)
     finite = bool(np.all(multihost_utils.process_allgather(np.asarray(finite))))
   sums &= _MASK
   return {jax.tree_util.keystr(p): [int(v) for v in sums[i]] for i, (p, _) in enumerate(flat)}, \
       finite
+
+
+def _local_sums(leaves: list, process: int) -> tuple[np.ndarray, bool]:
+  """This process's share of `fingerprint`'s sums: of a `jax.Array`, the shards it holds (one
+  copy of each: ``replica_id == 0``), weighted by their global positions; of a host array (a
+  checkpoint read into numpy, which every process holds whole), the whole array on process 0
+  only, so that adding the processes' sums counts it once."""
+  import jax
+  sums = np.zeros((len(leaves), 2), np.uint64)
+  finite = True
+  for i, x in enumerate(leaves):
+    if isinstance(x, jax.Array):
+      parts = [(np.asarray(s.data), s.index) for s in x.addressable_shards if s.replica_id == 0]
+    else:
+      x = np.asarray(x)
+      parts = [(x, (slice(None),) * x.ndim)] if process == 0 else []
+    for data, index in parts:
+      a, b, ok = _shard_sums(data, index, x.shape)
+      sums[i] += np.array([a & 0xFFFFFFFF, b & 0xFFFFFFFF], np.uint64)
+      finite &= ok
+  return sums, finite
 
 
 _KEY_PART = re.compile(r"\['((?:[^'\\]|\\.)*)'\]|\[(\d+)\]|\.(\w+)")

@@ -36,6 +36,7 @@ TMP_MARK = ".vlora-tmp-"
 RUN_RECORDS = ("summary.json", "metrics.jsonl", "run.lock")
 
 _pending: set[Path] = set()  # temporaries being written: removed if the process is interrupted
+_set_aside: dict[Path, Path] = {}  # an earlier output moved aside -> where it goes back
 _counter = itertools.count()
 
 
@@ -73,7 +74,10 @@ def remove_stale(path: Path) -> list[Path]:
     return gone
   for tmp in path.parent.glob(f".{path.name}{TMP_MARK}*"):
     pid = tmp.name.rsplit(TMP_MARK, 1)[1].split("-")[0]
-    if pid.isdigit() and not _alive(int(pid)):
+    # Ours but not being written: left by an earlier process that had our pid (a container's
+    # processes often get the same one).
+    ours_left = pid.isdigit() and int(pid) == os.getpid() and tmp not in _pending
+    if pid.isdigit() and (not _alive(int(pid)) or ours_left):
       _remove(tmp)
       gone.append(tmp)
   return gone
@@ -90,10 +94,17 @@ def _remove_settled(path: Path, seconds: float = 2.0) -> None:
 
 
 def remove_pending() -> None:
-  """Removes every temporary this process is writing (on an interrupt: no partial output)."""
+  """Removes every temporary this process is writing (on an interrupt: no partial output), and
+  puts back an earlier output that a replacement had moved aside but not yet replaced."""
   for tmp in list(_pending):
     _remove(tmp)
     _pending.discard(tmp)
+  for old, path in list(_set_aside.items()):
+    if old.exists() and not path.exists():
+      os.replace(old, path)
+    else:
+      _remove(old)
+    _set_aside.pop(old, None)
 
 
 def disk_error(path: Path, flag: str, e: BaseException) -> OutputError:
@@ -114,6 +125,8 @@ def atomic_file(path: Path, flag: str) -> Iterator[Path]:
   try:
     yield tmp
     os.replace(tmp, path)
+  except OutputError:
+    raise  # a nested write's own error names its own file
   except OSError as e:
     raise disk_error(path, flag, e) from None
   finally:
@@ -136,18 +149,20 @@ def atomic_dir(path: Path, flag: str) -> Iterator[Path]:
     tmp.mkdir()
     yield tmp
     if path.exists():
-      _pending.add(old)
+      _set_aside[old] = path  # an interrupt from here on puts it back (`remove_pending`)
       os.replace(path, old)  # the earlier output goes only once the new one is complete
     os.replace(tmp, path)
   except OSError as e:
-    if old.exists() and not path.exists():
-      os.replace(old, path)  # put the earlier output back
     raise disk_error(path, flag, e) from None
   finally:
-    for p in (tmp, old):
-      if p.exists():
-        _remove_settled(p)
-      _pending.discard(p)
+    if old.exists() and not path.exists():  # a failure or an interrupt between the renames
+      os.replace(old, path)  # put the earlier output back
+    if tmp.exists():
+      _remove_settled(tmp)
+    if old.exists() and path.exists():  # never the only copy of the earlier output
+      _remove_settled(old)
+    _pending.discard(tmp)
+    _set_aside.pop(old, None)
 
 
 def write_bytes(path: Path, data: bytes, flag: str) -> Path:

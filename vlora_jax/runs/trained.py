@@ -104,14 +104,6 @@ def source_meta(workdir, where: str, step_dir: Path | None = None) -> tuple[Path
   return Path(step_dir), meta
 
 
-def source_run(workdir, where: str, step_dir: Path | None = None):
-  """``(step directory, stored config)`` of another run: `source_meta`, its config a
-  ``ConfigDict``."""
-  import ml_collections
-  step_dir, meta = source_meta(workdir, where, step_dir)
-  return step_dir, ml_collections.ConfigDict(meta["config"])
-
-
 def _as_tuples(info: dict) -> dict:
   """JSON lists back to the tuples the pipeline's info holds (image_shape, mean, class_names)."""
   return {k: tuple(v) if isinstance(v, list) else v for k, v in info.items()}

@@ -39,16 +39,17 @@ def param_shardings(model, family, config, mesh):
   return sharding.param_shardings(boxed, config.sharding_rules, mesh)
 
 
-def bits(metrics: dict[str, float], info: dict, prefix: str) -> dict[str, float]:
+def bits(metrics: dict[str, float], info: dict, prefix: str, split: str) -> dict[str, float]:
   """Text's loss in bits: ``<prefix>/bits_per_token`` (the loss over ln 2) and, where the
-  characters per token are known (the data info's ``chars_per_token``: 1 for characters),
-  ``<prefix>/bits_per_char``. Nothing for other data."""
+  characters per token of the measured ``split`` are known (the data info's ``chars_per_token``
+  by split: 1 for characters), ``<prefix>/bits_per_char``. Nothing for other data."""
   loss = metrics.get(f"{prefix}/loss")
   if info.get("kind") != "text" or loss is None:
     return {}
   out = {f"{prefix}/bits_per_token": loss / math.log(2)}
-  if info.get("chars_per_token"):
-    out[f"{prefix}/bits_per_char"] = out[f"{prefix}/bits_per_token"] / info["chars_per_token"]
+  per_char = (info.get("chars_per_token") or {}).get(split)
+  if per_char:
+    out[f"{prefix}/bits_per_char"] = out[f"{prefix}/bits_per_token"] / per_char
   return out
 
 
@@ -77,4 +78,4 @@ def evaluate(step, family, params, pipe, mesh, progress: Any = None, split: str 
     raise DataError("the eval set is empty: nothing to evaluate (see data.eval_examples and the "
                     "data's splits)")
   metrics = family.finalize(jax.device_get(acc), prefix)
-  return {**metrics, **bits(metrics, pipe.info, prefix)}
+  return {**metrics, **bits(metrics, pipe.info, prefix, split or pipe.eval_split)}

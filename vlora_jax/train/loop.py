@@ -178,7 +178,8 @@ class Loop:
       self.eval_metrics = self.evaluate(st["params"])
       self.writer.write(self.step, self.eval_metrics)
     self.test_metrics = self.evaluate_test(st["params"])  # once, at the end
-    self.writer.write(self.step, self.test_metrics)
+    if self.test_metrics:  # data without a test split have none
+      self.writer.write(self.step, self.test_metrics)
     self.t_eval += time.time() - t0
     self.bar.close()
     t1 = time.time()

@@ -25,7 +25,7 @@ def write_json(path: Path, obj) -> None:
   never sees half a file, and a failed write (a full disk) is an `OutputError` that leaves
   nothing behind."""
   from vlora_jax.runs import outputs
-  outputs.write_json(Path(path), obj, str(path))
+  outputs.write_json(Path(path), obj, Path(path).name)  # "summary.json='/run/summary.json': ..."
 
 
 def peak_rss_gib() -> float:

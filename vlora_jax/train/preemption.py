@@ -61,7 +61,7 @@ class Watcher:
   def _handle(self, signum, frame) -> None:
     del frame
     if self.signum is not None:  # the second signal: the user means now
-      print(f"vlora_jax: second {_name(signum)}: exiting now; the last complete checkpoint is "
+      print(f"vlora-train: second {_name(signum)}: exiting now; the last complete checkpoint is "
             "kept", file=sys.stderr, flush=True)
       os._exit(128 + signum)
     self.signum = signum

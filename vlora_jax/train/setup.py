@@ -175,23 +175,23 @@ def set_up(config, workdir: Path) -> Run:
   # Before the data are read: an instant refusal.
   check_more_steps(config, workdir, previous_meta, int(previous[0].name) if previous else None)
   sources = Sources()
+  # A resumed or restored run reads its init source no more: what set-up chose from it (the
+  # budget's ranks) comes from the checkpoint it restores.
+  source = _restore_source(config, previous)
+  fresh = source is None
   with errors.config_errors():
-    resolve(config, previous_meta, sources)
+    resolve(config, None if fresh else source[1], sources)
   plan, mesh, pipe = mesh_and_data(config)
   with errors.config_errors():
     from_dense.check_budget(config)
     model = plan.build_model(config.model)
-    # A resumed or restored run reads its init source no more.
-    fresh = previous is None and not config.checkpoint.get("restore_from")
     if fresh:
       init_from_lib.check_init_from(config, model, sources)
     teacher = teacher_lib.check(config, plan.family, model, mesh,
                                 pinned=(previous_meta or {}).get("distill_teacher"),
                                 sources=sources)
-    compat.check_sources(config, pipe.info, resuming=previous is not None, teacher=teacher,
-                         sources=sources if fresh else None)
+    compat.check_sources(config, pipe.info, resuming=not fresh, teacher=teacher, sources=sources)
     run = _assemble(config, plan, mesh, model, pipe, teacher, Path(workdir), sources)
-    source = _restore_source(config, previous)
     if source is not None:  # every difference judged now, before anything compiles
       compat.judge_restore(source[0], source[1], run, source[2])
   logging.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), jax.device_count(),

@@ -40,7 +40,7 @@ class Sources:
                       lambda: trained_lib.source_meta(workdir, where, step_dir))
 
   def config(self, workdir, where: str, step_dir=None) -> tuple[Path, Any]:
-    """``(step directory, stored config)``: `trained.source_run`, from the meta read once."""
+    """``(step directory, stored config)`` (a ``ConfigDict``), from the meta read once."""
     import ml_collections
     step_dir, meta = self.meta(workdir, where, step_dir)
     return step_dir, ml_collections.ConfigDict(meta["config"])
