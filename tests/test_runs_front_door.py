@@ -98,6 +98,10 @@ def test_compare_tabulates_the_runs_and_plots_their_curves(runs, capsys):
   assert "| a " in table and "| b " in table
   assert "init_from" in diffs and "num_train_steps" in diffs and "seed" not in diffs
   assert (runs.tmp / "c.png").stat().st_size > 1000
+  with pytest.raises(SystemExit) as e:  # an extension no image format has: one line, exit 2
+    compare.main([str(runs.tmp / "a"), "--plot", str(runs.tmp / "c.xyz")])
+  assert e.value.code == 2 and "allowed are" in capsys.readouterr().err
+  assert not list(runs.tmp.glob("*c.xyz*"))
   result = compare.compare([runs.tmp / "a"])
   assert result["runs"][0]["test/accuracy"] == runs.a["test/accuracy"]
   with pytest.raises(compare.CompareError, match="no run's workdir"):

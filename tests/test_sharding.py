@@ -101,6 +101,8 @@ def test_spec_rules_give_each_mesh_axis_to_the_name_first_in_the_table():
   assert spec((64, 8), ("mlp", "rank")) == P(("tensor", "fsdp"), None)
   assert spec((8, 6), ("rank", "mlp")) == P(None, "tensor")  # 6 splits over 2, not over 8
   assert spec((8, 5), ("rank", "mlp")) == P(None, None)
+  # An axis a dimension cannot keep (embed 6 over fsdp 4) stays free for the next one.
+  assert spec((6, 64), ("embed", "mlp")) == P(None, ("tensor", "fsdp"))
 
 
 STATE_PER_DEVICE = """

@@ -28,7 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from vlora_jax import cli
+from vlora_jax.runs import outputs
 from vlora_jax.errors import UserError
+
+PROG = "vlora-compare"
 
 HEAD = ("step", "params_total")
 TAIL = ("wall_time_s",)
@@ -176,6 +179,22 @@ def plot(result: dict, out: Path, metric: str = "eval/loss") -> Path:
   except ImportError as e:
     raise CompareError(f"--plot needs matplotlib ({e}); pip install matplotlib") from None
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  try:
+    fmt, allowed = out.suffix.lstrip(".").lower(), fig.canvas.get_supported_filetypes()
+    if fmt not in allowed:
+      raise CompareError(f"--plot={str(out)!r}: the extension says no image format matplotlib "
+                         f"writes; allowed are {sorted(allowed)}")
+    cli.writable_dir(out.parent, f"--plot={str(out)!r}", CompareError)
+    _draw(result, axes, metric)
+    fig.tight_layout()
+    with outputs.atomic_file(out, "--plot") as tmp:  # whole or not at all
+      fig.savefig(tmp, dpi=120, format=fmt)
+  finally:
+    plt.close(fig)
+  return out
+
+
+def _draw(result: dict, axes, metric: str) -> None:
   for run in result["_runs"]:
     for ax, key in zip(axes, ("train/loss", metric)):
       points = [(r["step"], r[key]) for r in run["rows"] if isinstance(r.get(key), (int, float))]
@@ -186,15 +205,10 @@ def plot(result: dict, out: Path, metric: str = "eval/loss") -> Path:
     ax.set_ylabel(key)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  fig.tight_layout()
-  cli.writable_dir(out.parent, f"--plot={str(out)!r}", CompareError)
-  fig.savefig(out, dpi=120)
-  plt.close(fig)
-  return out
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = cli.Parser("vlora-compare", __doc__, allow_abbrev=False)
+  parser = cli.Parser(PROG, __doc__, allow_abbrev=False)
   parser.add_argument("runs", nargs="+", metavar="RUN", help="a run's workdir")
   parser.add_argument("--plot", default=None, metavar="FILE",
                       help="draw the runs' curves into this image (png, pdf, svg)")
@@ -202,13 +216,13 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
   parser.add_argument("--verbose", action="store_true", help="show the traceback of input errors")
   args = parser.parse_args(argv)
-  result = cli.guarded("vlora-compare", args.verbose, compare, args.runs)
+  result = cli.guarded(PROG, args.verbose, compare, args.runs)
   if args.json:
     print(json.dumps({k: v for k, v in result.items() if k != "_runs"}, indent=2, default=str))
   else:
     print(report(result))
   if args.plot:
-    written = cli.guarded("vlora-compare", args.verbose, plot, result, Path(args.plot),
+    written = cli.guarded(PROG, args.verbose, plot, result, Path(args.plot),
                           args.metric)
     print(f"plot: {written}")
 

@@ -46,36 +46,31 @@ def rules_dict(rules) -> Rules:
   return out
 
 
-def _mesh_axes(rules: Rules, names: Sequence[str | None]) -> list[tuple[str, ...]]:
-  """Logical names of one array -> mesh axes per dimension. Each mesh axis goes to one dimension
-  at most: to the name that comes first in the rule table. So a rule may list a fallback axis
-  (``('mlp', ('tensor', 'fsdp'))``) that a name earlier in the table (``embed``) takes where the
-  array has both, and that the array's other dimension gets where it has not (a VLoRA factor)."""
-  order = {name: i for i, name in enumerate(rules)}
-  used, out = set(), [()] * len(names)
-  for i in sorted(range(len(names)), key=lambda i: (order.get(names[i], len(order)), i)):
-    n = names[i]
-    axes = rules.get(n) if n is not None else None
-    axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-    out[i] = tuple(a for a in axes if a not in used)
-    used.update(out[i])
-  return out
-
-
 def spec_for(shape: Sequence[int], names: Sequence[str | None] | None, rules: Rules,
              mesh: jax.sharding.Mesh) -> P:
-  """A PartitionSpec for one array. A dimension keeps the longest prefix of its mesh axes whose
-  sizes divide it (all of them, usually; none for a vocabulary of 65 on 8 devices)."""
+  """A PartitionSpec for one array, from the logical names of its dimensions.
+
+  Each mesh axis goes to one dimension at most: to the name that comes first in the rule table.
+  So a rule may list a fallback axis (``('mlp', ('tensor', 'fsdp'))``) that a name earlier in the
+  table (``embed``) takes where the array has both, and that the array's other dimension gets
+  where it has not (a VLoRA factor). A dimension keeps the longest prefix of its free axes whose
+  sizes divide it (all of them, usually; none for a vocabulary of 65 on 8 devices), and an axis
+  it cannot keep stays free for the dimensions after it.
+  """
   if not names:
     return P()
-  parts = []
-  for dim, axes in zip(shape, _mesh_axes(rules, names)):
-    axes = tuple(a for a in axes if mesh.shape[a] > 1)
-    while axes and dim % math.prod(mesh.shape[a] for a in axes):
+  order = {name: i for i, name in enumerate(rules)}
+  used, parts = set(), [None] * len(names)
+  for i in sorted(range(len(names)), key=lambda i: (order.get(names[i], len(order)), i)):
+    axes = rules.get(names[i]) if names[i] is not None else None
+    axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+    while axes and shape[i] % math.prod(mesh.shape[a] for a in axes):
       logging.log_first_n(logging.INFO, "sharding: dim %d not divisible by mesh axes %s: "
-                          "dropping %s", 20, dim, axes, axes[-1])
+                          "dropping %s", 20, shape[i], axes, axes[-1])
       axes = axes[:-1]
-    parts.append(None if not axes else (axes[0] if len(axes) == 1 else axes))
+    used.update(axes)
+    parts[i] = None if not axes else (axes[0] if len(axes) == 1 else axes)
   return P(*parts)
 
 
