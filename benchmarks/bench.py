@@ -58,8 +58,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.sweep import parse_override
-from vlora_jax import checkpoint_format, cpu_malloc, models, stack
-from vlora_jax import params as params_lib
+from vlora_jax import models
+from vlora_jax.platform import cpu_malloc
+from vlora_jax.runs import checkpoint_format
+from vlora_jax.core import stack
+from vlora_jax.core import params as params_lib
 from vlora_jax.train import checkpoint as ckpt_lib
 from vlora_jax.train.trainer import make_eval_step
 
@@ -467,7 +470,7 @@ def make_timers(args, variants, inference, worker) -> dict[str, Callable[[], flo
 def main(argv=None):
   args = parse_args(argv)
   env = harness.environment()
-  # Ours only (at `import vlora_jax`, vlora_jax/cpu_malloc.py); torch runs untuned.
+  # Ours only (at `import vlora_jax`, vlora_jax/platform/cpu_malloc.py); torch runs untuned.
   env["allocator_tuned"] = cpu_malloc.tune()
   print(json.dumps(env, indent=1), flush=True)
   phases: dict[str, float] = {}

@@ -14,7 +14,7 @@ markdown summary beside it:
    a train step (``value_and_grad`` + an optax adamw update), at a small width: the seconds of
    ``jax.jit(f).lower(...)`` (trace + lower) and ``.compile()`` with caches cleared before each
    (``jax.clear_caches()``), the number of jaxpr equations (`count_eqns`: sub-jaxprs of
-   scan/remat counted once; ``tests/test_stack.py`` uses it too) and the number of ops in the
+   scan/remat counted once; ``tests/core/test_stack.py`` uses it too) and the number of ops in the
    lowered StableHLO text (lines with `` = ``). The 48/12 ratios are the point: a scanned stack
    should stay flat (target <= 1.2).
 
@@ -40,10 +40,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vlora_jax import params as params_lib
-from vlora_jax import stack
+from vlora_jax.core import params as params_lib
+from vlora_jax.core import stack
 from vlora_jax.models.vit import ViT
-from vlora_jax.spec import VLoRASpec
+from vlora_jax.core.spec import VLoRASpec
 
 from benchmarks import harness
 

@@ -1,8 +1,9 @@
 """Allocator settings on each way a process starts: our CIFAR train step against the official one.
 
 XLA:CPU page-faults every step's temporaries in afresh under glibc's default allocator
-(vlora_jax/cpu_malloc.py). This measures, for the VLoRA train step of the CIFAR config (the real
-step of `vlora_jax.train`, `benchmarks.train.Variant`), each way a process can be set up:
+(vlora_jax/platform/cpu_malloc.py). This measures, for the VLoRA train step of the CIFAR config
+(the real step of `vlora_jax.train`, `benchmarks.train.Variant`), each way a process can be set
+up:
 
   untuned   glibc's defaults (``VLORA_MALLOC_TUNING=0``);
   import    what `import vlora_jax` does: ``mallopt`` before JAX starts, i.e. what a notebook,
@@ -31,7 +32,7 @@ SETTINGS = ("untuned", "import", "tunables")
 
 
 def setting_env(setting: str) -> dict[str, str]:
-  from vlora_jax import cpu_malloc  # light: no JAX
+  from vlora_jax.platform import cpu_malloc  # light: no JAX
   env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "VLORA_MALLOC_TUNING")}
   if setting == "untuned":
     env["VLORA_MALLOC_TUNING"] = "0"
@@ -44,7 +45,7 @@ def worker(steps: int) -> dict:
   """In a fresh process: compile the CIFAR VLoRA train step, one warm-up step, ``steps`` timed."""
   import numpy as np  # the imports a notebook does, in its order
 
-  from vlora_jax import cpu_malloc
+  from vlora_jax.platform import cpu_malloc
   from benchmarks import train
   variant = train.Variant("vit", "paper", vlora=True, rng=np.random.default_rng(0))
   variant.run(1)

@@ -36,8 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vlora_jax import layers, models, stack
-from vlora_jax.spec import VLoRASpec
+from vlora_jax import models
+from vlora_jax.core import layers, stack
+from vlora_jax.core.spec import VLoRASpec
 from vlora_jax.train import load_config, optim, state as state_lib
 from vlora_jax.train.trainer import make_train_step
 
@@ -188,8 +189,9 @@ def measure_rss(size_name: str, variant: str, steps: int, quick: bool) -> dict:
   cmd = harness.module_command("benchmarks.memory", "--rss-worker", size_name, variant,
                                "--steps", str(steps), *(["--quick"] if quick else []))
   # glibc's default allocator: big blocks are mmapped and unmapped when freed, so the peak RSS is
-  # the peak of live memory. With vlora_jax's tuning (cpu_malloc.py) freed memory stays in the
-  # process and the peak RSS reads the heap's fragmentation too (up to 2x here).
+  # the peak of live memory. With vlora_jax's tuning (vlora_jax/platform/cpu_malloc.py) freed
+  # memory stays in the process and the peak RSS reads the heap's fragmentation too (up to 2x
+  # here).
   env = dict(os.environ, VLORA_MALLOC_TUNING="0")
   try:
     with harness.Worker(cmd, env=env, cwd=harness.ROOT, name=f"rss {size_name} {variant}") as w:

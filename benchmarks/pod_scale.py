@@ -12,7 +12,7 @@ rows record their command. Parts:
            256 over 4 <= 1.10, for temp bytes and FLOPs)
   sizes    1b / 8b / 70b, VLoRA and dense, on a v5e-256 (one sequence per chip) and a v5p-128
            (64 chips, v5p:4x4x4, one sequence per chip)
-  remat    8b on the v5e-256 under every remat policy of vlora_jax/remat.py, VLoRA and dense
+  remat    8b on the v5e-256 under every remat policy of vlora_jax/core/remat.py, VLoRA and dense
   vit      configs/vit_pod.py (ViT-H/14), VLoRA and dense, on the v5e-256 (16 images per chip)
   largest  the largest dense twin whose train step fits a v5e-256 at one sequence per chip, VLoRA
            against dense, by search over the width D (multiples of 1,024) at a fixed shape rule

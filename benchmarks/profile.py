@@ -20,7 +20,7 @@ process) that compiles its step once; the driver times one step per variant per 
 per-round ratios to the first variant. A variant is a name of `VARIANTS` (config overrides, XLA
 flags appended to ``$XLA_FLAGS``), or ``NAME@REV``: that variant on the code of git revision REV
 (a temporary ``git worktree``), the A/B of a code change. ``default`` and ``flags`` name the sets
-`DEFAULT` and `FLAGS`. Workers get the allocator tuning of `vlora_jax.cpu_malloc` where
+`DEFAULT` and `FLAGS`. Workers get the allocator tuning of `vlora_jax.platform.cpu_malloc` where
 ``python -m vlora_jax.main`` would apply it (``VLORA_MALLOC_TUNING=0`` turns it off): each holds
 its step's temporaries (~3 GB at the CIFAR size), so mind the RAM before running many at once.
 
@@ -183,7 +183,8 @@ def worker(cfg: dict) -> None:
 
 def start_worker(name: str, size: str, overrides: dict, code: Path) -> harness.Worker:
   """The resident worker of variant ``name``, run in ``code`` (the imports come from there)."""
-  from vlora_jax import cpu_malloc  # pylint: disable=import-outside-toplevel  (light: no JAX)
+  # pylint: disable-next=import-outside-toplevel  (light: no JAX)
+  from vlora_jax.platform import cpu_malloc
   env = dict(os.environ, PYTHONPATH=str(code))
   flags = (os.environ.get("XLA_FLAGS", ""), VARIANTS[split_name(name)[0]][1])
   env["XLA_FLAGS"] = " ".join(f for f in flags if f)

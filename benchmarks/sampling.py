@@ -30,7 +30,7 @@ def build(max_len: int, vlora: bool):
   import jax
   import jax.numpy as jnp
   from vlora_jax.models.lm import LM
-  from vlora_jax.spec import VLoRASpec
+  from vlora_jax.core.spec import VLoRASpec
   model = LM(vocab_size=65, max_len=max_len, dim=128, depth=4, num_heads=4,
              vlora=VLoRASpec(compound_size=4, rank=8) if vlora else None)
   params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
@@ -49,7 +49,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   env = harness.environment()
   import numpy as np
-  from vlora_jax import decoding
+  from vlora_jax.models import decoding
 
   lengths = [int(n) for n in args.lengths.split(",") if n]  # "": the ratios only
   max_len = PROMPT + max(lengths + [args.tokens])

@@ -108,7 +108,7 @@ def config(cfg, threads: int = 2) -> dict:
 def start(python: str, cfg: dict) -> harness.Worker:
   """The worker, started from the reference venv's ``python``; ``.info`` has its versions,
   parameter counts and state_dict bytes, ``.request(train=steps)["s_per_step"]`` times steps."""
-  # Torch runs as shipped: none of our JAX or allocator settings (vlora_jax/cpu_malloc.py).
+  # Torch runs as shipped: none of our JAX or allocator settings (vlora_jax/platform/cpu_malloc.py).
   env = {k: v for k, v in os.environ.items()
          if k not in ("XLA_FLAGS", "GLIBC_TUNABLES", "VLORA_MALLOC_TUNED")}
   env["PYTHONPATH"] = str(harness.ROOT)  # for this package only: that venv has no JAX

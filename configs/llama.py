@@ -54,7 +54,7 @@ def _tiny(c, a) -> None:
   if a["data"] == "text":
     c.data.source = "text"
     return
-  from vlora_jax import tokenizer
+  from vlora_jax.data import tokenizer
   c.data.source = "tokenized"
   c.data.tokenizer = a["tok"]
   c.data.eval_split = "validation"
@@ -63,7 +63,7 @@ def _tiny(c, a) -> None:
 
 def _like_run(c, a) -> None:
   """``config.model`` as the run in ``from=`` has it; its tokenizer reads the text."""
-  from vlora_jax import trained
+  from vlora_jax.runs import trained
   source = trained.open_checkpoint(a["from"], where="config arg from")[2]["config"]["model"]
   for key in ("vocab_size", "max_len", "dim", "depth", "num_heads", "num_kv_heads", "head_dim",
               "mlp_dim", "rope_base", "norm_eps", "tie_embeddings", "attention_bias", "mlp_bias"):

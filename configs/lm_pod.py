@@ -23,7 +23,7 @@ BPE (``tok=``: a tokenizer.json, .gguf, Hugging Face directory or run) with held
 and test blocks (``data.source='tokenized'``).
 
 ``arg``: ``1b`` | ``8b`` | ``70b``; ``vlora`` | ``dense``; ``batch=<global batch>`` (default 256,
-one sequence per chip of a v5e-256); ``remat=<policy>`` (vlora_jax/remat.py); ``r=``, ``s=``;
+one sequence per chip of a v5e-256); ``remat=<policy>`` (vlora_jax/core/remat.py); ``r=``, ``s=``;
 ``d=<width>,layers=<depth>`` for any other size (heads of 128 channels, 8 key/value heads or
 fewer, MLP 3.5 D); ``file=``, ``tok=``.
 """

@@ -23,10 +23,10 @@ import jax
 import numpy as np
 import optax
 
-from vlora_jax import stack
+from vlora_jax.core import stack
 from vlora_jax.convert.compress import compress, compress_tree
 from vlora_jax.models.vit import ViT
-from vlora_jax.spec import VLoRASpec
+from vlora_jax.core.spec import VLoRASpec
 
 RANKS = (4, 8, 16, 32)
 BASES = ("first", "mean", "auto")

@@ -103,7 +103,8 @@ def _train(config, wd: Path, revision: str) -> dict | None:
 def budget_ranks(teacher_wd: Path, config, fraction: float, base: str = BASE):
   """The `Budget` (one rank per target) of ``config``'s VLoRA spec at ``fraction`` of the
   teacher's parameters."""
-  from vlora_jax import models, trained
+  from vlora_jax import models
+  from vlora_jax.runs import trained
   from vlora_jax.convert.compress import budget_ranks_tree
   teacher = trained.load(teacher_wd)
   fam = models.family(config.model.name)

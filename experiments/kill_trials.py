@@ -119,7 +119,7 @@ def _train_rows(workdir: Path) -> dict[int, dict]:
 def compare(run: Path, ref: Path, atol: float = 0.0) -> list[str]:
   """The differences between a run and the reference (empty: equal)."""
   from absl import logging as absl_logging
-  from vlora_jax import checkpoint_format
+  from vlora_jax.runs import checkpoint_format
   problems = []
   verbosity = absl_logging.get_verbosity()
   absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's notes on reading a bare step dir

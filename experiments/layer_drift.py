@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vlora_jax import models, stack
-from vlora_jax import checkpoint_format
+from vlora_jax import models
+from vlora_jax.core import stack
+from vlora_jax.runs import checkpoint_format
 
 
 def _stacks(tree, prefix=""):

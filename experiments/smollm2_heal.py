@@ -227,7 +227,7 @@ def block_params(params) -> int:
 
 def teacher_run(plan: Plan) -> Path:
   """The imported teacher's workdir (imported once; its windows must be ``--seq_len``)."""
-  from vlora_jax import trained
+  from vlora_jax.runs import trained
   wd = plan.teacher
   if not (wd / "checkpoints").is_dir():
     from vlora_jax.convert.__main__ import convert
@@ -241,7 +241,7 @@ def teacher_run(plan: Plan) -> Path:
 
 
 def prepare_data(plan: Plan) -> dict:
-  from vlora_jax import tokenizer
+  from vlora_jax.data import tokenizer
   tok = tokenizer.load(str(plan.teacher), "teacher")
   record = data_lib.prepare(plan.data, tok, seed=plan.split_seed,
                             held_fraction=plan.held_fraction, shakespeare=plan.shakespeare,
@@ -259,7 +259,7 @@ class Evaluator:
   and its greedy continuations of the fixed prompts; one compiled program per model shape."""
 
   def __init__(self, plan: Plan):
-    from vlora_jax import tokenizer
+    from vlora_jax.data import tokenizer
     self.plan = plan
     self.tok = tokenizer.load(str(plan.teacher), "teacher")
     self._windows: dict = {}
@@ -305,7 +305,7 @@ class Evaluator:
     return {"nll": nll, "ppl": {d: math.exp(v) for d, v in nll.items()}}
 
   def greedy(self, model, params) -> list[str]:
-    from vlora_jax import decoding
+    from vlora_jax.models import decoding
     ids = [self.tok.encode(p) for p in prompts()]
     new = decoding.generate(model, params, ids, max_new_tokens=self.plan.new_tokens)
     return [self.tok.decode(n) for n in new]
@@ -359,7 +359,7 @@ def heal_config(plan: Plan, kind: str, budget: float | None, seed: int, choice: 
 
 
 def _teacher_depth(plan: Plan) -> int:
-  from vlora_jax import trained
+  from vlora_jax.runs import trained
   return int(trained.open_checkpoint(plan.teacher)[2]["config"]["model"]["depth"])
 
 
@@ -460,7 +460,7 @@ class Compressor:
 
   def params(self, config) -> tuple[dict, dict]:
     """``(dense params of the compressed model, compress's error figures)``."""
-    from vlora_jax import stack
+    from vlora_jax.core import stack
     compress_lib = _compress_module()
     base, increments = config.compress.base, config.compress.increments
     covs = self.covariances(config).get("blocks") if increments == "whitened" else None

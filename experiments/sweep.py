@@ -81,7 +81,7 @@ def _recorded_hash(workdir: Path) -> str | None:
   if record.exists():
     return json.loads(record.read_text())["config_hash"]
   try:
-    from vlora_jax import checkpoint_format
+    from vlora_jax.runs import checkpoint_format
     saved = checkpoint_format.meta_at(str(workdir))["config"]
   except (OSError, ValueError, KeyError):
     return None
@@ -103,7 +103,7 @@ def _same_but_new_keys(workdir: Path, config) -> bool:
   declared config differs only by keys added to the defaults since, which the run did not know
   (a new option, off by default, computes what the run computed)."""
   try:
-    from vlora_jax import checkpoint_format
+    from vlora_jax.runs import checkpoint_format
     saved = _flat(checkpoint_format.meta_at(str(workdir))["config"])
   except (OSError, ValueError, KeyError):
     return False
@@ -137,8 +137,8 @@ def _config(point: dict, extra: dict | None):
 
 def parse_override(text: str) -> tuple[str, object]:
   """``'optim.lr=3e-4'`` -> ``('optim.lr', 0.0003)``: the value read as the command lines read
-  theirs (`vlora_jax.overrides.parse_value`: a Python literal where it parses, else text)."""
-  from vlora_jax import overrides
+  theirs (`vlora_jax.config.overrides.parse_value`: a Python literal where it parses, else text)."""
+  from vlora_jax.config import overrides
   key, _, value = text.partition("=")
   return key, overrides.parse_value(value, None)
 

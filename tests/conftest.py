@@ -7,7 +7,7 @@ Subprocess tests do not share it: some of them are SIGKILLed on purpose, mid-wri
 
 import tempfile
 
-import vlora_jax  # noqa: F401 -- first: it settles the backend before JAX starts (backends.py)
+import vlora_jax  # noqa: F401 -- first: it settles the backend before JAX starts (platform/)
 import jax
 
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="vlora_jax_xla_cache_"))

@@ -24,7 +24,9 @@ def stored_run(workdir, config, steps=(1, 2), seed: int = 0, best: dict | None =
 
   ``best``: ``{step: eval/accuracy}`` of the steps also saved in ``best/``.
   """
-  from vlora_jax import checkpoint_format, data as data_lib, models, params as params_lib
+  from vlora_jax import data as data_lib, models
+  from vlora_jax.runs import checkpoint_format
+  from vlora_jax.core import params as params_lib
   from vlora_jax.train import checkpoint as ckpt_lib, optim, state as state_lib
   fam = models.family(config.model.name)
   model = models.build(config.model)

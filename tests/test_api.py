@@ -15,10 +15,10 @@ import pytest
 
 import vlora_jax
 from vlora_jax import LoRASpec, VLoRASpec, dense_twin, to_dense, vlorafy
-from vlora_jax import lora as lora_lib
-from vlora_jax import params as params_lib
-from vlora_jax import stack
-from vlora_jax.layers import EncoderBlock
+from vlora_jax.core import lora as lora_lib
+from vlora_jax.core import params as params_lib
+from vlora_jax.core import stack
+from vlora_jax.core.layers import EncoderBlock
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "guide.md"
@@ -51,7 +51,7 @@ def test_the_documents_own_block_snippet_runs(doc):
 def test_the_front_door_names():
   assert {"vlorafy", "VLoRASpec", "LoRASpec", "load", "to_dense", "dense_twin"} <= set(
       vlora_jax.__all__)
-  assert vlora_jax.load is vlora_jax.trained.load
+  assert vlora_jax.load is vlora_jax.runs.trained.load
   with pytest.raises(AttributeError, match="no attribute 'nope'"):
     vlora_jax.nope  # pylint: disable=pointless-statement
 

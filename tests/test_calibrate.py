@@ -11,7 +11,7 @@ import pytest
 from vlora_jax.convert import calibrate
 from vlora_jax.convert.compress import compress_tree
 from vlora_jax.models.lm import LM
-from vlora_jax.spec import VIT_TARGETS, VLoRASpec
+from vlora_jax.core.spec import VIT_TARGETS, VLoRASpec
 
 L, D = 4, 16
 

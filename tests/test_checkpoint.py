@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from helpers_train import result, run_py, tiny
 
-from vlora_jax import checkpoint_format, errors
+from vlora_jax import errors
+from vlora_jax.runs import checkpoint_format
 from vlora_jax.train import train_and_evaluate
 
 STEPS = 4

@@ -23,16 +23,17 @@ import pytest
 from helpers_runs import stored_run
 from helpers_train import ROOT, tiny
 
-from vlora_jax import export, outputs
+from vlora_jax import export
+from vlora_jax.runs import outputs
 
 pytestmark = pytest.mark.slow  # subprocesses and signals
 
 # Where each command is caught, and what runs there once the file says so: ``None`` waits (for a
 # signal), else the wrapped function goes on (a real compile).
 WRAPPED = {
-    "sample": ("vlora_jax.decoding", "generate", "wait"),
+    "sample": ("vlora_jax.models.decoding", "generate", "wait"),
     "evaluate": ("vlora_jax.train.evaluation", "evaluate", "wait"),
-    "predict": ("vlora_jax.trained", "load", "after"),
+    "predict": ("vlora_jax.runs.trained", "load", "after"),
     "export": ("os", "replace", "wait"),
     "compile": ("jax.stages", "Lowered.compile", "go_on"),
     "main": ("jax.stages", "Lowered.compile", "go_on"),

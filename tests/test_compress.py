@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from vlora_jax import stack
+from vlora_jax.core import stack
 from vlora_jax.convert import compress, compress_tree
-from vlora_jax.layers import EncoderBlock
+from vlora_jax.core.layers import EncoderBlock
 from vlora_jax.models.vit import ViT
-from vlora_jax.spec import VLoRASpec
+from vlora_jax.core.spec import VLoRASpec
 
 D, L = 16, 6
 X = jnp.zeros((1, 3, D))

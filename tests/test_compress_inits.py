@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from vlora_jax import params as params_lib
-from vlora_jax import stack
+from vlora_jax.core import params as params_lib
+from vlora_jax.core import stack
 from vlora_jax.convert.compress import (_compress_compound, budget_ranks, budget_ranks_tree,
                                         compress, compress_tree, whitener)
-from vlora_jax.spec import VLoRASpec
+from vlora_jax.core.spec import VLoRASpec
 
 D, L = 12, 4
 QKV, FC2, BIAS = "attn/qkv/kernel", "mlp/fc2/kernel", "mlp/fc2/bias"

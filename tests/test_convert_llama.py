@@ -19,7 +19,7 @@ import pytest
 
 import vlora_jax
 from helpers_train import DATA, ROOT
-from vlora_jax import tokenizer as tokenizer_lib
+from vlora_jax.data import tokenizer as tokenizer_lib
 from vlora_jax.convert import hf_llama, pretrained
 from vlora_jax.convert.__main__ import convert
 from vlora_jax.convert.hf_llama import ConvertError

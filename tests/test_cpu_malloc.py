@@ -1,6 +1,7 @@
-"""`import vlora_jax` keeps XLA:CPU's freed temporaries in the process (vlora_jax/cpu_malloc.py): a
-jitted step with 130 MB of temporaries stops page-faulting them in again on every call. Counted with
-getrusage in a fresh process, as a notebook or a script that imports the library would run."""
+"""`import vlora_jax` keeps XLA:CPU's freed temporaries in the process
+(vlora_jax/platform/cpu_malloc.py): a jitted step with 130 MB of temporaries stops page-faulting
+them in again on every call. Counted with getrusage in a fresh process, as a notebook or a script
+that imports the library would run."""
 
 import os
 import subprocess
@@ -51,7 +52,7 @@ def test_import_stops_the_per_call_page_faults():
 def test_fit_keeps_the_settings_for_small_steps_and_drops_them_for_big_ones():
   """Kept memory costs up to twice a step's memory: past a quarter of the RAM, glibc's defaults
   come back (in a fresh process: dropping them here would slow the rest of the tests)."""
-  program = ("from vlora_jax import cpu_malloc as m\n"
+  program = ("from vlora_jax.platform import cpu_malloc as m\n"
              "print(m.tune(), m.fit(1 << 30, ram=8 << 30), m.fit(3 << 30, ram=8 << 30), m._applied)")
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", VLORA_MALLOC_TUNING="1")
   out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True,

@@ -8,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlora_jax import decoding, stack
-from vlora_jax.lora import LoRASpec
+from vlora_jax.models import decoding
+from vlora_jax.core import stack
+from vlora_jax.core.lora import LoRASpec
 from vlora_jax.models.lm import LM
 from vlora_jax.models.seq2seq import Seq2Seq
-from vlora_jax.spec import VLoRASpec
-from vlora_jax.tokenizer import CharTokenizer, TokenizerError
+from vlora_jax.core.spec import VLoRASpec
+from vlora_jax.data.tokenizer import CharTokenizer, TokenizerError
 
 V, T = 11, 12
 PROMPTS = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]  # different lengths: left-padded in one batch

@@ -117,7 +117,8 @@ def test_the_step_mixes_task_and_t_squared_kl(parts):
 def _fake_run(tmp_path, config):
   """A workdir whose only checkpoint holds the meta with ``config`` (what `check` judges) and the
   model's parameters as zeros (what set-up reads and verifies once the checks pass)."""
-  from vlora_jax import checkpoint_format, params as params_lib
+  from vlora_jax.runs import checkpoint_format
+  from vlora_jax.core import params as params_lib
   from vlora_jax.train import checkpoint as ckpt_lib
   fam = models.family(config.model.name)
   shapes = params_lib.param_shapes(models.build(config.model),

@@ -165,8 +165,8 @@ class _NoParams(nn.Module):
 
 @pytest.mark.parametrize("vlora", [False, True])
 def test_vlorafy_on_a_block_without_parameters_says_so(vlora):
-  from vlora_jax.spec import VLoRASpec
-  from vlora_jax.stack import vlorafy
+  from vlora_jax.core.spec import VLoRASpec
+  from vlora_jax.core.stack import vlorafy
   spec = VLoRASpec(compound_size=2, targets=(r".*",), rank=1) if vlora else None
   with pytest.raises(ValueError, match="has no parameters"):
     vlorafy(_NoParams(), num_layers=4, vlora=spec).init(jax.random.key(0), jnp.ones((2, 3)))

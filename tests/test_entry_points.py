@@ -30,8 +30,8 @@ from vlora_jax import data as data_lib
 from vlora_jax import models
 from vlora_jax.errors import CheckpointError, ConfigError
 from vlora_jax.evaluate import EvalError, evaluate, parse_overrides
-from vlora_jax.overrides import parse_value
-from vlora_jax.outputs import OutputError
+from vlora_jax.config.overrides import parse_value
+from vlora_jax.runs.outputs import OutputError
 from vlora_jax.predict import PredictError, load_image, predict
 from vlora_jax.train import train_and_evaluate
 

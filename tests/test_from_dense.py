@@ -8,7 +8,8 @@ import pytest
 from helpers_train import tiny
 
 import vlora_jax
-from vlora_jax import data as data_lib, models, params as params_lib
+from vlora_jax import data as data_lib, models
+from vlora_jax.core import params as params_lib
 from vlora_jax.errors import CheckpointError, ConfigError
 from vlora_jax.train import train_and_evaluate
 from vlora_jax.train.from_dense import params_from_dense_run
@@ -72,7 +73,7 @@ def test_a_model_that_is_not_the_dense_twin_is_refused(dense_run):
 def test_compress_and_heal_with_distillation_resumes_and_saves_no_teacher(dense_run, tmp_path):
   """Start from the compressed dense run, distil from it, stop after 2 steps; the rerun to 4
   resumes (the teacher loaded again from its workdir), and no checkpoint holds the teacher."""
-  from vlora_jax import checkpoint_format
+  from vlora_jax.runs import checkpoint_format
   workdir = tmp_path / "heal"
   config = lambda steps: _student(dense_run, **{
       "compress.increments": "whitened", "compress.calibration_batches": 2,

@@ -64,7 +64,7 @@ def test_the_finder_finds_a_circle():
 
 def test_the_graph_sees_imports_inside_functions():
   graph = import_graph()
-  assert "vlora_jax.stack" in graph["vlora_jax.models"]
+  assert "vlora_jax.core.stack" in graph["vlora_jax.models"]
   assert "vlora_jax.models.vit" in graph["vlora_jax.models"]
 
 

@@ -8,7 +8,7 @@ import pytest
 from helpers_train import tiny
 
 from experiments import layer_drift
-from vlora_jax import checkpoint_format
+from vlora_jax.runs import checkpoint_format
 from vlora_jax.train import train_and_evaluate
 
 pytestmark = pytest.mark.slow  # subprocesses and trained runs: `pytest -m slow`

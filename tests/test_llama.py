@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from vlora_jax import decoding, partitioning, stack
+from vlora_jax.models import decoding
+from vlora_jax.core import partitioning, stack
 from vlora_jax.models.llama import TARGETS, Llama
-from vlora_jax.spec import VLoRASpec
+from vlora_jax.core.spec import VLoRASpec
 
 V, T = 40, 10
 SPEC = VLoRASpec.official(compound_size=2, rank=2, targets=TARGETS)

@@ -10,9 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from vlora_jax import layers, models, params, stack
+from vlora_jax import models
+from vlora_jax.core import layers, params, stack
 from vlora_jax.models.lm import LM
-from vlora_jax.spec import VLoRASpec
+from vlora_jax.core.spec import VLoRASpec
 
 V, T = 17, 8
 SPEC = VLoRASpec.official(compound_size=2, rank=2)

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from vlora_jax import layers, stack
-from vlora_jax.spec import VLoRASpec
+from vlora_jax.core import layers, stack
+from vlora_jax.core.spec import VLoRASpec
 
 DIM, TOKENS = 256, 8  # weight-dominated: 0.8M weights a layer, 2k activations a layer
 

@@ -27,7 +27,8 @@ from helpers_runs import stored_run
 from helpers_train import ROOT, tiny
 
 import vlora_jax
-from vlora_jax import export, outputs
+from vlora_jax import export
+from vlora_jax.runs import outputs
 from vlora_jax.errors import UserError
 from vlora_jax.evaluate import evaluate
 
@@ -217,7 +218,8 @@ def test_kill_9_during_an_export_keeps_the_earlier_export(run, tmp_path):
   good = out.read_bytes()
   code = f"""
 import os, signal, sys
-from vlora_jax import export, outputs
+from vlora_jax import export
+from vlora_jax.runs import outputs
 def half(path, data, flag):
   with outputs.atomic_file(path, flag) as tmp:
     tmp.write_bytes(data[: len(data) // 2])
@@ -239,7 +241,7 @@ export.export({str(run)!r}, "npz", {str(out)!r})
 def test_a_nested_write_reports_its_own_file(tmp_path):
   """The timm export writes its sidecar around the weights: a failure of the inner file names
   that file, not the outer one."""
-  from vlora_jax import outputs
+  from vlora_jax.runs import outputs
   with pytest.raises(outputs.OutputError) as e:
     with outputs.atomic_file(tmp_path / "m.json", "--out's sidecar"):
       with outputs.atomic_file(tmp_path / "m.safetensors", "--out") as inner:
@@ -251,7 +253,7 @@ def test_a_nested_write_reports_its_own_file(tmp_path):
 def test_an_interrupt_between_the_two_renames_puts_the_earlier_output_back(tmp_path, monkeypatch):
   """The earlier directory is moved aside before the new one takes its name: an interrupt in
   between (what `remove_pending` handles) leaves the earlier output where it was."""
-  from vlora_jax import outputs
+  from vlora_jax.runs import outputs
   out = tmp_path / "export"
   out.mkdir()
   (out / "weights").write_text("earlier")
@@ -276,7 +278,7 @@ def test_an_interrupt_between_the_two_renames_puts_the_earlier_output_back(tmp_p
 def test_a_temporary_left_under_this_process_id_is_stale(tmp_path):
   """In a container the next run often gets the pid of the one that was killed: its leftover is
   not a write in progress."""
-  from vlora_jax import outputs
+  from vlora_jax.runs import outputs
   out = tmp_path / "model.npz"
   left = tmp_path / f".model.npz{outputs.TMP_MARK}{os.getpid()}-999"
   left.write_bytes(b"half")

@@ -1,5 +1,5 @@
-"""The one reader of ``--config.KEY=VALUE`` (`vlora_jax.overrides`), the config-file loader and the
-commands' help: per-target ranks from the command line, misspelt keys in one line."""
+"""The one reader of ``--config.KEY=VALUE`` (`vlora_jax.config.overrides`), the config-file loader
+and the commands' help: per-target ranks from the command line, misspelt keys in one line."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import ml_collections
 import pytest
 from helpers_train import ROOT
 
-from vlora_jax import overrides
+from vlora_jax.config import overrides
 from vlora_jax.train import config_util, validate
 
 
@@ -79,7 +79,8 @@ def test_a_config_file_finds_its_package_from_anywhere(tmp_path, monkeypatch):
   own.mkdir()
   (own / "__init__.py").write_text("")
   (own / "helper.py").write_text("SEED = 7\n")
-  (own / "mine.py").write_text("from configs import helper\nfrom vlora_jax import defaults\n\n"
+  (own / "mine.py").write_text("from configs import helper\n"
+                               "from vlora_jax.config import defaults\n\n"
                                "def get_config():\n  c = defaults.get_config()\n"
                                "  c.seed = helper.SEED\n  return c\n")
   monkeypatch.chdir(tmp_path)

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from helpers_train import ROOT, tiny
 
-from vlora_jax import checkpoint_format, errors
+from vlora_jax import errors
+from vlora_jax.runs import checkpoint_format
 from vlora_jax.train import checkpoint as ckpt_lib
 from vlora_jax.train import loop as loop_lib
 from vlora_jax.train import preemption, train_and_evaluate

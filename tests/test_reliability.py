@@ -15,7 +15,7 @@ import pytest
 from helpers_train import result, run_py, tiny
 
 from vlora_jax import errors
-from vlora_jax import checkpoint_format
+from vlora_jax.runs import checkpoint_format
 from vlora_jax.train import train_and_evaluate
 
 STEPS = 4

@@ -1,5 +1,5 @@
 """The config schema: generated bad values for every key, an independent table of bad values, and
-the schema against defaults.py.
+the schema against config/defaults.py.
 
 For every declared key (the run's and each family's), a base config where the key applies gets a
 value of the wrong type and a value out of range (`Key.bad_values`); each must be refused by
@@ -16,7 +16,7 @@ import ml_collections
 import pytest
 
 from vlora_jax import errors
-from vlora_jax.config_keys import Choice, lookup
+from vlora_jax.config.keys import Choice, lookup
 from vlora_jax.train import config_util, schema, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,22 +163,23 @@ def test_split_fractions_out_of_range_are_refused():
 
 # ------------------------------------------------------------------ the schema and default.py agree
 
-DEFAULT = ROOT / "vlora_jax" / "defaults.py"
+DEFAULT = ROOT / "vlora_jax" / "config" / "defaults.py"
 # Declared, but set only by the configs whose source or option needs them.
 NOT_IN_DEFAULT = {"data.vocab_size", "data.min_len", "model.lora.enabled",
                   "model.lora.targets", "model.lora.rank", "model.lora.alpha"}
 
 
 def _default():
-  from vlora_jax import defaults as default
+  from vlora_jax.config import defaults as default
   return default.get_config()
 
 
 def test_default_config_keys_are_exactly_the_common_schema():
   present = set(schema.flatten(_default()))
   declared = set(schema.COMMON)
-  assert present - declared == set(), "keys in vlora_jax/defaults.py missing from the schema"
-  assert declared - present == NOT_IN_DEFAULT, "schema keys missing from vlora_jax/defaults.py"
+  assert present - declared == set(), "keys in vlora_jax/config/defaults.py missing from the schema"
+  assert declared - present == NOT_IN_DEFAULT, (
+      "schema keys missing from vlora_jax/config/defaults.py")
 
 
 def test_default_values_are_allowed():
@@ -217,7 +218,7 @@ def test_default_py_comments_list_every_choice():
     comment = _comment_of(key, source)
     if isinstance(rule, Choice) and comment is not None:
       missing = [c for c in rule.choices if str(c) not in comment]
-      assert not missing, f"vlora_jax/defaults.py's comment on {key} omits {missing}"
+      assert not missing, f"vlora_jax/config/defaults.py's comment on {key} omits {missing}"
       checked += 1
   assert checked >= 8
 

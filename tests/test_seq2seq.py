@@ -10,9 +10,11 @@ import numpy as np
 import optax
 import pytest
 
-from vlora_jax import decoding, models, params, stack
+from vlora_jax import models
+from vlora_jax.models import decoding
+from vlora_jax.core import params, stack
 from vlora_jax.models.seq2seq import CROSS_TARGETS, DEC_TARGETS, Seq2Seq, decoder_spec
-from vlora_jax.spec import VIT_TARGETS, VLoRASpec
+from vlora_jax.core.spec import VIT_TARGETS, VLoRASpec
 
 V = 13
 SPEC = VLoRASpec.official(compound_size=2, rank=2)
@@ -174,7 +176,8 @@ def test_reversal_is_learned():
   acc = (np.asarray(forward(p, src, tgt_in)).argmax(-1) == tgt)[real].mean()
   assert acc > 0.9, (float(loss), acc)
 
-  # Real decoding (`vlora_jax.decoding`): the encoder once, the cached decoder on its own outputs.
+  # Real decoding (`vlora_jax.models.decoding`): the encoder once, the cached decoder on its own
+  # outputs.
   greedy = np.asarray(decoding.greedy(model, p, src, bos=BOS, eos=EOS))
   exact = (greedy == tgt).all(-1).mean()
   assert exact > 0.8, exact

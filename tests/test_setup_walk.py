@@ -22,7 +22,7 @@ import pytest
 from helpers_runs import stored_run
 from helpers_train import tiny
 
-from vlora_jax import trained
+from vlora_jax.runs import trained
 from vlora_jax.models.family import Family
 from vlora_jax.train import train_and_evaluate, validate
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers_train import free_port, result, run_py, tiny
 
-from vlora_jax import checkpoint_format
+from vlora_jax.runs import checkpoint_format
 from vlora_jax.train import sharding, train_and_evaluate
 
 STEPS = 3

@@ -58,7 +58,8 @@ def smollm2_run(smollm2_gguf, tmp_path_factory) -> Path:
 def test_greedy_continuations_equal_transformers(smollm2_run):
   import jax.numpy as jnp
   import vlora_jax
-  from vlora_jax import decoding, tokenizer
+  from vlora_jax.models import decoding
+  from vlora_jax.data import tokenizer
   run = vlora_jax.load(smollm2_run)
   tok = tokenizer.from_info(run.info)
   prompts = REFERENCE["prompts"]
@@ -76,7 +77,8 @@ def test_greedy_continuations_equal_transformers(smollm2_run):
 
 def test_perplexity_within_one_percent_of_transformers(smollm2_run, tmp_path):
   import ml_collections
-  from vlora_jax import evaluate, trained
+  from vlora_jax import evaluate
+  from vlora_jax.runs import trained
   from vlora_jax.data import tokenized
   ref = REFERENCE["perplexity"]
   overrides = {"data.split_blocks": 20, "data.validation_fraction": 0.0,

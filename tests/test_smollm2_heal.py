@@ -184,7 +184,7 @@ def plan(tmp_path_factory) -> heal.Plan:
   """A random 6-layer Llama imported as the teacher, and the domains prepared, in a fresh root."""
   import jax
   import flax.linen as nn
-  from vlora_jax import tokenizer
+  from vlora_jax.data import tokenizer
   from vlora_jax.convert import pretrained
   from vlora_jax.models.llama import Llama
   tmp = tmp_path_factory.mktemp("smollm2_heal")
@@ -249,7 +249,7 @@ def test_the_dropped_layers_hook_copies_the_teachers_chosen_layers(plan):
 def test_the_selection_compresses_as_a_run_s_own_init_does(plan, comp):
   """The whitened candidate the selection scores is the init its healing run starts from."""
   import jax
-  from vlora_jax import stack
+  from vlora_jax.core import stack
   from vlora_jax.train.from_dense import params_from_dense_run
   cand, config = comp.ranks("cumulative", 3, "whitened", 0.5)
   assert cand["block_fraction"] <= 0.5 and cand["block_params"] == pytest.approx(
@@ -267,7 +267,7 @@ def test_shared_factorisations_and_budget_sums_change_no_candidate(plan, comp):
   """Candidates that reuse SVDs and budget sums get the library's own figures (whiteners are
   reused inside one whitened candidate already: q, k and v read the same inputs)."""
   import jax
-  from vlora_jax import stack
+  from vlora_jax.core import stack
   from vlora_jax.convert.compress import budget_ranks, compress
   hits, misses = comp.memo.hits, comp.memo.misses
   for mode, budget in (("anchored", 0.5), ("anchored", 0.35), ("relaxed", 0.35)):

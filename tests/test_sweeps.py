@@ -9,7 +9,7 @@ import pytest
 from configs import sweeps
 from experiments import sweep
 from vlora_jax import models
-from vlora_jax import params as params_lib
+from vlora_jax.core import params as params_lib
 from vlora_jax.train import load_config, optim, validate
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from helpers_train import ROOT, tiny
 from vlora_jax import data as data_lib
-from vlora_jax import tokenizer as tokenizer_lib
+from vlora_jax.data import tokenizer as tokenizer_lib
 from vlora_jax.data import DataError, tokenized
 
 TOKENIZER = ROOT / "tests" / "fixtures" / "llama" / "hf_gqa" / "tokenizer.json"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers_train import tiny
 
-from vlora_jax import checkpoint_format
+from vlora_jax.runs import checkpoint_format
 from vlora_jax.train import NonFiniteLossError, optim, train_and_evaluate
 
 

@@ -28,7 +28,7 @@ from vlora_jax import models
 from vlora_jax.convert import torch_vit
 from vlora_jax.convert.torch_vit import _check_kwargs
 from vlora_jax.errors import CheckpointError, UserError
-from vlora_jax import checkpoint_format
+from vlora_jax.runs import checkpoint_format
 from vlora_jax.export import export
 from vlora_jax.train import train_and_evaluate
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from helpers_train import ROOT
-from vlora_jax import models, params
+from vlora_jax import models
+from vlora_jax.core import params
 from vlora_jax.models.vit import ViT
 from vlora_jax.models.vit_registers import ViTRegisters
-from vlora_jax.spec import VLoRASpec
+from vlora_jax.core.spec import VLoRASpec
 from vlora_jax.train import load_config, train_and_evaluate
 
 SPEC = VLoRASpec(compound_size=2, rank=2, mode="anchored")

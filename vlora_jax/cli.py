@@ -67,7 +67,7 @@ def config_error(spec: str, e: BaseException) -> str:
 def load_config(spec: str, pairs: list[tuple[str, str]], verbose: bool = False):
   """The config of ``--config SPEC`` with the ``--config.KEY=VALUE`` overrides ``pairs``
   (`overrides.split`'s) applied; any failure is one line and exit status 2."""
-  from vlora_jax import overrides
+  from vlora_jax.config import overrides
   from vlora_jax.train import config_util
   try:
     config = config_util.load(spec)
@@ -84,7 +84,7 @@ def parse_config_command(parser: argparse.ArgumentParser, argv: list[str] | None
   """``(args, config)`` of a command that takes ``--config`` and overrides: argparse reads the
   flags, `overrides` the ``--config.KEY=VALUE`` ones; a stray argument, a config that does not
   load and a bad override are each one line and exit status 2."""
-  from vlora_jax import overrides
+  from vlora_jax.config import overrides
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
     pairs, rest = overrides.split(argv)
@@ -158,7 +158,7 @@ def stopped(prog: str, signal_name: str, said: str) -> NoReturn:
   """Ends the process on a stop signal: the outputs being written removed, one line, status 128 +
   the signal's number. At once, from any state: no traceback, and no teardown of threads that
   are still in XLA (a compile) or writing."""
-  from vlora_jax import outputs
+  from vlora_jax.runs import outputs
   outputs.remove_pending()
   print(f"{prog}: stopped by {signal_name}; {said}", file=sys.stderr, flush=True)
   os._exit(128 + signal.Signals[signal_name].value)

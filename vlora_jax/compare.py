@@ -27,7 +27,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from vlora_jax import cli, outputs
+from vlora_jax import cli
+from vlora_jax.runs import outputs
 from vlora_jax.errors import UserError
 
 PROG = "vlora-compare"
@@ -76,7 +77,7 @@ def _config_of(workdir: Path) -> dict:
   config = _json(workdir / "config.json")
   if isinstance(config, dict):
     return config
-  from vlora_jax import trained
+  from vlora_jax.runs import trained
   try:
     return trained.open_checkpoint(workdir)[2].get("config", {})
   except (UserError, OSError):

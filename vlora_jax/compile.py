@@ -149,7 +149,7 @@ def whole_step_cost(run, compiled) -> tuple[float, float]:
   are taken at one microbatch (the optimizer's update then counted once per microbatch, a
   negligible part) and multiplied.
   """
-  from vlora_jax import stack
+  from vlora_jax.core import stack
   from vlora_jax.train import setup, trainer
   options = COST_OPTIONS.get(run.mesh.devices.flat[0].platform, {})
   accum = run.config.grad_accum_steps
@@ -176,7 +176,7 @@ def model_flops_per_chip(run) -> float:
   """PaLM's model FLOPs of a step per chip (appendix B): ``6 N + 12 L T D`` a token, ``N`` the
   dense twin's non-embedding parameters; no rematerialisation, whatever the policy."""
   import jax
-  from vlora_jax import params as params_lib
+  from vlora_jax.core import params as params_lib
   dense = params_lib.param_shapes(params_lib.dense_twin(run.model),
                                   *run.family.sample_inputs(run.config.model, 2), train=False)
   flat = jax.tree_util.tree_leaves_with_path(dense)
@@ -297,14 +297,14 @@ def parser() -> cli.Parser:
 
 def _written_by_compile(path: Path) -> bool:
   """Whether a file is a report of this command (which a new one may replace)."""
-  from vlora_jax import outputs
+  from vlora_jax.runs import outputs
   obj = outputs.read_json_object(path) or {}
   return {"topology", "chips", "fits", "compile_s"} <= set(obj)
 
 
 def main(argv: list[str] | None = None) -> None:
   args, config = cli.parse_config_command(parser(), argv)
-  from vlora_jax import outputs
+  from vlora_jax.runs import outputs
   from vlora_jax.train import metrics
   metrics.quiet_libraries()
   try:

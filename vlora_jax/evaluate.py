@@ -31,9 +31,9 @@ did not write is refused unless ``--overwrite``. Prints the checkpoint, the metr
 (sorted) and the path written. A progress bar over the eval batches goes to stderr when stderr is
 a terminal.
 
-Override values are read as the training command line reads them (`vlora_jax.overrides`): numbers,
-``true``/``false``, tuples ``0.5,0.5,0.5``; a key whose stored value is text takes the text as it
-is.
+Override values are read as the training command line reads them (`vlora_jax.config.overrides`):
+numbers, ``true``/``false``, tuples ``0.5,0.5,0.5``; a key whose stored value is text takes the
+text as it is.
 
 Exit status: 0 done; 2 a mistake in the input (no checkpoint in the workdir, a bad ``--step``, a key
 that cannot be overridden or a value the schema refuses, data that do not read or do not fit the
@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from vlora_jax import cli
-from vlora_jax import overrides as overrides_lib
-from vlora_jax import trained as trained_lib
+from vlora_jax.config import overrides as overrides_lib
+from vlora_jax.runs import trained as trained_lib
 from vlora_jax.errors import UserError
 
 PROG = "vlora-evaluate"
@@ -136,12 +136,12 @@ def _own_tokenizer(meta: dict, step_dir: Path, overrides: dict | None) -> dict:
 
 def _written_by_evaluate(path: Path) -> bool:
   """Whether a file is an evaluation's result (which a new evaluation may replace)."""
-  from vlora_jax import outputs
+  from vlora_jax.runs import outputs
   return (outputs.read_json_object(path) or {}).get("written_by") == WRITTEN_BY
 
 
 def _check_out(out, overwrite: bool) -> Path:
-  from vlora_jax import outputs
+  from vlora_jax.runs import outputs
   return outputs.check_target(out, "--out", kind="file", owned=_written_by_evaluate,
                               overwrite=overwrite, writer=f"an evaluation ({WRITTEN_BY})")
 
@@ -160,7 +160,7 @@ def evaluate(workdir, step: int | str | None = None, overrides: dict[str, Any] |
 
   # JAX, the data and the models only now: the checks above are instant.
   import jax
-  from vlora_jax import outputs
+  from vlora_jax.runs import outputs
   from vlora_jax.train import compat, evaluation, metrics as metrics_lib, setup
 
   plan, mesh, pipe = setup.mesh_and_data(config)

@@ -45,10 +45,10 @@ import json
 import zipfile
 from pathlib import Path
 
-from vlora_jax import checkpoint_format as fmt
+from vlora_jax.runs import checkpoint_format as fmt
 from vlora_jax import cli
-from vlora_jax import outputs
-from vlora_jax import trained as trained_lib
+from vlora_jax.runs import outputs
+from vlora_jax.runs import trained as trained_lib
 from vlora_jax.errors import UserError
 
 PROG = "vlora-export"
@@ -199,7 +199,7 @@ def write_timm(out: Path, run: trained_lib.Trained, dense_model, params) -> list
 def write_hf(out: Path, run: trained_lib.Trained, dense_model, params) -> list[Path]:
   """A Hugging Face Llama directory of the dense twin, with the run's subword tokenizer."""
   from vlora_jax.convert import hf_llama
-  from vlora_jax.tokenizer import SubwordTokenizer
+  from vlora_jax.data.tokenizer import SubwordTokenizer
   keys = ("vocab_size", "dim", "depth", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
           "rope_base", "norm_eps", "tie_embeddings", "attention_bias", "mlp_bias")
   mcfg = {k: getattr(dense_model, k) for k in keys}  # resolved: num_kv_heads, head_dim set

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from vlora_jax import cli, models
-from vlora_jax import trained as trained_lib
+from vlora_jax.runs import trained as trained_lib
 from vlora_jax.errors import UserError
 
 PROG = "vlora-predict"

@@ -12,11 +12,10 @@ The model, its parameters and its tokenizer come from the checkpoint (`vlora_jax
 character vocabulary or the subword tokenizer is stored with the run, so no data file is read). A
 subword tokenizer encodes the prompt as Hugging Face's ``tokenizer(prompt)`` does (with the BOS its
 post-processor adds, if any), and a sample ends at its EOS token unless ``--stop`` names another
-token. Generation uses the KV cache
-with VLoRA merged once (`vlora_jax.decoding.generate`); ``--temperature 0`` is greedy. The
-``--num_samples`` continuations of the prompt are drawn together, in one batch. Past the model's
-context (``model.max_len``) the window slides: the last half window is read again and generation
-goes on.
+token. Generation uses the KV cache with VLoRA merged once (`vlora_jax.models.decoding.generate`);
+``--temperature 0`` is greedy. The ``--num_samples`` continuations of the prompt are drawn together,
+in one batch. Past the model's context (``model.max_len``) the window slides: the last half window
+is read again and generation goes on.
 
 Prints each sample as the prompt followed by its continuation, samples separated by a line
 ``----``; a progress bar over the tokens goes to stderr when stderr is a terminal.
@@ -35,7 +34,7 @@ import dataclasses
 import sys
 
 from vlora_jax import cli
-from vlora_jax import trained as trained_lib
+from vlora_jax.runs import trained as trained_lib
 from vlora_jax.errors import UserError
 
 PROG = "vlora-sample"
@@ -90,8 +89,8 @@ def sample(workdir, prompt: str, *, max_new_tokens: int = 200, temperature: floa
            top_k: int = 0, top_p: float = 1.0, seed: int = 0, num_samples: int = 1,
            stop: str | None = None, step=None, progress: bool = False) -> list[str]:
   """The ``num_samples`` continuations of ``prompt`` (text, without the prompt)."""
-  from vlora_jax import decoding
-  from vlora_jax import tokenizer as tokenizer_lib
+  from vlora_jax.models import decoding
+  from vlora_jax.data import tokenizer as tokenizer_lib
 
   if num_samples < 1:
     raise SampleError(f"--num_samples={num_samples}: must be >= 1")

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from vlora_jax import stack as stack_lib
+from vlora_jax.core import stack as stack_lib
 
 
 def input_covariances(model: nn.Module, params, batches: Iterable[Sequence], *,

@@ -93,9 +93,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from vlora_jax import chain
-from vlora_jax import stack as stack_lib
-from vlora_jax.spec import Entry, Layout, VLoRASpec, match_targets
+from vlora_jax.core import chain
+from vlora_jax.core import stack as stack_lib
+from vlora_jax.core.spec import Entry, Layout, VLoRASpec, match_targets
 
 BASES = ("first", "mean", "auto")
 INCREMENTS = ("svd", "whitened", "zero")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlora_jax import tokenizer as tokenizer_lib
+from vlora_jax.data import tokenizer as tokenizer_lib
 from vlora_jax.convert import gguf_llama, hf_llama
 from vlora_jax.convert.hf_llama import ConvertError
 
@@ -86,7 +86,7 @@ def run_config(pre: Pretrained, *, workdir: Path, data: str = "",
                max_len: int = DEFAULT_MAX_LEN):
   """The config of the imported run: the dense llama of ``pre``'s architecture (VLoRA off, its
   targets the family's), the ``tokenized`` text of ``data`` read by the run's own tokenizer."""
-  from vlora_jax import defaults as default
+  from vlora_jax.config import defaults as default
   from vlora_jax.models import llama
   c = default.get_config()
   m = c.model
@@ -116,7 +116,7 @@ def _check_fits(pre: Pretrained, config) -> None:
   import flax.linen as nn
   import jax
   from vlora_jax import models
-  from vlora_jax.params import params_mismatch
+  from vlora_jax.core.params import params_mismatch
   if len(pre.tokenizer) > config.model.vocab_size:
     raise ConvertError(f"{pre.source}: the tokenizer has {len(pre.tokenizer)} tokens, the model's "
                        f"vocabulary {config.model.vocab_size}; allowed: a tokenizer within it")
@@ -161,7 +161,7 @@ def write_run(pre: Pretrained, workdir, *, data: str = "",
   checkpoints); returns the checkpoint's step directory."""
   import jax
   from vlora_jax import cli
-  from vlora_jax import checkpoint_format as fmt
+  from vlora_jax.runs import checkpoint_format as fmt
   from vlora_jax.train import checkpoint as ckpt_lib, metrics, optim, schema
   from vlora_jax.train import workdir as workdir_lib
 

@@ -38,7 +38,7 @@ from flax import traverse_util
 
 from vlora_jax.errors import UserError
 from vlora_jax.models.vit import ViT
-from vlora_jax.spec import VLoRASpec
+from vlora_jax.core.spec import VLoRASpec
 
 # The official VisionTransformerVLoRA's default targets (its DEFAULT_PARAM_NAMES), in its order:
 # a list-valued vl_rank / vl_alpha follows this order.

@@ -47,7 +47,8 @@ from typing import Callable
 
 import numpy as np
 
-from vlora_jax import cli, outputs
+from vlora_jax import cli
+from vlora_jax.runs import outputs
 from vlora_jax.data import paths, sources
 from vlora_jax.data.sources import DataError
 

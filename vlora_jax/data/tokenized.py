@@ -2,7 +2,7 @@
 
   data.path                 the UTF-8 text file
   data.tokenizer            a tokenizer.json, a .gguf, a Hugging Face model directory, or a run
-                            that stores a tokenizer (`vlora_jax.tokenizer.load`)
+                            that stores a tokenizer (`vlora_jax.data.tokenizer.load`)
   data.split_blocks         the token stream is cut into this many contiguous blocks of equal size
   data.validation_fraction  the share of the blocks that validates, and of those that test
   data.test_fraction
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlora_jax import tokenizer as tokenizer_lib
+from vlora_jax.data import tokenizer as tokenizer_lib
 from vlora_jax.data import sources
 from vlora_jax.data.sources import DataError
 

@@ -5,7 +5,7 @@ The ``config.model`` schema (every experiment config fills it; see ``configs/``)
   name        a key of `FAMILIES`: 'vit' | 'vit_registers' | 'lm' | 'llama' | 'seq2seq'
   dim, depth, num_heads, mlp_ratio, dropout, dtype ('float32' | 'bfloat16'), scan, remat
   vlora       enabled, compound_size, targets, rank, alpha, mode, stop_gradient_base, scaling, init
-  lora        (optional) enabled, targets, rank, alpha: horizontal LoRA on every stack (`lora.py`)
+  lora        (optional) enabled, targets, rank, alpha: horizontal LoRA on every stack (`core/lora.py`)
   ...         the family's own keys: see the `Family` subclass in its module
 
 A family (`family.Family`) is one module of this package; it is registered here by one import and
@@ -17,7 +17,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from vlora_jax import stack
+from vlora_jax.core import stack
 from vlora_jax.models import llama, lm, seq2seq, vit, vit_registers
 from vlora_jax.models.family import DTYPES, Family, dtype, vlora_spec
 

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vlora_jax import lora as lora_lib
-from vlora_jax.config_keys import Key, bad
-from vlora_jax.lora import LoRASpec
-from vlora_jax.spec import VLoRASpec
+from vlora_jax.core import lora as lora_lib
+from vlora_jax.config.keys import Key, bad
+from vlora_jax.core.lora import LoRASpec
+from vlora_jax.core.spec import VLoRASpec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # The ``config.model.vlora`` keys that are `VLoRASpec` fields (a family may read more, such as
@@ -73,9 +73,9 @@ class Family(abc.ABC):
     name: the ``config.model.name`` that selects the family.
     sources: the ``config.data.source`` values whose records the family reads.
     input_keys: the batch keys passed to ``model.apply``, in order (see `inputs`).
-    config_keys: the family's own ``config.model`` keys, declared (`vlora_jax.config_keys`):
+    config_keys: the family's own ``config.model`` keys, declared (`vlora_jax.config.keys`):
       `train.schema` checks them with the run's other keys before anything is built.
-    generates: a language model that `vlora_jax.decoding.generate` continues (its call takes
+    generates: a language model that `decoding.generate` continues (its call takes
       ``position_ids``, ``mask`` and ``decode``): `vlora_jax.sample` serves it.
     hf_architecture: the Hugging Face ``architectures`` entry that ``vlora_jax.export --format hf``
       writes the family as (None: no such export).

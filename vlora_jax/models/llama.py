@@ -11,7 +11,7 @@ Hugging Face's layout (`layers.rotary`); llama.cpp's interleaved q/k rows are un
 
 VLoRA targets the seven matrices of a block (`TARGETS`); the model decodes with the KV cache of
 `layers.SelfAttention` (it is one, with separate projections and fewer key/value heads) and samples
-through `vlora_jax.decoding` like the character LM.
+through `vlora_jax.models.decoding` like the character LM.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vlora_jax import layers
-from vlora_jax import lora as lora_lib
-from vlora_jax.config_keys import Bool, Float, Int
+from vlora_jax.core import layers
+from vlora_jax.core import lora as lora_lib
+from vlora_jax.config.keys import Bool, Float, Int
 from vlora_jax.models import family, lm
-from vlora_jax.partitioning import ATTENTION_HEADS, BATCH, LENGTH, MLP, RESIDUAL, VOCAB, constrain
-from vlora_jax.remat import OUT_PROJ, QKV_PROJ, tag
-from vlora_jax.spec import VLoRASpec
-from vlora_jax.stack import vlorafy
+from vlora_jax.core.partitioning import (ATTENTION_HEADS, BATCH, LENGTH, MLP, RESIDUAL, VOCAB,
+                                         constrain)
+from vlora_jax.core.remat import OUT_PROJ, QKV_PROJ, tag
+from vlora_jax.core.spec import VLoRASpec
+from vlora_jax.core.stack import vlorafy
 
 # The family's VLoRA targets: every matrix of a block, one pattern each (a rank per target).
 TARGETS = (r"self_attn/q_proj/kernel", r"self_attn/k_proj/kernel", r"self_attn/v_proj/kernel",
@@ -136,7 +137,7 @@ class Llama(nn.Module):
   """Causal LM: ``apply(variables, tokens [B, T] int32, train=False) -> logits [B, T, V]``.
 
   The call is the character LM's (`lm.LM`): ``position_ids``, ``mask`` and ``decode`` as there, so
-  `vlora_jax.decoding` drives both.
+  `vlora_jax.models.decoding` drives both.
 
   Attributes:
     vocab_size: V.

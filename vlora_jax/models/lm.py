@@ -13,13 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlora_jax import layers
-from vlora_jax.config_keys import Bool, Choice, Int
-from vlora_jax import lora as lora_lib
+from vlora_jax.core import layers
+from vlora_jax.config.keys import Bool, Choice, Int
+from vlora_jax.core import lora as lora_lib
 from vlora_jax.models import family
-from vlora_jax.partitioning import BATCH, LENGTH, RESIDUAL, VOCAB, constrain
-from vlora_jax.spec import VLoRASpec
-from vlora_jax.stack import vlorafy
+from vlora_jax.core.partitioning import BATCH, LENGTH, RESIDUAL, VOCAB, constrain
+from vlora_jax.core.spec import VLoRASpec
+from vlora_jax.core.stack import vlorafy
 
 POSITIONS = ("learned", "rope")
 
@@ -108,7 +108,7 @@ class LM(nn.Module):
         added inside attention. When decoding, ``T_keys`` is the cache length.
       decode: None (whole sequences), or ``"prefill"`` / ``"step"``: append the tokens to the KV
         cache (`layers.SelfAttention`), which is sized by ``init(..., decode="prefill")`` on
-        ``[B, T_max]`` tokens; apply with ``mutable=["cache"]``. `vlora_jax.decoding` drives it.
+        ``[B, T_max]`` tokens; apply with ``mutable=["cache"]``. `decoding.py` drives it.
     """
     self.check()
     layers.check_decode(decode)

@@ -24,14 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlora_jax import decoding, layers
-from vlora_jax.config_keys import Bool, Int, Regexes
-from vlora_jax import lora as lora_lib
+from vlora_jax.models import decoding
+from vlora_jax.core import layers
+from vlora_jax.config.keys import Bool, Int, Regexes
+from vlora_jax.core import lora as lora_lib
 from vlora_jax.models import family
 from vlora_jax.models.lm import check_common, embed
-from vlora_jax.partitioning import BATCH, LENGTH, RESIDUAL, VOCAB, constrain
-from vlora_jax.spec import VIT_TARGETS, VLoRASpec
-from vlora_jax.stack import block_param_shapes, vlorafy
+from vlora_jax.core.partitioning import BATCH, LENGTH, RESIDUAL, VOCAB, constrain
+from vlora_jax.core.spec import VIT_TARGETS, VLoRASpec
+from vlora_jax.core.stack import block_param_shapes, vlorafy
 
 PAD_ID = 0
 BOS_ID, EOS_ID = 1, 2  # the reversal task's (`data.sources.Reversal`); decoding starts and ends there
@@ -78,7 +79,7 @@ class Seq2Seq(nn.Module):
   """``apply(variables, src [B, S], tgt_in [B, T], train=False) -> logits [B, T, V]``.
 
   Decoding runs the parts: ``apply(..., src, method="encode")`` once, then
-  ``method="decode_logits"`` with a KV cache (`vlora_jax.decoding`).
+  ``method="decode_logits"`` with a KV cache (`vlora_jax.models.decoding`).
 
   Attributes:
     vocab_size: V (shared by source and target; id 0 is padding).
@@ -190,7 +191,7 @@ class Seq2Seq(nn.Module):
     ``src`` masks the memory's padding. ``decode`` (``"prefill"`` on the first call, ``"step"``
     after it) appends ``tgt_in`` to the decoder's KV cache instead of reading whole targets
     (apply with ``mutable=["cache"]``); ``position_ids`` ``[B, T]`` then says where the tokens
-    are. `vlora_jax.decoding` drives it.
+    are. `vlora_jax.models.decoding` drives it.
     """
     y = self.embed(tgt_in)
     rows = (self.dec_pos_embed[:, :y.shape[1]] if position_ids is None

@@ -12,13 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlora_jax import layers
-from vlora_jax.config_keys import Bool, Choice, Int
-from vlora_jax import lora as lora_lib
+from vlora_jax.core import layers
+from vlora_jax.config.keys import Bool, Choice, Int
+from vlora_jax.core import lora as lora_lib
 from vlora_jax.models import family
-from vlora_jax.partitioning import BATCH, RESIDUAL, VOCAB, constrain
-from vlora_jax.spec import VLoRASpec
-from vlora_jax.stack import vlorafy
+from vlora_jax.core.partitioning import BATCH, RESIDUAL, VOCAB, constrain
+from vlora_jax.core.spec import VLoRASpec
+from vlora_jax.core.stack import vlorafy
 
 
 class ViT(nn.Module):

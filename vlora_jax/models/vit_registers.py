@@ -12,7 +12,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vlora_jax.config_keys import Int
+from vlora_jax.config.keys import Int
 from vlora_jax.models import family, vit
 
 

@@ -14,7 +14,8 @@ patch 4, D 192, 3 heads, 3 compounds x 4, rank 8, 10 classes) it prints VLoRA 1,
 
 from __future__ import annotations
 
-from vlora_jax import cli, models, params
+from vlora_jax import cli, models
+from vlora_jax.core import params
 
 
 def describe(mcfg) -> str:

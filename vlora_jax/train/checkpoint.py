@@ -10,7 +10,7 @@ Where the starting state comes from, first match wins:
   4. scratch: ``model.init``.
 
 The format of a step (its ``state`` and its JSON ``meta``) and the fingerprints that verify it are
-`vlora_jax.checkpoint_format`'s. Set-up judges a resume or a restore against the stored meta
+`vlora_jax.runs.checkpoint_format`'s. Set-up judges a resume or a restore against the stored meta
 before anything compiles (`compat.judge_restore`); each restore checks the model again
 (`compat.check_model`). Restores build an abstract target with the *current* shardings, so a
 checkpoint written on 8 devices restores on 1 and the reverse.
@@ -49,7 +49,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from vlora_jax import checkpoint_format as fmt
+from vlora_jax.runs import checkpoint_format as fmt
 # CheckpointError lives in `errors` (importable without Orbax), and is part of this interface.
 from vlora_jax.errors import CheckpointError, NonFiniteLossError, UserError, WorkdirError
 from vlora_jax.train import compat

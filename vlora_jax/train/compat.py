@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from vlora_jax import checkpoint_format as fmt
+from vlora_jax.runs import checkpoint_format as fmt
 from vlora_jax.errors import CheckpointError
 
 # Model keys that change how the model computes (memory, precision, regularisation, loop form),

@@ -6,7 +6,8 @@ as ``arg``. A file inside a package (a folder with ``__init__.py``, as this repo
 before it runs, the folder that holds the package goes first on ``sys.path``, so the file finds
 its own package from any working directory and whatever else is installed. Nothing of this
 repository but ``vlora_jax`` is installed: a ``configs`` package of your own is never shadowed by
-this one. A file outside any package imports the defaults as ``from vlora_jax import defaults``.
+this one. A file outside any package imports the defaults as
+``from vlora_jax.config import defaults``.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def load(spec: str, lock: bool = True, **overrides):
   Raises what the file raises (a ``SyntaxError``, the ``ValueError`` of a bad ``:ARG``), and
   ``FileNotFoundError`` for a path that is not a file.
   """
-  from vlora_jax import overrides as overrides_lib
+  from vlora_jax.config import overrides as overrides_lib
   path, _, arg = spec.partition(":")
   p = Path(path).expanduser().resolve()
   if not p.is_file():

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from vlora_jax import partitioning
+from vlora_jax.core import partitioning
 from vlora_jax.data.sources import DataError
 from vlora_jax.train import sharding
 from vlora_jax.train.steps import make_eval_step

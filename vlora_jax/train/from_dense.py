@@ -44,7 +44,7 @@ def check_dense_run(arg: str, *, config, model, sources: Sources | None = None) 
   compressed from: another family, no VLoRA stack here, LoRA here, or not this model's dense twin
   (the first differing parameter shapes are named). ``sources``: where the meta is read once."""
   from vlora_jax import models
-  from vlora_jax.params import params_mismatch
+  from vlora_jax.core.params import params_mismatch
 
   where = _where(arg)
   _, source = (sources or Sources()).config(arg, where)

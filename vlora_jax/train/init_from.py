@@ -20,7 +20,7 @@ import dataclasses
 import importlib
 from typing import Any, Callable
 
-from vlora_jax import checkpoint_format as fmt
+from vlora_jax.runs import checkpoint_format as fmt
 from vlora_jax.errors import CheckpointError
 from vlora_jax.train import compat
 from vlora_jax.train import from_dense

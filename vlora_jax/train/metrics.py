@@ -24,7 +24,7 @@ def write_json(path: Path, obj) -> None:
   """Atomic JSON write (`outputs.write_json`: a temporary file beside it, then a rename): a reader
   never sees half a file, and a failed write (a full disk) is an `OutputError` that leaves
   nothing behind."""
-  from vlora_jax import outputs
+  from vlora_jax.runs import outputs
   outputs.write_json(Path(path), obj, Path(path).name)  # "summary.json='/run/summary.json': ..."
 
 

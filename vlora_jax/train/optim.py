@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from vlora_jax import params as params_lib
+from vlora_jax.core import params as params_lib
 
 FROZEN = "frozen"
 SCHEDULES = ("cosine", "constant")

@@ -17,8 +17,9 @@ import difflib
 
 import ml_collections
 
-from vlora_jax import chain, data as data_lib, layers, stack
-from vlora_jax.config_keys import (Anything, Bool, Choice, Float, Int, Key, Numbers, Regex,
+from vlora_jax import data as data_lib
+from vlora_jax.core import chain, layers, stack
+from vlora_jax.config.keys import (Anything, Bool, Choice, Float, Int, Key, Numbers, Regex,
                                    Regexes, Rules, Str, When, bad, lookup, when_in)
 from vlora_jax.models import DTYPES, FAMILIES
 from vlora_jax.train import optim

@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from vlora_jax import checkpoint_format as fmt
+from vlora_jax.runs import checkpoint_format as fmt
 from vlora_jax import data as data_lib
 from vlora_jax import errors
-from vlora_jax import params as params_lib
-from vlora_jax import trained as trained_lib
+from vlora_jax.core import params as params_lib
+from vlora_jax.runs import trained as trained_lib
 from vlora_jax.data.pipeline import Pipeline
 from vlora_jax.models.family import Family
 from vlora_jax.train import compat

@@ -1,6 +1,6 @@
 """The device mesh, the parameters' shardings, and multi-host start-up.
 
-Models name every parameter axis and every large activation's (`vlora_jax.partitioning`); the
+Models name every parameter axis and every large activation's (`vlora_jax.core.partitioning`); the
 config maps the names to mesh axes (``config.sharding_rules`` for parameters,
 ``config.activation_rules`` for activations), so the same model runs data-parallel on a laptop,
 FSDP on a pod, or with tensor parallelism, by changing config only. A dimension that a mesh axis
@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from vlora_jax.partitioning import rules_dict, spec_for
+from vlora_jax.core.partitioning import rules_dict, spec_for
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both: FSDP is data parallelism too

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from vlora_jax import trained as trained_lib
+from vlora_jax.runs import trained as trained_lib
 
 
 def _key(path) -> str | None:

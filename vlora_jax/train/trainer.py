@@ -24,10 +24,10 @@ import flax.linen as nn
 import jax
 from absl import logging
 
-from vlora_jax import cpu_malloc
+from vlora_jax.platform import cpu_malloc
 from vlora_jax import errors
-from vlora_jax import partitioning
-from vlora_jax.params import params_mismatch
+from vlora_jax.core import partitioning
+from vlora_jax.core.params import params_mismatch
 from vlora_jax.train import checkpoint as ckpt_lib
 from vlora_jax.train import init_from as init_from_lib
 from vlora_jax.train import metrics as metrics_lib
@@ -77,7 +77,7 @@ def lower_train_step(run: Run) -> jax.stages.Lowered:
 
 def compile_train_step(run: Run):
   """The donated, sharded train step, compiled; on a CPU the allocator is fitted to its size
-  (`vlora_jax/cpu_malloc.py`). Returns ``(compiled step, compile seconds)``."""
+  (`vlora_jax/platform/cpu_malloc.py`). Returns ``(compiled step, compile seconds)``."""
   t0 = time.time()
   step = lower_train_step(run).compile()
   seconds = time.time() - t0

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from vlora_jax import lora as lora_lib
+from vlora_jax.core import lora as lora_lib
 from vlora_jax import models
-from vlora_jax.config_keys import bad as _bad
+from vlora_jax.config.keys import bad as _bad
 from vlora_jax.models.family import Family
-from vlora_jax.spec import VLoRASpec
+from vlora_jax.core.spec import VLoRASpec
 from vlora_jax.train import init_from as init_from_lib
 from vlora_jax.train import schema, sharding
 

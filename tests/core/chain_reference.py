@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from vlora_jax import chain as chain_lib
+from vlora_jax.core import chain as chain_lib
 
 
 class ToyBlock(nn.Module):

@@ -16,7 +16,7 @@ import math
 import re
 from typing import Any, Mapping, Sequence
 
-from vlora_jax import chain
+from vlora_jax.core import chain
 
 # The four big matrices of a transformer block, as the official code targets them
 # (attn.qkv, attn.proj, mlp.fc1, mlp.fc2 in timm's names, which our blocks keep).

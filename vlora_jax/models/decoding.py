@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlora_jax import stack
+from vlora_jax.core import stack
 
 PAD_ID = 0  # what a finished sequence emits (and the encoder-decoder's padding id)
 

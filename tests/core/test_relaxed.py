@@ -13,8 +13,8 @@ from flax import traverse_util
 
 import chain_reference as ref
 from chain_reference import ToyBlock
-from vlora_jax import chain, params as params_lib, stack
-from vlora_jax.spec import VLoRASpec
+from vlora_jax.core import chain, params as params_lib, stack
+from vlora_jax.core.spec import VLoRASpec
 
 C, S, D_IN, D_OUT, R = 2, 3, 6, 5, 2
 SCALE = 0.75

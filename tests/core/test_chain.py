@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import chain_reference as ref
-from vlora_jax import chain
+from vlora_jax.core import chain
 
 C, S, D_IN, D_OUT, R = 3, 4, 6, 5, 2
 SCALE = 0.75

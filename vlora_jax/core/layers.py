@@ -15,9 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlora_jax.partitioning import (ATTENTION_HEADS, BATCH, HEADS, LENGTH, MLP, RESIDUAL,
-                                    constrain, per_shard)
-from vlora_jax.remat import OUT_PROJ, QKV_PROJ, tag
+from vlora_jax.core.partitioning import (ATTENTION_HEADS, BATCH, HEADS, LENGTH, MLP,
+                                         RESIDUAL, constrain, per_shard)
+from vlora_jax.core.remat import OUT_PROJ, QKV_PROJ, tag
 
 Dtype = Any
 LN_EPS = 1e-6  # timm's ViT LayerNorm eps

@@ -16,9 +16,9 @@ from flax import traverse_util
 
 import chain_reference as ref
 from chain_reference import ToyBlock
-from vlora_jax import layers, stack
-from vlora_jax.lora import LoRASpec
-from vlora_jax.spec import VLoRASpec
+from vlora_jax.core import layers, stack
+from vlora_jax.core.lora import LoRASpec
+from vlora_jax.core.spec import VLoRASpec
 
 L = 6
 TARGETS = ("up/kernel", "down/kernel", "ln/scale")  # two matrices and a 1-D target

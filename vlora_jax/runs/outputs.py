@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from vlora_jax import checkpoint_format as fmt
+from vlora_jax.runs import checkpoint_format as fmt
 from vlora_jax.errors import UserError
 
 TMP_MARK = ".vlora-tmp-"

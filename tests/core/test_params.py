@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from vlora_jax import params
+from vlora_jax.core import params
 from vlora_jax.models.vit import ViT, vit_param_count
-from vlora_jax.spec import VLoRASpec
+from vlora_jax.core.spec import VLoRASpec
 
 
 def _images(img):

@@ -2,24 +2,25 @@
 
 Experiment files start from it and change a few keys (``configs/*.py`` import it as ``from configs
 import default``, which re-exports this module; a config file of your own imports
-``from vlora_jax import defaults``). It lives in the package because commands that build a config
-themselves (the import of pretrained models, `vlora_jax.convert`) need no repository.
+``from vlora_jax.config import defaults``). It lives in the package because commands that build a
+config themselves (the import of pretrained models, `vlora_jax.convert`) need no repository.
 """
 
 import dataclasses
 
 import ml_collections
 
-from vlora_jax.spec import VLoRASpec
+from vlora_jax.core.spec import VLoRASpec
 
 __all__ = ["ACTIVATION_RULES", "NO_DECAY", "SHARDING_RULES", "get_config", "parse_arg", "vlora"]
 
-# Logical axis -> mesh axis. Parameters name their axes in the model code (vlora_jax/layers.py);
-# the layer stack adds 'layers', 'compound', 'step' and 'rank' (vlora_jax/stack.py). The stacked
-# axes and the LoRA rank stay replicated: they are small or scanned over. A mesh axis goes to the
-# name first in this table (vlora_jax/partitioning.py): 'embed' takes 'fsdp' in every weight that
-# has it, and the hidden widths fall back to 'fsdp' in the arrays without an 'embed' axis, the
-# VLoRA and LoRA factors [rank, mlp] and [mlp, rank], which would otherwise be whole on every chip.
+# Logical axis -> mesh axis. Parameters name their axes in the model code
+# (vlora_jax/core/layers.py); the layer stack adds 'layers', 'compound', 'step' and 'rank'
+# (vlora_jax/core/stack.py). The stacked axes and the LoRA rank stay replicated: they are small or
+# scanned over. A mesh axis goes to the name first in this table (vlora_jax/core/partitioning.py):
+# 'embed' takes 'fsdp' in every weight that has it, and the hidden widths fall back to 'fsdp' in
+# the arrays without an 'embed' axis, the VLoRA and LoRA factors [rank, mlp] and [mlp, rank],
+# which would otherwise be whole on every chip.
 SHARDING_RULES = (
     ("batch", ("data", "fsdp")),  # activations' batch axis (inputs are split the same way)
     ("embed", "fsdp"),            # the model width: FSDP shards parameters along it
@@ -34,9 +35,9 @@ SHARDING_RULES = (
     ("rank", None),               # VLoRA / LoRA rank: always replicated
 )
 
-# Logical axis -> mesh axis for activations (vlora_jax/partitioning.py): every device keeps the
-# activations of its own sequences (batch over data and fsdp, so that per-device cost stays flat
-# as the pod grows), and tensor parallelism splits heads, MLP and vocabulary. The residual
+# Logical axis -> mesh axis for activations (vlora_jax/core/partitioning.py): every device keeps
+# the activations of its own sequences (batch over data and fsdp, so that per-device cost stays
+# flat as the pod grows), and tensor parallelism splits heads, MLP and vocabulary. The residual
 # stream's width stays whole: FSDP gathers weights, not activations.
 ACTIVATION_RULES = (
     ("batch", ("data", "fsdp")),
@@ -104,7 +105,7 @@ def _typed(arg: str, key: str, text: str, default):
 def vlora(enabled: bool = True, compound_size: int = 4, rank=8) -> ml_collections.ConfigDict:
   """``config.model.vlora``: the VLoRA parameterisation of the model's layer stack(s).
 
-  Its keys are the fields of `vlora_jax.spec.VLoRASpec` (documented there), with the values of
+  Its keys are the fields of `vlora_jax.core.spec.VLoRASpec` (documented there), with the values of
   ``VLoRASpec.official()``, the variant the official code computes, so that the defaults and the
   target patterns are written once:
 
@@ -147,8 +148,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"    # compute dtype: float32 | bfloat16 (mixed precision; params and the
                                # VLoRA chain stay float32)
   c.model.scan = True          # one scan over layers (False: unrolled reference path)
-  c.model.remat = "none"       # what the backward pass keeps (vlora_jax/remat.py): none | full |
-                               # dots | dots_no_batch | save_qkv_proj | save_proj |
+  c.model.remat = "none"       # what the backward pass keeps (vlora_jax/core/remat.py):
+                               # none | full | dots | dots_no_batch | save_qkv_proj | save_proj |
                                # offload_qkv_proj | offload_dots_no_batch | offload_layer_inputs
   c.model.attention = "xla"    # xla | cudnn (fused, NVIDIA GPUs, bfloat16) | pallas (flash, TPU)
   c.model.vlora = vlora()

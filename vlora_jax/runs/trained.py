@@ -1,10 +1,10 @@
 """A trained run, read back from its workdir: ``vlora_jax.load(workdir, step=None)``.
 
 Everything needed to run the model is stored in each checkpoint's JSON ``meta`` (written at set-up,
-`vlora_jax.train.setup`; the format is `vlora_jax.checkpoint_format`): the config, the layout of
-every layer stack, and the data's description (`vlora_jax.data`: the vocabulary, the image shape
-and normalisation, the class names). So loading reads no data file, and no relative path of the
-config has to resolve.
+`vlora_jax.train.setup`; the format is `vlora_jax.runs.checkpoint_format`): the config, the layout
+of every layer stack, and the data's description (`vlora_jax.data`: the vocabulary, the image
+shape and normalisation, the class names). So loading reads no data file, and no relative path of
+the config has to resolve.
 
   model, params, config, info = vlora_jax.load("runs/vit_digits")
   logits = model.apply({"params": params}, images)   # images: (pixels * scale - mean) / std
@@ -27,7 +27,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from vlora_jax import checkpoint_format as fmt
+from vlora_jax.runs import checkpoint_format as fmt
 from vlora_jax.errors import CheckpointError
 
 
@@ -60,7 +60,7 @@ class Trained:
     """``(dense twin, its params)``: VLoRA and LoRA merged into plain per-layer weights
     (`stack.to_dense`), as host arrays; a dense run's own."""
     import jax
-    from vlora_jax import stack
+    from vlora_jax.core import stack
     model, variables = stack.to_dense(self.model, {"params": self.params})
     return model, jax.device_get(variables["params"])
 
@@ -117,7 +117,7 @@ def _read(step_dir: Path) -> Trained:
   from absl import logging
 
   from vlora_jax import models
-  from vlora_jax.params import params_mismatch
+  from vlora_jax.core.params import params_mismatch
 
   meta = fmt.read_meta(step_dir)
   config = ml_collections.ConfigDict(meta["config"])

@@ -12,8 +12,8 @@ from flax import traverse_util
 import chain_reference as ref
 from benchmarks.core import count_eqns, hlo_ops
 from chain_reference import ToyBlock
-from vlora_jax import stack
-from vlora_jax.spec import VLoRASpec
+from vlora_jax.core import stack
+from vlora_jax.core.spec import VLoRASpec
 
 
 def _setup(spec, num_layers=6, scan=True, remat="none", seed=0):

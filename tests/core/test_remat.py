@@ -1,4 +1,4 @@
-"""Every named remat policy (`vlora_jax.remat`) computes the same gradients as none, and the
+"""Every named remat policy (`vlora_jax.core.remat`) computes the same gradients as none, and the
 policies that keep less compile to a smaller train step."""
 
 import jax
@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlora_jax import models, remat
-from vlora_jax.spec import VLoRASpec
+from vlora_jax import models
+from vlora_jax.core import remat
+from vlora_jax.core.spec import VLoRASpec
 
 
 def _lm(policy, vlora=True):

@@ -12,11 +12,12 @@ import optax
 import pytest
 from flax import traverse_util
 
-from vlora_jax import lora, models, params, stack
+from vlora_jax import models
+from vlora_jax.core import lora, params, stack
 from vlora_jax.models.lm import LM
 from vlora_jax.models.seq2seq import Seq2Seq
 from vlora_jax.models.vit import ViT
-from vlora_jax.spec import VLoRASpec
+from vlora_jax.core.spec import VLoRASpec
 
 V, T = 17, 8
 VSPEC = VLoRASpec.official(compound_size=2, rank=2)

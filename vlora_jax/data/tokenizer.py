@@ -243,9 +243,9 @@ def load(path: str, where: str = "tokenizer") -> SubwordTokenizer:
                                       where=where)
   if (p / "tokenizer.json").is_file():
     return from_hf_dir(p, where)
-  from vlora_jax import checkpoint_format as fmt
+  from vlora_jax.runs import checkpoint_format as fmt
   from vlora_jax import errors
-  from vlora_jax import trained as trained_lib
+  from vlora_jax.runs import trained as trained_lib
   try:
     if (p / "meta").is_dir():
       step_dir, info = p, fmt.read_meta(p).get("data") or {}

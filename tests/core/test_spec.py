@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from vlora_jax.models.vit import ViT
-from vlora_jax.spec import VLoRASpec
+from vlora_jax.core.spec import VLoRASpec
 
 TINY = dict(num_classes=3, patch_size=4, dim=16, depth=4, num_heads=2)
 IMAGES = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)

@@ -38,17 +38,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from vlora_jax import chain
-from vlora_jax import lora as lora_lib
-from vlora_jax.params import dense_twin
-from vlora_jax import remat as remat_lib
-from vlora_jax.spec import Layout, VLoRASpec, dense_layout
+from vlora_jax.core import chain
+from vlora_jax.core import lora as lora_lib
+from vlora_jax.core.params import dense_twin
+from vlora_jax.core import remat as remat_lib
+from vlora_jax.core.spec import Layout, VLoRASpec, dense_layout
 
 # The groups every layer of a compound reads (leading axis ``compound``), and all of them.
 SHARED_GROUPS = ("base", "inc_a", "inc_b", "inc_vec")
 GROUPS = ("per_layer",) + SHARED_GROUPS + lora_lib.ADAPTER_GROUPS
 
-REMAT_POLICIES = remat_lib.POLICIES  # by name: see vlora_jax/remat.py
+REMAT_POLICIES = remat_lib.POLICIES  # by name: see vlora_jax/core/remat.py
 
 BlockFactory = Callable[..., nn.Module]
 

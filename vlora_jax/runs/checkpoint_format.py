@@ -201,7 +201,7 @@ def layouts(params, spec) -> dict[str, Any]:
   ``spec`` is one `VLoRASpec` (or None) for every stack, or ``{stack name: spec}`` for models
   whose stacks differ (an encoder and a decoder: from ``Family.stack_specs(model)``).
   """
-  from vlora_jax import stack as stack_lib
+  from vlora_jax.core import stack as stack_lib
   out = {}
 
   def walk(tree, path):
@@ -220,7 +220,7 @@ def build_meta(config, params, spec, data_info: dict | None, **extra) -> dict:
   its config as JSON, the layout of every layer stack of ``params`` (arrays or shapes) under
   ``spec`` (see `layouts`), the data's description and the parameter count; ``extra`` adds keys
   (``distill_teacher``, ``exported_from``, ...)."""
-  from vlora_jax import params as params_lib
+  from vlora_jax.core import params as params_lib
   meta = {"config": json.loads(config.to_json_best_effort()), "layout": layouts(params, spec),
           "data": data_info, "params_total": params_lib.count(params)["total"]}
   meta.update(extra)

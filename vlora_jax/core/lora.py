@@ -32,9 +32,9 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from vlora_jax import chain
-from vlora_jax import params as params_lib
-from vlora_jax.spec import VIT_TARGETS, match_targets
+from vlora_jax.core import chain
+from vlora_jax.core import params as params_lib
+from vlora_jax.core.spec import VIT_TARGETS, match_targets
 
 ADAPTER_GROUPS = ("lora_a", "lora_b")
 # Default trainable set of `optimizer`: the adapters only.
