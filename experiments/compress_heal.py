@@ -1,10 +1,10 @@
 """Compress and heal: trained dense teachers turned into VLoRA, measured before and after healing,
 against VLoRA trained from scratch for the same total steps at the same size.
 
-  python experiments/compress_heal.py                          # run (resumes) + table + plot
-  python experiments/compress_heal.py --datasets mnist --seeds 0
-  python experiments/compress_heal.py --collect                # table + plot from finished rows
-  python experiments/compress_heal.py --variants               # + bases and modes, 0 steps
+  python -m experiments.compress_heal                          # run (resumes) + table + plot
+  python -m experiments.compress_heal --datasets mnist --seeds 0
+  python -m experiments.compress_heal --collect                # table + plot from finished rows
+  python -m experiments.compress_heal --variants               # + bases and modes, 0 steps
 
 Per data set (the paper-table recipes of ``configs/sweeps.py``: D 64, 4 layers, one compound of 4)
 and seed:
@@ -34,12 +34,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from configs import sweeps  # noqa: E402
 from experiments import sweep  # noqa: E402
@@ -448,8 +446,8 @@ def write(rows: list[dict], out: Path):
   more = (f"## Bases and modes at 0 healing steps (seed 0, {VARIANT_BUDGET:.0%} budget)\n\n"
           f"{variants_table(variants)}\n\n") if variants else ""
   md = out.with_suffix(".md")
-  md.write_text(f"# Compress and heal\n\n`python experiments/compress_heal.py`, then "
-                f"`python experiments/compress_heal.py --variants` (settings in `{out.name}`; "
+  md.write_text(f"# Compress and heal\n\n`python -m experiments.compress_heal`, then "
+                f"`python -m experiments.compress_heal --variants` (settings in `{out.name}`; "
                 f"the module doc says what each row is)\n\n"
                 f"## Means over seeds\n\n{wide_table(rows)}\n\n"
                 f"## Every condition\n\n{table(rows)}\n\n{more}## Targets\n\n{targets(rows)}\n\n"

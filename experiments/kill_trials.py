@@ -1,7 +1,7 @@
 """Kill-and-resume trials: SIGKILL ``python -m vlora_jax.main`` at random moments, rerun the same
 command, and check the result equals an uninterrupted run's.
 
-  python experiments/kill_trials.py --trials 20 --out experiments/results/kill_trials.json
+  python -m experiments.kill_trials --trials 20 --out experiments/results/kill_trials.json
 
 One uninterrupted reference run, then trials of three kinds, each on its own workdir:
 

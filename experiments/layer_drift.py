@@ -1,6 +1,6 @@
 """How far each layer's weights move from its compound's base layer, in trained runs.
 
-  python experiments/layer_drift.py RUN [RUN ...] [--compound-size S] [--out FILE.md]
+  python -m experiments.layer_drift RUN [RUN ...] [--compound-size S] [--out FILE.md]
 
 RUN is a workdir (or a checkpoint path) of a trained model. For every targeted weight (the
 config's ``model.vlora.targets``) and every layer k of a compound of s layers, the drift is

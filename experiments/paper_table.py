@@ -1,7 +1,7 @@
 """The paper table: dense vs VLoRA on real data, mean ± std over seeds, from the paper_* sweeps.
 
-  python experiments/sweep.py --sweep paper      # trains (resumable; 210 runs, ~12.5 h on 2 cores)
-  python experiments/paper_table.py --out experiments/results/paper_table
+  python -m experiments.sweep --sweep paper      # trains (resumable; 210 runs, ~12.5 h on 2 cores)
+  python -m experiments.paper_table --out experiments/results/paper_table
 
 Reads ``<root>/paper_*/results.json`` (written by experiments/sweep.py) and writes
 ``<out>.json`` (every run, and the aggregated rows) and ``<out>.md`` (the table in the README).
@@ -26,7 +26,6 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script: configs/ is this repository's (not installed)
 
 from configs import sweeps  # noqa: E402
 
@@ -140,7 +139,7 @@ def main():
     if f.exists():
       rows += json.loads(f.read_text())
   if not rows:
-    sys.exit(f"no results under {args.root}: run experiments/sweep.py --sweep paper first")
+    sys.exit(f"no results under {args.root}: run python -m experiments.sweep --sweep paper first")
   agg = aggregate(rows)
   tgt = targets(agg)
   md = markdown(agg, tgt)

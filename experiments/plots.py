@@ -1,9 +1,9 @@
 """Plots of sweep results: the metric against parameter count (with the Pareto front), rank and
 compound size.
 
-  python experiments/plots.py --results runs/sweeps/ablate_digits/results.json \
+  python -m experiments.plots --results runs/sweeps/ablate_digits/results.json \
       --out experiments/results/plots/
-  python experiments/plots.py --results runs/sweeps/paper_*/results.json --out /tmp/plots
+  python -m experiments.plots --results runs/sweeps/paper_*/results.json --out /tmp/plots
 
 Reads the rows that ``experiments/sweep.py`` writes to ``<root>/<sweep>/results.json``: one row per
 finished run, with its tags (dataset, variant, rank, s, depth, seed, metric, and any extra VLoRA

@@ -2,10 +2,10 @@
 dropping, plain recursion and the teacher trained on the same text, at equal parameters and
 equal healing tokens.
 
-  python experiments/smollm2_heal.py                          # every stage, resumable
-  python experiments/smollm2_heal.py --select_only            # teacher, data, 0-step selection
-  python experiments/smollm2_heal.py --collect                # the report from what is on disk
-  python experiments/smollm2_heal.py --root runs/heal_gpu \\
+  python -m experiments.smollm2_heal                          # every stage, resumable
+  python -m experiments.smollm2_heal --select_only            # teacher, data, 0-step selection
+  python -m experiments.smollm2_heal --collect                # the report from what is on disk
+  python -m experiments.smollm2_heal --root runs/heal_gpu \\
       --out experiments/results/smollm2_heal_gpu.json \\
       --steps 400 --batch 16 --seq_len 512 --seeds 0,1,2     # the same, larger (a GPU)
 
@@ -61,14 +61,12 @@ import dataclasses
 import importlib.util
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from experiments import smollm2_data as data_lib  # noqa: E402
 from experiments import smollm2_report as report  # noqa: E402
@@ -749,13 +747,28 @@ def write(plan: Plan, out: Path) -> dict:
   return result
 
 
+def command_line(plan: Plan) -> str:
+  """The command that measured ``plan``: every flag that differs from its default."""
+  default = Plan(root=ROOT / "runs" / "smollm2_heal")
+  words = ["python -m experiments.smollm2_heal"]
+  for field in dataclasses.fields(Plan):
+    value, was = getattr(plan, field.name), getattr(default, field.name)
+    if value == was or (field.name == "source" and not value):
+      continue
+    if isinstance(value, Path):
+      value = value.relative_to(ROOT) if value.is_relative_to(ROOT) else value
+    elif isinstance(value, tuple):
+      value = ",".join(map(str, value))
+    words.append(f"--{field.name} {value}")
+  return " ".join(words)
+
+
 def markdown(plan: Plan, result: dict, png: Path, out: Path) -> str:
   rows, split = result["rows"], result["split"] or {}
   held = split.get("files", {}).get("python", {})
   parts = [
       "# Compress and heal SmolLM2-135M-Instruct",
-      f"`python experiments/smollm2_heal.py --steps {plan.steps} --batch {plan.batch} "
-      f"--seq_len {plan.seq_len} --seeds {','.join(map(str, plan.seeds))}` (settings in "
+      f"`{command_line(plan)}` (settings in "
       f"`{out.name}`; the module doc says what every row is). Every healed run saw "
       f"{plan.tokens:,} tokens ({plan.steps} steps x {plan.batch} windows x {plan.seq_len}) of "
       f"the two train splits; perplexities are on {plan.test_windows} held-out test windows of "

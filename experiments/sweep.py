@@ -1,9 +1,9 @@
 """Runs a sweep of ``configs/sweeps.py`` locally, one point after another, and collects the results.
 
-  python experiments/sweep.py --sweep paper_digits                 # run (resumes) + collect
-  python experiments/sweep.py --sweep paper_digits --list          # the points, nothing run
-  python experiments/sweep.py --sweep paper --collect              # gather finished points only
-  python experiments/sweep.py --sweep ablate_digits --override num_train_steps=300
+  python -m experiments.sweep --sweep paper_digits                 # run (resumes) + collect
+  python -m experiments.sweep --sweep paper_digits --list          # the points, nothing run
+  python -m experiments.sweep --sweep paper --collect              # gather finished points only
+  python -m experiments.sweep --sweep ablate_digits --override num_train_steps=300
 
 Each point trains in ``<root>/<sweep>/<point id>`` through the library (``train_and_evaluate``, the
 same code as ``python -m vlora_jax.main``); a point whose ``summary.json`` reached the last step is
@@ -27,13 +27,11 @@ import argparse
 import hashlib
 import json
 import subprocess
-import sys
 import time
 import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script: configs/ is this repository's (not installed)
 
 from configs import sweeps  # noqa: E402
 
