@@ -61,6 +61,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -672,6 +673,22 @@ def heal(plan: Plan, ev: Evaluator, teacher_blocks: int, kind: str, budget: floa
 
 # --- the whole experiment -------------------------------------------------------------------------
 
+def _release_host_memory() -> None:
+  """Hands the memory the selection freed back to the system. vlora_jax's allocator tuning
+  (`vlora_jax.platform.cpu_malloc`) keeps freed blocks in the process, and the selection's ~8 GiB
+  plus a healing run's took a 24 GiB machine out of memory."""
+  import ctypes
+  import gc
+  gc.collect()
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except OSError:  # not glibc: nothing is held back there
+    return
+  with open("/proc/self/statm") as f:
+    resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  print(f"host memory before healing: {resident / 2**30:.1f} GiB resident", flush=True)
+
+
 def run(plan: Plan, select_only: bool = False) -> None:
   check_root(plan)
   teacher_run(plan)
@@ -692,7 +709,8 @@ def run(plan: Plan, select_only: bool = False) -> None:
     for kind in ("drop", "tied"):
       baseline_zero(plan, comp, ev, kind, b)
   teacher_blocks = comp.teacher_blocks
-  del comp  # the teacher's copy and the covariances: the runs load their own
+  del comp  # the teacher's copy, the covariances and the factorisations: the runs load their own
+  _release_host_memory()
   revision = sweep.code_revision()
   for seed in plan.seeds:  # seed-major: a cut-short run still has every condition once
     if "teacher_ft" in plan.conditions:
