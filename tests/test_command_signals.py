@@ -102,21 +102,28 @@ def stopped(runs):
     argv = _argv(command, runs, out)
     code = CODE.format(wrapped=WRAPPED[command], ready=str(d / "ready"), argv=argv,
                        command=f"vlora_jax.{argv[0]}")
+    # Output to files, not pipes: a command's progress bar must never block on a full pipe.
+    logs = (open(d / "stdout", "w"), open(d / "stderr", "w"))
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    started[(command, sig)] = (proc, d, out, out.read_bytes() if out.is_file() else None)
-  done = {}
+                            stdout=logs[0], stderr=logs[1])
+    started[(command, sig)] = (proc, d, out, out.read_bytes() if out.is_file() else None, logs)
+  done, signalled = {}, set()
   try:
     deadline = time.time() + 400
-    waiting = dict(started)
-    while waiting and time.time() < deadline:
-      for key, (proc, d, out, before) in list(waiting.items()):
-        if (d / "ready").exists() or proc.poll() is not None:
-          if proc.poll() is None:
-            proc.send_signal(getattr(signal, key[1]))
-          stdout, stderr = proc.communicate(timeout=120)
-          done[key] = (proc.returncode, stdout, stderr, d, out, before)
-          del waiting[key]
+    while len(done) < len(started) and time.time() < deadline:
+      # Every caught command is signalled at once, whatever the others are doing: one waited on
+      # here would let a training run finish before its turn (it did, on a loaded machine).
+      for key, (proc, d, out, before, logs) in started.items():
+        if key in done:
+          continue
+        if key not in signalled and (d / "ready").exists() and proc.poll() is None:
+          proc.send_signal(getattr(signal, key[1]))
+          signalled.add(key)
+        if proc.poll() is not None:
+          for f in logs:
+            f.close()
+          done[key] = (proc.returncode, (d / "stdout").read_text(), (d / "stderr").read_text(),
+                       d, out, before)
       time.sleep(0.05)
   finally:
     for proc, *_ in started.values():
