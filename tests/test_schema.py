@@ -100,13 +100,18 @@ def test_every_key_can_be_refused():
 @pytest.mark.parametrize("key,kind,value", CASES,
                          ids=[f"{k}:{kind}" for k, kind, _ in CASES])
 def test_bad_value_is_refused_naming_the_key(key, kind, value):
+  _refused_naming(key, value)
+
+
+def _refused_naming(key: str, value) -> None:
+  """``value`` at ``key`` in a base config where the key applies: a `ConfigError` that starts by
+  naming the key."""
   name, base = _base_for(key)
   d = base.to_dict()
   _set(d, key, value)
   with pytest.raises(errors.ConfigError) as info:
     validate.check(ml_collections.ConfigDict(d), num_devices=1)
-  msg = str(info.value)
-  assert re.match(rf"{re.escape(key)}(\[\d+\])?=", msg), (name, kind, msg)
+  assert re.match(rf"{re.escape(key)}(\[\d+\])?=", str(info.value)), (name, str(info.value))
 
 
 @pytest.mark.parametrize("name", sorted(BASES))
@@ -328,9 +333,4 @@ def test_the_independent_table_covers_most_keys():
 @pytest.mark.parametrize("key,kind,value", INDEPENDENT,
                          ids=[f"{k}:{kind}" for k, kind, _ in INDEPENDENT])
 def test_an_independent_bad_value_is_refused_naming_the_key(key, kind, value):
-  name, base = _base_for(key)
-  d = base.to_dict()
-  _set(d, key, value)
-  with pytest.raises(errors.ConfigError) as info:
-    validate.check(ml_collections.ConfigDict(d), num_devices=1)
-  assert re.match(rf"{re.escape(key)}(\[\d+\])?=", str(info.value)), (name, str(info.value))
+  _refused_naming(key, value)
