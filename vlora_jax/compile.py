@@ -298,8 +298,7 @@ def parser() -> cli.Parser:
 def _written_by_compile(path: Path) -> bool:
   """Whether a file is a report of this command (which a new one may replace)."""
   from vlora_jax.runs import outputs
-  obj = outputs.read_json_object(path) or {}
-  return {"topology", "chips", "fits", "compile_s"} <= set(obj)
+  return (outputs.read_json_object(path) or {}).get("written_by") == PROG  # as evaluate marks
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -316,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
       report = cli.in_worker(compile_report, config, args.topology, args.count_flops)
       print(format_report(report), flush=True)
       if out:
-        outputs.write_json(out, report, "--out")
+        outputs.write_json(out, {**report, "written_by": PROG}, "--out")
         print(f"report: {out}", flush=True)
   except UserError as e:
     cli.fail(cli.one_line(e), e, args.verbose)
