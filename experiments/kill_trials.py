@@ -15,7 +15,7 @@ A trial passes when the last run exits 0 and, against the reference: the final p
 state and RNG are bitwise equal (random, save; ``mesh``: within 1e-5, since 8 devices sum in another
 order), the final eval metrics are equal, and every step's training metrics (loss, accuracy,
 gradient norm: logged at every step) are equal, so the same batches were seen in the same order.
-`tests/test_kill_resume.py` runs a few trials; this script runs as many as asked and saves them.
+`tests/reliability/test_kill_resume.py` runs a few trials; this script runs as many as asked and saves them.
 """
 
 from __future__ import annotations

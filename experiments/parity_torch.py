@@ -8,7 +8,7 @@ and the largest logit, and for the official VLoRA fixtures the largest |our grad
 gradient| of ``sum(g * logits)`` over every parameter, with the largest gradient; and the same
 gradients with ``stop_gradient_base=False`` (the official code detaches W_0 in layers k >= 1:
 without the detach the gradients of W_0 differ, by the amount shown). The tests
-(tests/test_convert.py) hold these to 1e-5; this script records what they are.
+(tests/convert/test_convert.py) hold these to 1e-5; this script records what they are.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ on the healing text, ``vlora``, ``drop``: layer dropping, ``tied``: plain recurs
 (the share of the block parameters; None for the teachers), ``seed``, ``steps`` (0: before
 healing), ``tokens`` (healing tokens), ``block_fraction`` and ``nll`` / ``ppl`` per domain on the
 test split. Nothing here reads a model: `smollm2_heal.py` writes the rows, this turns them into
-text, so the checks are testable on synthetic numbers (tests/test_smollm2_heal.py).
+text, so the checks are testable on synthetic numbers (tests/experiments/test_smollm2_heal.py).
 
 How a target is judged, in mean negative log-likelihood per token (log perplexity), over seeds:
 

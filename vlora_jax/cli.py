@@ -68,9 +68,9 @@ def load_config(spec: str, pairs: list[tuple[str, str]], verbose: bool = False):
   """The config of ``--config SPEC`` with the ``--config.KEY=VALUE`` overrides ``pairs``
   (`overrides.split`'s) applied; any failure is one line and exit status 2."""
   from vlora_jax.config import overrides
-  from vlora_jax.train import config_util
+  from vlora_jax.config import files as config_files
   try:
-    config = config_util.load(spec)
+    config = config_files.load(spec)
   except Exception as e:  # noqa: BLE001 -- the file is the user's: whatever it raises is input
     fail(config_error(spec, e), e, verbose)
   try:

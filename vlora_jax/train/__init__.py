@@ -20,5 +20,5 @@ def load_config(spec: str, **overrides):
 
   ``overrides`` are dotted keys, e.g. ``load_config('configs/vit_digits.py', **{'optim.lr': 1e-3})``.
   """
-  from vlora_jax.train.config_util import load
+  from vlora_jax.config.files import load
   return load(spec, **overrides)

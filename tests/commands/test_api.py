@@ -20,11 +20,11 @@ from vlora_jax.core import params as params_lib
 from vlora_jax.core import stack
 from vlora_jax.core.layers import EncoderBlock
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "guide.md"
 # The python block after this line runs here: docs/guide.md has one, and README.md too once the
 # line stands before its snippet.
-MARK = "<!-- the snippet tests/test_api.py runs -->"
+MARK = "<!-- the snippet tests/commands/test_api.py runs -->"
 TARGETS = (r"attn/(qkv|proj)/kernel", r"mlp/fc\d/kernel")
 
 

@@ -16,7 +16,7 @@ import pytest
 from vlora_jax.convert import torch_vit
 from vlora_jax.models.vit import ViT
 
-FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
 TOL = 1e-5  # max |logits - torch logits|, float32
 
 

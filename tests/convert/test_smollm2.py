@@ -23,7 +23,7 @@ import pytest
 
 from helpers_train import need_shared
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = json.loads((ROOT / "tests/fixtures/llama/smollm2_reference.json").read_text())
 GGUF = REFERENCE["gguf"]
 

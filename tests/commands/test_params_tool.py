@@ -11,7 +11,7 @@ import pytest
 from vlora_jax.models.vit import vit_param_count
 from vlora_jax.tools import params as tool
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OFFICIAL = "tests/configs/vit_cifar10_official.py"
 CIFAR = dict(img_size=32, patch_size=4, in_chans=3, dim=192, depth=12, mlp_ratio=4.0,
              num_classes=10)

@@ -17,7 +17,7 @@ from experiments import smollm2_data as data_lib
 from experiments import smollm2_heal as heal
 from experiments import smollm2_report as report
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURE_TOKENIZER = ROOT / "tests" / "fixtures" / "llama" / "hf_gqa" / "tokenizer.json"
 DEPTH = 6
 

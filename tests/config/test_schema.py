@@ -17,13 +17,14 @@ import pytest
 
 from vlora_jax import errors
 from vlora_jax.config.keys import Choice, lookup
-from vlora_jax.train import config_util, schema, validate
+from vlora_jax.config import files as config_files
+from vlora_jax.train import schema, validate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load(spec: str, **changes) -> ml_collections.ConfigDict:
-  c = config_util.load(str(ROOT / spec.split(":")[0]) + (":" + spec.split(":")[1] if ":" in spec
+  c = config_files.load(str(ROOT / spec.split(":")[0]) + (":" + spec.split(":")[1] if ":" in spec
                                                            else ""), lock=False)
   d = c.to_dict()
   for k, v in changes.items():

@@ -12,11 +12,12 @@ import pytest
 from helpers_train import ROOT
 
 from vlora_jax.config import overrides
-from vlora_jax.train import config_util, validate
+from vlora_jax.config import files as config_files
+from vlora_jax.train import validate
 
 
 def _config():
-  return config_util.load(str(ROOT / "configs/vit_digits.py"))
+  return config_files.load(str(ROOT / "configs/vit_digits.py"))
 
 
 @pytest.mark.parametrize("text", ["4,4,2,2", "(4,4,2,2)", "[4,4,2,2]", "(4, 4, 2, 2)"])
@@ -67,10 +68,10 @@ def test_a_value_the_config_types_refuse_names_the_override():
 
 
 def test_load_config_keywords_go_through_the_same_reader():
-  c = config_util.load(str(ROOT / "configs/vit_digits.py"), **{"model.vlora.rank": (4, 4, 2, 2)})
+  c = config_files.load(str(ROOT / "configs/vit_digits.py"), **{"model.vlora.rank": (4, 4, 2, 2)})
   assert tuple(c.model.vlora.rank) == (4, 4, 2, 2)
   with pytest.raises(overrides.OverrideError, match="did you mean 'weight_decay'"):
-    config_util.load(str(ROOT / "configs/vit_digits.py"), **{"optim.weight_decy": 0.1})
+    config_files.load(str(ROOT / "configs/vit_digits.py"), **{"optim.weight_decy": 0.1})
 
 
 def test_a_config_file_finds_its_package_from_anywhere(tmp_path, monkeypatch):
@@ -84,11 +85,11 @@ def test_a_config_file_finds_its_package_from_anywhere(tmp_path, monkeypatch):
                                "def get_config():\n  c = defaults.get_config()\n"
                                "  c.seed = helper.SEED\n  return c\n")
   monkeypatch.chdir(tmp_path)
-  assert config_util.load(str(ROOT / "configs/vit_digits.py")).model.name == "vit"
-  assert config_util.load(str(own / "mine.py")).seed == 7  # the repository's configs was loaded
-  assert config_util.load(str(ROOT / "configs/vit_digits.py")).model.name == "vit"  # and back
-  assert config_util.package_root(ROOT / "configs/vit_digits.py") == (ROOT, "configs")
-  assert config_util.package_root(tmp_path / "x.py") is None
+  assert config_files.load(str(ROOT / "configs/vit_digits.py")).model.name == "vit"
+  assert config_files.load(str(own / "mine.py")).seed == 7  # the repository's configs was loaded
+  assert config_files.load(str(ROOT / "configs/vit_digits.py")).model.name == "vit"  # and back
+  assert config_files.package_root(ROOT / "configs/vit_digits.py") == (ROOT, "configs")
+  assert config_files.package_root(tmp_path / "x.py") is None
 
 
 def _command(*args, cwd):

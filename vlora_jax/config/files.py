@@ -18,6 +18,8 @@ from pathlib import Path
 
 import ml_collections
 
+from vlora_jax.config import overrides as overrides_lib
+
 
 def package_root(path: str | Path) -> tuple[Path, str] | None:
   """``(the folder that holds the file's top package, that package's name)``, or None for a
@@ -61,7 +63,6 @@ def load(spec: str, lock: bool = True, **overrides):
   Raises what the file raises (a ``SyntaxError``, the ``ValueError`` of a bad ``:ARG``), and
   ``FileNotFoundError`` for a path that is not a file.
   """
-  from vlora_jax.config import overrides as overrides_lib
   path, _, arg = spec.partition(":")
   p = Path(path).expanduser().resolve()
   if not p.is_file():

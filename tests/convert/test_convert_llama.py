@@ -47,7 +47,7 @@ def _text() -> Path:
   text = DATA / "tiny_shakespeare.txt"
   if text.is_file():
     return text
-  fallback = Path(__file__).resolve().parent / "fixtures" / "llama" / "hf_gqa" / "tokenizer.json"
+  fallback = Path(__file__).resolve().parents[1] / "fixtures" / "llama" / "hf_gqa" / "tokenizer.json"
   return fallback  # any UTF-8 text file of a few KB exercises the same path
 
 
