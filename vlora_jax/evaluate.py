@@ -106,7 +106,7 @@ def eval_config(stored: dict, overrides_: dict[str, Any] | None):
   """
   import ml_collections
   from vlora_jax.train import schema
-  tree = copy.deepcopy(stored)
+  tree = schema.complete(stored).to_dict()  # a run stored before a key existed takes its default
   # How the run started is not evaluated, and its kind may be registered only by the code that
   # trained it (`init_from.register_init_from`).
   tree["init_from"] = ""
@@ -173,7 +173,7 @@ def evaluate(workdir, step: int | str | None = None, overrides: dict[str, Any] |
   shardings = evaluation.param_shardings(run.model, plan.family, config, mesh)
   params = jax.device_put(run.params, shardings)
   eval_step = evaluation.jit_step(run.model, plan.family, mesh, shardings,
-                                  config.get("activation_rules", ()))
+                                  config.activation_rules)
   bar = metrics_lib.Progress(pipe.num_eval_batches, 0, enabled=progress, unit="batch",
                              desc="eval")
   try:

@@ -171,8 +171,9 @@ def test_split_fractions_out_of_range_are_refused():
 
 DEFAULT = ROOT / "vlora_jax" / "config" / "defaults.py"
 # Declared, but set only by the configs whose source or option needs them.
-NOT_IN_DEFAULT = {"data.vocab_size", "data.min_len", "model.lora.enabled",
-                  "model.lora.targets", "model.lora.rank", "model.lora.alpha"}
+# A model without a lora group has no LoRA; the group's defaults are `LoRASpec`'s.
+NOT_IN_DEFAULT = {"model.lora.enabled", "model.lora.targets", "model.lora.rank",
+                  "model.lora.alpha"}
 
 
 def _default():
@@ -200,6 +201,67 @@ def test_family_keys_appear_in_a_config_file():
     used |= set(schema.flatten(c))
   for name in schema.FAMILIES:
     assert set(schema.keys(name)) - set(schema.COMMON) - used - {"model.vlora.dec_targets"} == set()
+
+
+# ------------------------------------------------------------------ a key left out: its one default
+
+
+def _bare(name: str) -> dict:
+  """A hand-written config of ``name`` with only its required keys (and a data source)."""
+  need = {k for k, rule in schema.keys(name).items() if rule.required}
+  full = schema.flatten(next(c for c in CONFIGS.values() if c.model.name == name))
+  out = {}
+  for key in need | {"data.source", "model.vlora.enabled"}:
+    _set(out, key, full[key])
+  return out
+
+
+@pytest.mark.parametrize("name", sorted(schema.FAMILIES))
+def test_a_key_left_out_takes_the_default_config_s_value(name):
+  bare = _bare(name)
+  done = schema.complete(bare)
+  schema.check(done)
+  default = schema.flatten(_default())
+  flat = schema.flatten(done)
+  for key, rule in schema.keys(name).items():
+    if rule.required or key.startswith("model.lora."):
+      continue
+    want = default[key] if key in schema.COMMON else rule.default
+    assert flat[key] == want, key
+  # The values the code once fell back to on its own, which disagreed with default.py.
+  assert (done.optim.warmup_steps, done.optim.weight_decay, done.optim.grad_clip_norm,
+          done.checkpoint.keep_best) == (100, 0.05, 1.0, 1)
+  assert "lora" not in done.model  # no LoRA group: no LoRA
+  assert bare == _bare(name)  # the caller's config is left as it was
+
+
+def test_complete_keeps_what_is_set_and_leaves_the_rest_to_the_check():
+  bare = _bare("lm")
+  bare["optim"]["warmup_steps"] = 7
+  bare["model"]["tie_embeddings"] = True
+  done = schema.complete(bare)
+  assert done.optim.warmup_steps == 7 and done.model.tie_embeddings is True
+  del bare["model"]["vlora"]
+  assert "vlora" not in schema.complete(bare).model  # no VLoRA group: the dense model
+  del bare["batch_size"]
+  with pytest.raises(errors.ConfigError, match="batch_size=None: is missing"):
+    schema.check(schema.complete(bare))  # a required key is never filled in
+  bare["optim"] = 5  # not a group: left alone, and named by the check
+  with pytest.raises(errors.ConfigError, match="optim="):
+    schema.check(schema.complete(bare))
+
+
+def test_a_family_s_defaults_are_allowed_and_fill_a_bare_model_config():
+  from vlora_jax.models.family import SHARED_OPTIONAL
+  for name, fam in schema.FAMILIES.items():
+    for key, rule in fam.config_keys.items():
+      if not rule.required and not (rule.default is None and rule.nullable):
+        rule.check(key, rule.default)
+    model = fam.model_config(_bare(name)["model"])  # a model config alone, as tests build them
+    assert all(key in model for key in SHARED_OPTIONAL)
+    assert all(lookup(model, key[len("model."):], KeyError) is not KeyError
+               for key, rule in fam.config_keys.items()
+               if not rule.required and not key.startswith("model.vlora."))
 
 
 def _comment_of(key: str, source: list[str]) -> str | None:

@@ -31,7 +31,8 @@ def _faults_per_call(tuning: str) -> int:
 
   The best, not the median: kept memory fragments, and this bare loop of two 64 MB temporaries
   still faults on some calls (as with GLIBC_TUNABLES at process start); a train step reaches zero
-  on every step (benchmarks/results/bench_malloc.md). Untuned, every call faults.
+  once the heap has grown to its high-water mark, after its first few steps
+  (benchmarks/results/bench_malloc.md). Untuned, every call faults.
   """
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", VLORA_MALLOC_TUNING=tuning)
   env.pop("GLIBC_TUNABLES", None)

@@ -181,6 +181,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.pixel_scale = "uint8"  # npz images: uint8 (integers 0-255) | unit (floats in [0, 1]);
                                # checked against the file, never guessed
   c.data.eval_examples = 0     # cap on the examples of each eval set, validation and test (0: all)
+  c.data.vocab_size = 16       # reverse: token ids < vocab_size (0-2 are pad, bos, eos)
+  c.data.min_len = 1           # reverse: the shortest string
   c.data.threads = 2           # grain read-ahead threads
 
   c.batch_size = 128           # global batch (all processes); divisible by mesh.data * mesh.fsdp

@@ -50,6 +50,25 @@ def lookup(config, dotted: str, default=KeyError):
   return node
 
 
+def fill(config, dotted: str, value) -> None:
+  """Sets ``'a.b'`` of an unlocked ``config`` to ``value`` if it is absent (a default), making the
+  groups on the way. A group that is absent whose name is VLoRA's or LoRA's (``vlora``, ``lora``)
+  is not made: without one a model is dense (has no LoRA). A part that is not a group leaves
+  the key alone (the schema names that value)."""
+  *groups, last = dotted.split(".")
+  node = config
+  for g in groups:
+    if g not in node:
+      if g in ("vlora", "lora"):
+        return
+      node[g] = {}
+    node = node[g]
+    if not hasattr(node, "items"):
+      return
+  if last not in node:
+    node[last] = value
+
+
 def _is_int(v) -> bool:
   return isinstance(v, int) and not isinstance(v, bool)
 
@@ -75,13 +94,17 @@ class Key(abc.ABC):
   Attributes:
     doc: what the key does (one line; the commented ``configs/default.py`` has the long form).
     when: the key applies only when this holds (None: always); it is not checked otherwise.
-    required: a config must have the key; others may be absent (the code's default applies).
+    required: a config must have the key; others may be absent, and then take their default.
     nullable: None is allowed too (it means the documented default).
+    default: what a config that leaves the key out gets, for a family's own ``config.model``
+      keys (`Family.model_config`); the run's common keys take theirs from the default config,
+      ``vlora_jax/config/defaults.py`` (`train.schema.complete`), each written once.
   """
   doc: str = ""
   when: When | None = None
   required: bool = False
   nullable: bool = False
+  default: Any = None
 
   @abc.abstractmethod
   def allowed(self) -> str:

@@ -54,6 +54,7 @@ import grain
 import numpy as np
 
 from vlora_jax.data import sources, tokenized
+from vlora_jax.data import tokenizer as tokenizer_lib
 from vlora_jax.data.pipeline import Pipeline, image_fns
 from vlora_jax.data.sources import DataError
 
@@ -91,8 +92,8 @@ def carve(n: int, fraction: float, seed: int | None) -> tuple[np.ndarray, np.nda
 
 
 def eval_split(d) -> str:
-  """``data.eval_split``: what the run evaluates while it trains."""
-  split = d.get("eval_split", "validation")
+  """``data.eval_split``, checked: what the run evaluates while it trains."""
+  split = d.eval_split
   if split not in EVAL_SPLITS:
     raise DataError(f"data.eval_split={split!r}: allowed are {list(EVAL_SPLITS)} (validation "
                     "comes out of the train split; test is evaluated once, at the end)")
@@ -100,7 +101,7 @@ def eval_split(d) -> str:
 
 
 def _tfds_kw(d) -> dict:
-  return dict(data_dir=d.get("data_dir") or None, download=d.get("download", False))
+  return dict(data_dir=d.data_dir or None, download=d.download)
 
 
 def _image_splits(d) -> tuple[sources.ImageSplit, sources.ImageSplit]:
@@ -108,9 +109,9 @@ def _image_splits(d) -> tuple[sources.ImageSplit, sources.ImageSplit]:
   if d.source == "digits":
     return sources.digits("train"), sources.digits("test")
   if d.source == "npz":
-    return sources.npz_splits(d.path, pixel_scale=d.get("pixel_scale", "uint8"))
-  return (sources.tfds_images(d.tfds_name, d.get("train_split", "train"), **_tfds_kw(d)),
-          sources.tfds_images(d.tfds_name, d.get("test_split", "test"), **_tfds_kw(d)))
+    return sources.npz_splits(d.path, pixel_scale=d.pixel_scale)
+  return (sources.tfds_images(d.tfds_name, d.train_split, **_tfds_kw(d)),
+          sources.tfds_images(d.tfds_name, d.test_split, **_tfds_kw(d)))
 
 
 def _cap(records, n: int):
@@ -131,15 +132,15 @@ def _check_eval_split(d, split: str, sizes: dict) -> None:
   if not sizes[split]:
     key = "validation_fraction" if split == "validation" else "test_fraction"
     raise DataError(f"data.eval_split={split!r} but the {split} split is empty "
-                    f"(data.{key}={d.get(key)}): the run would evaluate on nothing; allowed: a "
+                    f"(data.{key}={d[key]}): the run would evaluate on nothing; allowed: a "
                     f"data.{key} > 0, or the other split")
 
 
 def _images(config, d, common) -> Pipeline:
   train_full, test = _image_splits(d)
-  if d.get("augment", "none") not in AUGMENTS:
+  if d.augment not in AUGMENTS:
     raise DataError(f"data.augment={d.augment!r}: allowed are {list(AUGMENTS)}")
-  fraction, split_seed = float(d.get("validation_fraction", 0.05)), d.get("split_seed", None)
+  fraction, split_seed = float(d.validation_fraction), d.split_seed
   train_idx, val_idx = carve(len(train_full), fraction, split_seed)
   train, validation = (dataclasses.replace(train_full, records=Subset(train_full.records, idx))
                        for idx in (train_idx, val_idx))
@@ -147,8 +148,7 @@ def _images(config, d, common) -> Pipeline:
   sizes = dict(train=len(train), validation=len(validation), test=len(test))
   _check_eval_split(d, which, sizes)
   seed = int(config.seed)
-  train_fn, eval_fn = image_fns(train.scale, d.mean, d.std, d.get("augment", "none"),
-                                d.get("crop_padding", 4))
+  train_fn, eval_fn = image_fns(train.scale, d.mean, d.std, d.augment, d.crop_padding)
   ds = (grain.MapDataset.source(train).shuffle(seed=seed).repeat()
         .random_map(train_fn, seed=seed + 1))
   info = dict(kind="images", image_shape=train.shape, num_classes=train.num_classes,
@@ -161,7 +161,7 @@ def _images(config, d, common) -> Pipeline:
 
 def _eval_sets(d, **sets) -> dict:
   """Every non-empty eval set, capped at ``data.eval_examples``."""
-  return {name: _cap(records, d.get("eval_examples", 0))
+  return {name: _cap(records, d.eval_examples)
           for name, records in sets.items() if len(records)}
 
 
@@ -169,22 +169,21 @@ def _chars(d) -> tuple[str, str | None]:
   """``(text to split into train / validation [/ test], separate test text or None)``."""
   if d.source == "text":
     return sources.text_file(d.path), None
-  return (sources.tfds_text(d.tfds_name, d.get("train_split", "train"), **_tfds_kw(d)),
-          sources.tfds_text(d.tfds_name, d.get("test_split", "test"), **_tfds_kw(d)))
+  return (sources.tfds_text(d.tfds_name, d.train_split, **_tfds_kw(d)),
+          sources.tfds_text(d.tfds_name, d.test_split, **_tfds_kw(d)))
 
 
 def _text(config, d, common) -> Pipeline:
   """Character-level text: blocks of the text validate and test, as `tokenized` cuts them."""
   text, test_text = _chars(d)
-  chars = sorted(set(text) | set(test_text or ""))
-  table = {c: i for i, c in enumerate(chars)}
-  encode = lambda s: np.fromiter((table[c] for c in s), np.int32, len(s))
+  tok = tokenizer_lib.CharTokenizer.of_text(text, test_text or "")
+  encode = lambda s: np.asarray(tok.encode(s), np.int32)
   which = eval_split(d)
   windows, split = tokenized.windows(encode(text), d, config.model.max_len, which,
                                      test=encode(test_text) if test_text is not None else None)
   seed = int(config.seed)
   ds = grain.MapDataset.source(windows["train"]).shuffle(seed=seed).repeat()
-  info = dict(kind="text", vocab_size=len(chars), vocab="".join(chars),
+  info = dict(kind="text", vocab_size=len(tok), vocab=tok.vocab,
               num_train=len(windows["train"]), tokens_per_example=config.model.max_len,
               chars_per_token={name: 1.0 for name in windows if name != "train"},
               eval_split=which, split=split)
@@ -193,6 +192,7 @@ def _text(config, d, common) -> Pipeline:
 
 
 def _tokenized(config, d, common) -> Pipeline:
+  eval_split(d)
   windows, info = tokenized.build(d, config.model.max_len)
   seed = int(config.seed)
   ds = grain.MapDataset.source(windows["train"]).shuffle(seed=seed).repeat()
@@ -203,8 +203,8 @@ def _tokenized(config, d, common) -> Pipeline:
 def _reversal(config, d, common) -> Pipeline:
   """An endless synthetic train stream; validation and test are fixed sets from other seeds."""
   seq_len, vocab, seed = config.model.max_len, d.vocab_size, int(config.seed)
-  mk = lambda s, n: sources.Reversal(s, n, seq_len, vocab, d.get("min_len", 1))
-  n = d.get("eval_examples") or 512
+  mk = lambda s, n: sources.Reversal(s, n, seq_len, vocab, d.min_len)
+  n = d.eval_examples or 512
   which = eval_split(d)
   info = dict(kind="seq2seq", vocab_size=vocab, num_train=None, tokens_per_example=seq_len,
               special_tokens=dict(pad=sources.PAD, bos=sources.BOS, eos=sources.EOS),
@@ -226,7 +226,7 @@ def build(config, *, process_index: int = 0, process_count: int = 1) -> Pipeline
     raise DataError(f"data.source={d.source!r}: allowed are {list(SOURCES)}")
   common = dict(global_batch=config.batch_size, eval_batch=config.eval_batch_size,
                 process_index=process_index, process_count=process_count,
-                threads=d.get("threads", 2))
+                threads=d.threads)
   k = kind(d)
   if k == "images":
     return _images(config, d, common)

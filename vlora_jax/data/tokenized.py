@@ -90,7 +90,7 @@ class SpanWindows:
 
 def load_tokenizer(d) -> tokenizer_lib.SubwordTokenizer:
   try:
-    return tokenizer_lib.load(d.get("tokenizer", ""), "data.tokenizer")
+    return tokenizer_lib.load(d.tokenizer, "data.tokenizer")
   except tokenizer_lib.TokenizerError as e:
     raise DataError(str(e)) from None
 
@@ -103,16 +103,13 @@ def windows(ids: np.ndarray, d, max_len: int, eval_split: str, test: np.ndarray 
   Train examples are every window of ``max_len + 1`` tokens inside the train blocks, held-out
   examples the non-overlapping windows of their blocks in order.
   """
-  fractions = {k: float(d.get(f"{k}_fraction", 0.05)) for k in EVAL_SPLITS}
+  fractions = {k: float(d[f"{k}_fraction"]) for k in EVAL_SPLITS}
   if test is not None:
     fractions["test"] = 0.0
-  if eval_split not in EVAL_SPLITS:
-    raise DataError(f"data.eval_split={eval_split!r}: allowed are {list(EVAL_SPLITS)}")
   if fractions[eval_split] <= 0 and not (eval_split == "test" and test is not None):
     raise DataError(f"data.eval_split={eval_split!r} but data.{eval_split}_fraction="
                     f"{fractions[eval_split]}: the run would evaluate on nothing; allowed: > 0")
-  num_blocks = int(d.get("split_blocks", 20))
-  seed = d.get("split_seed", None)
+  num_blocks, seed = int(d.split_blocks), d.split_seed
   chosen = split(num_blocks, fractions["validation"], fractions["test"], seed)
   ranges = {name: spans(chosen[name], num_blocks, len(ids)) for name in SPLITS}
   window = max_len + 1  # inputs tokens[:-1], targets tokens[1:]
@@ -123,7 +120,7 @@ def windows(ids: np.ndarray, d, max_len: int, eval_split: str, test: np.ndarray 
     out["test"] = SpanWindows(test, [(0, len(test))], window, stride=window)
   if len(out["train"]) == 0 or len(out[eval_split]) == 0:
     sizes = {name: sum(e - s for s, e in r) for name, r in ranges.items()}
-    raise DataError(f"data.path={d.get('path', '')!r}: {len(ids)} tokens give no window of "
+    raise DataError(f"data.path={d.path!r}: {len(ids)} tokens give no window of "
                     f"model.max_len + 1 = {window} tokens in the train or the {eval_split} split "
                     f"(tokens per split: {sizes}); use a longer text, fewer data.split_blocks or "
                     "a shorter max_len")
@@ -145,11 +142,8 @@ def chars_per_token(tok, ids: np.ndarray, spans_: list[tuple[int, int]]) -> floa
 
 def build(d, max_len: int):
   """``({'train', 'validation', 'test'}: windows, info)`` of ``config.data`` for windows of
-  ``max_len + 1`` tokens."""
-  which = d.get("eval_split", "validation")
-  if which not in EVAL_SPLITS:
-    raise DataError(f"data.eval_split={which!r}: allowed for data.source='tokenized' are "
-                    f"{list(EVAL_SPLITS)}")
+  ``max_len + 1`` tokens (``data.eval_split`` checked by the caller, `data.eval_split`)."""
+  which = d.eval_split
   tok = load_tokenizer(d)
   ids = np.asarray(tok.encode(sources.text_file(d.path), special=False), np.int32)
   out, split_info = windows(ids, d, max_len, which)

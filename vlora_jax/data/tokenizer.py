@@ -44,6 +44,11 @@ class CharTokenizer:
     self.bos_id = self.eos_id = None
 
   @classmethod
+  def of_text(cls, *texts: str) -> "CharTokenizer":
+    """The vocabulary of ``texts``: their distinct characters, sorted (a text run's ids)."""
+    return cls("".join(sorted(set().union(*texts))))
+
+  @classmethod
   def from_info(cls, info: dict) -> "CharTokenizer":
     """The tokenizer of a run's data info; a `TokenizerError` if the run stored none."""
     if not info.get("vocab"):

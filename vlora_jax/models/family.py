@@ -19,11 +19,12 @@ from typing import ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 from vlora_jax.core import lora as lora_lib
-from vlora_jax.config.keys import Key, bad
+from vlora_jax.config.keys import Key, bad, fill
 from vlora_jax.core.lora import LoRASpec
 from vlora_jax.core.spec import VLoRASpec
 
@@ -50,19 +51,18 @@ def dtype(name: str):
   return DTYPES[name]
 
 
-# The ``config.model`` keys every family's module takes, with the value a run stored before the key
-# existed (a checkpoint's config is read as it was saved).
-SHARED_DEFAULTS = {"dropout": 0.0, "scan": True, "remat": "none", "dtype": "float32",
-                   "attention": "xla"}
+# The optional ``config.model`` keys every family's module takes beside width, depth and heads: a
+# model config that leaves one out gets the default config's value (`Family.model_config`).
+SHARED_OPTIONAL = ("mlp_ratio", "dropout", "scan", "remat", "dtype", "attention")
 
 
 def shared_kwargs(mcfg, vlora: VLoRASpec | None, lora: LoRASpec | None) -> dict:
-  """The module arguments that every family reads the same way from ``config.model``: width,
-  depth, heads, dropout, scan, remat, compute dtype, attention kernel and the two specs."""
-  get = lambda key: mcfg.get(key, SHARED_DEFAULTS[key])
-  return dict(dim=mcfg.dim, depth=mcfg.depth, num_heads=mcfg.num_heads, dropout=get("dropout"),
-              scan=get("scan"), remat=get("remat"), dtype=dtype(get("dtype")),
-              attention=get("attention"), vlora=vlora, lora=lora)
+  """The module arguments that every family reads the same way from a complete ``config.model``
+  (`Family.model_config`): width, depth, heads, dropout, scan, remat, compute dtype, attention
+  kernel and the two specs."""
+  return dict(dim=mcfg.dim, depth=mcfg.depth, num_heads=mcfg.num_heads, dropout=mcfg.dropout,
+              scan=mcfg.scan, remat=mcfg.remat, dtype=dtype(mcfg.dtype),
+              attention=mcfg.attention, vlora=vlora, lora=lora)
 
 
 class Family(abc.ABC):
@@ -101,8 +101,28 @@ class Family(abc.ABC):
     """``config.model`` and the run's specs (built once, by the caller) -> an unbound module."""
 
   def build_from_config(self, mcfg) -> nn.Module:
+    mcfg = self.model_config(mcfg)
     return self.build(mcfg, vlora_spec(mcfg.get("vlora")),
                       lora_lib.spec_from_config(mcfg.get("lora")))
+
+  def model_config(self, mcfg) -> ml_collections.ConfigDict:
+    """A copy of ``config.model`` (locked as it was) with every optional key it leaves out at
+    its default, each written once: the shared keys' in the default config
+    (``vlora_jax/config/defaults.py``), the family's own in `config_keys`. What `build` reads: a
+    model config written by hand, or stored before a key existed, builds as the full one would.
+    A required key left out stays out, and a model without a ``vlora`` (``lora``) group stays
+    dense (without LoRA)."""
+    from vlora_jax.config import defaults
+    out = (mcfg.copy_and_resolve_references() if isinstance(mcfg, ml_collections.ConfigDict)
+           else ml_collections.ConfigDict(mcfg))
+    base = defaults.get_config().model
+    with out.unlocked():
+      for name in SHARED_OPTIONAL:
+        fill(out, name, base[name])
+      for dotted, key in self.config_keys.items():
+        if not key.required:
+          fill(out, dotted.removeprefix("model."), key.default)
+    return out
 
   @abc.abstractmethod
   def sample_inputs(self, mcfg, batch: int = 2) -> tuple[jax.ShapeDtypeStruct, ...]:

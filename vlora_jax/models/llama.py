@@ -241,28 +241,27 @@ class LlamaFamily(lm.LMFamily):
   config_keys = {
       "model.vocab_size": Int(required=True, lo=1, doc="token ids < vocab_size"),
       "model.max_len": Int(required=True, lo=1, doc="context length T"),
-      "model.tie_embeddings": Bool(doc="the head is the token embedding"),
+      "model.tie_embeddings": Bool(default=True, doc="the head is the token embedding"),
       "model.num_kv_heads": Int(lo=1, nullable=True,
                                 doc="key/value heads, dividing num_heads (None: num_heads)"),
       "model.head_dim": Int(lo=2, nullable=True, doc="per-head width, even (None: dim // "
                                                      "num_heads)"),
       "model.mlp_dim": Int(required=True, lo=1, doc="SwiGLU hidden width"),
-      "model.rope_base": Float(lo=0, lo_open=True, doc="rotary frequency base (rope_theta)"),
-      "model.norm_eps": Float(lo=0, lo_open=True, doc="RMSNorm epsilon"),
-      "model.attention_bias": Bool(doc="biases on q/k/v/o"),
-      "model.mlp_bias": Bool(doc="biases on gate/up/down"),
+      "model.rope_base": Float(lo=0, lo_open=True, default=layers.ROPE_BASE,
+                               doc="rotary frequency base (rope_theta)"),
+      "model.norm_eps": Float(lo=0, lo_open=True, default=NORM_EPS, doc="RMSNorm epsilon"),
+      "model.attention_bias": Bool(default=False, doc="biases on q/k/v/o"),
+      "model.mlp_bias": Bool(default=False, doc="biases on gate/up/down"),
   }
 
   def build(self, mcfg, vlora, lora) -> Llama:
     heads = mcfg.num_heads
     return Llama(vocab_size=mcfg.vocab_size, max_len=mcfg.max_len,
-                 num_kv_heads=mcfg.get("num_kv_heads") or heads,
-                 head_dim=mcfg.get("head_dim") or mcfg.dim // heads, mlp_dim=mcfg.mlp_dim,
-                 rope_base=float(mcfg.get("rope_base", layers.ROPE_BASE)),
-                 norm_eps=float(mcfg.get("norm_eps", NORM_EPS)),
-                 tie_embeddings=mcfg.get("tie_embeddings", True),
-                 attention_bias=mcfg.get("attention_bias", False),
-                 mlp_bias=mcfg.get("mlp_bias", False),
+                 num_kv_heads=mcfg.num_kv_heads or heads,
+                 head_dim=mcfg.head_dim or mcfg.dim // heads, mlp_dim=mcfg.mlp_dim,
+                 rope_base=float(mcfg.rope_base), norm_eps=float(mcfg.norm_eps),
+                 tie_embeddings=mcfg.tie_embeddings, attention_bias=mcfg.attention_bias,
+                 mlp_bias=mcfg.mlp_bias,
                  **family.shared_kwargs(mcfg, vlora, lora))
 
 

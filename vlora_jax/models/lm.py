@@ -155,14 +155,13 @@ class LMFamily(family.TokenFamily):
   config_keys = {
       "model.vocab_size": Int(required=True, lo=1, doc="token ids < vocab_size"),
       "model.max_len": Int(required=True, lo=1, doc="context length T"),
-      "model.positions": Choice(choices=POSITIONS, doc="learned | rope"),
-      "model.tie_embeddings": Bool(doc="the head is the token embedding"),
+      "model.positions": Choice(choices=POSITIONS, default="learned", doc="learned | rope"),
+      "model.tie_embeddings": Bool(default=False, doc="the head is the token embedding"),
   }
 
   def build(self, mcfg, vlora, lora) -> LM:
     return LM(vocab_size=mcfg.vocab_size, max_len=mcfg.max_len, mlp_ratio=mcfg.mlp_ratio,
-              positions=mcfg.get("positions", "learned"),
-              tie_embeddings=mcfg.get("tie_embeddings", False),
+              positions=mcfg.positions, tie_embeddings=mcfg.tie_embeddings,
               **family.shared_kwargs(mcfg, vlora, lora))
 
   def sample_inputs(self, mcfg, batch: int = 2):

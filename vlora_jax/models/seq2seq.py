@@ -229,16 +229,16 @@ class Seq2SeqFamily(family.TokenFamily):
       "model.vocab_size": Int(required=True, lo=1, doc="token ids < vocab_size"),
       "model.max_len": Int(required=True, lo=1, doc="source and target length"),
       "model.dec_depth": Int(lo=1, nullable=True, doc="decoder layers (None: model.depth)"),
-      "model.tie_embeddings": Bool(doc="the head is the token embedding"),
+      "model.tie_embeddings": Bool(default=False, doc="the head is the token embedding"),
       "model.vlora.dec_targets": Regexes(nullable=True, doc="the decoder's VLoRA targets"),
   }
 
   def build(self, mcfg, vlora, lora) -> Seq2Seq:
-    vcfg = mcfg.get("vlora")
-    dec_targets = vcfg.get("dec_targets") if vcfg is not None else None
+    vcfg = mcfg.get("vlora")  # None: the dense model
+    dec_targets = vcfg.dec_targets if vcfg is not None else None
     return Seq2Seq(vocab_size=mcfg.vocab_size, max_len=mcfg.max_len,
-                   dec_depth=mcfg.get("dec_depth"), mlp_ratio=mcfg.mlp_ratio,
-                   tie_embeddings=mcfg.get("tie_embeddings", False),
+                   dec_depth=mcfg.dec_depth, mlp_ratio=mcfg.mlp_ratio,
+                   tie_embeddings=mcfg.tie_embeddings,
                    dec_targets=tuple(dec_targets) if dec_targets is not None else None,
                    **family.shared_kwargs(mcfg, vlora, lora))
 

@@ -140,8 +140,9 @@ class ViTFamily(family.Family):
       "model.img_size": Int(required=True, lo=1, doc="image height = width"),
       "model.in_chans": Int(required=True, lo=1, doc="image channels"),
       "model.patch_size": Int(required=True, lo=1, doc="patch height = width (divides img_size)"),
-      "model.class_token": Bool(doc="prepend a class token"),
-      "model.global_pool": Choice(choices=("token", "avg"), doc="class token or mean of patches"),
+      "model.class_token": Bool(default=True, doc="prepend a class token"),
+      "model.global_pool": Choice(choices=("token", "avg"), default="token",
+                                  doc="class token or mean of patches"),
   }
 
   def build(self, mcfg, vlora, lora) -> ViT:
@@ -150,8 +151,8 @@ class ViTFamily(family.Family):
   def vit_kwargs(self, mcfg) -> dict:
     """The ViT's own module arguments (beside `family.shared_kwargs`)."""
     return dict(num_classes=mcfg.num_classes, patch_size=mcfg.patch_size,
-                mlp_ratio=mcfg.mlp_ratio, class_token=mcfg.get("class_token", True),
-                global_pool=mcfg.get("global_pool", "token"))
+                mlp_ratio=mcfg.mlp_ratio, class_token=mcfg.class_token,
+                global_pool=mcfg.global_pool)
 
   def sample_inputs(self, mcfg, batch: int = 2):
     return (jax.ShapeDtypeStruct((batch, mcfg.img_size, mcfg.img_size, mcfg.in_chans),
@@ -166,7 +167,7 @@ class ViTFamily(family.Family):
             "label": rng.integers(0, mcfg.num_classes, batch).astype(np.int32)}
 
   def sequence_length(self, mcfg) -> int:
-    return (mcfg.img_size // mcfg.patch_size) ** 2 + int(mcfg.get("class_token", True))
+    return (mcfg.img_size // mcfg.patch_size) ** 2 + int(self.model_config(mcfg).class_token)
 
   def check_data(self, mcfg, info: dict) -> None:
     h, w, c = info["image_shape"]

@@ -43,15 +43,15 @@ class ViTRegistersFamily(vit.ViTFamily):
   # come back.
   exports_timm = False
   config_keys = {**vit.ViTFamily.config_keys,
-                 "model.num_registers": Int(lo=0, doc="register tokens (dropped before the head)")}
+                 "model.num_registers": Int(lo=0, default=4,
+                                            doc="register tokens (dropped before the head)")}
 
   def build(self, mcfg, vlora, lora) -> ViTRegisters:
-    return ViTRegisters(num_registers=mcfg.get("num_registers", 4), **self.vit_kwargs(mcfg),
+    return ViTRegisters(num_registers=mcfg.num_registers, **self.vit_kwargs(mcfg),
                         **family.shared_kwargs(mcfg, vlora, lora))
 
   def sequence_length(self, mcfg) -> int:
-    return super().sequence_length(mcfg) + mcfg.get("num_registers", 4)
-
+    return super().sequence_length(mcfg) + self.model_config(mcfg).num_registers
 
 
 FAMILY = ViTRegistersFamily()

@@ -104,7 +104,9 @@ def _best_order(workdir: Path, steps: list[int]) -> list[int]:
       break
     except CheckpointError:
       continue
-  metric, mode = ccfg.get("best_metric", "eval/accuracy"), ccfg.get("best_mode", "max")
+  from vlora_jax.config import defaults  # here: the module reads metas without JAX
+  base = defaults.get_config().checkpoint  # a run stored without the keys had these
+  metric, mode = ccfg.get("best_metric", base.best_metric), ccfg.get("best_mode", base.best_mode)
   scores = {}
   for s in steps:
     try:

@@ -83,17 +83,17 @@ class Checkpointer:
   def __init__(self, workdir: str | Path, ccfg, meta: dict):
     self.dir = Path(workdir)
     self.meta = meta
-    async_save = ccfg.get("async_save", True)
-    self.latest = _manager(self.dir / fmt.CHECKPOINTS, keep=ccfg.get("keep", 2),
+    async_save = ccfg.async_save
+    self.latest = _manager(self.dir / fmt.CHECKPOINTS, keep=ccfg.keep,
                            async_save=async_save)
     # The steps of the newest saves (async: they may still be writing).
     self._writing = self._writing_best = None
     self._closed = False
     self.best = None
-    if ccfg.get("keep_best", 0) and ccfg.get("best_metric"):
+    if ccfg.keep_best and ccfg.best_metric:
       self._set_aside_bad_best(ccfg.best_metric)
       self.best = _manager(self.dir / "best", keep=ccfg.keep_best, async_save=async_save,
-                           best_metric=ccfg.best_metric, best_mode=ccfg.get("best_mode", "max"))
+                           best_metric=ccfg.best_metric, best_mode=ccfg.best_mode)
 
   def last_good(self) -> str:
     """For messages: the newest finished checkpoint, or 'none'.

@@ -33,6 +33,7 @@ from absl import logging
 
 from vlora_jax.runs import checkpoint_format as fmt
 from vlora_jax.errors import CheckpointError
+from vlora_jax.train import schema
 
 # Model keys that change how the model computes (memory, precision, regularisation, loop form),
 # not what its parameters are or mean.
@@ -81,6 +82,12 @@ def changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
   a, b = flatten(saved), flatten(current)
   return {k: (a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(set(a) | set(b))
           if a.get(k, ABSENT) != b.get(k, ABSENT)}
+
+
+def stored_config(saved: dict) -> dict:
+  """A checkpoint meta's config with every key it lacks at its default (`schema.complete`): a
+  run stored before a key existed ran with that value, and is compared as it ran."""
+  return schema.complete(saved.get("config") or {}).to_dict()
 
 
 class _Absent:
@@ -148,7 +155,7 @@ def check_sources(config, info: dict | None, resuming: bool, teacher=None, sourc
   sources, not read by a resumed run) and learns from (``teacher``, the run's `teacher.Teacher`:
   its checkpoint's meta) against this run's data. ``sources`` (the run's `sources.Sources`): the
   compressed dense run's meta, opened once in set-up."""
-  kind, _, arg = (config.get("init_from", "") or "").partition(":")
+  kind, _, arg = (config.init_from or "").partition(":")
   if kind in ("compress", "checkpoint") and not resuming:
     where = f"init_from={config.init_from!r}"
     if kind == "compress" and sources is not None:
@@ -210,7 +217,7 @@ def layout_problems(saved: dict | None, current: dict | None) -> list[str]:
 def check_model(saved: dict, current: dict, where: str) -> None:
   """Refuses, in one line, a checkpoint whose model keys (outside `COMPUTE_ONLY`), ``rng_impl``
   or stack layouts differ from the current run's: what its arrays are or mean."""
-  diff = changes(saved.get("config") or {}, current.get("config") or {})
+  diff = changes(stored_config(saved), current.get("config") or {})
   refused = {k: v for k, v in diff.items() if defines_state(k) and ABSENT not in v}
   problems = [_shown(refused)] if refused else []
   if not refused:  # the layouts follow from the model keys: shown only when those agree
@@ -229,7 +236,7 @@ def judge_restore(step_dir: Path, saved: dict, run, where: str) -> None:
   check_model(saved, run.meta, where)
   if run.pipe is not None:
     check_same_data(saved.get("data"), run.pipe.info, where, "the checkpoint", "this run's data")
-  diff = changes(saved.get("config") or {}, run.meta.get("config") or {})
+  diff = changes(stored_config(saved), run.meta.get("config") or {})
   try:
     stored = fmt.stored_tree(step_dir)
   except fmt.DamagedCheckpoint:

@@ -81,8 +81,8 @@ def check_source(arg: str, *, config, model, sources: Sources) -> None:
 def check_budget(config) -> None:
   """Refuses ``compress.budget`` without a compress init (a ValueError: a config error): in
   set-up, once the config is checked, as the budget has nothing to choose ranks from."""
-  fraction = float(config.get("compress", {}).get("budget", 0.0) or 0.0)
-  kind = (config.get("init_from", "") or "").partition(":")[0]
+  fraction = float(config.compress.budget or 0.0)
+  kind = (config.init_from or "").partition(":")[0]
   if fraction and kind != "compress":
     raise ValueError(f"compress.budget={fraction}: it chooses the ranks of a compressed dense "
                      "run; set init_from='compress:<workdir of a trained dense run>', or "
@@ -98,30 +98,27 @@ def resolve_budget(config, previous: dict | None = None, sources: Sources | None
   ranks are what the run's checkpoints store: a resumed run (``previous``: the meta of its newest
   checkpoint) takes them from there, without reading the dense run again. True if it set them.
 
-  Runs in set-up's resolution, before the config is checked (`validate.check`; then
-  `check_budget` refuses a budget without a compress init) and the model is built: so both
-  happen once, at the resolved ranks. The dense run is checked against the model at the configured ranks first (the dense
+  Runs in set-up's resolution, on a complete config whose keys each passed the schema, before the
+  rules between keys are checked (`validate.check`; then `check_budget` refuses a budget without a
+  compress init) and the model is built: so both happen once, at the resolved ranks. The dense run is checked against the model at the configured ranks first (the dense
   twin does not depend on them) and read through ``sources``, which the compression reuses.
   Raises ValueError (a config error) for a model whose stacks do not share one spec, or when no
   ranks fit the budget.
   """
-  fraction = config.get("compress", {}).get("budget", 0.0) or 0.0
-  init = config.get("init_from", "") or ""
-  if not isinstance(fraction, (int, float)) or not fraction or not isinstance(init, str):
-    return False  # nothing to choose, or a value of the wrong type: `validate.check` says which
-  kind, _, arg = init.partition(":")
+  fraction = config.compress.budget or 0.0
+  if not fraction:
+    return False
+  kind, _, arg = (config.init_from or "").partition(":")
   if kind != "compress":
     return False  # `check_budget` refuses a budget without a compress init
   fraction = float(fraction)
   from vlora_jax import models
   from vlora_jax.convert.compress import budget_ranks_tree
-  from vlora_jax.train import schema
   stored = ((previous or {}).get("config") or {}).get("model", {}).get("vlora", {}).get("rank")
   if stored is not None:
     config.model.vlora.rank = tuple(stored) if isinstance(stored, list) else stored
     return True
   sources = sources or Sources()
-  schema.check(config)  # every key it reads well-formed, before the dense run is read
   # Built at the configured ranks for its stacks' specs and the dense twin: never initialised.
   student = models.family(config.model.name).build_from_config(config.model)
   check_source(arg, config=config, model=student, sources=sources)
@@ -130,7 +127,7 @@ def resolve_budget(config, previous: dict | None = None, sources: Sources | None
     raise ValueError(f"compress.budget={fraction}: the model's stacks have different VLoRA specs "
                      "(e.g. a decoder's cross-attention targets); give model.vlora.rank instead")
   _, dense = sources.dense(arg, _where(arg))
-  base = config.compress.get("base", "first")
+  base = config.compress.base
   try:
     budget = budget_ranks_tree(dense, specs.pop(), fraction,
                                base="first" if base == "auto" else base)
@@ -148,15 +145,15 @@ def _calibrate(config, dense_model, dense, specs, pipe=None) -> dict:
   matrices' input second moments over the run's first ``compress.calibration_batches`` train
   batches (`convert.calibrate`); otherwise ``{}``. ``pipe``: the whole data's pipeline, when the
   caller has it (else it is built from the config)."""
-  how = config.get("compress", {})
-  if how.get("increments", "svd") != "whitened":
+  how = config.compress
+  if how.increments != "whitened":
     return {}
   from vlora_jax import data as data_lib, models
   from vlora_jax.convert import calibrate
   fam = models.family(config.model.name)
   pipe = pipe if pipe is not None else data_lib.build(config)
   batches = [fam.inputs(pipe.train_batch(i))
-             for i in range(int(how.get("calibration_batches", 8)))]
+             for i in range(int(how.calibration_batches))]
   targets = tuple({t for s in specs if s is not None for t in s.targets})
   return calibrate.input_covariances(dense_model, dense, batches, targets=targets)
 
@@ -166,22 +163,21 @@ def _compress(arg: str, config, student, dense_model, dense, pipe=None) -> dict:
   from vlora_jax.convert.compress import compress
 
   specs = {name: s for name, (s, _) in student.stack_specs().items()}
-  how = config.get("compress", {})
-  increments = how.get("increments", "svd")
+  how = config.compress
+  increments = how.increments
   covariances = _calibrate(config, dense_model, dense, specs.values(), pipe)
   out = dict(dense)
   for name, spec in specs.items():
     if spec is None:
       continue
-    done = compress(dense[name], spec, base=how.get("base", "first"), increments=increments,
-                    covariances=covariances.get(name), damping=how.get("damping", 1e-6),
-                    seed=int(config.get("seed", 0)))
+    done = compress(dense[name], spec, base=how.base, increments=increments,
+                    covariances=covariances.get(name), damping=how.damping, seed=int(config.seed))
     out[name] = done.params
     said = f"weight error {np.mean(done.total):.4f}"
     if done.out_total is not None:
       said += f", output error {np.mean(done.out_total):.4f}"
     logging.info("%s: stack %r compressed (%s increments, base %s): mean relative %s", _where(arg),
-                 name, increments, how.get("base", "first"), said)
+                 name, increments, how.base, said)
   return out
 
 

@@ -100,7 +100,7 @@ def register_init_from(kind: str, check: Callable[..., None] | None = None):
 
 def check_init_from(config, model, sources: Sources | None = None) -> None:
   """Runs the set-up check of ``config.init_from``'s kind, if it has one."""
-  kind, _, arg = (config.get("init_from", "") or "").partition(":")
+  kind, _, arg = (config.init_from or "").partition(":")
   if kind in KINDS and KINDS[kind].check is not None:
     KINDS[kind].check(arg, config=config, model=model, sources=sources or Sources())
 

@@ -43,13 +43,13 @@ class Loop:
     config = run.config
     # A resumed run first drops the rows it writes again (a finished run: its eval at `start`).
     self.writer = metrics_lib.Writer(run.workdir, enabled=run.main,
-                                     tensorboard=config.get("tensorboard", True),
+                                     tensorboard=config.tensorboard,
                                      resume_step=start, redo_eval=start >= run.total_steps)
     if start == 0:
       self.writer.text("config", "```\n" + str(config) + "\n```")
     # A finished run that is started again only evaluates: no bar of finished steps.
     self.bar = metrics_lib.Progress(run.total_steps, start,
-                                    enabled=(run.main and config.get("progress", True)
+                                    enabled=(run.main and config.progress
                                              and start < run.total_steps))
     self.tokens_per_example = run.family.tokens_per_example(run.pipe.info)
     self.eval_step = evaluation.jit_step(run.model, run.family, run.mesh, run.param_shardings,

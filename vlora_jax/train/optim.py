@@ -53,7 +53,7 @@ def _first(rules, path: str, default: float) -> float:
 
 def _frozen(ocfg) -> Callable[[str], bool]:
   """``path -> bool``: matched by the ``optim.freeze`` regex (empty: nothing is frozen)."""
-  return params_lib.path_matcher(ocfg.get("freeze", "") or "", "optim.freeze")
+  return params_lib.path_matcher(ocfg.freeze or "", "optim.freeze")
 
 
 def groups(params, ocfg) -> tuple[Any, dict[str, tuple[float, float]]]:
@@ -67,7 +67,7 @@ def groups(params, ocfg) -> tuple[Any, dict[str, tuple[float, float]]]:
   def label(path):
     if frozen(path):
       return FROZEN
-    m = (_first(ocfg.get("lr_mults"), path, 1.0), _first(ocfg.get("wd_mults"), path, 1.0))
+    m = (_first(ocfg.lr_mults, path, 1.0), _first(ocfg.wd_mults, path, 1.0))
     name = f"lr{m[0]:g}_wd{m[1]:g}"
     mults[name] = m
     return name
@@ -80,9 +80,9 @@ def groups(params, ocfg) -> tuple[Any, dict[str, tuple[float, float]]]:
 def _check_patterns(all_paths: list[str], ocfg) -> None:
   """A pattern that selects no parameter is a mistake (a typo, another model's names), as a VLoRA
   target that matches nothing is: refused, naming the key and showing the paths there are."""
-  rules = [("optim.freeze", ocfg.get("freeze", "") or "")]
+  rules = [("optim.freeze", ocfg.freeze or "")]
   for key in ("lr_mults", "wd_mults"):
-    rules += [(f"optim.{key}[{i}]", pair[0]) for i, pair in enumerate(ocfg.get(key) or ())]
+    rules += [(f"optim.{key}[{i}]", pair[0]) for i, pair in enumerate(ocfg[key] or ())]
   for key, pattern in rules:
     if pattern and not any(re.fullmatch(pattern, p) for p in all_paths):
       shown = ", ".join(all_paths[:6]) + (", ..." if len(all_paths) > 6 else "")
@@ -92,14 +92,14 @@ def _check_patterns(all_paths: list[str], ocfg) -> None:
 
 def schedule(ocfg, total_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to ``lr``, then cosine to ``lr * min_lr_ratio`` (or constant)."""
-  lr, warmup = float(ocfg.lr), int(ocfg.get("warmup_steps", 0))
-  if ocfg.get("schedule", "cosine") == "constant":
+  lr, warmup = float(ocfg.lr), int(ocfg.warmup_steps)
+  if ocfg.schedule == "constant":
     if not warmup:
       return optax.constant_schedule(lr)
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
                                  optax.constant_schedule(lr)], [warmup])
   return optax.warmup_cosine_decay_schedule(
-      0.0, lr, warmup, max(total_steps, warmup + 1), lr * float(ocfg.get("min_lr_ratio", 0.0)))
+      0.0, lr, warmup, max(total_steps, warmup + 1), lr * float(ocfg.min_lr_ratio))
 
 
 def zero_frozen(tree, label_tree):
@@ -131,10 +131,9 @@ class Optimizer(NamedTuple):
 def update_rule(ocfg, lr, weight_decay: float) -> optax.GradientTransformation:
   """``optim.name``'s transformation at learning rate ``lr`` (a number or a schedule), with
   decoupled weight decay ``weight_decay`` (times the rate)."""
-  name = ocfg.get("name", "adamw")
-  b1, b2 = ocfg.get("b1", 0.9), ocfg.get("b2", 0.999)
+  name, b1, b2 = ocfg.name, ocfg.b1, ocfg.b2
   if name == "adamw":
-    return optax.adamw(lr, b1=b1, b2=b2, eps=ocfg.get("eps", 1e-8), weight_decay=weight_decay)
+    return optax.adamw(lr, b1=b1, b2=b2, eps=ocfg.eps, weight_decay=weight_decay)
   if name == "lion":
     return optax.lion(lr, b1=b1, b2=b2, weight_decay=weight_decay)
   if name == "adafactor":
@@ -142,8 +141,8 @@ def update_rule(ocfg, lr, weight_decay: float) -> optax.GradientTransformation:
     rate = (lambda count: weight_decay * lr(count)) if callable(lr) else weight_decay * lr
     return optax.adafactor(lr, weight_decay_rate=rate if weight_decay else None)
   if name == "sgd":
-    return optax.chain(optax.trace(decay=float(ocfg.get("momentum", 0.9)),
-                                   nesterov=bool(ocfg.get("nesterov", False))),
+    return optax.chain(optax.trace(decay=float(ocfg.momentum),
+                                   nesterov=bool(ocfg.nesterov)),
                        optax.add_decayed_weights(weight_decay),
                        optax.scale_by_learning_rate(lr))
   raise ValueError(f"optim.name={name!r}: allowed are {list(OPTIMIZERS)}")
@@ -154,12 +153,12 @@ def build(ocfg, params, total_steps: int) -> Optimizer:
   sched = schedule(ocfg, total_steps)
   label_tree, mults = groups(params, ocfg)
   inner = {FROZEN: optax.set_to_zero()}
-  wd = float(ocfg.get("weight_decay", 0.0))
+  wd = float(ocfg.weight_decay)
   for g, (lr_mult, wd_mult) in sorted(mults.items()):
     lr = sched if lr_mult == 1.0 else (lambda c, m=lr_mult: sched(c) * m)
     inner[g] = update_rule(ocfg, lr, wd * wd_mult)
   parts = [_zero_frozen(label_tree)]
-  if ocfg.get("grad_clip_norm", 0.0):
+  if ocfg.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(float(ocfg.grad_clip_norm)))
   parts.append(optax.multi_transform(inner, label_tree))
   return Optimizer(optax.chain(*parts), sched, label_tree)

@@ -7,7 +7,7 @@ divides the width, a batch that splits over the devices) follow in `validate.che
 
 The keys of ``config.model`` that one family reads are declared by the family
 (``Family.config_keys``, beside its code); `keys` joins them with the table below. The commented
-``configs/default.py`` and this table are tested to agree (tests/test_schema.py), and
+``configs/default.py`` and this table are tested to agree (tests/config/test_schema.py), and
 ``python -m vlora_jax.tools.config_doc`` prints the table as markdown (docs/config.md).
 """
 
@@ -19,8 +19,9 @@ import ml_collections
 
 from vlora_jax import data as data_lib
 from vlora_jax.core import chain, layers, stack
+from vlora_jax.config import defaults
 from vlora_jax.config.keys import (Anything, Bool, Choice, Float, Int, Key, Numbers, Regex,
-                                   Regexes, Rules, Str, When, bad, lookup, when_in)
+                                   Regexes, Rules, Str, When, bad, fill, lookup, when_in)
 from vlora_jax.models import DTYPES, FAMILIES
 from vlora_jax.train import optim
 
@@ -176,6 +177,26 @@ def flatten(config, prefix: str = "") -> dict:
       out.update(flatten(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = v
+  return out
+
+
+def complete(config) -> ml_collections.ConfigDict:
+  """A copy of ``config`` (unlocked) with every key it leaves out at its default, each written
+  once: the common keys' in the default config (``vlora_jax/config/defaults.py``), a family's own
+  ``config.model`` keys' beside its code (`Family.config_keys`). The run's code reads every key
+  without a default of its own. A required key left out stays out, for `check` to name; a
+  ``model.vlora`` (``model.lora``) group left out means the dense model (no LoRA), and a LoRA
+  group's keys default to `LoRASpec`'s, as a VLoRA group's to `VLoRASpec`'s."""
+  out = (config.copy_and_resolve_references() if isinstance(config, ml_collections.ConfigDict)
+         else ml_collections.ConfigDict(config))
+  out.unlock()
+  base = flatten(defaults.get_config())
+  name = lookup(out, "model.name", None)
+  declared = keys(name) if isinstance(name, str) and name in FAMILIES else COMMON
+  for key, rule in declared.items():
+    if rule.required or (key in COMMON and key not in base):  # not in base: the LoRA keys
+      continue
+    fill(out, key, base[key] if key in COMMON else rule.default)
   return out
 
 

@@ -32,7 +32,7 @@ from vlora_jax.train import compat
 from vlora_jax.train import from_dense
 from vlora_jax.train import init_from as init_from_lib
 from vlora_jax.train import metrics as metrics_lib
-from vlora_jax.train import optim, sharding, state as state_lib, validate
+from vlora_jax.train import optim, schema, sharding, state as state_lib, validate
 from vlora_jax.train import teacher as teacher_lib
 from vlora_jax.train import workdir as workdir_lib
 from vlora_jax.train.sources import Sources
@@ -71,7 +71,7 @@ class Run:
 
   @property
   def rng_impl(self) -> str:
-    return self.config.get("rng_impl", "threefry2x32")
+    return self.config.rng_impl
 
 
 def _zeros(structs):
@@ -116,7 +116,7 @@ def _restore_source(config, previous) -> tuple[Path, dict, str] | None:
   newest (a resume) or ``checkpoint.restore_from``'s; None for a fresh start."""
   if previous is not None:
     return (*previous, f"checkpoint {previous[0]} (a resume)")
-  path = config.checkpoint.get("restore_from")
+  path = config.checkpoint.restore_from
   if not path:
     return None
   where = f"checkpoint.restore_from={path!r}"
@@ -134,7 +134,7 @@ def check_more_steps(config, workdir: Path, previous: dict | None,
   count. ``step`` is the newest checkpoint's (read from the workdir when None)."""
   before = ((previous or {}).get("config") or {}).get("num_train_steps")
   now = int(config.num_train_steps)
-  if before is None or int(before) == now or config.optim.get("schedule") == "constant":
+  if before is None or int(before) == now or config.optim.schedule == "constant":
     return
   if step is None:
     try:
@@ -143,7 +143,7 @@ def check_more_steps(config, workdir: Path, previous: dict | None,
       return
   if step < int(before):
     return  # not finished: a resume (whose other changed settings the checkpoint checks name)
-  schedule = config.optim.get("schedule", "cosine")
+  schedule = config.optim.schedule
   raise errors.ConfigError(
       f"num_train_steps={now}: the run in {str(workdir)!r} finished its num_train_steps="
       f"{before}, over which its {schedule} learning-rate schedule ran to its end; continuing "
@@ -154,13 +154,17 @@ def check_more_steps(config, workdir: Path, previous: dict | None,
       f"--config.num_train_steps={before} evaluates it again")
 
 
-def resolve(config, previous: dict | None, sources: Sources) -> None:
-  """Every value set-up chooses for the config, set before it is checked, then the config locked:
+def resolve(config, previous: dict | None, sources: Sources):
+  """The config the run stores: a copy of ``config`` with every key it leaves out at its default
+  (`schema.complete`) and every value set-up chooses, set before it is checked, locked:
   ``compress.budget``'s ranks (`from_dense.resolve_budget`: from the dense run, read through
   ``sources``, or from the resumed run's ``previous`` meta). So the check, the plan and the model
-  are made once, from the config the run stores."""
+  are made once, from the config the run stores, and the caller's config is left as it was."""
+  config = schema.complete(config)
+  schema.check(config)  # every key well-formed before the budget reads them
   from_dense.resolve_budget(config, previous, sources)
   config.lock()
+  return config
 
 
 def set_up(config, workdir: Path) -> Run:
@@ -180,7 +184,7 @@ def set_up(config, workdir: Path) -> Run:
   source = _restore_source(config, previous)
   fresh = source is None
   with errors.config_errors():
-    resolve(config, None if fresh else source[1], sources)
+    config = resolve(config, None if fresh else source[1], sources)
   plan, mesh, pipe = mesh_and_data(config)
   with errors.config_errors():
     from_dense.check_budget(config)
@@ -206,6 +210,8 @@ def without_data(config, devices) -> Run:
   teacher: what compiling the train step ahead of time needs (`vlora_jax.compile`). Nothing is
   read from disk; the batch comes from the family's shapes (`batch_shapes`)."""
   with errors.config_errors():
+    config = schema.complete(config)
+    config.lock()
     plan = validate.check(config, len(devices), 1)
     mesh = sharding.make_mesh(config.mesh, devices, shape=plan.mesh_shape)
     return _assemble(config, plan, mesh, plan.build_model(config.model), None, None, None)
@@ -221,7 +227,7 @@ def _assemble(config, plan, mesh, model, pipe, teacher, workdir, sources=None) -
   p_shard = sharding.param_shardings(boxed, config.sharding_rules, mesh)
   abstract_params = nn.unbox(boxed)
   opt = optim.build(config.optim, abstract_params, int(config.num_train_steps))
-  rng_impl = config.get("rng_impl", "threefry2x32")
+  rng_impl = config.rng_impl
   abstract_rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=rng_impl)))
   abstract_state = jax.eval_shape(lambda p, r: state_lib.create(p, opt.tx, r), abstract_params,
                                   abstract_rng)
@@ -276,7 +282,7 @@ def _check_writable(run: Run) -> None:
   # Room for the kept checkpoints plus the one being written (params + optimizer state).
   ccfg = run.config.checkpoint
   need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract_state))
-  need *= ccfg.get("keep", 2) + 1 + (ccfg.get("keep_best", 0) or 0)
+  need *= ccfg.keep + 1 + ccfg.keep_best
   free = shutil.disk_usage(workdir).free
   if free < need:
     raise errors.WorkdirError(

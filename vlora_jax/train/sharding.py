@@ -85,10 +85,10 @@ def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   return {k: jax.make_array_from_process_local_data(s, v) for k, v in local.items()}
 
 
-def maybe_initialize_distributed(dist_cfg=None) -> bool:
+def maybe_initialize_distributed(initialize: bool = False) -> bool:
   """Starts ``jax.distributed`` when the config or the environment asks for it.
 
-  ``config.distributed.initialize=True`` calls ``jax.distributed.initialize()`` with JAX's own
+  ``initialize`` (``config.distributed.initialize``) calls ``jax.distributed.initialize()`` with JAX's own
   cluster auto-detection (TPU pods, SLURM, Open MPI...). Independently, if the environment sets
   ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (any launcher, or two
   processes on one machine for testing), those are passed explicitly. Idempotent.
@@ -101,7 +101,7 @@ def maybe_initialize_distributed(dist_cfg=None) -> bool:
     jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
                                int(env["JAX_PROCESS_ID"]))
     return True
-  if dist_cfg is not None and dist_cfg.get("initialize", False):
+  if initialize:
     jax.distributed.initialize()
     return True
   return False

@@ -40,10 +40,11 @@ class Sources:
                       lambda: trained_lib.source_meta(workdir, where, step_dir))
 
   def config(self, workdir, where: str, step_dir=None) -> tuple[Path, Any]:
-    """``(step directory, stored config)`` (a ``ConfigDict``), from the meta read once."""
-    import ml_collections
+    """``(step directory, stored config)`` (a ``ConfigDict`` with every key, `schema.complete`),
+    from the meta read once."""
+    from vlora_jax.train import schema
     step_dir, meta = self.meta(workdir, where, step_dir)
-    return step_dir, ml_collections.ConfigDict(meta["config"])
+    return step_dir, schema.complete(meta["config"])
 
   def load(self, workdir, where: str, step_dir=None) -> trained_lib.Trained:
     """The run's newest good checkpoint (or ``step_dir``), verified: `trained.load`, once."""

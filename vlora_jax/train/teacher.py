@@ -70,8 +70,8 @@ def check(config, family, student, mesh, pinned: str | None = None,
   """
   from vlora_jax import models
   from vlora_jax.train import sharding
-  dcfg = config.get("distill")
-  if dcfg is None or not dcfg.get("teacher"):
+  dcfg = config.distill
+  if not dcfg.teacher:
     return None
   where = f"distill.teacher={dcfg.teacher!r}"
   teacher_dir = Path(dcfg.teacher).expanduser().resolve()
@@ -106,7 +106,7 @@ def check(config, family, student, mesh, pinned: str | None = None,
   if t_out.shape != s_out.shape:
     raise errors.ConfigError(f"{where} predicts logits of shape {t_out.shape}; the student "
                              f"{s_out.shape}: the teacher must predict the same classes")
-  hidden_weight = float(dcfg.get("hidden_weight", 0.0))
+  hidden_weight = float(dcfg.hidden_weight)
   ends = {}
   if hidden_weight > 0:
     ends = _check_streams(where, dense, nn.unbox(boxed), student, inputs)
@@ -115,8 +115,8 @@ def check(config, family, student, mesh, pinned: str | None = None,
   return Teacher(workdir=dcfg.teacher, checkpoint=run.checkpoint, source=run, model=dense,
                  abstract_params=nn.unbox(boxed),
                  shardings=sharding.param_shardings(boxed, config.sharding_rules, mesh),
-                 weight=float(dcfg.get("weight", 0.5)),
-                 temperature=float(dcfg.get("temperature", 2.0)), hidden_weight=hidden_weight,
+                 weight=float(dcfg.weight), temperature=float(dcfg.temperature),
+                 hidden_weight=hidden_weight,
                  ends=ends)
 
 

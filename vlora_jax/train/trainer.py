@@ -31,7 +31,7 @@ from vlora_jax.core.params import params_mismatch
 from vlora_jax.train import checkpoint as ckpt_lib
 from vlora_jax.train import init_from as init_from_lib
 from vlora_jax.train import metrics as metrics_lib
-from vlora_jax.train import sharding, state as state_lib
+from vlora_jax.train import schema, sharding, state as state_lib
 from vlora_jax.train import workdir as workdir_lib
 from vlora_jax.train.loop import Loop
 from vlora_jax.train import setup as setup_lib
@@ -61,7 +61,7 @@ def lower_train_step(run: Run) -> jax.stages.Lowered:
   the state's and the batch's shardings, the activations pinned by ``config.activation_rules``;
   the teacher's params (distillation) an argument, never a part of the state."""
   step_fn = make_train_step(run.model, run.family, run.opt,
-                            run.config.get("label_smoothing", 0.0), run.rng_impl, run.teacher,
+                            run.config.label_smoothing, run.rng_impl, run.teacher,
                             run.config.grad_accum_steps)
   batch = setup_lib.batch_shapes(run)
   in_shardings = (run.state_shardings, sharding.batch_sharding(run.mesh))
@@ -124,10 +124,10 @@ def start_state(run: Run, ckpt: ckpt_lib.Checkpointer,
   if resumed is not None:
     latest, st = resumed
     return st, f"resumed {run.workdir / 'checkpoints' / str(latest)}"
-  if config.checkpoint.get("restore_from"):
+  if config.checkpoint.restore_from:
     st = ckpt_lib.restore_path(config.checkpoint.restore_from, target, run.meta)
     return st, f"restored {config.checkpoint.restore_from}"
-  if init_params is not None or config.get("init_from"):
+  if init_params is not None or config.init_from:
     if init_params is not None:
       p = init_params(abstract_params=run.abstract_params, config=config)
       origin = "init_params callable"
@@ -239,7 +239,8 @@ def train_and_evaluate(config, workdir: str | Path, *,
   t_start = time.time()
   if workdir is None or not str(workdir).strip():  # Path('') is the current directory
     raise errors.WorkdirError(f"workdir={str(workdir or '')!r}: empty; give the run's directory")
-  sharding.maybe_initialize_distributed(config.get("distributed"))  # before any other JAX call
+  config = schema.complete(config)
+  sharding.maybe_initialize_distributed(config.distributed.initialize)  # before any other JAX call
   run = set_up(config, Path(workdir))
   # From here the workdir is this run's alone (`workdir.py`): a second run is refused before it
   # writes anything. set_up wrote only a probe file named by its pid, already deleted.
@@ -247,7 +248,7 @@ def train_and_evaluate(config, workdir: str | Path, *,
     if run.main:  # what this run was told, readable without vlora_jax (the checkpoints hold it too)
       metrics_lib.write_json(run.workdir / "config.json", run.meta["config"])
     train_step, t_compile = compile_train_step(run)
-    ckpt = ckpt_lib.Checkpointer(run.workdir, config.checkpoint, run.meta)
+    ckpt = ckpt_lib.Checkpointer(run.workdir, run.config.checkpoint, run.meta)
     loop = None
     try:
       st, origin = start_state(run, ckpt, init_params)

@@ -50,7 +50,7 @@ def check(config, num_devices: int, process_count: int = 1) -> Plan:
   family = models.FAMILIES[m.name]
   if m.dim % m.num_heads:
     raise _bad("model.num_heads", m.num_heads, f"must divide model.dim={m.dim}")
-  if int(m.dim * m.get("mlp_ratio", 4.0)) < 1:
+  if int(m.dim * m.mlp_ratio) < 1:
     raise _bad("model.mlp_ratio", m.mlp_ratio, f"gives an MLP of width 0 at model.dim={m.dim}")
   vlora = models.vlora_spec(m.get("vlora"))  # the specs validate themselves, naming the key
   lora = lora_lib.spec_from_config(m.get("lora"))
@@ -62,18 +62,18 @@ def check(config, num_devices: int, process_count: int = 1) -> Plan:
   d = config.data
   if d.source not in family.sources:
     raise _bad("data.source", d.source, f"model.name={m.name!r} reads {list(family.sources)}")
-  if d.source == "tfds" and not d.get("tfds_name"):
-    raise _bad("data.tfds_name", d.get("tfds_name"), "name a TFDS dataset, e.g. 'cifar10'")
-  if d.source in ("npz", "text", "tokenized") and not d.get("path"):
-    raise _bad("data.path", d.get("path"), f"data.source={d.source!r} needs a local file path")
-  if d.source == "reverse" and d.get("min_len", 1) >= m.max_len:
+  if d.source == "tfds" and not d.tfds_name:
+    raise _bad("data.tfds_name", d.tfds_name, "name a TFDS dataset, e.g. 'cifar10'")
+  if d.source in ("npz", "text", "tokenized") and not d.path:
+    raise _bad("data.path", d.path, f"data.source={d.source!r} needs a local file path")
+  if d.source == "reverse" and d.min_len >= m.max_len:
     raise _bad("data.min_len", d.min_len, f"must be < model.max_len={m.max_len} (room for EOS)")
-  if d.source == "reverse" and d.get("vocab_size", 16) > m.vocab_size:
+  if d.source == "reverse" and d.vocab_size > m.vocab_size:
     raise _bad("data.vocab_size", d.vocab_size, f"must be <= model.vocab_size={m.vocab_size}")
 
   shape = sharding.mesh_shape(config.mesh, num_devices)  # names mesh.<axis> on error
   for table in ("sharding_rules", "activation_rules"):
-    for i, pair in enumerate(config.get(table, ())):
+    for i, pair in enumerate(config[table]):
       if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], str):
         raise _bad(f"{table}[{i}]", pair, "must be a (logical axis, mesh axes) pair")
       axes = pair[1]
@@ -88,18 +88,18 @@ def check(config, num_devices: int, process_count: int = 1) -> Plan:
       raise _bad(key, b, f"must be divisible by the data-parallel size mesh.data * mesh.fsdp = {dp}")
     if b % process_count:
       raise _bad(key, b, f"must be divisible by the process count {process_count}")
-  accum = config.get("grad_accum_steps", 1)
+  accum = config.grad_accum_steps
   if config.batch_size % (accum * dp):
     raise _bad("grad_accum_steps", accum, f"times the data-parallel size {dp} must divide "
                f"batch_size={config.batch_size}: each microbatch is split over the devices")
 
   c = config.checkpoint
-  if c.get("keep_best", 0) and not str(c.get("best_metric", "")).startswith("eval/"):
-    raise _bad("checkpoint.best_metric", c.get("best_metric"),
+  if c.keep_best and not str(c.best_metric).startswith("eval/"):
+    raise _bad("checkpoint.best_metric", c.best_metric,
                "keep_best needs an eval metric such as 'eval/accuracy'")
-  if c.get("keep_best", 0) and not config.eval_every_steps:
+  if c.keep_best and not config.eval_every_steps:
     raise _bad("checkpoint.keep_best", c.keep_best, "needs periodic eval (eval_every_steps > 0)")
-  init = config.get("init_from", "") or ""
+  init = config.init_from or ""
   if init and ":" not in init:
     raise _bad("init_from", init, "format '<kind>:<arg>', e.g. 'checkpoint:/path/to/workdir'")
   if init and init.partition(":")[0] not in init_from_lib.KINDS:
