@@ -215,7 +215,7 @@ def checkpoint_bytes(variant: train.Variant, workdir: Path) -> dict[str, int]:
   out = {}
   for what, tree in (("state", state), ("params", {"params": state["params"]})):
     d = workdir / what
-    ckpt = ckpt_lib.Checkpointer(d, c.checkpoint, meta)
+    ckpt = ckpt_lib.Checkpointer.of_config(d, c.checkpoint, meta)
     ckpt.save(int(jax.device_get(state["step"])), tree)
     ckpt.wait()
     ckpt.close()

@@ -36,10 +36,8 @@ def stored_run(workdir, config, steps=(1, 2), seed: int = 0, best: dict | None =
   opt = optim.build(config.optim, shapes, int(config.num_train_steps))
   impl = config.get("rng_impl", "threefry2x32")
   rng = np.asarray(jax.random.key_data(jax.random.key(int(config.seed), impl=impl)))
-  import ml_collections
-  ccfg = ml_collections.ConfigDict({"keep": 10, "async_save": False, "keep_best": 2 if best else 0,
-                                    "best_metric": "eval/accuracy", "best_mode": "max"})
-  ckpt = ckpt_lib.Checkpointer(Path(workdir), ccfg, meta)
+  ckpt = ckpt_lib.Checkpointer(Path(workdir), meta, keep=10, async_save=False,
+                               keep_best=2 if best else 0, best_metric="eval/accuracy")
   try:
     for step in steps:
       draw = np.random.default_rng(seed * 1000 + step)

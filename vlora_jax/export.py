@@ -223,7 +223,7 @@ def write_orbax(out: Path, run: trained_lib.Trained, params) -> list[Path]:
            "rng": saved["rng"]}
   meta = fmt.build_meta(config, params, None, run.info, exported_from=str(run.checkpoint))
   with outputs.atomic_dir(out, "--out") as tmp:
-    ckpt = ckpt_lib.Checkpointer(tmp, {"keep": 1, "async_save": False, "keep_best": 0}, meta)
+    ckpt = ckpt_lib.Checkpointer(tmp, meta, keep=1, async_save=False)
     try:
       ckpt.save(run.step, state)
     finally:

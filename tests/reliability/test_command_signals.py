@@ -104,8 +104,11 @@ def stopped(runs):
                        command=f"vlora_jax.{argv[0]}")
     # Output to files, not pipes: a command's progress bar must never block on a full pipe.
     logs = (open(d / "stdout", "w"), open(d / "stderr", "w"))
+    # SIGINT at its default in the child: a suite started in the background (``cmd &``) runs
+    # with SIGINT ignored, which Python and its children keep, as a shell's background job should.
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, text=True,
-                            stdout=logs[0], stderr=logs[1])
+                            stdout=logs[0], stderr=logs[1],
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     started[(command, sig)] = (proc, d, out, out.read_bytes() if out.is_file() else None, logs)
   done, signalled = {}, set()
   try:

@@ -126,7 +126,7 @@ def _fake_run(tmp_path, config):
   params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   state = {"step": np.zeros((), np.int32), "params": params, "rng": np.zeros(2, np.uint32)}
   meta = checkpoint_format.build_meta(config, params, None, None)
-  ckpt = ckpt_lib.Checkpointer(tmp_path, {"keep": 1, "async_save": False, "keep_best": 0}, meta)
+  ckpt = ckpt_lib.Checkpointer(tmp_path, meta, keep=1, async_save=False)
   try:
     ckpt.save(5, state)
   finally:

@@ -63,7 +63,7 @@ def test_a_key_that_keeps_what_the_checkpoint_holds_is_accepted_and_named(key, v
   workdir = _copy(stored, tmp_path)
   with caplog.at_level(logging.WARNING):
     run = set_up(tiny("vit", **{**BASE, key: value}), workdir)
-    ckpt = ckpt_lib.Checkpointer(workdir, run.config.checkpoint, run.meta)
+    ckpt = ckpt_lib.Checkpointer.of_config(workdir, run.config.checkpoint, run.meta)
     try:
       step, _ = ckpt.restore_latest(trainer._state_target(run))
     finally:

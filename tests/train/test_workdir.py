@@ -250,7 +250,7 @@ class _Manager:
 
 
 def test_every_async_save_is_checked(tmp_path):
-  ckpt = checkpoint.Checkpointer(tmp_path, config().checkpoint, {})
+  ckpt = checkpoint.Checkpointer.of_config(tmp_path, config().checkpoint, {})
   ckpt.latest.close()
   ckpt.best.close()
   ckpt.latest, ckpt.best = _Manager(), _Manager()
@@ -294,7 +294,7 @@ def test_a_damaged_best_step_is_set_aside(damage, finished, tmp_path, caplog):
   shutil.copytree(finished, run)
   BEST_DAMAGE[damage](run / "best" / "4")
   with caplog.at_level(logging.WARNING):
-    ckpt = checkpoint.Checkpointer(run, config().checkpoint, {})
+    ckpt = checkpoint.Checkpointer.of_config(run, config().checkpoint, {})
   assert ckpt.best.all_steps() == [2]
   ckpt.close()
   assert [p.name.split("-")[0] for p in (run / "best.bad").iterdir()] == ["4"]

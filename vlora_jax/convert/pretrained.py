@@ -181,7 +181,7 @@ def write_run(pre: Pretrained, workdir, *, data: str = "",
                         converted_from=str(Path(pre.source).absolute()))
   with workdir_lib.hold(workdir):
     metrics.write_json(workdir / "config.json", meta["config"])  # as every run's workdir has
-    ckpt = ckpt_lib.Checkpointer(workdir, {"keep": 1, "async_save": False, "keep_best": 0}, meta)
+    ckpt = ckpt_lib.Checkpointer(workdir, meta, keep=1, async_save=False)
     try:
       ckpt.save(0, state)
     finally:

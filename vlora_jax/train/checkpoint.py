@@ -80,20 +80,25 @@ class Checkpointer:
       or None.
   """
 
-  def __init__(self, workdir: str | Path, ccfg, meta: dict):
+  def __init__(self, workdir: str | Path, meta: dict, *, keep: int, async_save: bool = True,
+               keep_best: int = 0, best_metric: str = "", best_mode: str = "max"):
     self.dir = Path(workdir)
     self.meta = meta
-    async_save = ccfg.async_save
-    self.latest = _manager(self.dir / fmt.CHECKPOINTS, keep=ccfg.keep,
-                           async_save=async_save)
+    self.latest = _manager(self.dir / fmt.CHECKPOINTS, keep=keep, async_save=async_save)
     # The steps of the newest saves (async: they may still be writing).
     self._writing = self._writing_best = None
     self._closed = False
     self.best = None
-    if ccfg.keep_best and ccfg.best_metric:
-      self._set_aside_bad_best(ccfg.best_metric)
-      self.best = _manager(self.dir / "best", keep=ccfg.keep_best, async_save=async_save,
-                           best_metric=ccfg.best_metric, best_mode=ccfg.best_mode)
+    if keep_best and best_metric:
+      self._set_aside_bad_best(best_metric)
+      self.best = _manager(self.dir / "best", keep=keep_best, async_save=async_save,
+                           best_metric=best_metric, best_mode=best_mode)
+
+  @classmethod
+  def of_config(cls, workdir: str | Path, ccfg, meta: dict) -> "Checkpointer":
+    """The checkpoints a run's (complete) ``config.checkpoint`` asks for."""
+    return cls(workdir, meta, keep=ccfg.keep, async_save=ccfg.async_save,
+               keep_best=ccfg.keep_best, best_metric=ccfg.best_metric, best_mode=ccfg.best_mode)
 
   def last_good(self) -> str:
     """For messages: the newest finished checkpoint, or 'none'.

@@ -248,7 +248,7 @@ def train_and_evaluate(config, workdir: str | Path, *,
     if run.main:  # what this run was told, readable without vlora_jax (the checkpoints hold it too)
       metrics_lib.write_json(run.workdir / "config.json", run.meta["config"])
     train_step, t_compile = compile_train_step(run)
-    ckpt = ckpt_lib.Checkpointer(run.workdir, run.config.checkpoint, run.meta)
+    ckpt = ckpt_lib.Checkpointer.of_config(run.workdir, run.config.checkpoint, run.meta)
     loop = None
     try:
       st, origin = start_state(run, ckpt, init_params)
