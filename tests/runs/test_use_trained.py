@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -69,7 +70,8 @@ def _synthetic_npz(path):
 def _dense_twin_code(npz_path, export_dir, workdir) -> str:
   """Python that trains the dense twin from the exported checkpoint (no step left: eval only)."""
   return f"""
-import json
+import json, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})  # this file's folder
 from test_use_trained import _vit_config
 from vlora_jax.train import train_and_evaluate
 
