@@ -61,6 +61,20 @@ def git_describe(rev: str | None = None) -> str:
   return subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
 
 
+def cpu() -> dict[str, Any]:
+  """The CPU's model and the vector extensions that decide its matmul speed (from /proc/cpuinfo;
+  empty elsewhere): the same count of cores can differ 2x between an Intel Xeon and an AMD EPYC."""
+  try:
+    text = Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return {}
+  info = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+  info = {k.strip(): v.strip() for k, v in info.items()}
+  flags = set(info.get("flags", "").split())
+  wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+  return {"model": info.get("model name", ""), "vector_extensions": [f for f in wanted if f in flags]}
+
+
 def environment() -> dict[str, Any]:
   """Versions, device, CPUs, memory, load, code revision, date and command line of this run."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -77,6 +91,7 @@ def environment() -> dict[str, Any]:
       "device_kind": dev.device_kind,
       "device_count": jax.device_count(),
       "cpu_count": os.cpu_count(),
+      "cpu": cpu(),
       "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
       "ram_available_gib": available_bytes() / GIB,
       "loadavg_start": list(os.getloadavg()),
@@ -99,6 +114,9 @@ def describe(env: dict[str, Any]) -> str:
   """One sentence of the environment for a markdown header."""
   out = (f"Date (UTC): {env['date_utc']}. jax {env['jax']}, flax {env['flax']}, device "
          f"{env['device']} ({env['backend']}), {env['cpu_count']} CPUs, ")
+  if env.get("cpu"):  # older results lack it
+    out += (f"{env['cpu']['model'] or 'CPU model unknown'} "
+            f"({', '.join(env['cpu']['vector_extensions']) or 'no AVX2'}), ")
   if "ram_available_gib" in env:  # with the code revision; some stored results lack both
     out += f"{env['ram_available_gib']:.1f} GiB RAM available, code {env['code']}, "
   out += f"load average {env['loadavg_start'][0]:.2f} at start"

@@ -12,10 +12,10 @@ The fix keeps freed memory in the process: no mmap for big blocks, one arena (XL
 would otherwise allocate from per-thread arenas, whose heaps are mmapped and shrunk regardless),
 and no trimming. Faults per step drop to 0 once the heap has grown to the step's high-water mark:
 XLA's threads free and allocate the temporaries in a different order each step, so for the first
-few steps (1-4 on the CIFAR config) the free space is too fragmented for the next step and the
-heap grows (a step's worth of fresh pages, faulted in once), then never again. Results are
-bit-identical (only where memory comes from changes); the cost is that the resident size stays
-at the step's peak.
+few steps (up to the 6th on the CIFAR config, benchmarks/results/bench_malloc.md) the free space
+can be too fragmented for the next step and the heap grows (a step's worth of fresh pages,
+faulted in once), then no more. Results are bit-identical (only where memory comes from
+changes); the cost is that the resident size stays at the step's peak.
 
 `tune` sets them with ``mallopt``, which glibc honours at run time for the threads it has not yet
 given an arena: `import vlora_jax` calls it, so it reaches ``python -m vlora_jax.main``, scripts
