@@ -154,17 +154,15 @@ def check_more_steps(config, workdir: Path, previous: dict | None,
       f"--config.num_train_steps={before} evaluates it again")
 
 
-def resolve(config, previous: dict | None, sources: Sources):
-  """The config the run stores: a copy of ``config`` with every key it leaves out at its default
-  (`schema.complete`) and every value set-up chooses, set before it is checked, locked:
-  ``compress.budget``'s ranks (`from_dense.resolve_budget`: from the dense run, read through
-  ``sources``, or from the resumed run's ``previous`` meta). So the check, the plan and the model
-  are made once, from the config the run stores, and the caller's config is left as it was."""
-  config = schema.complete(config)
+def resolve(config, previous: dict | None, sources: Sources) -> None:
+  """Every value set-up chooses for its complete copy of the config (`schema.complete`), set
+  before the rules between keys are checked, then the config locked: ``compress.budget``'s ranks
+  (`from_dense.resolve_budget`: from the dense run, read through ``sources``, or from the resumed
+  run's ``previous`` meta). So the check, the plan and the model are made once, from the config
+  the run stores."""
   schema.check(config)  # every key well-formed before the budget reads them
   from_dense.resolve_budget(config, previous, sources)
   config.lock()
-  return config
 
 
 def set_up(config, workdir: Path) -> Run:
@@ -173,7 +171,9 @@ def set_up(config, workdir: Path) -> Run:
   once, through the run's `Sources`.
 
   Every ValueError raised here is about the input: it leaves as a `ConfigError` or `DataError`.
+  The caller's config is left as it was: set-up reads and resolves a complete copy.
   """
+  config = schema.complete(config)
   previous = _previous(workdir)
   previous_meta = previous[1] if previous else None
   # Before the data are read: an instant refusal.
@@ -184,7 +184,7 @@ def set_up(config, workdir: Path) -> Run:
   source = _restore_source(config, previous)
   fresh = source is None
   with errors.config_errors():
-    config = resolve(config, None if fresh else source[1], sources)
+    resolve(config, None if fresh else source[1], sources)
   plan, mesh, pipe = mesh_and_data(config)
   with errors.config_errors():
     from_dense.check_budget(config)
