@@ -57,6 +57,7 @@ from vlora_jax.data import sources, tokenized
 from vlora_jax.data import tokenizer as tokenizer_lib
 from vlora_jax.data.pipeline import Pipeline, image_fns
 from vlora_jax.data.sources import DataError
+from vlora_jax.tokens import BOS_ID, EOS_ID, PAD_ID
 
 SOURCES = ("digits", "npz", "tfds", "text", "tokenized", "reverse")
 TEXT_TFDS = ("tiny_shakespeare",)  # TFDS names read as text; any other TFDS name is images
@@ -207,7 +208,7 @@ def _reversal(config, d, common) -> Pipeline:
   n = d.eval_examples or 512
   which = eval_split(d)
   info = dict(kind="seq2seq", vocab_size=vocab, num_train=None, tokens_per_example=seq_len,
-              special_tokens=dict(pad=sources.PAD, bos=sources.BOS, eos=sources.EOS),
+              special_tokens=dict(pad=PAD_ID, bos=BOS_ID, eos=EOS_ID),
               eval_split=which, split=dict(validation=n, test=n, validation_seed=seed + 10**6,
                                            test_seed=seed + 2 * 10**6))
   sets = dict(validation=mk(seed + 10**6, n), test=mk(seed + 2 * 10**6, n))

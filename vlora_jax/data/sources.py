@@ -24,6 +24,7 @@ import numpy as np
 
 from vlora_jax.data import paths
 from vlora_jax.errors import UserError
+from vlora_jax.tokens import BOS_ID, EOS_ID
 
 
 class DataError(UserError, ValueError):
@@ -353,13 +354,10 @@ def tfds_text(name: str, split: str, data_dir: str | None = None, download: bool
   return "".join(parts)
 
 
-PAD, BOS, EOS = 0, 1, 2  # the sequence task's special tokens; 0 is padding everywhere
-
-
 class Reversal:
   """Synthetic seq2seq: reverse a random token string. ``[i]`` is a pure function of (seed, i).
 
-  ``src`` = tokens (ids 3..vocab-1) padded with 0; ``tgt_in`` = BOS + reversed; ``tgt_out`` =
+  ``src`` = tokens (ids 3..vocab-1) padded with `PAD_ID`; ``tgt_in`` = BOS + reversed; ``tgt_out`` =
   reversed + EOS; all three have length ``seq_len`` (the longest string is ``seq_len - 1``).
   """
 
@@ -376,8 +374,8 @@ class Reversal:
     toks = rng.integers(3, self.vocab, size=n)
     out = {k: np.zeros(self.seq_len, np.int32) for k in ("src", "tgt_in", "tgt_out")}
     out["src"][:n] = toks
-    out["tgt_in"][0] = BOS
+    out["tgt_in"][0] = BOS_ID
     out["tgt_in"][1:n + 1] = toks[::-1]
     out["tgt_out"][:n] = toks[::-1]
-    out["tgt_out"][n] = EOS
+    out["tgt_out"][n] = EOS_ID
     return out

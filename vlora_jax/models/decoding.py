@@ -31,8 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlora_jax.core import stack
-
-PAD_ID = 0  # what a finished sequence emits (and the encoder-decoder's padding id)
+from vlora_jax.tokens import PAD_ID
 
 
 # ---------------------------------------------------------------------------------- choosing

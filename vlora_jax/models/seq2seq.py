@@ -33,9 +33,8 @@ from vlora_jax.models.lm import check_common, embed
 from vlora_jax.core.partitioning import BATCH, LENGTH, RESIDUAL, VOCAB, constrain
 from vlora_jax.core.spec import VIT_TARGETS, VLoRASpec
 from vlora_jax.core.stack import block_param_shapes, vlorafy
+from vlora_jax.tokens import BOS_ID, EOS_ID, PAD_ID
 
-PAD_ID = 0
-BOS_ID, EOS_ID = 1, 2  # the reversal task's (`data.sources.Reversal`); decoding starts and ends there
 CROSS_TARGETS = (r"cross/q/kernel", r"cross/kv/kernel", r"cross/proj/kernel")
 DEC_TARGETS = VIT_TARGETS + CROSS_TARGETS
 # Where a cross-attention target takes its rank/alpha from when they are given per target.
