@@ -17,7 +17,7 @@ rows record their command. Parts:
   largest  the largest dense twin whose train step fits a v5e-256 at one sequence per chip, VLoRA
            against dense, by search over the width D (multiples of 1,024) at a fixed shape rule
            (layers D / 128 in compounds of 4, heads of 128, 8 key/value heads, MLP 3.5 D), under
-           the policies of ``--largest-remat``
+           the policies of ``--largest-remat``, doubling from ``--largest-from``
 
 Rows already in ``--out`` are kept (``--force`` recomputes them): the run can be stopped and
 resumed. Writes the JSON and docs/pod.md (the tables).
@@ -222,6 +222,8 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--parts", default="flat,sizes,largest,vit,remat")
   ap.add_argument("--largest-remat", default="full,offload_layer_inputs")
+  ap.add_argument("--largest-from", type=int, default=1024,
+                  help="the search's first width (a multiple of 1024; it doubles from there)")
   ap.add_argument("--out", default=str(harness.RESULTS / "pod_scale.json"))
   ap.add_argument("--doc", default=str(DOC))
   ap.add_argument("--force", action="store_true")
@@ -240,7 +242,7 @@ def main(argv=None):
     if part == "largest":
       for remat in args.largest_remat.split(","):
         for variant in ("dense", "vlora"):
-          search_largest(results, save, variant, remat)
+          search_largest(results, save, variant, remat, lo=args.largest_from)
       continue
     for config, topology, flops in plan([part]):
       name = key(config, topology)
