@@ -17,7 +17,8 @@ rows record their command. Parts:
   largest  the largest dense twin whose train step fits a v5e-256 at one sequence per chip, VLoRA
            against dense, by search over the width D (multiples of 1,024) at a fixed shape rule
            (layers D / 128 in compounds of 4, heads of 128, 8 key/value heads, MLP 3.5 D), under
-           the policies of ``--largest-remat``, doubling from ``--largest-from``
+           the policies of ``--largest-remat`` with the kernels of ``--largest-attention``,
+           doubling from ``--largest-from``
 
 Rows already in ``--out`` are kept (``--force`` recomputes them): the run can be stopped and
 resumed. Writes the JSON and docs/pod.md (the tables).
@@ -95,12 +96,23 @@ def shape_rule(d: int) -> str:
   return f"d={d},layers={d // 128}"
 
 
-def search_largest(results: dict, save, variant: str, remat: str, lo: int = 1024,
-                   hi: int = 65536, step: int = 1024) -> None:
+def setting(remat: str, attention: str) -> str:
+  """A searched setting's name in the results: the remat policy, and the attention kernel where it
+  is not the config's default (XLA's)."""
+  return remat if attention == "xla" else f"{remat} + {attention} attention"
+
+
+def search_largest(results: dict, save, variant: str, remat: str, attention: str = "xla",
+                   lo: int = 1024, hi: int = 65536, step: int = 1024) -> None:
   """The largest ``d`` (a multiple of ``step``) whose step fits a v5e-256, by doubling from ``lo``
-  then bisection; every probe is a row ``largest/{remat}/{variant}/d={d}``."""
+  then bisection; the answer is ``results['largest/{setting}/{variant}']``."""
+  attn = "" if attention == "xla" else f",attn={attention}"
+
+  def config_at(d: int) -> str:
+    return f"configs/lm_pod.py:1b,{variant},batch=256,remat={remat}{attn},{shape_rule(d)}"
+
   def fits(d: int) -> bool:
-    config = f"configs/lm_pod.py:1b,{variant},batch=256,remat={remat},{shape_rule(d)}"
+    config = config_at(d)
     name = key(config, V5E_256[0])
     if name not in results:
       results[name] = compile_row(config, V5E_256[0], count_flops=False)
@@ -120,8 +132,8 @@ def search_largest(results: dict, save, variant: str, remat: str, lo: int = 1024
       good = mid
     else:
       bad = mid
-  config = f"configs/lm_pod.py:1b,{variant},batch=256,remat={remat},{shape_rule(good)}"
-  results[f"largest/{remat}/{variant}"] = {"d": good, "row": key(config, V5E_256[0])}
+  results[f"largest/{setting(remat, attention)}/{variant}"] = {
+      "d": good, "row": key(config_at(good), V5E_256[0])}
   save()
 
 
@@ -132,21 +144,21 @@ LARGEST_TARGET = 3.0  # VLoRA's largest twin over dense's (issue 25)
 
 
 def largest_verdicts(results: dict) -> list[dict]:
-  """Per remat policy searched for both variants, then over all of them (each side at its best
-  policy): ``{remat, vlora: {d, twin, row}, dense: {...}, ratio, met}``, twin being the dense-
-  equivalent parameter count of the largest width that fits."""
+  """Per setting (`setting`) searched for both variants, then over all of them (each side at its
+  best setting): ``{setting, vlora: {d, twin, row}, dense: {...}, ratio, met}``, twin being the
+  dense-equivalent parameter count of the largest width that fits."""
   found: dict[str, dict] = {}
   for name, entry in results.items():
     if name.startswith("largest/"):
-      _, remat, variant = name.split("/")
+      _, searched, variant = name.split("/")
       row = results[entry["row"]]
-      found.setdefault(remat, {})[variant] = dict(d=entry["d"], row=entry["row"],
+      found.setdefault(searched, {})[variant] = dict(d=entry["d"], row=entry["row"],
                                                   twin=row["params_dense_equivalent"])
-  out = [dict(remat=remat, **pair) for remat, pair in found.items()
+  out = [dict(setting=searched, **pair) for searched, pair in found.items()
          if {"vlora", "dense"} <= set(pair)]
   if len(out) > 1:
     best = {v: max((o[v] for o in out), key=lambda x: x["twin"]) for v in ("vlora", "dense")}
-    out.append(dict(remat="best of each", **best))
+    out.append(dict(setting="best of each", **best))
   for o in out:
     o["ratio"] = o["vlora"]["twin"] / o["dense"]["twin"]
     o["met"] = o["ratio"] >= LARGEST_TARGET
@@ -238,16 +250,16 @@ def markdown(results: dict, env: dict) -> str:
       for variant in ("dense", "vlora"):
         r = rows[v[variant]["row"]]
         limit = "temp" if r["temp_bytes"] >= r["argument_bytes"] else "state"
-        body.append([variant, v["remat"], v[variant]["d"],
+        body.append([variant, v["setting"], v[variant]["d"],
                      f"{r['params_dense_equivalent'] / 1e9:.1f}B", _params(r),
                      _gib(r, "argument_bytes"), _gib(r, "temp_bytes"), _gib(r, "peak_bytes"),
                      limit])
-    out.append(harness.table(["variant", "remat", "D", "dense twin", "params", "state GiB",
+    out.append(harness.table(["variant", "setting", "D", "dense twin", "params", "state GiB",
                               "temp GiB", "peak GiB", "limit"], body))
-    best = " (best of each: each side at its own best policy)" if len(verdicts) > 1 else ""
+    best = " (best of each: each side at its own best setting)" if len(verdicts) > 1 else ""
     out.extend(["", f"VLoRA's largest twin over dense's{best}:", "",
-                harness.table(["remat", "VLoRA twin", "dense twin", "ratio", "target"],
-                              [[v["remat"], f"{v['vlora']['twin'] / 1e9:.1f}B",
+                harness.table(["setting", "VLoRA twin", "dense twin", "ratio", "target"],
+                              [[v["setting"], f"{v['vlora']['twin'] / 1e9:.1f}B",
                                 f"{v['dense']['twin'] / 1e9:.1f}B", f"{v['ratio']:.2f}x",
                                 ("met" if v["met"] else "**missed**") + " (>= 3x)"]
                                for v in verdicts]), ""])
@@ -258,6 +270,8 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--parts", default="flat,sizes,largest,vit,remat")
   ap.add_argument("--largest-remat", default="full,offload_layer_inputs")
+  ap.add_argument("--largest-attention", default="xla,pallas",
+                  help="attention kernels searched with each remat policy (model.attention)")
   ap.add_argument("--largest-from", type=int, default=1024,
                   help="the search's first width (a multiple of 1024; it doubles from there)")
   ap.add_argument("--out", default=str(harness.RESULTS / "pod_scale.json"))
@@ -276,9 +290,10 @@ def main(argv=None):
 
   for part in parts:  # in the order given
     if part == "largest":
-      for remat in args.largest_remat.split(","):
-        for variant in ("dense", "vlora"):
-          search_largest(results, save, variant, remat, lo=args.largest_from)
+      for attention in args.largest_attention.split(","):
+        for remat in args.largest_remat.split(","):
+          for variant in ("dense", "vlora"):
+            search_largest(results, save, variant, remat, attention, lo=args.largest_from)
       continue
     for config, topology, flops in plan([part]):
       name = key(config, topology)

@@ -23,7 +23,9 @@ BPE (``tok=``: a tokenizer.json, .gguf, Hugging Face directory or run) with held
 and test blocks (``data.source='tokenized'``).
 
 ``arg``: ``1b`` | ``8b`` | ``70b``; ``vlora`` | ``dense``; ``batch=<global batch>`` (default 256,
-one sequence per chip of a v5e-256); ``remat=<policy>`` (vlora_jax/core/remat.py); ``r=``, ``s=``;
+one sequence per chip of a v5e-256); ``remat=<policy>`` (vlora_jax/core/remat.py); ``attn=`` the
+attention kernel (``xla``, the default, runs anywhere; ``pallas``, flash attention on TPUs, holds no
+[heads, T, T] scores; ``cudnn`` on NVIDIA GPUs); ``r=``, ``s=``;
 ``d=<width>,layers=<depth>`` for any other size (heads of 128 channels, 8 key/value heads or
 fewer, MLP 3.5 D); ``file=``, ``tok=``.
 """
@@ -41,7 +43,7 @@ SIZES = {  # D, layers, query heads, key/value heads, MLP width
 def get_config(arg: str = "1b"):
   a = default.parse_arg(arg, {"size": ("1b", tuple(SIZES)),
                               "variant": ("vlora", ("vlora", "dense")), "batch": 256,
-                              "remat": "full", "r": 0, "s": 4, "d": 0, "layers": 0,
+                              "remat": "full", "attn": "xla", "r": 0, "s": 4, "d": 0, "layers": 0,
                               "file": "corpus.txt", "tok": ""})
   dim, depth, heads, kv_heads, mlp = SIZES[a["size"]]
   if a["d"]:
@@ -61,6 +63,7 @@ def get_config(arg: str = "1b"):
   m.dropout = 0.0
   m.dtype = "bfloat16"
   m.remat = a["remat"]
+  m.attention = a["attn"]
   m.vlora = default.vlora(enabled=a["variant"] == "vlora", compound_size=a["s"],
                           rank=a["r"] or max(dim // 128, 1))
   m.vlora.targets = llama.TARGETS

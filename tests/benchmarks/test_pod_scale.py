@@ -19,7 +19,7 @@ def _results(twins: dict) -> dict:
 def test_each_policy_and_the_best_of_each_side():
   results = _results({("full", "dense"): 50e9, ("full", "vlora"): 100e9,
                       ("offload", "dense"): 80e9, ("offload", "vlora"): 260e9})
-  verdicts = {v["remat"]: v for v in pod_scale.largest_verdicts(results)}
+  verdicts = {v["setting"]: v for v in pod_scale.largest_verdicts(results)}
   assert verdicts["full"]["ratio"] == 2.0 and not verdicts["full"]["met"]
   assert verdicts["offload"]["ratio"] == 3.25 and verdicts["offload"]["met"]
   best = verdicts["best of each"]  # VLoRA's best (offload) over dense's best (offload)
@@ -30,14 +30,14 @@ def test_the_best_of_each_side_may_come_from_different_policies():
   results = _results({("a", "dense"): 90e9, ("a", "vlora"): 100e9,
                       ("b", "dense"): 30e9, ("b", "vlora"): 200e9})
   best = pod_scale.largest_verdicts(results)[-1]
-  assert best["remat"] == "best of each"
+  assert best["setting"] == "best of each"
   assert best["ratio"] == 200e9 / 90e9 and not best["met"]  # 2.2x: dense at its best policy
 
 
 def test_exactly_three_is_met_and_a_policy_searched_for_one_side_only_is_left_out():
   results = _results({("full", "dense"): 10e9, ("full", "vlora"): 30e9, ("x", "vlora"): 99e9})
   verdicts = pod_scale.largest_verdicts(results)
-  assert [v["remat"] for v in verdicts] == ["full"] and verdicts[0]["met"]
+  assert [v["setting"] for v in verdicts] == ["full"] and verdicts[0]["met"]
 
 
 def test_the_doc_says_missed_and_names_the_limit():
