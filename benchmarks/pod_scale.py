@@ -17,8 +17,8 @@ rows record their command. Parts:
   largest  the largest dense twin whose train step fits a v5e-256 at one sequence per chip, VLoRA
            against dense, by search over the width D (multiples of 1,024) at a fixed shape rule
            (layers D / 128 in compounds of 4, heads of 128, 8 key/value heads, MLP 3.5 D), under
-           the policies of ``--largest-remat`` with the kernels of ``--largest-attention``,
-           doubling from ``--largest-from``
+           the policies of ``--largest-remat`` with the kernels of ``--largest-attention`` and
+           the tensor parallelism of ``--largest-tp``, doubling from ``--largest-from``
 
 Rows already in ``--out`` are kept (``--force`` recomputes them): the run can be stopped and
 resumed. Writes the JSON and docs/pod.md (the tables).
@@ -96,17 +96,18 @@ def shape_rule(d: int) -> str:
   return f"d={d},layers={d // 128}"
 
 
-def setting(remat: str, attention: str) -> str:
-  """A searched setting's name in the results: the remat policy, and the attention kernel where it
-  is not the config's default (XLA's)."""
-  return remat if attention == "xla" else f"{remat} + {attention} attention"
+def setting(remat: str, attention: str, tp: int = 1) -> str:
+  """A searched setting's name in the results: the remat policy, with the attention kernel and
+  the tensor parallelism where they are not the config's defaults (XLA's, none)."""
+  return " + ".join([remat] + ([f"{attention} attention"] if attention != "xla" else [])
+                    + ([f"tp {tp}"] if tp > 1 else []))
 
 
 def search_largest(results: dict, save, variant: str, remat: str, attention: str = "xla",
-                   lo: int = 1024, hi: int = 65536, step: int = 1024) -> None:
+                   tp: int = 1, lo: int = 1024, hi: int = 65536, step: int = 1024) -> None:
   """The largest ``d`` (a multiple of ``step``) whose step fits a v5e-256, by doubling from ``lo``
   then bisection; the answer is ``results['largest/{setting}/{variant}']``."""
-  attn = "" if attention == "xla" else f",attn={attention}"
+  attn = ("" if attention == "xla" else f",attn={attention}") + ("" if tp == 1 else f",tp={tp}")
 
   def config_at(d: int) -> str:
     return f"configs/lm_pod.py:1b,{variant},batch=256,remat={remat}{attn},{shape_rule(d)}"
@@ -132,7 +133,7 @@ def search_largest(results: dict, save, variant: str, remat: str, attention: str
       good = mid
     else:
       bad = mid
-  results[f"largest/{setting(remat, attention)}/{variant}"] = {
+  results[f"largest/{setting(remat, attention, tp)}/{variant}"] = {
       "d": good, "row": key(config_at(good), V5E_256[0])}
   save()
 
@@ -272,6 +273,8 @@ def main(argv=None):
   ap.add_argument("--largest-remat", default="full,offload_layer_inputs")
   ap.add_argument("--largest-attention", default="xla,pallas",
                   help="attention kernels searched with each remat policy (model.attention)")
+  ap.add_argument("--largest-tp", default="1",
+                  help="tensor-parallel sizes searched (lm_pod's tp=, with sequence parallelism)")
   ap.add_argument("--largest-from", type=int, default=1024,
                   help="the search's first width (a multiple of 1024; it doubles from there)")
   ap.add_argument("--out", default=str(harness.RESULTS / "pod_scale.json"))
@@ -290,10 +293,11 @@ def main(argv=None):
 
   for part in parts:  # in the order given
     if part == "largest":
-      for attention in args.largest_attention.split(","):
-        for remat in args.largest_remat.split(","):
-          for variant in ("dense", "vlora"):
-            search_largest(results, save, variant, remat, attention, lo=args.largest_from)
+      for tp in map(int, args.largest_tp.split(",")):
+        for attention in args.largest_attention.split(","):
+          for remat in args.largest_remat.split(","):
+            for variant in ("dense", "vlora"):
+              search_largest(results, save, variant, remat, attention, tp, lo=args.largest_from)
       continue
     for config, topology, flops in plan([part]):
       name = key(config, topology)

@@ -25,7 +25,9 @@ and test blocks (``data.source='tokenized'``).
 ``arg``: ``1b`` | ``8b`` | ``70b``; ``vlora`` | ``dense``; ``batch=<global batch>`` (default 256,
 one sequence per chip of a v5e-256); ``remat=<policy>`` (vlora_jax/core/remat.py); ``attn=`` the
 attention kernel (``xla``, the default, runs anywhere; ``pallas``, flash attention on TPUs, holds no
-[heads, T, T] scores; ``cudnn`` on NVIDIA GPUs); ``r=``, ``s=``;
+[heads, T, T] scores; ``cudnn`` on NVIDIA GPUs); ``tp=<chips>`` tensor parallelism over that many
+chips of each FSDP group, with the sequence split between the projections
+(``SEQUENCE_PARALLEL_RULES``); ``r=``, ``s=``;
 ``d=<width>,layers=<depth>`` for any other size (heads of 128 channels, 8 key/value heads or
 fewer, MLP 3.5 D); ``file=``, ``tok=``.
 """
@@ -43,7 +45,8 @@ SIZES = {  # D, layers, query heads, key/value heads, MLP width
 def get_config(arg: str = "1b"):
   a = default.parse_arg(arg, {"size": ("1b", tuple(SIZES)),
                               "variant": ("vlora", ("vlora", "dense")), "batch": 256,
-                              "remat": "full", "attn": "xla", "r": 0, "s": 4, "d": 0, "layers": 0,
+                              "remat": "full", "attn": "xla", "tp": 1, "r": 0, "s": 4, "d": 0,
+                              "layers": 0,
                               "file": "corpus.txt", "tok": ""})
   dim, depth, heads, kv_heads, mlp = SIZES[a["size"]]
   if a["d"]:
@@ -84,7 +87,9 @@ def get_config(arg: str = "1b"):
   c.optim.weight_decay = 0.1
   c.optim.min_lr_ratio = 0.1
   c.optim.wd_mults = ((r"(.*/)?(bias|scale)", 0.0),)
-  c.mesh.data, c.mesh.fsdp = 1, -1
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, a["tp"]
+  if a["tp"] > 1:
+    c.activation_rules = default.SEQUENCE_PARALLEL_RULES
   c.checkpoint.every_steps = 1000
   c.checkpoint.best_metric = "eval/loss"
   c.checkpoint.best_mode = "min"

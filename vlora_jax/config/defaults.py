@@ -12,7 +12,8 @@ import ml_collections
 
 from vlora_jax.core.spec import VLoRASpec
 
-__all__ = ["ACTIVATION_RULES", "NO_DECAY", "SHARDING_RULES", "get_config", "parse_arg", "vlora"]
+__all__ = ["ACTIVATION_RULES", "NO_DECAY", "SEQUENCE_PARALLEL_RULES", "SHARDING_RULES", "get_config",
+           "parse_arg", "vlora"]
 
 # Logical axis -> mesh axis. Parameters name their axes in the model code
 # (vlora_jax/core/layers.py); the layer stack adds 'layers', 'compound', 'step' and 'rank'
@@ -47,6 +48,22 @@ ACTIVATION_RULES = (
     ("kv", None),                 # head dim
     ("mlp", "tensor"),
     ("vocab", "tensor"),
+)
+
+# Tensor parallelism with sequence parallelism (Megatron-LM's): the residual stream between the
+# projections is split along its length over 'tensor' too, so that the tensor axis divides every
+# activation a chip keeps, not only the heads and the MLP. 'length' comes after the names that
+# take 'tensor' inside a block: an array with heads, MLP or vocabulary (a projection's output)
+# gives them the axis and keeps its length whole, an array without them (the residual) splits its
+# length. For ``config.activation_rules`` with ``mesh.tensor`` > 1.
+SEQUENCE_PARALLEL_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("length", "tensor"),
+    ("embed", None),
 )
 
 # Weight decay off for norms, biases, position embeddings and the class token (timm's habit).
