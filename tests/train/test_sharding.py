@@ -105,6 +105,50 @@ def test_spec_rules_give_each_mesh_axis_to_the_name_first_in_the_table():
   assert spec((6, 64), ("embed", "mlp")) == P(None, ("tensor", "fsdp"))
 
 
+def test_sequence_parallel_rules_split_the_residual_by_length_and_a_projection_by_width():
+  """With SEQUENCE_PARALLEL_RULES the tensor axis splits the residual [B, T, D] along T, and a
+  projection's output [B, T, mlp] (or [B, T, heads, kv]) along its width with T whole."""
+  from vlora_jax.config.defaults import SEQUENCE_PARALLEL_RULES
+  from vlora_jax.core import partitioning as p
+  mesh = jax.sharding.AbstractMesh((2, 2, 2), sharding.MESH_AXES)
+  rules = sharding.rules_dict(SEQUENCE_PARALLEL_RULES)
+  P = jax.sharding.PartitionSpec
+  assert p.spec_for((8, 16, 32), p.RESIDUAL, rules, mesh) == P(("data", "fsdp"), "tensor", None)
+  assert p.spec_for((8, 16, 64), (p.BATCH, p.LENGTH, p.MLP), rules, mesh) == P(
+      ("data", "fsdp"), None, "tensor")
+  assert p.spec_for((8, 16, 4, 8), p.ATTENTION_HEADS, rules, mesh) == P(
+      ("data", "fsdp"), None, "tensor", None)
+
+
+SEQUENCE_PARALLEL = textwrap.dedent("""
+    import json
+    import jax
+    from helpers_train import tiny
+    from vlora_jax.config.defaults import SEQUENCE_PARALLEL_RULES
+    from vlora_jax.train import train_and_evaluate
+    assert jax.device_count() == 8
+    c = tiny("llama", **%(overrides)r, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    with c.unlocked():
+      c.activation_rules = SEQUENCE_PARALLEL_RULES
+    s = train_and_evaluate(c, "%(tmp)s/sp")
+    print("RESULT " + json.dumps({"mesh": s["mesh"]}), flush=True)
+    """)
+
+
+@pytest.mark.slow
+def test_sequence_parallel_llama_on_eight_devices_equals_one(tmp_path):
+  """Data, FSDP and tensor parallelism with the residual split by length (2 x 2 x 2): the same
+  losses and parameters as one device."""
+  ref = tmp_path / "one"
+  train_and_evaluate(tiny("llama", **OVERRIDES), ref)
+  proc = run_py(SEQUENCE_PARALLEL % {"overrides": OVERRIDES, "tmp": str(tmp_path)}, devices=8)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert result(proc.stdout)["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  np.testing.assert_allclose(_losses(tmp_path / "sp"), _losses(ref), rtol=0, atol=1e-5)
+  got = checkpoint_format.read_path(str(tmp_path / "sp"))["params"]
+  assert _max_diff(got, checkpoint_format.read_path(str(ref))["params"]) <= 1e-5
+
+
 STATE_PER_DEVICE = """
 import json, math, jax
 from vlora_jax.train import load_config, setup
