@@ -248,6 +248,8 @@ def markdown(results: dict, env: dict) -> str:
                 "the twin:", ""])
     body = []
     for v in verdicts:
+      if v["setting"] == "best of each":  # rows already listed under their own setting
+        continue
       for variant in ("dense", "vlora"):
         r = rows[v[variant]["row"]]
         limit = "temp" if r["temp_bytes"] >= r["argument_bytes"] else "state"
