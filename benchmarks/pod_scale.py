@@ -242,23 +242,26 @@ def markdown(results: dict, env: dict) -> str:
     out.extend(["## The largest twin that fits a v5e-256", "",
                 "Width D searched in steps of 1,024 at a fixed shape rule (layers D / 128, heads of "
                 "128, 8 key/value heads, MLP 3.5 D, vocabulary 32k, 2,048 tokens, one sequence "
-                "per chip), the largest D whose compiled step fits 15.75 GiB. State is the "
-                "parameters and AdamW's moments (the step's arguments), temp the activations and "
-                "each layer's gathered weights and gradients; the larger of the two is what limits "
-                "the twin:", ""])
+                "per chip), the largest D whose compiled step fits 15.75 GiB, and what the next "
+                "width needs. State is the parameters and AdamW's moments (the step's arguments), "
+                "temp XLA's scratch: the activations, each layer's gathered weights and "
+                "gradients, and the optimizer update's temporaries:", ""])
     body = []
     for v in verdicts:
       if v["setting"] == "best of each":  # rows already listed under their own setting
         continue
       for variant in ("dense", "vlora"):
-        r = rows[v[variant]["row"]]
-        limit = "temp" if r["temp_bytes"] >= r["argument_bytes"] else "state"
-        body.append([variant, v["setting"], v[variant]["d"],
-                     f"{r['params_dense_equivalent'] / 1e9:.1f}B", _params(r),
-                     _gib(r, "argument_bytes"), _gib(r, "temp_bytes"), _gib(r, "peak_bytes"),
-                     limit])
+        d, r = v[variant]["d"], rows[v[variant]["row"]]
+        wider = rows.get(v[variant]["row"].replace(shape_rule(d), shape_rule(d + 1024)), {})
+        body.append([variant, v["setting"], d, f"{r['params_dense_equivalent'] / 1e9:.1f}B",
+                     _params(r), _gib(r, "argument_bytes"), _gib(r, "temp_bytes"),
+                     _gib(r, "peak_bytes"),
+                     f"{_gib(wider, 'peak_bytes')} ({_gib(wider, 'argument_bytes')} / "
+                     f"{_gib(wider, 'temp_bytes')})" if wider.get("temp_bytes") else
+                     _gib(wider, "peak_bytes")])
     out.append(harness.table(["variant", "setting", "D", "dense twin", "params", "state GiB",
-                              "temp GiB", "peak GiB", "limit"], body))
+                              "temp GiB", "peak GiB", "D + 1024 needs GiB (state / temp)"],
+                             body))
     best = " (best of each: each side at its own best setting)" if len(verdicts) > 1 else ""
     out.extend(["", f"VLoRA's largest twin over dense's{best}:", "",
                 harness.table(["setting", "VLoRA twin", "dense twin", "ratio", "target"],

@@ -40,8 +40,16 @@ def test_exactly_three_is_met_and_a_policy_searched_for_one_side_only_is_left_ou
   assert [v["setting"] for v in verdicts] == ["full"] and verdicts[0]["met"]
 
 
-def test_the_doc_says_missed_and_names_the_limit():
+def test_the_doc_says_missed_and_what_the_next_width_needs():
   results = _results({("full", "dense"): 50e9, ("full", "vlora"): 70e9})
   doc = pod_scale.markdown(results, {})
   assert "**missed** (>= 3x)" in doc and "1.40x" in doc
-  assert "| temp" in doc  # temp (10 GiB) over state (1 GiB) limits both
+  # a probe one step wider than the largest that fits: its peak, state and temp are quoted
+  name = f"configs/lm_pod.py:1b,dense,batch=256,remat=full,{pod_scale.shape_rule(2048)}@v5e:16x16"
+  results[name] = dict(command="c", params_dense_equivalent=60e9, argument_bytes=3 * GIB,
+                       temp_bytes=14 * GIB, peak_bytes=17 * GIB, fits=False)
+  results["row/full/dense"] = {**results["row/full/dense"], "command": "c"}
+  results["largest/full/dense"]["row"] = name.replace(pod_scale.shape_rule(2048),
+                                                      pod_scale.shape_rule(1024))
+  results[results["largest/full/dense"]["row"]] = results.pop("row/full/dense")
+  assert "| 17.00 (3.00 / 14.00)" in pod_scale.markdown(results, {})
