@@ -77,9 +77,9 @@ def plan(parts) -> list[tuple[str, str, bool]]:
   if "flat" in parts:
     rows += [(f"configs/lm_pod.py:1b,{v},batch={chips}", topology, True) for v in variants
              for topology, chips in (("v5e:2x2", 4), ("v5e:4x4", 16), V5E_256)]
-  # FLOPs are counted where they are reported (each count is two more compiles on a TPU).
+  # FLOPs are counted for every row they are reported in (each count is two more compiles).
   if "sizes" in parts:
-    rows += [(f"configs/lm_pod.py:{size},{v},batch={chips}", topology, topology == V5E_256[0])
+    rows += [(f"configs/lm_pod.py:{size},{v},batch={chips}", topology, True)
              for size in ("8b", "70b", "1b") for v in variants
              for topology, chips in (V5E_256, V5P_128)]
   if "vit" in parts:
@@ -306,7 +306,8 @@ def main(argv=None):
       continue
     for config, topology, flops in plan([part]):
       name = key(config, topology)
-      if name in results and "error" not in results[name]:
+      done = results.get(name, {"error": "not run"})
+      if "error" not in done and ("flops" in done or not flops or not done.get("fits")):
         continue
       print(name, flush=True)
       results[name] = compile_row(config, topology, flops)
