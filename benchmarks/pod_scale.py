@@ -306,8 +306,8 @@ def main(argv=None):
       continue
     for config, topology, flops in plan([part]):
       name = key(config, topology)
-      done = results.get(name, {"error": "not run"})
-      if "error" not in done and ("flops" in done or not flops or not done.get("fits")):
+      done = results.get(name)
+      if done and "error" not in done and ("flops" in done or not flops or not done["fits"]):
         continue
       print(name, flush=True)
       results[name] = compile_row(config, topology, flops)
