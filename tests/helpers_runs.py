@@ -70,11 +70,14 @@ def _array_files(step_dir: Path) -> list[Path]:
                 key=lambda p: p.stat().st_size)
 
 
+# Each damage below touches every data file: which arrays share a file varies between saves (Orbax
+# writes them concurrently), and damage to the optimizer's moments alone would not touch the params
+# that a reader loads.
+
+
 def flip_a_bit(step_dir: Path) -> None:
   """One bit of array data in each data file, in place: the storage reads it back; only the
-  fingerprint can tell. Every file: which arrays share a file varies between saves (Orbax writes
-  them concurrently), and a flip in the optimizer's moments alone would not touch the params
-  that a reader loads."""
+  fingerprint can tell."""
   for f in _array_files(step_dir):
     b = bytearray(f.read_bytes())
     b[len(b) // 2] ^= 0x10
@@ -82,12 +85,13 @@ def flip_a_bit(step_dir: Path) -> None:
 
 
 def truncate_data(step_dir: Path) -> None:
-  f = _array_files(step_dir)[-1]
-  f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  for f in _array_files(step_dir):
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
 def delete_data(step_dir: Path) -> None:
-  _array_files(step_dir)[-1].unlink()
+  for f in _array_files(step_dir):
+    f.unlink()
 
 
 def drop_manifest(step_dir: Path) -> None:

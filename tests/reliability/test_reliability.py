@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers_runs import delete_data, flip_a_bit, truncate_data, truncate_meta
 from helpers_train import result, run_py, tiny
 
 from vlora_jax import errors
@@ -29,34 +30,6 @@ def straight(tmp_path_factory):
   return d, train_and_evaluate(tiny("vit", **KEEP_ALL), d)
 
 
-def _largest_file(d):
-  return max((p for p in d.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-
-
-def _truncate(step_dir):
-  f = _largest_file(step_dir / "state")
-  f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-
-
-def _delete(step_dir):
-  _largest_file(step_dir / "state").unlink()
-
-
-def _flip_bits(step_dir):
-  # A bit flip inside an array's data that the storage layer does not notice: the fingerprint
-  # must. The largest chunk file holds raw (uncompressed) float32 data here.
-  f = _largest_file(step_dir / "state" / "d") if (step_dir / "state" / "d").is_dir() \
-      else _largest_file(step_dir / "state")
-  b = bytearray(f.read_bytes())
-  b[len(b) // 2] ^= 0x10
-  f.write_bytes(bytes(b))
-
-
-def _truncate_meta(step_dir):
-  f = step_dir / "meta" / "metadata"
-  f.write_text(f.read_text()[:100])
-
-
 def _half_written(step_dir):
   # a step directory that lost its state item (e.g. copied by hand, or a non-atomic file system)
   shutil.rmtree(step_dir / "state")
@@ -66,7 +39,7 @@ def _identical(a, b) -> bool:
   return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("damage", [_truncate, _delete, _flip_bits, _truncate_meta, _half_written],
+@pytest.mark.parametrize("damage", [truncate_data, delete_data, flip_a_bit, truncate_meta, _half_written],
                          ids=lambda f: f.__name__.strip("_"))
 def test_a_bad_newest_checkpoint_is_skipped_with_a_warning(damage, straight, tmp_path, caplog):
   ref, ref_summary = straight
@@ -124,7 +97,7 @@ def test_when_no_checkpoint_restores_nothing_is_moved(straight, tmp_path):
   shutil.copytree(ref, run)
   steps = sorted(p for p in (run / "checkpoints").iterdir() if p.name.isdigit())
   for p in steps:
-    _truncate_meta(p)
+    truncate_meta(p)
   with pytest.raises(errors.CheckpointError, match=r"(?s)no checkpoint .* restores:.*step 4:"
                                                        r".*step 1:.*Nothing was moved"):
     train_and_evaluate(tiny("vit", **KEEP_ALL), run)
