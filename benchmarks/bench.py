@@ -24,7 +24,9 @@ neighbour (on a shared, noisy machine, never compare numbers from different runs
   6. the fraction of the measured matmul ceiling (`benchmarks.train.matmul_ceiling`) each step
      reaches, and MFU against ``--peak-tflops`` when given;
   7. the official VLoRA ViT train step (PyTorch, float32, 2 threads, `benchmarks.torch_ref`), as the
-     ratio ours / official, for our scanned and unrolled steps.
+     ratio ours / official, for our scanned and unrolled steps, and for a user's path
+     (`benchmarks.user_path`: the official model's weights through `convert.torch_vit` under a
+     plain jitted optax step).
 
 Timed things run in `harness.interleaved` rounds; a ratio is the median over rounds of the
 per-round ratio. Writes the JSON (environment, raw timings, ratios with targets and pass/miss) to
@@ -66,7 +68,7 @@ from vlora_jax.core import params as params_lib
 from vlora_jax.train import checkpoint as ckpt_lib
 from vlora_jax.train.trainer import make_eval_step
 
-from benchmarks import core, harness, torch_ref, train
+from benchmarks import core, harness, torch_ref, train, user_path
 from benchmarks.harness import paired_ratio as paired
 
 # Config overrides of configs/vit_cifar10.py per size; dense and VLoRA differ only in
@@ -116,6 +118,8 @@ TARGETS = {
                                        "train step"),
     "torch/ours_vlora_unrolled_over_official": (1.0, "the same with our layer stack unrolled "
                                                 "(model.scan=False)"),
+    "torch/user_path_over_official": (1.0, "the official weights imported by convert.torch_vit, "
+                                      "a plain jitted optax step / the official train step"),
     "train_step/vlora_unrolled_over_scan": (None, "VLoRA train step, layer stack unrolled / "
                                             "scanned (the default)"),
 }
@@ -123,11 +127,12 @@ TARGETS = {
 TARGET_SIZES = {"checkpoint/state_vlora_over_dense": "cifar",
                 "checkpoint/params_vlora_over_dense": "cifar",
                 "torch/ours_vlora_over_official": "cifar",
-                "torch/ours_vlora_unrolled_over_official": "cifar"}
+                "torch/ours_vlora_unrolled_over_official": "cifar",
+                "torch/user_path_over_official": "cifar"}
 # Ratios that need the official PyTorch worker.
 TORCH_RATIOS = ("checkpoint/official_state_dict_over_timm_dense",
                 "checkpoint/ours_params_over_official_state_dict", "torch/ours_vlora_over_official",
-                "torch/ours_vlora_unrolled_over_official")
+                "torch/ours_vlora_unrolled_over_official", "torch/user_path_over_official")
 
 
 # ----------------------------------------------------------------------------------- timing
@@ -271,6 +276,17 @@ def start_torch(args, cfg) -> tuple[harness.Worker | None, str | None]:
     return None, f"torch worker failed to start: {e}"
 
 
+def start_user_path(official: harness.Worker, cfg) -> harness.Worker:
+  """A user's path (`benchmarks.user_path`) on the official worker's own weights."""
+  weights = Path(tempfile.mkdtemp(prefix="vlora_bench_official_")) / "official.npz"
+  official.request(save=str(weights))
+  k = torch_ref.config(cfg)
+  try:
+    return user_path.start(str(weights), k["official"], k["batch"])
+  finally:
+    shutil.rmtree(weights.parent, ignore_errors=True)  # the worker has read it
+
+
 # --------------------------------------------------------------------------------- ratios
 
 
@@ -315,6 +331,7 @@ def ratios(res: dict[str, Any], args) -> dict[str, dict[str, Any]]:
     out["torch/ours_vlora_over_official"] = paired(t["train/vlora"], t["train/official"])
     out["torch/ours_vlora_unrolled_over_official"] = paired(t["train/vlora_unrolled"],
                                                             t["train/official"])
+    out["torch/user_path_over_official"] = paired(t["train/user_path"], t["train/official"])
 
   def why(name: str) -> str | None:
     if name.startswith("mfu/"):
@@ -475,7 +492,8 @@ def main(argv=None):
   print(json.dumps(env, indent=1), flush=True)
   phases: dict[str, float] = {}
 
-  with phase("build: train steps (dense, VLoRA, VLoRA unrolled), eval steps, torch worker",
+  with phase("build: train steps (dense, VLoRA, VLoRA unrolled), eval steps, torch worker, "
+             "a user's path",
              phases):
     overrides = size_overrides(args)
     rng = np.random.default_rng(0)
@@ -484,6 +502,7 @@ def main(argv=None):
     unrolled = train.Variant("vit", overrides, True, rng, scan=False)
     cfg = variants["vlora"].config
     worker, torch_skipped = start_torch(args, cfg)
+    user = start_user_path(worker, cfg) if worker else None
     inference = build_inference(variants["dense"], variants["vlora"])
     if args.train_in_process:
       trained = {**variants, "vlora_unrolled": unrolled}
@@ -491,6 +510,8 @@ def main(argv=None):
         v.run(1)
     else:
       trained = start_train_workers(overrides)  # each warmed up by its worker
+    if user:
+      trained["user_path"] = user
     timers = make_timers(args, trained, inference, worker)
 
   with phase(f"timing: {args.rounds} interleaved rounds, matmul ceiling before and after",

@@ -3,8 +3,9 @@
 The worker side (`main`) runs under the reference venv (torch, timm and the official ``vlora``,
 no JAX): it builds the official model and a timm dense ViT of the same architecture, reports
 their parameter counts and ``state_dict`` bytes when ready, then times ``{"train": steps}``
-requests. The driver side (`config`, `start`) builds its configuration from one of our configs
-and starts it as a `harness.Worker`. Used by `benchmarks.bench` and `benchmarks.malloc`.
+requests, and writes the official model's weights on ``{"save": "PATH.npz"}``. The driver side
+(`config`, `start`) builds its configuration from one of our configs and starts it as a
+`harness.Worker`. Used by `benchmarks.bench`, `benchmarks.malloc` and `benchmarks.user_path`.
 
 The reference venv comes from ``../shared/tools/setup_torch_reference.sh /tmp/torchref``; its
 python is ``$VLORA_TORCH_PYTHON``, else ``/tmp/torchref/venv/bin/python``. By hand:
@@ -64,7 +65,11 @@ def main(cfg: dict) -> None:
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
 
-  def train(request: dict) -> dict:
+  def handle(request: dict) -> dict:
+    if "save" in request:  # the model's weights as .npz, for a user's path to import
+      import numpy as np
+      np.savez(request["save"], **{k: v.detach().numpy() for k, v in model.state_dict().items()})
+      return {"saved": request["save"]}
     steps = int(request["train"])
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -81,7 +86,7 @@ def main(cfg: dict) -> None:
       # torch.save writes a shared storage once, so the bytes count it once.
       "state_dict_numel_official": sum(t.numel() for t in model.state_dict().values()),
       "state_dict_bytes_official": state_dict_bytes(model),
-      "state_dict_bytes_timm_dense": state_dict_bytes(dense)}, train)
+      "state_dict_bytes_timm_dense": state_dict_bytes(dense)}, handle)
 
 
 # ----------------------------------------------------------------------------- driver side

@@ -566,7 +566,8 @@ def chosen_test(plan: Plan, comp: Compressor, ev: Evaluator, budget: float, choi
   """The chosen candidate at 0 steps on the test windows, once, as a result row."""
   path = plan.root / "select" / tag(budget) / "chosen_test.json"
   done = _read_json(path)
-  if done is None:
+  setting = json.loads(json.dumps(_row("vlora", budget, None, 0, 0, choice)["setting"]))
+  if done is None or done["setting"] != setting:  # none yet, or another candidate's
     config = heal_config(plan, "vlora", budget, plan.seeds[0], choice, steps=0)
     params, _ = comp.params(config)
     done = _write_json(path, {**_row("vlora", budget, plan.seeds[0], 0, 0, choice),

@@ -28,11 +28,12 @@ RATIOS = (
     "mfu/dense",
     "torch/ours_vlora_over_official",
     "torch/ours_vlora_unrolled_over_official",
+    "torch/user_path_over_official",
     "train_step/vlora_unrolled_over_scan",
 )
 NEEDS_TORCH = ("checkpoint/official_state_dict_over_timm_dense",
                "checkpoint/ours_params_over_official_state_dict", "torch/ours_vlora_over_official",
-               "torch/ours_vlora_unrolled_over_official")
+               "torch/ours_vlora_unrolled_over_official", "torch/user_path_over_official")
 
 
 def _run_module(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -160,3 +161,20 @@ def test_the_depth_search_tries_every_depth_each_variant_can_have(monkeypatch):
     assert found["depth"] == want, (variant, found)
     assert all(int(d) % (1 if variant == "dense" else memory.VLORA["compound_size"]) == 0
                for d in found["compiled"])
+
+
+@pytest.mark.slow
+def test_a_users_path_trains_the_imported_official_weights(tmp_path):
+  """`benchmarks.user_path` on the committed official fixture (no torch): it imports the weights,
+  and each request is one step of plain optax that lowers the loss on its fixed batch."""
+  import numpy as np
+  from benchmarks import user_path
+  with np.load(ROOT / "tests" / "fixtures" / "torch_official.npz") as z:
+    np.savez(tmp_path / "official.npz",
+             **{k[len("state_dict/"):]: z[k] for k in z.files if k.startswith("state_dict/")})
+    kwargs = json.loads(str(z["kwargs"]))
+  with user_path.start(str(tmp_path / "official.npz"), kwargs, batch=4) as w:
+    assert w.info["ready"] == "user_path" and w.info["params"] > 0
+    steps = [w.request() for _ in range(3)]
+  assert all(s["s"] > 0 for s in steps)
+  assert steps[2]["loss"] < steps[0]["loss"], steps
