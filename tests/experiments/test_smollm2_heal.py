@@ -297,6 +297,19 @@ def test_a_candidate_is_scored_on_validation_and_cached(plan, comp):
   assert "infeasible" in none
 
 
+def test_the_chosen_candidate_s_test_row_follows_the_choice(plan, comp):
+  """A rerun with more compound sizes can choose another candidate: its 0-step test row is then
+  measured again, not read from the file the earlier choice left."""
+  ev = heal.Evaluator(plan)
+  a = heal.evaluate_candidate(plan, comp, ev, "anchored", 3, "svd", 0.5)
+  b = heal.evaluate_candidate(plan, comp, ev, "anchored", 6, "svd", 0.5)
+  first = heal.chosen_test(plan, comp, ev, 0.5, a)
+  assert heal.chosen_test(plan, None, None, 0.5, a) == first  # the same choice: from its file
+  second = heal.chosen_test(plan, comp, ev, 0.5, b)
+  assert first["setting"]["compound_size"] == 3 and second["setting"]["compound_size"] == 6
+  assert second["nll"] != first["nll"]
+
+
 @pytest.mark.slow
 def test_the_whole_command_runs_resumes_and_collects(plan, tmp_path):
   out = tmp_path / "result.json"
