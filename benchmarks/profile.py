@@ -54,6 +54,7 @@ VARIANTS = {
     "scan_remat_dots": ({"model.remat": "dots"}, ""),
     "scan_copy_region_analysis": ({}, "--xla_cpu_copy_insertion_use_region_analysis=true"),
     "unrolled_onednn": ({"model.scan": False}, "--xla_cpu_use_onednn=true"),
+    "scan_onednn": ({}, "--xla_cpu_use_onednn=true"),
     "unrolled_no_ynnpack": ({"model.scan": False}, "--xla_cpu_experimental_ynn_fusion_type="),
     "unrolled_concurrency_scheduler": (
         {"model.scan": False}, "--xla_cpu_enable_concurrency_optimized_scheduler=true"),
