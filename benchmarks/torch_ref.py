@@ -23,6 +23,9 @@ import time
 from benchmarks import harness
 
 DEFAULT_PYTHON = os.environ.get("VLORA_TORCH_PYTHON", "/tmp/torchref/venv/bin/python")
+# The official step's update, which ours and a user's path (`benchmarks.user_path`) also take:
+# AdamW, then clipping at this global norm, no label smoothing.
+UPDATE = {"lr": 1e-3, "weight_decay": 0.05, "clip_norm": 1.0}
 
 
 # --------------------------------------------------------------------- worker side (torch venv)
@@ -56,13 +59,12 @@ def main(cfg: dict) -> None:
   k = cfg["official"]
   x = torch.randn(cfg["batch"], 3, k["img_size"], k["img_size"])
   y = torch.randint(0, k["num_classes"], (cfg["batch"],))
-  # The same update as ours: AdamW (lr 1e-3, wd 0.05), clipping at global norm 1, no smoothing.
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+  opt = torch.optim.AdamW(model.parameters(), lr=UPDATE["lr"], weight_decay=UPDATE["weight_decay"])
 
   def step() -> None:
     opt.zero_grad(set_to_none=True)
     torch.nn.functional.cross_entropy(model(x), y).backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), UPDATE["clip_norm"])
     opt.step()
 
   def handle(request: dict) -> dict:

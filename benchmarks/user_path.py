@@ -2,9 +2,9 @@
 
 What a researcher who brings the official model's ``state_dict`` does without our trainer:
 `vlora_jax.convert.torch_vit` turns it into ``(module, variables)``, and they write the textbook
-step around ``module.apply``: cross-entropy, ``jax.grad``, ``optax.chain(clip_by_global_norm(1),
-adamw(1e-3, weight_decay=0.05))`` (the official step's update, `benchmarks.torch_ref`), jitted
-with the state donated. No config, no metrics, no sharding rules.
+step around ``module.apply``: cross-entropy, ``jax.grad``, ``optax.chain(clip_by_global_norm,
+adamw)`` with the official step's settings (`benchmarks.torch_ref.UPDATE`), jitted with the state
+donated. No config, no metrics, no sharding rules.
 
 The worker (`worker`, a fresh process each: our allocator tuning is what ``import vlora_jax``
 gives it) imports the weights the official worker saved and times one step per request;
@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 
-from benchmarks import harness
+from benchmarks import harness, torch_ref
 
 
 def worker(cfg: dict) -> None:
@@ -34,7 +34,9 @@ def worker(cfg: dict) -> None:
   module, variables = torch_vit(cfg["weights"], scan=cfg["scan"], **k)
   params = variables["params"]
   count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.05))
+  u = torch_ref.UPDATE
+  tx = optax.chain(optax.clip_by_global_norm(u["clip_norm"]),
+                   optax.adamw(u["lr"], weight_decay=u["weight_decay"]))
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(cfg["batch"], k["img_size"], k["img_size"], 3)), jnp.float32)
   y = jnp.asarray(rng.integers(0, k["num_classes"], cfg["batch"]))
