@@ -210,3 +210,58 @@ def test_layer_weight_accumulates_in_float32_for_bf16_params():
   assert w.dtype == jnp.bfloat16  # the base's dtype, after an f32 sum
   want = numpy_chain(*(np.asarray(bf(x), np.float64) for x in (base, a, b)), "cumulative")
   np.testing.assert_array_equal(w, want.astype(jnp.bfloat16))
+
+
+@pytest.mark.parametrize("gate", [0.0, 1.0, 0.5])
+def test_lowrank_matmul_against_float64(gate):
+  """Value and every gradient of ``x @ (w0 + lhs @ rhs)``, ``w0``'s scaled by the gate, under jit
+  (a traced gate: the branch is chosen at run time)."""
+  rng = np.random.default_rng(8)
+  x, w0 = rng.normal(size=(7, D_IN)), rng.normal(size=(D_IN, D_OUT))
+  lhs, rhs, dy = rng.normal(size=(D_IN, R)), rng.normal(size=(R, D_OUT)), rng.normal(size=(7, D_OUT))
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  y, vjp = jax.jit(lambda *p: jax.vjp(chain.lowrank_matmul, *p))(
+      f32(x), f32(w0), f32(lhs), f32(rhs), f32(gate))
+  dx, d_w0, d_lhs, d_rhs, _ = vjp(f32(dy))
+  w, g = w0 + lhs @ rhs, x.T @ dy
+  for got, want in ((y, x @ w), (dx, dy @ w.T), (d_w0, gate * g), (d_lhs, g @ rhs.T),
+                    (d_rhs, lhs.T @ g)):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_detached_base_backward_forms_no_weight_sized_gradient():
+  """Where the gate is 0, the backward branch has no ``d_in x d_out`` product over the rows: the
+  FLOPs the factored weight saves (`chain.LowRankWeight`)."""
+  args = [jnp.zeros(s, jnp.float32) for s in ((7, D_IN), (D_IN, D_OUT), (D_IN, R), (R, D_OUT), ())]
+  jaxpr = jax.make_jaxpr(lambda *p: jax.vjp(chain.lowrank_matmul, *p)[1](
+      jnp.ones((7, D_OUT))))(*args)
+  (cond,) = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+  factors_only, full = cond.params["branches"]  # index 0: the predicate (gate != 0) is False
+
+  def weight_sized_dots(branch):
+    return [e for e in branch.jaxpr.eqns if e.primitive.name == "dot_general"
+            and e.outvars[0].aval.shape == (D_IN, D_OUT)]
+  assert not weight_sized_dots(factors_only) and len(weight_sized_dots(full)) == 1
+
+
+def test_factored_weight_reads_as_layer_weight():
+  """Where a consumer does not know `LowRankWeight` (``jnp.asarray``: what ``nn.Dense`` does), it
+  reads as `layer_weight`'s array, with the same gradients."""
+  base, a, b, g = _factors(9)
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  term = (("increments", (("mode", "anchored"), ("scale", SCALE))),)
+  for k in range(S):
+    ci, ki = jnp.int32(1), jnp.int32(k)
+    gate = (ki == 0).astype(jnp.float32)
+    plain = lambda *p: chain.layer_weight(p[0], ci, term, ((p[1], p[2], ci, ki),), gate)
+    factored = lambda *p: jnp.asarray(chain.factored_weight(p[0], ci, term, ((p[1], p[2], ci, ki),),
+                                                            gate))
+    params = (f32(base), f32(a), f32(b))
+    np.testing.assert_allclose(factored(*params), plain(*params), rtol=1e-6)
+    for fn in (plain, factored):
+      grads = jax.grad(lambda *p: jnp.sum(fn(*p) * f32(g[1, k])), argnums=(0, 1, 2))(*params)
+      if fn is plain:
+        want = grads
+      else:
+        for got, ref_g in zip(grads, want):
+          np.testing.assert_allclose(got, ref_g, rtol=1e-6, atol=1e-6)

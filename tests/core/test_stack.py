@@ -185,3 +185,32 @@ def test_a_block_without_deterministic_stacks_trains_and_merges():
   np.testing.assert_allclose(dense.apply({"params": merged}, x), y, rtol=1e-6, atol=1e-6)
   layers = stack.materialize(boxed["params"], model.layout_for(x)[0])
   assert layers["up"]["kernel"].shape == (4, 8, 16)
+
+
+class _ToyBlockOfOurDense(ToyBlock):
+  """`ToyBlock` with `layers.Dense`, which multiplies by a `chain.LowRankWeight`'s parts."""
+
+  @nn.compact
+  def __call__(self, x, gate, *, deterministic=True):
+    from vlora_jax.core import layers
+    h = layers.Dense(2 * self.width, name="up")(nn.LayerNorm(name="ln")(x))
+    h = jnp.tanh(h) * gate
+    return x + layers.Dense(self.width, name="down")(h)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("mode", ["anchored", "cumulative"])
+def test_factored_weights_give_the_merged_weights_function_and_gradients(scan, mode):
+  """A detached-base stack hands `layers.Dense` its weights as parts (`chain.lowrank_matmul`),
+  `nn.Dense` the merged arrays: the same outputs and gradients, base layers and the rest."""
+  spec = VLoRASpec.official(compound_size=3, targets=("up/kernel", "down/kernel"), rank=2,
+                            mode=mode)
+  merged, v, x, gate = _setup(spec, scan=scan)
+  factored = stack.vlorafy(_ToyBlockOfOurDense(), 6, spec, scan=scan)
+  loss = lambda m: lambda p: jnp.sum(jnp.sin(m.apply({"params": p}, x, gate)))
+  np.testing.assert_allclose(factored.apply(v, x, gate), merged.apply(v, x, gate), rtol=1e-6)
+  g_merged = jax.grad(loss(merged))(v["params"])
+  g_factored = jax.grad(loss(factored))(v["params"])
+  for (path, a), b in zip(_flat(g_factored).items(), _flat(g_merged).values()):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=path)
+  assert float(jnp.abs(_flat(g_factored)["base/up/kernel"]).max()) > 0

@@ -36,6 +36,7 @@ pass, the memory this design removes). The mask costs ``(s-1) r`` ranks instead 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Literal
 
@@ -206,6 +207,132 @@ def layer_weight(base, index=None, terms=(), inputs=(), base_grad=None):
   """
   compounds = None if index is None else base.shape[0]
   return _layer_weight_vjp(compounds, tuple(terms), base, index, tuple(inputs), base_grad)
+
+
+# ------------------------------------------------------------ kept factored for the matmul
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LowRankWeight:
+  """A layer's weight ``w0 + lhs @ rhs`` kept as its parts, for the matmul that consumes it.
+
+  Why: the weight's gradient in ``y = x @ W`` is ``g = x^T dy``, ``tokens x d_in x d_out`` FLOPs,
+  as many as the matmul itself, and the official code computes it in every layer. The factors need
+  only ``x^T (dy rhs^T)`` and ``(x lhs)^T dy``, ``tokens x (d_in + d_out) x rank`` FLOPs each, and
+  ``w0`` needs ``g`` only where its gradient is not detached (the base layer of a compound):
+  `lowrank_matmul` computes ``g`` there alone. A consumer that does not know this type (any block
+  not built from `layers.dense`, or a compute dtype other than float32) reads it as the array
+  ``w0 + lhs @ rhs`` (``__jax_array__``), with the gradients of `layer_weight`.
+
+  Fields (``w0`` first: Flax checks a parameter's first leaf against the shape a module declares):
+    w0: ``[d_in, d_out]``, the compound's base weight.
+    lhs, rhs: ``[d_in, R]``, ``[R, d_out]`` float32, the layer's low-rank terms side by side.
+    gate: float32 scalar; ``w0``'s gradient is ``gate * g`` (0 where the base is detached).
+  """
+  w0: jax.Array
+  lhs: jax.Array
+  rhs: jax.Array
+  gate: jax.Array
+
+  shape = property(lambda self: self.w0.shape)
+  dtype = property(lambda self: self.w0.dtype)
+  ndim = property(lambda self: self.w0.ndim)
+
+  def __jax_array__(self):
+    return _merged_vjp(self.w0, self.lhs, self.rhs, self.gate)
+
+
+def _merged(w0, lhs, rhs, gate):
+  del gate  # the gradient's business
+  delta = jnp.matmul(lhs, rhs, precision=_HIGHEST)
+  return (w0.astype(jnp.float32) + delta).astype(w0.dtype)
+
+
+def _merged_fwd(w0, lhs, rhs, gate):
+  return _merged(w0, lhs, rhs, gate), (lhs, rhs, gate)
+
+
+def _merged_bwd(residuals, g):
+  lhs, rhs, gate = residuals
+  g32 = g.astype(jnp.float32)
+  return (g * gate.astype(g.dtype), jnp.matmul(g32, rhs.T, precision=_HIGHEST),
+          jnp.matmul(lhs.T, g32, precision=_HIGHEST), None)
+
+
+# Staged as `REBUILT_IN_BACKWARD`, as `layer_weight`: a merged weight is rebuilt, not kept.
+_merged_vjp = jax.custom_vjp(_merged)
+_merged_vjp.defvjp(_merged_fwd, _merged_bwd, optimize_remat=True)
+
+
+def _factored(compounds, terms, base, index, inputs, gate):
+  del compounds
+  w0 = base if index is None else jax.lax.dynamic_index_in_dim(base, index, keepdims=False)
+  lhs, rhs = term_factors(terms, inputs)
+  return LowRankWeight(w0, lhs, rhs, jnp.asarray(gate, jnp.float32))
+
+
+def _factored_fwd(compounds, terms, base, index, inputs, gate):
+  return _factored(compounds, terms, base, index, inputs, gate), (index, inputs)
+
+
+def _factored_bwd(compounds, terms, residuals, ct):
+  index, inputs = residuals
+  _, factors_vjp = jax.vjp(lambda x: term_factors(terms, x), inputs)
+  (d_inputs,) = factors_vjp((ct.lhs, ct.rhs))
+  if index is None:
+    return ct.w0, None, d_inputs, None
+  d_base = jax.lax.dynamic_update_index_in_dim(
+      jnp.zeros((compounds,) + ct.w0.shape, ct.w0.dtype), ct.w0, index, 0)
+  return d_base, None, d_inputs, None
+
+
+_factored_vjp = jax.custom_vjp(_factored, nondiff_argnums=(0, 1))
+_factored_vjp.defvjp(_factored_fwd, _factored_bwd, optimize_remat=True)
+
+
+def factored_weight(base, index, terms, inputs, base_grad) -> LowRankWeight:
+  """`layer_weight`'s weight as a `LowRankWeight`: the same value, and a backward pass that never
+  forms the weight's gradient where the base is detached (``base_grad`` 0). Arguments as
+  `layer_weight`'s; ``terms`` must not be empty and ``base_grad`` must be given. Rebuilt in the
+  backward pass like `layer_weight` (`REBUILT_IN_BACKWARD`)."""
+  compounds = None if index is None else base.shape[0]
+  return _factored_vjp(compounds, tuple(terms), base, index, tuple(inputs), base_grad)
+
+
+@jax.custom_vjp
+def lowrank_matmul(x: jax.Array, w0, lhs, rhs, gate) -> jax.Array:
+  """``x [n, d_in] @ (w0 + lhs @ rhs)`` in float32; the backward pass of `LowRankWeight`.
+
+  ``dx = dy @ W^T`` as for any weight. Where ``gate`` is 0 the parts' gradients are the skinny
+  ``x^T (dy rhs^T)`` and ``(x lhs)^T dy``, and ``w0`` gets zeros; elsewhere ``g = x^T dy`` once,
+  ``w0`` gets ``gate * g`` and the factors ``g rhs^T``, ``lhs^T g`` (cheaper once ``g`` exists).
+  A `jax.lax.cond`, so a scanned stack, whose gate is traced, runs one branch per layer.
+  """
+  return x @ _merged(w0, lhs, rhs, gate)
+
+
+def _lowrank_matmul_fwd(x, w0, lhs, rhs, gate):
+  return lowrank_matmul(x, w0, lhs, rhs, gate), (x, w0, lhs, rhs, gate)
+
+
+def _lowrank_matmul_bwd(residuals, dy):
+  x, w0, lhs, rhs, gate = residuals
+  dx = dy @ _merged(w0, lhs, rhs, gate).T
+
+  def full(_):
+    g = x.T @ dy
+    return (g * gate, jnp.matmul(g, rhs.T, precision=_HIGHEST),
+            jnp.matmul(lhs.T, g, precision=_HIGHEST))
+
+  def factors_only(_):
+    return jnp.zeros_like(w0), x.T @ (dy @ rhs.T), (x @ lhs).T @ dy
+
+  d_w0, d_lhs, d_rhs = jax.lax.cond(gate != 0, full, factors_only, None)
+  return dx, d_w0, d_lhs, d_rhs, jnp.zeros_like(gate)
+
+
+lowrank_matmul.defvjp(_lowrank_matmul_fwd, _lowrank_matmul_bwd)
 
 
 # ------------------------------------------------------------------------------------------ init

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlora_jax.core import chain
 from vlora_jax.core.partitioning import (ATTENTION_HEADS, BATCH, HEADS, LENGTH, MLP,
                                          RESIDUAL, constrain, per_shard)
 from vlora_jax.core.remat import OUT_PROJ, QKV_PROJ, tag
@@ -47,11 +48,40 @@ def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
   return out.reshape(*lhs.shape[:-1], rhs.shape[-1])
 
 
+class Dense(nn.Dense):
+  """`nn.Dense` that also takes a `chain.LowRankWeight` kernel (what a VLoRA stack gives the
+  layers whose base is detached) and multiplies by it through `chain.lowrank_matmul`, whose
+  backward pass never forms the weight's gradient where it is not needed. Any other kernel, or a
+  compute dtype other than float32, takes `nn.Dense`'s path (a `LowRankWeight` then reads as its
+  merged array). Written out rather than calling ``super().__call__``, so that a method
+  interceptor (`convert.calibrate`) sees one call per layer."""
+  dot_general: Any = flat_dot_general
+
+  @nn.compact
+  def __call__(self, inputs):
+    kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
+                        self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    f32 = jnp.float32
+    if (isinstance(kernel, chain.LowRankWeight) and kernel.dtype == f32
+        and jnp.result_type(inputs) == f32 and self.dtype in (None, f32)):
+      rows = math.prod(inputs.shape[:-1])
+      y = chain.lowrank_matmul(inputs.reshape(rows, inputs.shape[-1]), kernel.w0, kernel.lhs,
+                               kernel.rhs, kernel.gate).reshape(*inputs.shape[:-1], self.features)
+    else:
+      inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+      y = self.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
+                           precision=self.precision)
+    if bias is not None:
+      y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y
+
+
 def dense(features: int, names: tuple[str, str], name: str, dtype: Dtype, use_bias: bool = True):
   """A Linear with timm's init (trunc-normal 0.02, zero bias) and logical axis names."""
-  return nn.Dense(
+  return Dense(
       features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
-      dot_general=flat_dot_general,
       kernel_init=nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), names),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]))
 

@@ -356,7 +356,8 @@ def positions(layout: Layout):
   return jnp.asarray(layer // layout.compound_size), jnp.asarray(layer % layout.compound_size)
 
 
-def layer_params(layout: Layout, shared, per_layer, position, adapters=None, lora_entries=()):
+def layer_params(layout: Layout, shared, per_layer, position, adapters=None, lora_entries=(),
+                 factored: bool = False):
   """The block parameters ``{path: array}`` of one layer of the stack.
 
   Args:
@@ -367,6 +368,8 @@ def layer_params(layout: Layout, shared, per_layer, position, adapters=None, lor
     position: the layer's ``(compound, step)`` (`positions`; traced ints are fine).
     adapters: this layer's horizontal LoRA factors ``({path: A}, {path: B})``, or None.
     lora_entries: the adapters' `lora.LoRAEntry`s.
+    factored: give a 2-D targeted weight whose base is detached in some layers as a
+      `chain.LowRankWeight` (the block's `layers.Dense` multiplies by its parts), not as an array.
 
   Every targeted weight is its compound's base plus one low-rank product
   (`chain.layer_weight`), in which the layer's VLoRA increments and its LoRA adapter sit side by
@@ -394,7 +397,9 @@ def layer_params(layout: Layout, shared, per_layer, position, adapters=None, lor
     gate = (k == 0).astype(jnp.float32)
   for e in layout.entries:
     described, inputs = zip(*terms[e.path]) if terms[e.path] else ((), ())
-    if e.role != "full":
+    if e.role != "full" and factored and gate is not None and described and len(e.shape) == 2:
+      weights[e.path] = chain.factored_weight(shared["base"][e.path], c, described, inputs, gate)
+    elif e.role != "full":
       weights[e.path] = chain.layer_weight(shared["base"][e.path], c, described, inputs, gate)
     elif described:  # a dense weight with an adapter
       weights[e.path] = chain.layer_weight(per_layer[e.path], None, described, inputs)
@@ -427,7 +432,8 @@ def run_layers(apply_block, x, layout: Layout, params, *, rngs=None, adapters=No
   def layer(h, shared, xs):
     position, per_layer, rng, adapters_i, state_i = xs
     h = remat_lib.tag(h, remat_lib.LAYER_INPUT)  # what the backward pass restarts each layer from
-    weights = layer_params(layout, shared, per_layer, position, adapters_i, lora_entries)
+    weights = layer_params(layout, shared, per_layer, position, adapters_i, lora_entries,
+                           factored=True)
     return apply_block(h, weights, rng, state_i)
 
   # A dense float32 stack keeps nothing it could rebuild, and skips the checkpoint (whose
