@@ -269,6 +269,26 @@ class CrossAttention(nn.Module):
     return tag(dense(self.dim, ("heads", "embed"), "proj", self.dtype)(out), OUT_PROJ)
 
 
+@jax.custom_jvp
+def gelu(x):
+  """Exact (erf) GELU, ``x * Phi(x)``, as ``jax.nn.gelu(approximate=False)`` computes it.
+
+  Why its own derivative: differentiated as written, the backward pass keeps two ``erfc``
+  intermediates of every layer's ``[B, T, mlp]`` pre-activation beside its output; this rule keeps
+  one array, ``Phi(x) + x phi(x)``, so a scanned stack carries two ``mlp``-wide residual stacks
+  instead of four (see benchmarks/results/perf_notes.md).
+  """
+  return jax.nn.gelu(x, approximate=False)
+
+
+@gelu.defjvp
+def _gelu_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  cdf = 0.5 * jax.lax.erfc(-x * (1 / math.sqrt(2)))
+  pdf = jnp.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+  return x * cdf, (cdf + x * pdf) * t
+
+
 class Mlp(nn.Module):
   """fc1 -> exact (erf) GELU -> dropout -> fc2, as timm."""
   dim: int
@@ -278,7 +298,7 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
-    h = nn.gelu(dense(self.hidden, ("embed", "mlp"), "fc1", self.dtype)(x), approximate=False)
+    h = gelu(dense(self.hidden, ("embed", "mlp"), "fc1", self.dtype)(x))
     h = constrain(h, (BATCH, LENGTH, MLP))
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     return dense(self.dim, ("mlp", "embed"), "fc2", self.dtype)(h)
