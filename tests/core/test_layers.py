@@ -67,3 +67,34 @@ def test_gelu_keeps_one_residual_where_autodiff_keeps_more(capsys):
     return [line for line in capsys.readouterr().out.splitlines() if "f32[4,16]" in line]
   assert len(wide(layers.gelu)) == 1
   assert len(wide(lambda v: jax.nn.gelu(v, approximate=False))) >= 2
+
+
+def test_layer_norm_against_float64_values_gradients_and_residuals(capsys):
+  """`layers.LayerNorm` (its own derivative rule, `layers.normalize`) against a float64 numpy
+  LayerNorm, and the one ``x``-sized residual it keeps (``nn.LayerNorm`` keeps three)."""
+  import flax.linen as nn
+  from jax.ad_checkpoint import print_saved_residuals
+  rng = np.random.default_rng(3)
+  x, dy = rng.normal(2.0, 3.0, size=(4, 7, 16)), rng.normal(size=(4, 7, 16))
+  scale, bias = rng.normal(1.0, 0.1, size=16), rng.normal(0.0, 0.1, size=16)
+  norm = layers.layer_norm("n", jnp.float32)
+  params = {"params": {"scale": jnp.asarray(scale, jnp.float32),
+                       "bias": jnp.asarray(bias, jnp.float32)}}
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  y, vjp = jax.vjp(lambda x, p: norm.apply(p, x), f32(x), params)
+  dx, dp = vjp(f32(dy))
+  mu = x.mean(-1, keepdims=True)
+  inv = 1 / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + layers.LN_EPS)
+  x_hat = (x - mu) * inv
+  g = dy * scale
+  want_dx = inv * (g - g.mean(-1, keepdims=True) - x_hat * (g * x_hat).mean(-1, keepdims=True))
+  np.testing.assert_allclose(y, x_hat * scale + bias, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dp["params"]["scale"], (dy * x_hat).sum((0, 1)), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dp["params"]["bias"], dy.sum((0, 1)), rtol=1e-5, atol=1e-4)
+
+  def wide(f):
+    print_saved_residuals(f, f32(x), params)
+    return [line for line in capsys.readouterr().out.splitlines() if "f32[4,7,16]" in line]
+  assert len(wide(lambda x, p: norm.apply(p, x))) == 1
+  assert len(wide(lambda x, p: nn.LayerNorm(epsilon=layers.LN_EPS).apply(p, x))) >= 2
