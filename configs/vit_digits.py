@@ -13,8 +13,8 @@ The evaluations every 250 steps, and best/, read the validation split (``eval/ac
 test split is evaluated once, at the end (``test/accuracy``); ``summary.json`` in the workdir
 holds both. Expected: about 97% test accuracy in under a minute on 2 CPU cores, compile
 included. Measured by the commands above on 2 CPU cores shared with other work (load average
-~8): vlora validation 97.22%, test 97.49% in 52.8 s; dense validation 98.61%, test 97.49% in
-51.9 s (experiments/results/main_job/{vlora,dense}_summary.json).
+~8): vlora validation 97.22%, test 97.49% in 40.8 s; dense validation 98.61%, test 98.61% in
+32.1 s (experiments/results/main_job/{vlora,dense}_summary.json).
 
 ``arg``: ``vlora`` | ``dense``, then optional ``r=<rank>``, ``s=<compound size>``, ``steps=<n>``,
 e.g. ``configs/vit_digits.py:vlora,r=4,s=2``.
