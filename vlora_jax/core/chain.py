@@ -131,7 +131,9 @@ def adapter_factors(a: jax.Array, b: jax.Array, *, scale: float):
 
 
 # What a layer's low-rank terms are made of: a name in a term's static description -> its factors.
-TERMS = {"increments": layer_factors, "vector": vector_factors, "adapter": adapter_factors}
+# ``product``: factors given as they are (a `LowRankWeight` read as an array).
+TERMS = {"increments": layer_factors, "vector": vector_factors, "adapter": adapter_factors,
+         "product": lambda lhs, rhs: (lhs, rhs)}
 
 
 def term_factors(terms, inputs):
@@ -240,29 +242,12 @@ class LowRankWeight:
   ndim = property(lambda self: self.w0.ndim)
 
   def __jax_array__(self):
-    return _merged_vjp(self.w0, self.lhs, self.rhs, self.gate)
+    return layer_weight(self.w0, None, (("product", ()),), ((self.lhs, self.rhs),), self.gate)
 
 
-def _merged(w0, lhs, rhs, gate):
-  del gate  # the gradient's business
+def _merged(w0, lhs, rhs):
   delta = jnp.matmul(lhs, rhs, precision=_HIGHEST)
   return (w0.astype(jnp.float32) + delta).astype(w0.dtype)
-
-
-def _merged_fwd(w0, lhs, rhs, gate):
-  return _merged(w0, lhs, rhs, gate), (lhs, rhs, gate)
-
-
-def _merged_bwd(residuals, g):
-  lhs, rhs, gate = residuals
-  g32 = g.astype(jnp.float32)
-  return (g * gate.astype(g.dtype), jnp.matmul(g32, rhs.T, precision=_HIGHEST),
-          jnp.matmul(lhs.T, g32, precision=_HIGHEST), None)
-
-
-# Staged as `REBUILT_IN_BACKWARD`, as `layer_weight`: a merged weight is rebuilt, not kept.
-_merged_vjp = jax.custom_vjp(_merged)
-_merged_vjp.defvjp(_merged_fwd, _merged_bwd, optimize_remat=True)
 
 
 def _factored(compounds, terms, base, index, inputs, gate):
@@ -309,7 +294,7 @@ def lowrank_matmul(x: jax.Array, w0, lhs, rhs, gate) -> jax.Array:
   ``w0`` gets ``gate * g`` and the factors ``g rhs^T``, ``lhs^T g`` (cheaper once ``g`` exists).
   A `jax.lax.cond`, so a scanned stack, whose gate is traced, runs one branch per layer.
   """
-  return x @ _merged(w0, lhs, rhs, gate)
+  return x @ _merged(w0, lhs, rhs)
 
 
 def _lowrank_matmul_fwd(x, w0, lhs, rhs, gate):
@@ -318,7 +303,7 @@ def _lowrank_matmul_fwd(x, w0, lhs, rhs, gate):
 
 def _lowrank_matmul_bwd(residuals, dy):
   x, w0, lhs, rhs, gate = residuals
-  dx = dy @ _merged(w0, lhs, rhs, gate).T
+  dx = dy @ _merged(w0, lhs, rhs).T
 
   def full(_):
     g = x.T @ dy
